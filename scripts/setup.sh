@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One idempotent setup for lisa, used by the README and by .ci/run.
+#
+# Installs, all project-local and git-ignored:
+#   .venv/      a Python venv holding the PyPI torch==2.13.0 wheel (the libtorch that tch 0.26 links)
+#   .libtorch   a link to that wheel's torch/ folder (read by .cargo/config.toml and build.rs)
+# and, system-wide when run as root, the Debian package dataset-fashion-mnist.
+#
+# LISA_TORCH=cpu (default when no NVIDIA driver is visible): the torch wheel without its CUDA
+#   dependencies plus the two small CUDA runtime wheels that libtorch_cpu.so needs to load (~1.2 GB).
+# LISA_TORCH=full (default when `nvidia-smi` works): the full wheel with every CUDA library (~4 GB).
+# LISA_TORCH=full also serves as the fallback if the lean install ever fails to load.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.13.0
+CUDA_TOOLKIT_VERSION=13.0.3   # the pin torch==2.13.0 declares for its CUDA runtime wheels
+PYTHON=${PYTHON:-python3}
+
+if [ -z "${LISA_TORCH:-}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then LISA_TORCH=full; else LISA_TORCH=cpu; fi
+fi
+
+# 1. Fashion-MNIST from Debian (optional for the demo: the repo embeds a subset).
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing dataset-fashion-mnist (Debian)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "setup: note: run 'sudo apt-get install dataset-fashion-mnist' for the full dataset (the embedded subset works without it)"
+  fi
+fi
+
+# 2. libtorch from the PyPI wheel, into .venv.
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+have=$(.venv/bin/python -m pip list --format=freeze 2>/dev/null | sed -n 's/^torch==//p')
+want_marker=".venv/.lisa-torch-$LISA_TORCH-$TORCH_VERSION"
+if [ "$have" != "$TORCH_VERSION" ] || [ ! -f "$want_marker" ]; then
+  echo "setup: installing torch==$TORCH_VERSION ($LISA_TORCH) into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  if [ "$LISA_TORCH" = full ]; then
+    .venv/bin/python -m pip install -q "torch==$TORCH_VERSION"
+  else
+    .venv/bin/python -m pip install -q --no-deps "torch==$TORCH_VERSION"
+    .venv/bin/python -m pip install -q "cuda-toolkit[cudart,cupti]==$CUDA_TOOLKIT_VERSION"
+  fi
+  rm -f .venv/.lisa-torch-*
+  touch "$want_marker"
+fi
+ln -sfn "$site/torch" .libtorch
+[ -f .libtorch/lib/libtorch_cpu.so ] || { echo "setup: error: $site/torch/lib/libtorch_cpu.so missing; rerun with LISA_TORCH=full" >&2; exit 1; }
+echo "setup: ok (libtorch $TORCH_VERSION, $LISA_TORCH, at $(readlink .libtorch))"

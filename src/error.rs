@@ -1,0 +1,55 @@
+//! The library's error type: every message names the input it is about and, where it can, what to do.
+use std::path::PathBuf;
+
+/// Errors returned by the lisa library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder involved.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file exists but its contents are not what was expected.
+    #[error("{path}: {msg}")]
+    Format {
+        /// The offending file.
+        path: PathBuf,
+        /// What is wrong with it, and what to do.
+        msg: String,
+    },
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A checkpoint does not match the model or run it is loaded into.
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint {
+        /// The checkpoint folder or file.
+        path: PathBuf,
+        /// What does not match.
+        msg: String,
+    },
+    /// Training diverged or produced non-finite values.
+    #[error("training: {0}")]
+    Training(String),
+    /// An error raised by libtorch.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An I/O error about `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+    /// A format error about `path`.
+    pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Format { path: path.into(), msg: msg.into() }
+    }
+}

@@ -1,0 +1,9 @@
+//! lisa: train ControlNet-style side networks for diffusion models with Likelihood Score Alignment
+//! (LISA), and measure what it buys.
+//!
+//! The modules follow the pipeline: data → models → diffusion objectives → training → sampling →
+//! evaluation → CLI.
+pub mod error;
+pub mod rng;
+
+pub use error::{Error, Result};

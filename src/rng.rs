@@ -1,0 +1,67 @@
+//! A tiny deterministic RNG for host-side choices (data order, splits) whose whole state is one
+//! `u64`, so checkpoints can save and restore it exactly. Tensor noise uses libtorch's generator,
+//! reseeded per step from `(seed, step)` (see `train`), so it needs no saved state either.
+
+/// SplitMix64: fast, statistically sound for shuffling, state is a single `u64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SplitMix64 {
+    /// The full generator state.
+    pub state: u64,
+}
+
+impl SplitMix64 {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self { state: seed }
+    }
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// A uniform integer in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        // Multiply-shift; the bias is < n / 2^64, negligible for our sizes.
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+    /// Fisher–Yates shuffle of `items`.
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            items.swap(i, j);
+        }
+    }
+}
+
+/// Mixes a seed and a counter into an independent seed (used to reseed libtorch each step).
+pub fn derive_seed(seed: u64, counter: u64) -> u64 {
+    let mut g = SplitMix64::new(seed ^ counter.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    g.next_u64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shuffle_is_a_deterministic_permutation() {
+        let mut a: Vec<u32> = (0..100).collect();
+        let mut b = a.clone();
+        SplitMix64::new(7).shuffle(&mut a);
+        SplitMix64::new(7).shuffle(&mut b);
+        assert_eq!(a, b);
+        assert_ne!(a, (0..100).collect::<Vec<_>>());
+        let mut s = a.clone();
+        s.sort();
+        assert_eq!(s, (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn below_stays_in_range() {
+        let mut g = SplitMix64::new(1);
+        assert!((0..1000).all(|_| g.below(3) < 3));
+    }
+}
