@@ -7,3 +7,4 @@ pub mod error;
 pub mod rng;
 
 pub use error::{Error, Result};
+pub mod diffusion;
