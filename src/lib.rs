@@ -8,3 +8,4 @@ pub mod rng;
 
 pub use error::{Error, Result};
 pub mod diffusion;
+pub mod train;

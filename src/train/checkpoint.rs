@@ -1,0 +1,201 @@
+//! Checkpoints: `checkpoint-N/` folders written atomically (into a temporary folder, synced, then
+//! renamed), pruned to a total limit, found again by `--resume latest`.
+//!
+//! A checkpoint holds named tensor files (`model.safetensors`, `optimizer.safetensors`, optionally
+//! `ema.safetensors`) and `state.json` (step, RNG and data position, and whatever the run adds).
+//! A folder without `state.json` is incomplete and is never picked up.
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use tch::Tensor;
+
+use crate::{Error, Result};
+
+/// The name of the JSON file that marks a checkpoint as complete.
+pub const STATE_FILE: &str = "state.json";
+
+/// Writes `checkpoint-<step>/` under `output_dir` with the given tensor files and state, atomically,
+/// then removes the oldest checkpoints beyond `total_limit` (0 = keep all). Returns the folder.
+pub fn save(
+    output_dir: &Path,
+    step: u64,
+    files: &[(&str, &[(String, Tensor)])],
+    state: &serde_json::Value,
+    total_limit: usize,
+) -> Result<PathBuf> {
+    let final_dir = output_dir.join(format!("checkpoint-{step}"));
+    let tmp_dir = output_dir.join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
+    if tmp_dir.exists() {
+        fs::remove_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+    }
+    fs::create_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+    let written = (|| -> Result<()> {
+        for (name, tensors) in files {
+            let path = tmp_dir.join(name);
+            let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            Tensor::write_safetensors(&named, &path).map_err(|e| Error::format(&path, format!("cannot write tensors: {e}")))?;
+            sync_file(&path)?;
+        }
+        let path = tmp_dir.join(STATE_FILE);
+        let text = serde_json::to_string_pretty(state).map_err(|e| Error::format(&path, e.to_string()))?;
+        fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+        sync_file(&path)?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_dir_all(&tmp_dir);
+        return Err(e);
+    }
+    // Replacing an existing checkpoint of the same step (a rerun): move it aside first so that at
+    // every moment one complete copy exists.
+    if final_dir.exists() {
+        let old = output_dir.join(format!(".checkpoint-{step}.old-{}", std::process::id()));
+        fs::rename(&final_dir, &old).map_err(|e| Error::io(&final_dir, e))?;
+        fs::rename(&tmp_dir, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        let _ = fs::remove_dir_all(&old);
+    } else {
+        fs::rename(&tmp_dir, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    }
+    if let Ok(d) = fs::File::open(output_dir) {
+        let _ = d.sync_all();
+    }
+    if total_limit > 0 {
+        let all = list(output_dir)?;
+        for (_, dir) in all.iter().take(all.len().saturating_sub(total_limit)) {
+            fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+    }
+    Ok(final_dir)
+}
+
+fn sync_file(path: &Path) -> Result<()> {
+    fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::io(path, e))
+}
+
+/// Complete checkpoints under `output_dir`, sorted by step (ascending).
+pub fn list(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(output_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io(output_dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(output_dir, e))?;
+        let name = entry.file_name();
+        let Some(step) = name.to_str().and_then(|n| n.strip_prefix("checkpoint-")).and_then(|s| s.parse::<u64>().ok()) else {
+            continue;
+        };
+        if entry.path().join(STATE_FILE).is_file() {
+            out.push((step, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Resolves a `--resume` argument: `latest` (the newest complete checkpoint under `output_dir`) or
+/// a checkpoint folder.
+pub fn resolve(output_dir: &Path, resume: &str) -> Result<PathBuf> {
+    if resume == "latest" {
+        return list(output_dir)?.pop().map(|(_, p)| p).ok_or_else(|| Error::Checkpoint {
+            path: output_dir.to_path_buf(),
+            msg: "no complete checkpoint-N folder to resume from; start without --resume".into(),
+        });
+    }
+    let p = PathBuf::from(resume);
+    if !p.join(STATE_FILE).is_file() {
+        return Err(Error::Checkpoint { path: p, msg: format!("not a complete checkpoint (no {STATE_FILE})") });
+    }
+    Ok(p)
+}
+
+/// Reads `state.json` of a checkpoint.
+pub fn read_state(dir: &Path) -> Result<serde_json::Value> {
+    let path = dir.join(STATE_FILE);
+    let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("malformed checkpoint state: {e}")))
+}
+
+/// Reads a named tensor file of a checkpoint.
+pub fn read_tensors(dir: &Path, name: &str) -> Result<Vec<(String, Tensor)>> {
+    let path = dir.join(name);
+    if !path.is_file() {
+        return Err(Error::Checkpoint { path, msg: "missing file".into() });
+    }
+    Tensor::read_safetensors(&path).map_err(|e| Error::Checkpoint { path, msg: format!("unreadable tensors: {e}") })
+}
+
+/// Copies named tensors into `params` by name, checking that names and shapes match exactly.
+pub fn load_into(params: &[(String, Tensor)], tensors: Vec<(String, Tensor)>, source: &Path) -> Result<()> {
+    let mut map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
+    let _guard = tch::no_grad_guard();
+    for (name, p) in params {
+        let src = map.remove(name).ok_or_else(|| Error::Checkpoint {
+            path: source.to_path_buf(),
+            msg: format!("lacks parameter '{name}': it was saved from a different model configuration"),
+        })?;
+        if src.size() != p.size() {
+            return Err(Error::Checkpoint {
+                path: source.to_path_buf(),
+                msg: format!("parameter '{name}' has shape {:?} but the model expects {:?}", src.size(), p.size()),
+            });
+        }
+        p.shallow_clone().copy_(&src);
+    }
+    if let Some(extra) = map.keys().next() {
+        return Err(Error::Checkpoint {
+            path: source.to_path_buf(),
+            msg: format!("has parameter '{extra}' that the model does not: it was saved from a different model configuration"),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[f32]) -> Vec<(String, Tensor)> {
+        vec![("w".into(), Tensor::from_slice(v))]
+    }
+
+    #[test]
+    fn save_list_prune_and_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        for step in [10u64, 20, 30] {
+            let w = t(&[step as f32]);
+            save(dir.path(), step, &[("model.safetensors", &w)], &serde_json::json!({"step": step}), 2).unwrap();
+        }
+        let steps: Vec<u64> = list(dir.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![20, 30]);
+        let latest = resolve(dir.path(), "latest").unwrap();
+        assert!(latest.ends_with("checkpoint-30"));
+        assert_eq!(read_state(&latest).unwrap()["step"], 30);
+        let w = read_tensors(&latest, "model.safetensors").unwrap();
+        assert_eq!(w[0].1.double_value(&[0]), 30.0);
+        // No temporary folders are left behind.
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn incomplete_checkpoints_are_ignored_and_resume_errors_are_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(resolve(dir.path(), "latest").unwrap_err().to_string().contains("no complete checkpoint"));
+        fs::create_dir_all(dir.path().join("checkpoint-5")).unwrap(); // killed mid-write, no state.json
+        assert!(list(dir.path()).unwrap().is_empty());
+        assert!(resolve(dir.path(), dir.path().join("checkpoint-5").to_str().unwrap()).is_err());
+    }
+
+    #[test]
+    fn load_into_rejects_mismatched_checkpoints() {
+        let p = vec![("w".to_string(), Tensor::zeros([2], (tch::Kind::Float, tch::Device::Cpu)))];
+        assert!(load_into(&p, t(&[1.0, 2.0]), Path::new("x")).is_ok());
+        assert_eq!(p[0].1.double_value(&[1]), 2.0);
+        let e = load_into(&p, t(&[1.0]), Path::new("x")).unwrap_err().to_string();
+        assert!(e.contains("shape"), "{e}");
+        let e = load_into(&p, vec![("v".into(), Tensor::from_slice(&[1.0f32, 2.0]))], Path::new("x")).unwrap_err().to_string();
+        assert!(e.contains("lacks parameter 'w'"), "{e}");
+    }
+}
