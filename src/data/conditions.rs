@@ -13,12 +13,15 @@ use crate::{Error, Result};
 pub const CANNY_SIGMA: f32 = 1.0;
 /// Default low hysteresis threshold of [`ConditionKind::Edges`], on the gradient magnitude in
 /// intensity units per pixel (a sharp 0→1 step blurred with σ = 1 peaks near 0.4).
-pub const CANNY_LOW: f32 = 0.04;
+pub const CANNY_LOW: f32 = 0.03;
 /// Default high hysteresis threshold of [`ConditionKind::Edges`] (see [`CANNY_LOW`]).
-pub const CANNY_HIGH: f32 = 0.10;
+pub const CANNY_HIGH: f32 = 0.08;
 /// Default foreground threshold (intensity in `[0, 1]`) used by the mask, depth and skeleton maps;
 /// Fashion-MNIST backgrounds are exactly 0, garments are brighter than this.
 pub const MASK_THRESHOLD: f32 = 0.05;
+/// Enclosed background regions of at most this many pixels are filled in the default mask (dark
+/// prints and patterns inside a garment are not holes in its silhouette; a bag's handle loop is).
+pub const MAX_HOLE_AREA: usize = 16;
 /// Default downsampling factor of [`ConditionKind::LowRes`].
 pub const LOW_RES_FACTOR: usize = 4;
 
@@ -99,7 +102,8 @@ impl GrayImage {
 pub enum ConditionKind {
     /// Canny edges ([`canny`] with [`CANNY_LOW`], [`CANNY_HIGH`], σ = [`CANNY_SIGMA`]).
     Edges,
-    /// Binary foreground mask ([`foreground_mask`] at [`MASK_THRESHOLD`]).
+    /// Binary foreground mask ([`foreground_mask`] at [`MASK_THRESHOLD`], small holes filled
+    /// with [`fill_small_holes`] up to [`MAX_HOLE_AREA`]).
     Mask,
     /// Distance-to-background map of the mask ([`depth_like`]).
     Depth,
@@ -129,7 +133,9 @@ impl ConditionKind {
     pub fn extract(&self, img: &GrayImage) -> GrayImage {
         match self {
             ConditionKind::Edges => canny(img, CANNY_LOW, CANNY_HIGH),
-            ConditionKind::Mask => foreground_mask(img, MASK_THRESHOLD),
+            ConditionKind::Mask => {
+                GrayImage::from_binary(img.width, img.height, &default_mask(img))
+            }
             ConditionKind::Depth => depth_like(img),
             ConditionKind::LowRes => low_resolution(img, LOW_RES_FACTOR),
             ConditionKind::Skeleton => skeleton(img).render(),
@@ -275,6 +281,59 @@ pub fn foreground_mask(img: &GrayImage, threshold: f32) -> GrayImage {
     GrayImage::from_binary(img.width, img.height, &img.binary(threshold))
 }
 
+/// Fills the enclosed background regions (4-connected, not touching the image border) of at most
+/// `max_area` pixels.
+pub fn fill_small_holes(width: usize, height: usize, mask: &[bool], max_area: usize) -> Vec<bool> {
+    let mut out = mask.to_vec();
+    let mut seen = mask.to_vec();
+    let mut stack = Vec::new();
+    for start in 0..width * height {
+        if seen[start] {
+            continue;
+        }
+        // Flood one background component, noting whether it reaches the border.
+        seen[start] = true;
+        stack.push(start);
+        let mut component = Vec::new();
+        let mut touches_border = false;
+        while let Some(i) = stack.pop() {
+            component.push(i);
+            let (x, y) = (i % width, i / width);
+            touches_border |= x == 0 || y == 0 || x + 1 == width || y + 1 == height;
+            let mut visit = |j: usize| {
+                if !seen[j] {
+                    seen[j] = true;
+                    stack.push(j);
+                }
+            };
+            if x > 0 {
+                visit(i - 1);
+            }
+            if x + 1 < width {
+                visit(i + 1);
+            }
+            if y > 0 {
+                visit(i - width);
+            }
+            if y + 1 < height {
+                visit(i + width);
+            }
+        }
+        if !touches_border && component.len() <= max_area {
+            for i in component {
+                out[i] = true;
+            }
+        }
+    }
+    out
+}
+
+/// The mask used by the default extractors: threshold at [`MASK_THRESHOLD`], then fill holes of at
+/// most [`MAX_HOLE_AREA`] pixels.
+fn default_mask(img: &GrayImage) -> Vec<bool> {
+    fill_small_holes(img.width, img.height, &img.binary(MASK_THRESHOLD), MAX_HOLE_AREA)
+}
+
 /// Exact Euclidean distance from each pixel of `mask` to the nearest background pixel, treating
 /// everything outside the image as background (so objects touching the border still fade out).
 /// Background pixels get 0. Felzenszwalb–Huttenlocher's separable squared-distance transform.
@@ -347,11 +406,11 @@ fn dt1d(f: &[f64]) -> Vec<f64> {
     d
 }
 
-/// A depth-like map: the Euclidean distance transform of the foreground mask (threshold
-/// [`MASK_THRESHOLD`]), divided by its maximum so it peaks at 1 deep inside the object; 0 on the
+/// A depth-like map: the Euclidean distance transform of the default foreground mask (threshold
+/// [`MASK_THRESHOLD`], small holes filled), divided by its maximum so it peaks at 1 deep inside the object; 0 on the
 /// background and everywhere when there is no foreground.
 pub fn depth_like(img: &GrayImage) -> GrayImage {
-    let mask = img.binary(MASK_THRESHOLD);
+    let mask = default_mask(img);
     let dist = distance_transform(img.width, img.height, &mask);
     let max = dist.iter().cloned().fold(0f32, f32::max);
     let data = if max > 0.0 { dist.iter().map(|d| d / max).collect() } else { dist };
@@ -427,12 +486,13 @@ impl Skeleton {
     }
 }
 
-/// Zhang–Suen thinning of the foreground mask (threshold [`MASK_THRESHOLD`]), plus its keypoints:
+/// Zhang–Suen thinning of the default foreground mask (threshold [`MASK_THRESHOLD`], small holes
+/// filled), plus its keypoints:
 /// endpoints (one 8-neighbour) and junctions (three or more branches around the pixel; adjacent
 /// junction pixels are merged into the first in raster order).
 pub fn skeleton(img: &GrayImage) -> Skeleton {
     let (w, h) = (img.width, img.height);
-    let mut m = img.binary(MASK_THRESHOLD);
+    let mut m = default_mask(img);
     let at = |m: &[bool], x: isize, y: isize| x >= 0 && y >= 0 && x < w as isize && y < h as isize && m[y as usize * w + x as usize];
     // P2..P9 clockwise from north, as in Zhang & Suen (1984).
     let ring = |m: &[bool], x: usize, y: usize| {
@@ -554,6 +614,21 @@ mod tests {
     }
 
     #[test]
+    fn small_holes_are_filled_large_ones_kept() {
+        // A ring 12×12 with a 2×2 hole and a separate frame with a 6×6 hole.
+        let img = GrayImage::from_fn(32, 32, |x, y| {
+            let a = (2..14).contains(&x) && (2..14).contains(&y) && !((7..9).contains(&x) && (7..9).contains(&y));
+            let b = (16..30).contains(&x) && (16..30).contains(&y) && !((20..26).contains(&x) && (20..26).contains(&y));
+            if a || b { 1.0 } else { 0.0 }
+        });
+        let m = ConditionKind::Mask.extract(&img);
+        assert_eq!(m.get(7, 7), 1.0);
+        assert_eq!(m.get(22, 22), 0.0);
+        assert_eq!(m.get(0, 0), 0.0);
+        assert_eq!(foreground_mask(&img, 0.5).get(7, 7), 0.0);
+    }
+
+    #[test]
     fn depth_of_square_peaks_at_centre() {
         let img = rect(10, 21, 10, 21); // 11×11, centre (15, 15)
         let d = depth_like(&img);
@@ -659,5 +734,42 @@ mod tests {
         assert_eq!(out.size(), [2, 1, 32, 32]);
         assert_eq!(GrayImage::from_tensor(&(out.get(0) * 2.0 - 1.0)).unwrap(), img);
         assert!(extract_batch(ConditionKind::Mask, &t).is_err());
+    }
+}
+
+#[cfg(test)]
+mod preview {
+    use super::*;
+    use crate::data::fashion_mnist::{load_raw, Source, Split};
+
+    /// Writes `target/condition-preview.png`: 20 embedded Fashion-MNIST test images (2 per class),
+    /// one per row, followed by their edges, mask, depth, low-res and skeleton maps, for eyeballing
+    /// the default parameters: `cargo test --lib condition_preview -- --ignored`.
+    #[test]
+    #[ignore]
+    fn condition_preview() {
+        let (imgs, labels) = load_raw(&Source::Embedded, Split::Test).unwrap();
+        let picks: Vec<usize> = (0..10u8).flat_map(|c| labels.iter().enumerate().filter(move |(_, &l)| l == c).map(|(i, _)| i).take(2)).collect();
+        let (s, cols) = (32usize, 1 + ConditionKind::ALL.len());
+        let mut out = image::GrayImage::new((s * cols) as u32, (s * picks.len()) as u32);
+        let mut edge_frac = 0.0;
+        for (row, &i) in picks.iter().enumerate() {
+            let mut g = GrayImage::new(s, s);
+            for (p, &v) in imgs.image(i).iter().enumerate() {
+                g.set(p % 28 + 2, p / 28 + 2, v as f32 / 255.0);
+            }
+            let maps: Vec<GrayImage> = std::iter::once(g.clone()).chain(ConditionKind::ALL.iter().map(|k| k.extract(&g))).collect();
+            edge_frac += maps[1].data.iter().sum::<f32>() / maps[2].data.iter().sum::<f32>().max(1.0);
+            for (c, m) in maps.iter().enumerate() {
+                for y in 0..s {
+                    for x in 0..s {
+                        out.put_pixel((c * s + x) as u32, (row * s + y) as u32, image::Luma([(m.get(x, y) * 255.0).round() as u8]));
+                    }
+                }
+            }
+        }
+        eprintln!("mean edge pixels / mask pixels: {:.3}", edge_frac / picks.len() as f32);
+        let big = image::imageops::resize(&out, out.width() * 3, out.height() * 3, image::imageops::FilterType::Nearest);
+        big.save(concat!(env!("CARGO_MANIFEST_DIR"), "/target/condition-preview.png")).unwrap();
     }
 }
