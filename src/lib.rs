@@ -4,9 +4,10 @@
 //! The modules follow the pipeline: data → models → diffusion objectives → training → sampling →
 //! evaluation → CLI.
 pub mod config;
+pub mod data;
+pub mod diffusion;
 pub mod error;
 pub mod rng;
+pub mod train;
 
 pub use error::{Error, Result};
-pub mod diffusion;
-pub mod train;
