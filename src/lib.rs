@@ -4,6 +4,7 @@
 //! The modules follow the pipeline: data → models → diffusion objectives → training → sampling →
 //! evaluation → CLI.
 pub mod error;
+pub mod eval;
 pub mod rng;
 
 pub use error::{Error, Result};
