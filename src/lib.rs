@@ -3,6 +3,7 @@
 //!
 //! The modules follow the pipeline: data → models → diffusion objectives → training → sampling →
 //! evaluation → CLI.
+pub mod data;
 pub mod error;
 pub mod eval;
 pub mod rng;
