@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod diffusion;
 pub mod error;
+pub mod eval;
 pub mod models;
 pub mod rng;
 pub mod train;
