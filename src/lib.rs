@@ -6,9 +6,11 @@
 pub mod config;
 pub mod data;
 pub mod diffusion;
+pub mod experiments;
 pub mod error;
 pub mod eval;
 pub mod models;
+pub mod pipeline;
 pub mod rng;
 pub mod train;
 

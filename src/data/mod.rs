@@ -69,6 +69,16 @@ impl Dataset {
         })
     }
 
+    /// The same dataset with its tensors on `device`.
+    pub fn to_device(self, device: tch::Device) -> Dataset {
+        Dataset {
+            images: self.images.to_device(device),
+            labels: self.labels.to_device(device),
+            conditioning: self.conditioning.map(|c| c.to_device(device)),
+            ..self
+        }
+    }
+
     /// The examples at `indices`: `(images, labels, conditioning)`, gathered with `index_select`.
     ///
     /// Out-of-range indices are an error rather than a libtorch abort.

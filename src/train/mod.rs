@@ -5,3 +5,4 @@ pub mod ema;
 pub mod lr;
 pub mod log;
 pub mod optim;
+pub mod trainer;

@@ -1,0 +1,4 @@
+//! Experiments: orchestration only (load data, build networks, call the trainer, sample, evaluate).
+//! No model or loss code lives here except the one-line task that says what is regressed onto what.
+pub mod evaluate;
+pub mod pretrain;

@@ -1,0 +1,229 @@
+//! Pretraining the main network: a class-conditional denoiser on Fashion-MNIST or a user's imagefolder.
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::data::{fashion_mnist, imagefolder, Dataset};
+use crate::diffusion::{SamplerConfig, TrainingSample};
+use crate::pipeline::{MainNetwork, MainNetworkConfig, CONFIG_FILE};
+use crate::train::trainer::{self, Batch, RunDir, TaskLoss, TrainConfig, TrainSummary, TrainTask};
+use crate::{Error, Result};
+
+/// Which data to train on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// `fashion-mnist`, or the path of an imagefolder with `metadata.jsonl`. Default `fashion-mnist`.
+    pub dataset: String,
+    /// Fashion-MNIST only: `auto` (the Debian package if installed, else the embedded subset),
+    /// `embedded` or `debian`. Default `auto`.
+    pub source: String,
+    /// Use only the first N training examples (0 = all). Default 0.
+    pub max_examples: usize,
+    /// Imagefolder only: 1 (grey) or 3 (RGB) channels. Default 1.
+    pub channels: i64,
+    /// Imagefolder only: images are resized and padded to this square size. Default 32.
+    pub image_size: u32,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self { dataset: "fashion-mnist".into(), source: "auto".into(), max_examples: 0, channels: 1, image_size: 32 }
+    }
+}
+
+impl DataConfig {
+    /// Loads the training split (or, for Fashion-MNIST, the `test` split when `test` is true).
+    pub fn load(&self, test: bool) -> Result<Dataset> {
+        let data = if self.dataset == "fashion-mnist" {
+            let source = match self.source.as_str() {
+                "auto" => fashion_mnist::Source::auto(),
+                "embedded" => fashion_mnist::Source::Embedded,
+                "debian" => fashion_mnist::Source::Debian(PathBuf::from(fashion_mnist::DEBIAN_DIR)),
+                other => return Err(Error::Config(format!("data.source '{other}': use auto, embedded or debian"))),
+            };
+            let split = if test { fashion_mnist::Split::Test } else { fashion_mnist::Split::Train };
+            fashion_mnist::load(&source, split)?
+        } else {
+            imagefolder::load(std::path::Path::new(&self.dataset), self.image_size, self.channels)?
+        };
+        if self.max_examples > 0 && data.len() > self.max_examples {
+            let idx: Vec<i64> = (0..self.max_examples as i64).collect();
+            return data.subset(&idx);
+        }
+        Ok(data)
+    }
+}
+
+/// Validation samples written at each checkpoint (`samples/step-N.png`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Images in the grid (0 = no validation samples). Default 40 (4 per class).
+    pub num_images: i64,
+    /// The sampler used.
+    pub sampler: SamplerConfig,
+    /// Seed of the validation noise (fixed across checkpoints so grids are comparable). Default 1234.
+    pub seed: u64,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self { num_images: 40, sampler: SamplerConfig { steps: 25, ..Default::default() }, seed: 1234 }
+    }
+}
+
+/// The `pretrain` command's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PretrainConfig {
+    /// Run folder: checkpoints, metrics, samples and the final `model/`. Default `runs/pretrain`.
+    pub output_dir: PathBuf,
+    /// CPU threads for libtorch (0 = libtorch's default). Default 0.
+    pub threads: i32,
+    /// `cpu` or `cuda` (`auto` picks CUDA when available). Default `auto`.
+    pub device: String,
+    /// Training data.
+    pub data: DataConfig,
+    /// The main network's architecture and objective.
+    pub model: MainNetworkConfig,
+    /// Probability of replacing a label by the null label while training, so the network also learns
+    /// the unconditional prediction (for classifier-free guidance). Default 0.1.
+    pub label_dropout: f64,
+    /// The training loop.
+    pub train: TrainConfig,
+    /// Validation samples.
+    pub validation: ValidationConfig,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        Self {
+            output_dir: PathBuf::from("runs/pretrain"),
+            threads: 0,
+            device: "auto".into(),
+            data: DataConfig::default(),
+            model: MainNetworkConfig::default(),
+            label_dropout: 0.1,
+            train: TrainConfig { ema_decay: 0.999, ..TrainConfig::default() },
+            validation: ValidationConfig::default(),
+        }
+    }
+}
+
+/// Resolves a device setting: `auto`, `cpu`, `cuda` or `cuda:N`.
+pub fn device_from(s: &str) -> Result<Device> {
+    match s {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        s if s.starts_with("cuda") => {
+            let i = s.strip_prefix("cuda:").and_then(|i| i.parse().ok()).unwrap_or(0);
+            if !tch::Cuda::is_available() {
+                return Err(Error::Config(format!("device '{s}': CUDA is not available on this machine; use cpu")));
+            }
+            Ok(Device::Cuda(i))
+        }
+        other => Err(Error::Config(format!("device '{other}': use auto, cpu, cuda or cuda:N"))),
+    }
+}
+
+/// The pretraining loss: plain diffusion MSE, with label dropout for classifier-free guidance.
+struct PretrainTask<'a> {
+    net: &'a MainNetwork,
+    label_dropout: f64,
+}
+
+impl TrainTask for PretrainTask<'_> {
+    fn loss(&self, batch: &Batch, sample: &TrainingSample) -> Result<TaskLoss> {
+        let mut y = batch.labels.shallow_clone();
+        if self.label_dropout > 0.0 {
+            let drop = Tensor::rand([y.size()[0]], (Kind::Float, y.device())).lt(self.label_dropout);
+            y = y.where_self(&drop.logical_not(), &Tensor::from(self.net.labels.null_label()).to_device(y.device()));
+        }
+        let pred = self.net.predict(&sample.x_t, &sample.model_t, &y)?;
+        Ok(TaskLoss { loss: pred.mse_loss(&sample.target, tch::Reduction::Mean), metrics: vec![] })
+    }
+}
+
+/// Trains a main network as configured; writes the run folder and returns the loop's summary.
+pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Result<TrainSummary> {
+    if cfg.threads > 0 {
+        tch::set_num_threads(cfg.threads);
+    }
+    if !(0.0..1.0).contains(&cfg.label_dropout) {
+        return Err(Error::Config("label_dropout must be in [0, 1)".into()));
+    }
+    let device = device_from(&cfg.device)?;
+    let data = cfg.data.load(false)?;
+    let m = &cfg.model;
+    if data.num_classes != m.label_encoder.num_classes {
+        return Err(Error::Config(format!(
+            "the dataset has {} classes but model.label_encoder.num_classes = {}; set it to {}",
+            data.num_classes, m.label_encoder.num_classes, data.num_classes
+        )));
+    }
+    if data.channels() != m.unet.in_channels || data.image_size() != m.unet.sample_size {
+        return Err(Error::Config(format!(
+            "the dataset's images are {}×{}×{} but the model expects in_channels = {}, sample_size = {}",
+            data.channels(),
+            data.image_size(),
+            data.image_size(),
+            m.unet.in_channels,
+            m.unet.sample_size
+        )));
+    }
+    let data = data.to_device(device);
+    // Initial weights follow from the run's seed (a resumed run overwrites them from the checkpoint).
+    tch::manual_seed(cfg.train.seed as i64);
+    let net = MainNetwork::new(m, device)?;
+    let out = &cfg.output_dir;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    // The run folder doubles as a model folder for its checkpoints.
+    let cfg_json = serde_json::to_string_pretty(m).map_err(|e| Error::Config(e.to_string()))?;
+    std::fs::write(out.join(CONFIG_FILE), cfg_json).map_err(|e| Error::io(out.join(CONFIG_FILE), e))?;
+    std::fs::write(out.join("config.toml"), crate::config::to_toml(cfg)?).map_err(|e| Error::io(out.join("config.toml"), e))?;
+
+    let task = PretrainTask { net: &net, label_dropout: cfg.label_dropout };
+    let run = RunDir {
+        output_dir: out,
+        resume,
+        run_description: serde_json::json!({ "model": m, "data": cfg.data, "label_dropout": cfg.label_dropout, "train": cfg.train }),
+        quiet,
+    };
+    let samples_dir = out.join("samples");
+    let val = &cfg.validation;
+    let summary = trainer::train(&task, net.named_parameters(), &data, &net.objective, &cfg.train, &run, |step, weights| {
+        if val.num_images <= 0 {
+            return Ok(());
+        }
+        // Sample with the averaged weights without disturbing the trained ones.
+        let _guard = tch::no_grad_guard();
+        let saved: Vec<Tensor> = net.named_parameters().iter().map(|(_, p)| p.copy()).collect();
+        swap_in(&net, weights);
+        let (images, _) = net.sample_many(val.num_images, 64, &val.sampler, val.seed)?;
+        for ((_, p), s) in net.named_parameters().iter().zip(&saved) {
+            p.shallow_clone().copy_(s);
+        }
+        std::fs::create_dir_all(&samples_dir).map_err(|e| Error::io(&samples_dir, e))?;
+        let nrow = m.label_encoder.num_classes.min(val.num_images);
+        crate::eval::grid::save_grid_scaled(&images, nrow as usize, 2, 2, samples_dir.join(format!("step-{step}.png")))
+    })?;
+    // The final model: the averaged weights when EMA is on.
+    let final_dir = out.join("model");
+    if let Some(ckpt) = &summary.last_checkpoint {
+        let final_net = MainNetwork::load(ckpt, Device::Cpu)?;
+        final_net.save(&final_dir)?;
+    }
+    Ok(summary)
+}
+
+fn swap_in(net: &MainNetwork, weights: &[(String, Tensor)]) {
+    let map: std::collections::HashMap<&str, &Tensor> = weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    for (name, p) in net.named_parameters() {
+        if let Some(w) = map.get(name.as_str()) {
+            p.shallow_clone().copy_(w);
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! The training loop, top to bottom: batch → noise → loss → backward → clip → AdamW → EMA → log →
+//! checkpoint. What is trained and how its loss is formed is a [`TrainTask`]; the loop knows nothing
+//! of specific models, so the main network's pretraining and (later) side-network training share it.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use super::checkpoint;
+use super::ema::Ema;
+use super::log::{LogFormat, MetricsLog, Progress};
+use super::lr::{lr_at, LrSchedule};
+use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::data::loader::{DataOrder, DataOrderState};
+use crate::data::Dataset;
+use crate::diffusion::{Objective, TrainingSample};
+use crate::rng::derive_seed;
+use crate::{Error, Result};
+
+/// Settings of the training loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer updates to run. Default 2000.
+    pub steps: u64,
+    /// Examples per micro-batch. Default 64.
+    pub batch_size: usize,
+    /// Micro-batches accumulated per update (effective batch = batch_size × this). Default 1.
+    pub gradient_accumulation_steps: u64,
+    /// Peak learning rate. Default 1e-3.
+    pub learning_rate: f64,
+    /// Linear warm-up steps. Default 100.
+    pub lr_warmup_steps: u64,
+    /// `constant` or `cosine` after warm-up. Default `constant`.
+    pub lr_schedule: LrSchedule,
+    /// Cosine only: final LR as a fraction of the peak. Default 0.1.
+    pub min_lr_ratio: f64,
+    /// AdamW settings.
+    pub adam: AdamWConfig,
+    /// Gradient-norm clipping threshold (0 = off). Default 1.0.
+    pub max_grad_norm: f64,
+    /// EMA decay of the weights used for sampling (0 = no EMA). Default 0.
+    pub ema_decay: f64,
+    /// Seed of everything random in the run (data order, noise, timesteps). Default 0.
+    pub seed: u64,
+    /// Write `checkpoint-N/` every this many steps (0 = only at the end). Default 500.
+    pub checkpointing_steps: u64,
+    /// Keep at most this many checkpoints (0 = all). Default 3.
+    pub checkpoints_total_limit: usize,
+    /// Append a metrics row every this many steps. Default 10.
+    pub log_every: u64,
+    /// `csv` or `jsonl`. Default `csv`.
+    pub log_format: LogFormat,
+    /// Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped). Default 5.
+    pub max_consecutive_nonfinite: u32,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 2000,
+            batch_size: 64,
+            gradient_accumulation_steps: 1,
+            learning_rate: 1e-3,
+            lr_warmup_steps: 100,
+            lr_schedule: LrSchedule::Constant,
+            min_lr_ratio: 0.1,
+            adam: AdamWConfig::default(),
+            max_grad_norm: 1.0,
+            ema_decay: 0.0,
+            seed: 0,
+            checkpointing_steps: 500,
+            checkpoints_total_limit: 3,
+            log_every: 10,
+            log_format: LogFormat::Csv,
+            max_consecutive_nonfinite: 5,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Rejects settings that cannot run.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Config(m.to_owned()));
+        if self.batch_size == 0 {
+            return bad("train.batch_size must be ≥ 1");
+        }
+        if self.gradient_accumulation_steps == 0 {
+            return bad("train.gradient_accumulation_steps must be ≥ 1");
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return bad("train.learning_rate must be a positive number");
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return bad("train.ema_decay must be in [0, 1)");
+        }
+        if self.log_every == 0 {
+            return bad("train.log_every must be ≥ 1");
+        }
+        Ok(())
+    }
+}
+
+/// One micro-batch as the task sees it.
+pub struct Batch {
+    /// Clean images, [B, C, H, W] in [-1, 1].
+    pub x0: Tensor,
+    /// Class labels (the `y` conditioning), [B] i64.
+    pub labels: Tensor,
+    /// Condition images, [B, C, H, W] in [0, 1], when the dataset has them.
+    pub condition: Option<Tensor>,
+}
+
+/// The loss of one micro-batch and the scalars to log with it.
+pub struct TaskLoss {
+    /// The scalar to minimise.
+    pub loss: Tensor,
+    /// Extra scalars (0-d tensors) averaged over the logging interval, e.g. LISA's loss terms.
+    pub metrics: Vec<(String, Tensor)>,
+}
+
+/// What is trained: the loss of a noised micro-batch. Randomness inside (e.g. label dropout) must
+/// use libtorch's global generator, which the loop reseeds deterministically before each call.
+pub trait TrainTask {
+    /// Computes the loss; gradients flow to the parameters handed to [`train`].
+    fn loss(&self, batch: &Batch, sample: &TrainingSample) -> Result<TaskLoss>;
+}
+
+/// What a finished (or resumed-and-finished) run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// Steps completed in total.
+    pub steps: u64,
+    /// Steps skipped because of non-finite values.
+    pub skipped_steps: u64,
+    /// The mean loss of the last logging interval.
+    pub final_loss: f64,
+    /// Mean wall time per update in this process, seconds.
+    pub seconds_per_step: f64,
+    /// The last checkpoint written.
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// Run state saved in `state.json` of each checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunState {
+    step: u64,
+    optimizer_step: i64,
+    seed: u64,
+    data: DataOrderState,
+    skipped_steps: u64,
+    /// The caller's description of the run (configs), checked on resume.
+    run: serde_json::Value,
+}
+
+/// Where [`train`] writes and whether it resumes.
+pub struct RunDir<'a> {
+    /// The run folder (checkpoints, metrics).
+    pub output_dir: &'a Path,
+    /// `None`, `Some("latest")` or `Some(path to checkpoint-N)`.
+    pub resume: Option<&'a str>,
+    /// Saved with every checkpoint; resuming checks that it is unchanged except for `train.steps`.
+    pub run_description: serde_json::Value,
+    /// Hide the progress bar.
+    pub quiet: bool,
+}
+
+/// Trains `params` (name, tensor) on `data` with `task`'s loss; see the module doc for the order of
+/// operations. `on_checkpoint(step, ema_or_params)` is called after each checkpoint (e.g. to write
+/// validation samples).
+pub fn train(
+    task: &dyn TrainTask,
+    params: Vec<(String, Tensor)>,
+    data: &Dataset,
+    objective: &Objective,
+    cfg: &TrainConfig,
+    run: &RunDir,
+    mut on_checkpoint: impl FnMut(u64, &[(String, Tensor)]) -> Result<()>,
+) -> Result<TrainSummary> {
+    cfg.validate()?;
+    let out = run.output_dir;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    if data.len() < cfg.batch_size {
+        return Err(Error::Config(format!("the dataset has {} examples, fewer than train.batch_size = {}", data.len(), cfg.batch_size)));
+    }
+
+    let mut opt = AdamW::new(params, cfg.adam.clone());
+    let mut ema = (cfg.ema_decay > 0.0).then(|| Ema::new(opt.params(), cfg.ema_decay));
+    let mut order = DataOrder::new(data.len(), cfg.seed)?;
+    let (mut step, mut skipped) = (0u64, 0u64);
+
+    // Resume: weights, optimizer moments, EMA, data position and counters, exactly.
+    if let Some(resume) = run.resume {
+        let dir = checkpoint::resolve(out, resume)?;
+        let state: RunState = serde_json::from_value(checkpoint::read_state(&dir)?)
+            .map_err(|e| Error::Checkpoint { path: dir.clone(), msg: format!("malformed state.json: {e}") })?;
+        check_same_run(&dir, &state.run, &run.run_description)?;
+        checkpoint::load_into(opt.params(), checkpoint::read_tensors(&dir, "model.safetensors")?, &dir)?;
+        opt.load_state(checkpoint::read_tensors(&dir, "optimizer.safetensors")?, state.optimizer_step)
+            .map_err(|e| Error::Checkpoint { path: dir.clone(), msg: e.to_string() })?;
+        if let Some(ema) = ema.as_mut() {
+            ema.load(checkpoint::read_tensors(&dir, "ema.safetensors")?)
+                .map_err(|e| Error::Checkpoint { path: dir.clone(), msg: e.to_string() })?;
+        }
+        order.restore(state.data).map_err(|e| Error::Checkpoint { path: dir.clone(), msg: e.to_string() })?;
+        step = state.step;
+        skipped = state.skipped_steps;
+        eprintln!("resuming from {} at step {step}", dir.display());
+    }
+    let mut log = MetricsLog::open(out, cfg.log_format, run.resume.map(|_| step))?;
+    let progress = Progress::new(step, cfg.steps, run.quiet);
+    let (mut sums, mut count) = (Vec::<(String, f64)>::new(), 0u64);
+    let (mut consecutive_bad, mut last_checkpoint, mut final_loss) = (0u32, None, f64::NAN);
+    let started = Instant::now();
+    let first_step = step;
+
+    while step < cfg.steps {
+        let t0 = Instant::now();
+        let lr = lr_at(step, cfg.steps, cfg.learning_rate, cfg.lr_warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio);
+        let mut loss_sum = Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
+        let mut metric_sums: Vec<(String, Tensor)> = Vec::new();
+        for micro in 0..cfg.gradient_accumulation_steps {
+            let idx = order.next_batch(cfg.batch_size)?;
+            let (x0, labels, condition) = data.batch(&idx)?;
+            let batch = Batch { x0, labels, condition };
+            // Every random draw of this micro-step follows from (seed, step, micro): resuming needs no RNG state.
+            tch::manual_seed(derive_seed(cfg.seed, step * cfg.gradient_accumulation_steps + micro) as i64);
+            let noise = batch.x0.randn_like();
+            let t = objective.sample_times(batch.x0.size()[0], batch.x0.device());
+            let sample = objective.training_sample(&batch.x0, &noise, &t)?;
+            let out = task.loss(&batch, &sample)?;
+            (&out.loss / cfg.gradient_accumulation_steps as f64).backward();
+            loss_sum += out.loss.detach().to_device(tch::Device::Cpu);
+            for (i, (name, v)) in out.metrics.into_iter().enumerate() {
+                let v = v.detach().to_device(tch::Device::Cpu);
+                match metric_sums.get_mut(i) {
+                    Some((_, acc)) => *acc += v,
+                    None => metric_sums.push((name, v)),
+                }
+            }
+        }
+        let grad_norm = clip_grad_norm(opt.params(), cfg.max_grad_norm);
+        let loss = loss_sum.double_value(&[]) / cfg.gradient_accumulation_steps as f64;
+        let gnorm = grad_norm.double_value(&[]);
+        if !loss.is_finite() || !gnorm.is_finite() {
+            // Skip the update; the weights stay as they were after the last good step.
+            opt.zero_grad();
+            skipped += 1;
+            consecutive_bad += 1;
+            progress.println(&format!("step {}: non-finite loss ({loss}) or gradient norm ({gnorm}); update skipped", step + 1));
+            if consecutive_bad >= cfg.max_consecutive_nonfinite {
+                let last = checkpoint::list(out)?.pop().map(|(_, p)| p.display().to_string()).unwrap_or_else(|| "none".into());
+                return Err(Error::Training(format!(
+                    "{consecutive_bad} consecutive steps with non-finite loss or gradients at step {}; \
+                     lower train.learning_rate or check the data. Last good checkpoint: {last}",
+                    step + 1
+                )));
+            }
+            step += 1;
+            continue;
+        }
+        consecutive_bad = 0;
+        opt.step(lr);
+        opt.zero_grad();
+        if let Some(ema) = ema.as_mut() {
+            ema.update(opt.params());
+        }
+        step += 1;
+
+        // Logging: means over the interval.
+        accumulate(&mut sums, "loss", loss);
+        accumulate(&mut sums, "grad_norm", gnorm);
+        for (name, v) in &metric_sums {
+            accumulate(&mut sums, name, v.double_value(&[]) / cfg.gradient_accumulation_steps as f64);
+        }
+        accumulate(&mut sums, "step_seconds", t0.elapsed().as_secs_f64());
+        count += 1;
+        if step % cfg.log_every == 0 || step == cfg.steps {
+            let mut row: Vec<(String, f64)> = vec![("lr".into(), lr)];
+            row.extend(sums.iter().map(|(n, s)| (n.clone(), s / count as f64)));
+            final_loss = sums[0].1 / count as f64;
+            log.write(step, &row)?;
+            progress.update(step, &format!("loss {final_loss:.4}"));
+            sums.clear();
+            count = 0;
+        }
+
+        let checkpoint_due = (cfg.checkpointing_steps > 0 && step % cfg.checkpointing_steps == 0) || step == cfg.steps;
+        if checkpoint_due {
+            log.flush()?;
+            let state = RunState {
+                step,
+                optimizer_step: opt.step_count(),
+                seed: cfg.seed,
+                data: order.state(),
+                skipped_steps: skipped,
+                run: run.run_description.clone(),
+            };
+            let opt_state = opt.state_tensors();
+            let mut files: Vec<(&str, &[(String, Tensor)])> =
+                vec![("model.safetensors", opt.params()), ("optimizer.safetensors", &opt_state)];
+            if let Some(ema) = ema.as_ref() {
+                files.push(("ema.safetensors", ema.tensors()));
+            }
+            let state_json = serde_json::to_value(&state).map_err(|e| Error::Training(e.to_string()))?;
+            let dir = checkpoint::save(out, step, &files, &state_json, cfg.checkpoints_total_limit)?;
+            progress.println(&format!("step {step}: saved {}", dir.display()));
+            last_checkpoint = Some(dir);
+            on_checkpoint(step, ema.as_ref().map_or(opt.params(), |e| e.tensors()))?;
+        }
+    }
+    progress.finish();
+    let done = step - first_step;
+    Ok(TrainSummary {
+        steps: step,
+        skipped_steps: skipped,
+        final_loss,
+        seconds_per_step: if done > 0 { started.elapsed().as_secs_f64() / done as f64 } else { 0.0 },
+        last_checkpoint,
+    })
+}
+
+fn accumulate(sums: &mut Vec<(String, f64)>, name: &str, v: f64) {
+    match sums.iter_mut().find(|(n, _)| n == name) {
+        Some((_, s)) => *s += v,
+        None => sums.push((name.to_owned(), v)),
+    }
+}
+
+/// A resumed run must be the same run: same configs except the step budget.
+fn check_same_run(dir: &Path, saved: &serde_json::Value, now: &serde_json::Value) -> Result<()> {
+    let strip = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        if let Some(t) = v.pointer_mut("/train").and_then(|t| t.as_object_mut()) {
+            t.remove("steps");
+        }
+        v
+    };
+    if strip(saved) != strip(now) {
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            msg: "was written by a run with a different configuration; resume with the same config file \
+                  (only train.steps may change) or start a new output folder"
+                .into(),
+        });
+    }
+    Ok(())
+}
