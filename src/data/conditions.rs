@@ -89,7 +89,10 @@ impl GrayImage {
                 )))
             }
         };
-        let flat = t.f_to_kind(Kind::Float)?.f_flatten(0, -1)?;
+        let flat = t
+            .f_to_device(tch::Device::Cpu)?
+            .f_to_kind(Kind::Float)?
+            .f_flatten(0, -1)?;
         let data: Vec<f32> = Vec::try_from(&flat)?;
         Ok(Self {
             width: w,
@@ -196,7 +199,12 @@ pub fn extract_batch(kind: ConditionKind, images: &Tensor) -> Result<Tensor> {
         )));
     };
     let (n, h, w) = (*n as usize, *h as usize, *w as usize);
-    let flat: Vec<f32> = Vec::try_from(&images.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)?;
+    let flat: Vec<f32> = Vec::try_from(
+        &images
+            .f_to_device(tch::Device::Cpu)?
+            .f_to_kind(Kind::Float)?
+            .f_flatten(0, -1)?,
+    )?;
     let mut out = Vec::with_capacity(flat.len());
     for i in 0..n {
         let data = flat[i * h * w..(i + 1) * h * w]
