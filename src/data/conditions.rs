@@ -39,7 +39,11 @@ pub struct GrayImage {
 impl GrayImage {
     /// A black image.
     pub fn new(width: usize, height: usize) -> Self {
-        Self { width, height, data: vec![0.0; width * height] }
+        Self {
+            width,
+            height,
+            data: vec![0.0; width * height],
+        }
     }
 
     /// An image whose pixel `(x, y)` is `f(x, y)`.
@@ -50,7 +54,11 @@ impl GrayImage {
                 data.push(f(x, y));
             }
         }
-        Self { width, height, data }
+        Self {
+            width,
+            height,
+            data,
+        }
     }
 
     /// The value at column `x`, row `y`.
@@ -75,11 +83,25 @@ impl GrayImage {
         let size = t.size();
         let (h, w) = match size.as_slice() {
             [1, h, w] | [h, w] => (*h as usize, *w as usize),
-            _ => return Err(Error::Config(format!("expected a [1, H, W] image tensor, got {size:?}"))),
+            _ => {
+                return Err(Error::Config(format!(
+                    "expected a [1, H, W] image tensor, got {size:?}"
+                )))
+            }
         };
-        let flat = t.f_to_kind(Kind::Float)?.f_flatten(0, -1)?;
+        let flat = t
+            .f_to_device(tch::Device::Cpu)?
+            .f_to_kind(Kind::Float)?
+            .f_flatten(0, -1)?;
         let data: Vec<f32> = Vec::try_from(&flat)?;
-        Ok(Self { width: w, height: h, data: data.into_iter().map(|v| ((v + 1.0) * 0.5).clamp(0.0, 1.0)).collect() })
+        Ok(Self {
+            width: w,
+            height: h,
+            data: data
+                .into_iter()
+                .map(|v| ((v + 1.0) * 0.5).clamp(0.0, 1.0))
+                .collect(),
+        })
     }
 
     /// To a CPU tensor `f32 [1, H, W]` with values in `[-1, 1]`.
@@ -93,7 +115,11 @@ impl GrayImage {
     }
 
     fn from_binary(width: usize, height: usize, mask: &[bool]) -> Self {
-        Self { width, height, data: mask.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect() }
+        Self {
+            width,
+            height,
+            data: mask.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect(),
+        }
     }
 }
 
@@ -115,8 +141,13 @@ pub enum ConditionKind {
 
 impl ConditionKind {
     /// All kinds, in a fixed order.
-    pub const ALL: [ConditionKind; 5] =
-        [ConditionKind::Edges, ConditionKind::Mask, ConditionKind::Depth, ConditionKind::LowRes, ConditionKind::Skeleton];
+    pub const ALL: [ConditionKind; 5] = [
+        ConditionKind::Edges,
+        ConditionKind::Mask,
+        ConditionKind::Depth,
+        ConditionKind::LowRes,
+        ConditionKind::Skeleton,
+    ];
 
     /// The name used on the command line and in configs.
     pub fn name(&self) -> &'static str {
@@ -163,16 +194,35 @@ impl FromStr for ConditionKind {
 pub fn extract_batch(kind: ConditionKind, images: &Tensor) -> Result<Tensor> {
     let size = images.size();
     let [n, 1, h, w] = size.as_slice() else {
-        return Err(Error::Config(format!("expected a [N, 1, H, W] image batch, got {size:?}")));
+        return Err(Error::Config(format!(
+            "expected a [N, 1, H, W] image batch, got {size:?}"
+        )));
     };
     let (n, h, w) = (*n as usize, *h as usize, *w as usize);
-    let flat: Vec<f32> = Vec::try_from(&images.f_to_kind(Kind::Float)?.f_flatten(0, -1)?)?;
+    let flat: Vec<f32> = Vec::try_from(
+        &images
+            .f_to_device(tch::Device::Cpu)?
+            .f_to_kind(Kind::Float)?
+            .f_flatten(0, -1)?,
+    )?;
     let mut out = Vec::with_capacity(flat.len());
     for i in 0..n {
-        let data = flat[i * h * w..(i + 1) * h * w].iter().map(|v| ((v + 1.0) * 0.5).clamp(0.0, 1.0)).collect();
-        out.extend(kind.extract(&GrayImage { width: w, height: h, data }).data);
+        let data = flat[i * h * w..(i + 1) * h * w]
+            .iter()
+            .map(|v| ((v + 1.0) * 0.5).clamp(0.0, 1.0))
+            .collect();
+        out.extend(
+            kind.extract(&GrayImage {
+                width: w,
+                height: h,
+                data,
+            })
+            .data,
+        );
     }
-    Ok(Tensor::from_slice(&out).view([n as i64, 1, h as i64, w as i64]).to_device(images.device()))
+    Ok(Tensor::from_slice(&out)
+        .view([n as i64, 1, h as i64, w as i64])
+        .to_device(images.device()))
 }
 
 /// Separable Gaussian blur with standard deviation `sigma` (borders replicate the edge pixel).
@@ -181,15 +231,23 @@ pub fn gaussian_blur(img: &GrayImage, sigma: f32) -> GrayImage {
         return img.clone();
     }
     let r = (3.0 * sigma).ceil() as isize;
-    let mut kernel: Vec<f32> = (-r..=r).map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp()).collect();
+    let mut kernel: Vec<f32> = (-r..=r)
+        .map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp())
+        .collect();
     let sum: f32 = kernel.iter().sum();
     kernel.iter_mut().for_each(|k| *k /= sum);
     let (w, h) = (img.width, img.height);
     let horiz = GrayImage::from_fn(w, h, |x, y| {
-        (-r..=r).zip(&kernel).map(|(d, k)| k * img.clamped(x as isize + d, y as isize)).sum()
+        (-r..=r)
+            .zip(&kernel)
+            .map(|(d, k)| k * img.clamped(x as isize + d, y as isize))
+            .sum()
     });
     GrayImage::from_fn(w, h, |x, y| {
-        (-r..=r).zip(&kernel).map(|(d, k)| k * horiz.clamped(x as isize, y as isize + d)).sum()
+        (-r..=r)
+            .zip(&kernel)
+            .map(|(d, k)| k * horiz.clamped(x as isize, y as isize + d))
+            .sum()
     })
 }
 
@@ -213,8 +271,10 @@ pub fn canny_with_sigma(img: &GrayImage, sigma: f32, low: f32, high: f32) -> Gra
     for y in 0..h {
         for x in 0..w {
             let p = |dx: isize, dy: isize| b.clamped(x as isize + dx, y as isize + dy);
-            let gx = (p(1, -1) + 2.0 * p(1, 0) + p(1, 1) - p(-1, -1) - 2.0 * p(-1, 0) - p(-1, 1)) / 8.0;
-            let gy = (p(-1, 1) + 2.0 * p(0, 1) + p(1, 1) - p(-1, -1) - 2.0 * p(0, -1) - p(1, -1)) / 8.0;
+            let gx =
+                (p(1, -1) + 2.0 * p(1, 0) + p(1, 1) - p(-1, -1) - 2.0 * p(-1, 0) - p(-1, 1)) / 8.0;
+            let gy =
+                (p(-1, 1) + 2.0 * p(0, 1) + p(1, 1) - p(-1, -1) - 2.0 * p(0, -1) - p(1, -1)) / 8.0;
             mag[y * w + x] = (gx * gx + gy * gy).sqrt();
             // Quantise the gradient direction to 0°, 45°, 90°, 135° (y grows downwards).
             let angle = gy.atan2(gx).to_degrees().rem_euclid(180.0);
@@ -273,7 +333,16 @@ pub fn canny_with_sigma(img: &GrayImage, sigma: f32, low: f32, high: f32) -> Gra
 }
 
 fn neighbours8(x: isize, y: isize) -> [(isize, isize); 8] {
-    [(x - 1, y - 1), (x, y - 1), (x + 1, y - 1), (x - 1, y), (x + 1, y), (x - 1, y + 1), (x, y + 1), (x + 1, y + 1)]
+    [
+        (x - 1, y - 1),
+        (x, y - 1),
+        (x + 1, y - 1),
+        (x - 1, y),
+        (x + 1, y),
+        (x - 1, y + 1),
+        (x, y + 1),
+        (x + 1, y + 1),
+    ]
 }
 
 /// Binary foreground mask: 1 where the value is strictly above `threshold`, else 0.
@@ -331,7 +400,12 @@ pub fn fill_small_holes(width: usize, height: usize, mask: &[bool], max_area: us
 /// The mask used by the default extractors: threshold at [`MASK_THRESHOLD`], then fill holes of at
 /// most [`MAX_HOLE_AREA`] pixels.
 fn default_mask(img: &GrayImage) -> Vec<bool> {
-    fill_small_holes(img.width, img.height, &img.binary(MASK_THRESHOLD), MAX_HOLE_AREA)
+    fill_small_holes(
+        img.width,
+        img.height,
+        &img.binary(MASK_THRESHOLD),
+        MAX_HOLE_AREA,
+    )
 }
 
 /// Exact Euclidean distance from each pixel of `mask` to the nearest background pixel, treating
@@ -413,8 +487,16 @@ pub fn depth_like(img: &GrayImage) -> GrayImage {
     let mask = default_mask(img);
     let dist = distance_transform(img.width, img.height, &mask);
     let max = dist.iter().cloned().fold(0f32, f32::max);
-    let data = if max > 0.0 { dist.iter().map(|d| d / max).collect() } else { dist };
-    GrayImage { width: img.width, height: img.height, data }
+    let data = if max > 0.0 {
+        dist.iter().map(|d| d / max).collect()
+    } else {
+        dist
+    };
+    GrayImage {
+        width: img.width,
+        height: img.height,
+        data,
+    }
 }
 
 /// Area-average down by `factor` (partial blocks at the right/bottom average what they cover),
@@ -493,7 +575,9 @@ impl Skeleton {
 pub fn skeleton(img: &GrayImage) -> Skeleton {
     let (w, h) = (img.width, img.height);
     let mut m = default_mask(img);
-    let at = |m: &[bool], x: isize, y: isize| x >= 0 && y >= 0 && x < w as isize && y < h as isize && m[y as usize * w + x as usize];
+    let at = |m: &[bool], x: isize, y: isize| {
+        x >= 0 && y >= 0 && x < w as isize && y < h as isize && m[y as usize * w + x as usize]
+    };
     // P2..P9 clockwise from north, as in Zhang & Suen (1984).
     let ring = |m: &[bool], x: usize, y: usize| {
         let (x, y) = (x as isize, y as isize);
@@ -521,7 +605,12 @@ pub fn skeleton(img: &GrayImage) -> Skeleton {
                     let p = ring(&m, x, y);
                     let b = p.iter().filter(|&&v| v).count();
                     let [p2, _, p4, _, p6, _, p8, _] = p;
-                    let cond = if step == 0 { !(p2 && p4 && p6) && !(p4 && p6 && p8) } else { !(p2 && p4 && p8) && !(p2 && p6 && p8) };
+                    // Step 1 needs P2·P4·P6 = 0 and P4·P6·P8 = 0; step 2 needs P2·P4·P8 = 0 and P2·P6·P8 = 0.
+                    let cond = if step == 0 {
+                        !(p4 && p6 && (p2 || p8))
+                    } else {
+                        !(p2 && p8 && (p4 || p6))
+                    };
                     if (2..=6).contains(&b) && transitions(&p) == 1 && cond {
                         remove.push(y * w + x);
                     }
@@ -560,7 +649,10 @@ pub fn skeleton(img: &GrayImage) -> Skeleton {
             keypoints.push(Keypoint { x, y, kind });
         }
     }
-    Skeleton { map: GrayImage::from_binary(w, h, &m), keypoints }
+    Skeleton {
+        map: GrayImage::from_binary(w, h, &m),
+        keypoints,
+    }
 }
 
 #[cfg(test)]
@@ -569,7 +661,13 @@ mod tests {
 
     /// A 32×32 black image with a white filled rectangle over columns `x0..x1`, rows `y0..y1`.
     fn rect(x0: usize, x1: usize, y0: usize, y1: usize) -> GrayImage {
-        GrayImage::from_fn(32, 32, |x, y| if (x0..x1).contains(&x) && (y0..y1).contains(&y) { 1.0 } else { 0.0 })
+        GrayImage::from_fn(32, 32, |x, y| {
+            if (x0..x1).contains(&x) && (y0..y1).contains(&y) {
+                1.0
+            } else {
+                0.0
+            }
+        })
     }
 
     #[test]
@@ -583,7 +681,8 @@ mod tests {
             inside && (x == x0 || x == x1 - 1 || y == y0 || y == y1 - 1)
         };
         let near_ring = |x: usize, y: usize| {
-            (x.saturating_sub(1)..=(x + 1).min(31)).any(|a| (y.saturating_sub(1)..=(y + 1).min(31)).any(|b| ring(a, b)))
+            (x.saturating_sub(1)..=(x + 1).min(31))
+                .any(|a| (y.saturating_sub(1)..=(y + 1).min(31)).any(|b| ring(a, b)))
         };
         let mut edges = 0;
         for y in 0..32 {
@@ -598,12 +697,21 @@ mod tests {
         }
         // Every side is found: along each side's middle stretch there is an edge within 1 pixel.
         for x in x0 + 2..x1 - 2 {
-            assert!((y0 - 1..=y0).any(|y| e.get(x, y) == 1.0) && (y1 - 1..=y1).any(|y| e.get(x, y) == 1.0));
+            assert!(
+                (y0 - 1..=y0).any(|y| e.get(x, y) == 1.0)
+                    && (y1 - 1..=y1).any(|y| e.get(x, y) == 1.0)
+            );
         }
         for y in y0 + 2..y1 - 2 {
-            assert!((x0 - 1..=x0).any(|x| e.get(x, y) == 1.0) && (x1 - 1..=x1).any(|x| e.get(x, y) == 1.0));
+            assert!(
+                (x0 - 1..=x0).any(|x| e.get(x, y) == 1.0)
+                    && (x1 - 1..=x1).any(|x| e.get(x, y) == 1.0)
+            );
         }
-        assert!(edges < 2 * ((x1 - x0) + (y1 - y0)) + 8, "{edges} edge pixels: outline is not thin");
+        assert!(
+            edges < 2 * ((x1 - x0) + (y1 - y0)) + 8,
+            "{edges} edge pixels: outline is not thin"
+        );
     }
 
     #[test]
@@ -617,9 +725,17 @@ mod tests {
     fn small_holes_are_filled_large_ones_kept() {
         // A ring 12×12 with a 2×2 hole and a separate frame with a 6×6 hole.
         let img = GrayImage::from_fn(32, 32, |x, y| {
-            let a = (2..14).contains(&x) && (2..14).contains(&y) && !((7..9).contains(&x) && (7..9).contains(&y));
-            let b = (16..30).contains(&x) && (16..30).contains(&y) && !((20..26).contains(&x) && (20..26).contains(&y));
-            if a || b { 1.0 } else { 0.0 }
+            let a = (2..14).contains(&x)
+                && (2..14).contains(&y)
+                && !((7..9).contains(&x) && (7..9).contains(&y));
+            let b = (16..30).contains(&x)
+                && (16..30).contains(&y)
+                && !((20..26).contains(&x) && (20..26).contains(&y));
+            if a || b {
+                1.0
+            } else {
+                0.0
+            }
         });
         let m = ConditionKind::Mask.extract(&img);
         assert_eq!(m.get(7, 7), 1.0);
@@ -633,7 +749,7 @@ mod tests {
         let img = rect(10, 21, 10, 21); // 11×11, centre (15, 15)
         let d = depth_like(&img);
         assert_eq!(d.get(15, 15), 1.0);
-        assert!(d.data.iter().all(|&v| v <= 1.0 && v >= 0.0));
+        assert!(d.data.iter().all(|v| (0.0..=1.0).contains(v)));
         for y in 0..32 {
             for x in 0..32 {
                 if img.get(x, y) == 0.0 {
@@ -680,15 +796,27 @@ mod tests {
     fn skeleton_of_bar_is_a_line_with_two_endpoints() {
         let img = rect(4, 28, 13, 18); // 24 wide, 5 thick, rows 13..18
         let s = skeleton(&img);
-        let on: Vec<(usize, usize)> =
-            (0..32).flat_map(|y| (0..32).map(move |x| (x, y))).filter(|&(x, y)| s.map.get(x, y) == 1.0).collect();
+        let on: Vec<(usize, usize)> = (0..32)
+            .flat_map(|y| (0..32).map(move |x| (x, y)))
+            .filter(|&(x, y)| s.map.get(x, y) == 1.0)
+            .collect();
         assert!(!on.is_empty());
-        assert!(on.iter().all(|&(_, y)| y == on[0].1), "not one horizontal line: {on:?}");
+        assert!(
+            on.iter().all(|&(_, y)| y == on[0].1),
+            "not one horizontal line: {on:?}"
+        );
         assert_eq!(on[0].1, 15);
         let xs: Vec<usize> = on.iter().map(|p| p.0).collect();
-        assert!(xs.windows(2).all(|w| w[1] == w[0] + 1), "line has gaps: {xs:?}");
+        assert!(
+            xs.windows(2).all(|w| w[1] == w[0] + 1),
+            "line has gaps: {xs:?}"
+        );
         assert!(xs.len() >= 16, "line too short: {xs:?}");
-        let ends: Vec<_> = s.keypoints.iter().filter(|k| k.kind == KeypointKind::Endpoint).collect();
+        let ends: Vec<_> = s
+            .keypoints
+            .iter()
+            .filter(|k| k.kind == KeypointKind::Endpoint)
+            .collect();
         assert_eq!(ends.len(), 2, "{:?}", s.keypoints);
         assert_eq!(s.keypoints.len(), 2);
         assert_eq!((ends[0].x, ends[1].x), (xs[0], *xs.last().unwrap()));
@@ -699,23 +827,58 @@ mod tests {
 
     #[test]
     fn skeleton_of_cross_has_a_junction() {
-        let img = GrayImage::from_fn(32, 32, |x, y| if (14..17).contains(&x) || (14..17).contains(&y) { 1.0 } else { 0.0 });
-        let img = GrayImage::from_fn(32, 32, |x, y| if (3..29).contains(&x) && (3..29).contains(&y) { img.get(x, y) } else { 0.0 });
+        let img = GrayImage::from_fn(32, 32, |x, y| {
+            if (14..17).contains(&x) || (14..17).contains(&y) {
+                1.0
+            } else {
+                0.0
+            }
+        });
+        let img = GrayImage::from_fn(32, 32, |x, y| {
+            if (3..29).contains(&x) && (3..29).contains(&y) {
+                img.get(x, y)
+            } else {
+                0.0
+            }
+        });
         let s = skeleton(&img);
-        assert_eq!(s.keypoints.iter().filter(|k| k.kind == KeypointKind::Junction).count(), 1, "{:?}", s.keypoints);
-        assert_eq!(s.keypoints.iter().filter(|k| k.kind == KeypointKind::Endpoint).count(), 4, "{:?}", s.keypoints);
+        assert_eq!(
+            s.keypoints
+                .iter()
+                .filter(|k| k.kind == KeypointKind::Junction)
+                .count(),
+            1,
+            "{:?}",
+            s.keypoints
+        );
+        assert_eq!(
+            s.keypoints
+                .iter()
+                .filter(|k| k.kind == KeypointKind::Endpoint)
+                .count(),
+            4,
+            "{:?}",
+            s.keypoints
+        );
     }
 
     #[test]
     fn extractors_are_deterministic_and_in_range() {
         let img = GrayImage::from_fn(32, 32, |x, y| {
             let (dx, dy) = (x as f32 - 15.5, y as f32 - 14.0);
-            if dx * dx / 120.0 + dy * dy / 60.0 < 1.0 { 0.4 + 0.5 * ((x * 7 + y * 3) % 5) as f32 / 4.0 } else { 0.0 }
+            if dx * dx / 120.0 + dy * dy / 60.0 < 1.0 {
+                0.4 + 0.5 * ((x * 7 + y * 3) % 5) as f32 / 4.0
+            } else {
+                0.0
+            }
         });
         for k in ConditionKind::ALL {
             let a = k.extract(&img);
             let b = k.extract(&img.clone());
-            assert_eq!(a.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            assert_eq!(
+                a.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
             assert!(a.data.iter().all(|v| (0.0..=1.0).contains(v)), "{k}");
             assert_eq!(k.to_string().parse::<ConditionKind>().unwrap(), k);
         }
@@ -732,7 +895,10 @@ mod tests {
         let batch = Tensor::stack(&[t.shallow_clone(), rect(1, 5, 1, 5).to_tensor()], 0);
         let out = extract_batch(ConditionKind::Mask, &batch).unwrap();
         assert_eq!(out.size(), [2, 1, 32, 32]);
-        assert_eq!(GrayImage::from_tensor(&(out.get(0) * 2.0 - 1.0)).unwrap(), img);
+        assert_eq!(
+            GrayImage::from_tensor(&(out.get(0) * 2.0 - 1.0)).unwrap(),
+            img
+        );
         assert!(extract_batch(ConditionKind::Mask, &t).is_err());
     }
 }
@@ -749,7 +915,16 @@ mod preview {
     #[ignore]
     fn condition_preview() {
         let (imgs, labels) = load_raw(&Source::Embedded, Split::Test).unwrap();
-        let picks: Vec<usize> = (0..10u8).flat_map(|c| labels.iter().enumerate().filter(move |(_, &l)| l == c).map(|(i, _)| i).take(2)).collect();
+        let picks: Vec<usize> = (0..10u8)
+            .flat_map(|c| {
+                labels
+                    .iter()
+                    .enumerate()
+                    .filter(move |(_, &l)| l == c)
+                    .map(|(i, _)| i)
+                    .take(2)
+            })
+            .collect();
         let (s, cols) = (32usize, 1 + ConditionKind::ALL.len());
         let mut out = image::GrayImage::new((s * cols) as u32, (s * picks.len()) as u32);
         let mut edge_frac = 0.0;
@@ -758,18 +933,37 @@ mod preview {
             for (p, &v) in imgs.image(i).iter().enumerate() {
                 g.set(p % 28 + 2, p / 28 + 2, v as f32 / 255.0);
             }
-            let maps: Vec<GrayImage> = std::iter::once(g.clone()).chain(ConditionKind::ALL.iter().map(|k| k.extract(&g))).collect();
-            edge_frac += maps[1].data.iter().sum::<f32>() / maps[2].data.iter().sum::<f32>().max(1.0);
+            let maps: Vec<GrayImage> = std::iter::once(g.clone())
+                .chain(ConditionKind::ALL.iter().map(|k| k.extract(&g)))
+                .collect();
+            edge_frac +=
+                maps[1].data.iter().sum::<f32>() / maps[2].data.iter().sum::<f32>().max(1.0);
             for (c, m) in maps.iter().enumerate() {
                 for y in 0..s {
                     for x in 0..s {
-                        out.put_pixel((c * s + x) as u32, (row * s + y) as u32, image::Luma([(m.get(x, y) * 255.0).round() as u8]));
+                        out.put_pixel(
+                            (c * s + x) as u32,
+                            (row * s + y) as u32,
+                            image::Luma([(m.get(x, y) * 255.0).round() as u8]),
+                        );
                     }
                 }
             }
         }
-        eprintln!("mean edge pixels / mask pixels: {:.3}", edge_frac / picks.len() as f32);
-        let big = image::imageops::resize(&out, out.width() * 3, out.height() * 3, image::imageops::FilterType::Nearest);
-        big.save(concat!(env!("CARGO_MANIFEST_DIR"), "/target/condition-preview.png")).unwrap();
+        eprintln!(
+            "mean edge pixels / mask pixels: {:.3}",
+            edge_frac / picks.len() as f32
+        );
+        let big = image::imageops::resize(
+            &out,
+            out.width() * 3,
+            out.height() * 3,
+            image::imageops::FilterType::Nearest,
+        );
+        big.save(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/target/condition-preview.png"
+        ))
+        .unwrap();
     }
 }

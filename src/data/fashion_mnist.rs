@@ -14,8 +14,18 @@ use crate::{Error, Result};
 /// Where the Debian package `dataset-fashion-mnist` installs the files.
 pub const DEBIAN_DIR: &str = "/usr/share/datasets/fashion-mnist";
 /// The class names, indexed by label.
-pub const CLASS_NAMES: [&str; 10] =
-    ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
+pub const CLASS_NAMES: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
 /// Number of classes.
 pub const NUM_CLASSES: usize = 10;
 /// Train images per class in the embedded subset.
@@ -23,14 +33,22 @@ pub const SUBSET_TRAIN_PER_CLASS: usize = 400;
 /// Test images per class in the embedded subset.
 pub const SUBSET_TEST_PER_CLASS: usize = 100;
 
-const EMBEDDED_TRAIN_IMAGES: &[u8] =
-    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/fashion-mnist-subset/train-images-idx3-ubyte.gz"));
-const EMBEDDED_TRAIN_LABELS: &[u8] =
-    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/fashion-mnist-subset/train-labels-idx1-ubyte.gz"));
-const EMBEDDED_TEST_IMAGES: &[u8] =
-    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/fashion-mnist-subset/t10k-images-idx3-ubyte.gz"));
-const EMBEDDED_TEST_LABELS: &[u8] =
-    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/fashion-mnist-subset/t10k-labels-idx1-ubyte.gz"));
+const EMBEDDED_TRAIN_IMAGES: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/assets/fashion-mnist-subset/train-images-idx3-ubyte.gz"
+));
+const EMBEDDED_TRAIN_LABELS: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/assets/fashion-mnist-subset/train-labels-idx1-ubyte.gz"
+));
+const EMBEDDED_TEST_IMAGES: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/assets/fashion-mnist-subset/t10k-images-idx3-ubyte.gz"
+));
+const EMBEDDED_TEST_LABELS: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/assets/fashion-mnist-subset/t10k-labels-idx1-ubyte.gz"
+));
 
 /// Where to read Fashion-MNIST from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,7 +64,10 @@ impl Source {
     /// The Debian package's folder if all four files are there, else the embedded subset.
     pub fn auto() -> Source {
         let dir = PathBuf::from(DEBIAN_DIR);
-        if [Split::Train, Split::Test].iter().all(|s| file(&dir, s.prefix(), "images-idx3").is_some() && file(&dir, s.prefix(), "labels-idx1").is_some()) {
+        if [Split::Train, Split::Test].iter().all(|s| {
+            file(&dir, s.prefix(), "images-idx3").is_some()
+                && file(&dir, s.prefix(), "labels-idx1").is_some()
+        }) {
             Source::Debian(dir)
         } else {
             Source::Embedded
@@ -106,13 +127,22 @@ pub fn load_raw(source: &Source, split: Split) -> Result<(IdxImages, Vec<u8>)> {
         }
     };
     if images.count != labels.len() {
-        return Err(Error::format(name, format!("{} images but {} labels", images.count, labels.len())));
+        return Err(Error::format(
+            name,
+            format!("{} images but {} labels", images.count, labels.len()),
+        ));
     }
     if (images.rows, images.cols) != (28, 28) {
-        return Err(Error::format(name, format!("images are {}x{}, expected 28x28", images.rows, images.cols)));
+        return Err(Error::format(
+            name,
+            format!("images are {}x{}, expected 28x28", images.rows, images.cols),
+        ));
     }
     if let Some(bad) = labels.iter().find(|&&l| l as usize >= NUM_CLASSES) {
-        return Err(Error::format(name, format!("label {bad} out of range 0..{NUM_CLASSES}")));
+        return Err(Error::format(
+            name,
+            format!("label {bad} out of range 0..{NUM_CLASSES}"),
+        ));
     }
     Ok((images, labels))
 }
@@ -121,7 +151,13 @@ pub fn load_raw(source: &Source, split: Split) -> Result<(IdxImages, Vec<u8>)> {
 /// by 2 black pixels on each side), labels `i64 [N]`, 10 classes, no conditioning.
 pub fn load(source: &Source, split: Split) -> Result<Dataset> {
     let (images, labels) = load_raw(source, split)?;
-    let x = u8_images_to_tensor(&images.pixels, images.count, images.rows, images.cols, IMAGE_SIZE as usize)?;
+    let x = u8_images_to_tensor(
+        &images.pixels,
+        images.count,
+        images.rows,
+        images.cols,
+        IMAGE_SIZE as usize,
+    )?;
     let y: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
     Ok(Dataset {
         images: x,
@@ -133,7 +169,11 @@ pub fn load(source: &Source, split: Split) -> Result<Dataset> {
 }
 
 /// The first `per_class` examples of each class, kept in file order.
-pub fn balanced_subset(images: &IdxImages, labels: &[u8], per_class: usize) -> (IdxImages, Vec<u8>) {
+pub fn balanced_subset(
+    images: &IdxImages,
+    labels: &[u8],
+    per_class: usize,
+) -> (IdxImages, Vec<u8>) {
     let mut taken = [0usize; 256];
     let mut pixels = Vec::new();
     let mut out_labels = Vec::new();
@@ -144,7 +184,15 @@ pub fn balanced_subset(images: &IdxImages, labels: &[u8], per_class: usize) -> (
             out_labels.push(l);
         }
     }
-    (IdxImages { count: out_labels.len(), rows: images.rows, cols: images.cols, pixels }, out_labels)
+    (
+        IdxImages {
+            count: out_labels.len(),
+            rows: images.rows,
+            cols: images.cols,
+            pixels,
+        },
+        out_labels,
+    )
 }
 
 /// Recreates the embedded subset from full Fashion-MNIST files in `source_dir` into `out_dir`
@@ -152,14 +200,32 @@ pub fn balanced_subset(images: &IdxImages, labels: &[u8], per_class: usize) -> (
 pub fn write_subset(source_dir: &Path, out_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let source = Source::Debian(source_dir.to_path_buf());
-    for (split, per_class) in [(Split::Train, SUBSET_TRAIN_PER_CLASS), (Split::Test, SUBSET_TEST_PER_CLASS)] {
+    for (split, per_class) in [
+        (Split::Train, SUBSET_TRAIN_PER_CLASS),
+        (Split::Test, SUBSET_TEST_PER_CLASS),
+    ] {
         let (images, labels) = load_raw(&source, split)?;
         let (si, sl) = balanced_subset(&images, &labels, per_class);
         if sl.len() != per_class * NUM_CLASSES {
-            return Err(Error::format(source_dir, format!("{:?} split has only {} images for a {per_class}-per-class subset", split, sl.len())));
+            return Err(Error::format(
+                source_dir,
+                format!(
+                    "{:?} split has only {} images for a {per_class}-per-class subset",
+                    split,
+                    sl.len()
+                ),
+            ));
         }
-        idx::write_images(out_dir.join(format!("{}-images-idx3-ubyte.gz", split.prefix())), &si, true)?;
-        idx::write_labels(out_dir.join(format!("{}-labels-idx1-ubyte.gz", split.prefix())), &sl, true)?;
+        idx::write_images(
+            out_dir.join(format!("{}-images-idx3-ubyte.gz", split.prefix())),
+            &si,
+            true,
+        )?;
+        idx::write_labels(
+            out_dir.join(format!("{}-labels-idx1-ubyte.gz", split.prefix())),
+            &sl,
+            true,
+        )?;
     }
     Ok(())
 }
@@ -190,7 +256,9 @@ mod tests {
         assert_eq!(ds.labels.size(), [1000]);
         assert_eq!(ds.class_names[9], "Ankle boot");
         assert_eq!(ds.images.double_value(&[0, 0, 0, 0]), -1.0);
-        assert!(ds.images.max().double_value(&[]) <= 1.0 && ds.images.min().double_value(&[]) >= -1.0);
+        assert!(
+            ds.images.max().double_value(&[]) <= 1.0 && ds.images.min().double_value(&[]) >= -1.0
+        );
         // The first train labels of the full set are 9,0,0,3,0,2,7,2,5,5, and all ten classes are
         // still short of 400 there, so the subset starts the same way.
         assert_eq!(&labels[..10], &[9, 0, 0, 3, 0, 2, 7, 2, 5, 5]);
@@ -214,7 +282,10 @@ mod tests {
         write_subset(&dir, out.path()).unwrap();
         let fresh = Source::Debian(out.path().to_path_buf());
         for split in [Split::Train, Split::Test] {
-            assert_eq!(load_raw(&fresh, split).unwrap(), load_raw(&Source::Embedded, split).unwrap());
+            assert_eq!(
+                load_raw(&fresh, split).unwrap(),
+                load_raw(&Source::Embedded, split).unwrap()
+            );
         }
     }
 
@@ -224,6 +295,10 @@ mod tests {
     #[ignore]
     fn regenerate_embedded_subset() {
         let dir = debian().expect("the Debian package dataset-fashion-mnist is needed");
-        write_subset(&dir, &Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/fashion-mnist-subset")).unwrap();
+        write_subset(
+            &dir,
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/fashion-mnist-subset"),
+        )
+        .unwrap();
     }
 }

@@ -60,7 +60,13 @@ fn parse(bytes: &[u8], name: &Path, magic: u32, what: &str) -> Result<(Vec<usize
     let ndims = (magic & 0xff) as usize;
     let header_len = 4 + 4 * ndims;
     if bytes.len() < 4 {
-        return Err(Error::format(name, format!("truncated header: expected at least 4 bytes, found {}", bytes.len())));
+        return Err(Error::format(
+            name,
+            format!(
+                "truncated header: expected at least 4 bytes, found {}",
+                bytes.len()
+            ),
+        ));
     }
     let found = u32::from_be_bytes(bytes[0..4].try_into().expect("4 bytes"));
     if found != magic {
@@ -73,7 +79,10 @@ fn parse(bytes: &[u8], name: &Path, magic: u32, what: &str) -> Result<(Vec<usize
     if bytes.len() < header_len {
         return Err(Error::format(
             name,
-            format!("truncated header: expected {header_len} bytes, found {}", bytes.len()),
+            format!(
+                "truncated header: expected {header_len} bytes, found {}",
+                bytes.len()
+            ),
         ));
     }
     let dims: Vec<usize> = bytes[4..header_len]
@@ -88,13 +97,19 @@ fn parse(bytes: &[u8], name: &Path, magic: u32, what: &str) -> Result<(Vec<usize
     if payload.len() < expected {
         return Err(Error::format(
             name,
-            format!("truncated: expected {expected} {what} bytes, found {}", payload.len()),
+            format!(
+                "truncated: expected {expected} {what} bytes, found {}",
+                payload.len()
+            ),
         ));
     }
     if payload.len() > expected {
         return Err(Error::format(
             name,
-            format!("trailing bytes: expected {expected} {what} bytes, found {}", payload.len()),
+            format!(
+                "trailing bytes: expected {expected} {what} bytes, found {}",
+                payload.len()
+            ),
         ));
     }
     Ok((dims, payload.to_vec()))
@@ -105,7 +120,12 @@ pub fn images_from_bytes(bytes: &[u8], name: impl AsRef<Path>) -> Result<IdxImag
     let name = name.as_ref();
     let bytes = gunzip_if_needed(bytes.to_vec(), name)?;
     let (dims, pixels) = parse(&bytes, name, IMAGES_MAGIC, "pixel")?;
-    Ok(IdxImages { count: dims[0], rows: dims[1], cols: dims[2], pixels })
+    Ok(IdxImages {
+        count: dims[0],
+        rows: dims[1],
+        cols: dims[2],
+        pixels,
+    })
 }
 
 /// Decodes an IDX label file held in memory (plain or gzipped); `name` is used in error messages.
@@ -120,7 +140,12 @@ pub fn read_images(path: impl AsRef<Path>) -> Result<IdxImages> {
     let path = path.as_ref();
     let bytes = read_maybe_gz(path)?;
     let (dims, pixels) = parse(&bytes, path, IMAGES_MAGIC, "pixel")?;
-    Ok(IdxImages { count: dims[0], rows: dims[1], cols: dims[2], pixels })
+    Ok(IdxImages {
+        count: dims[0],
+        rows: dims[1],
+        cols: dims[2],
+        pixels,
+    })
 }
 
 /// Reads an IDX label file (plain or gzipped).
@@ -148,7 +173,10 @@ fn encode(magic: u32, dims: &[usize], payload: &[u8], gzip: bool) -> Vec<u8> {
 
 fn check_u32(name: &Path, dims: &[usize]) -> Result<()> {
     if dims.iter().any(|&d| d > u32::MAX as usize) {
-        return Err(Error::format(name, format!("dimensions {dims:?} do not fit IDX's u32 fields")));
+        return Err(Error::format(
+            name,
+            format!("dimensions {dims:?} do not fit IDX's u32 fields"),
+        ));
     }
     Ok(())
 }
@@ -201,7 +229,12 @@ mod tests {
     use super::*;
 
     fn sample() -> IdxImages {
-        IdxImages { count: 3, rows: 4, cols: 5, pixels: (0..60).map(|i| (i * 7 % 256) as u8).collect() }
+        IdxImages {
+            count: 3,
+            rows: 4,
+            cols: 5,
+            pixels: (0..60).map(|i| (i * 7 % 256) as u8).collect(),
+        }
     }
 
     #[test]
@@ -221,16 +254,26 @@ mod tests {
             assert_eq!(images_from_bytes(&raw, "x").unwrap(), imgs);
         }
         // Gzip output is deterministic (no timestamp), which the committed subset relies on.
-        assert_eq!(encode_images(&imgs, true).unwrap(), encode_images(&imgs, true).unwrap());
+        assert_eq!(
+            encode_images(&imgs, true).unwrap(),
+            encode_images(&imgs, true).unwrap()
+        );
         assert_eq!(imgs.image(1), &imgs.pixels[20..40]);
     }
 
     #[test]
     fn wrong_magic_is_an_error() {
         let labels = encode_labels(&[1, 2], false).unwrap();
-        let err = images_from_bytes(&labels, "/d/labels.idx").unwrap_err().to_string();
-        assert!(err.starts_with("/d/labels.idx: wrong IDX magic 0x00000801"), "{err}");
-        let err = labels_from_bytes(b"\x00\x00", "/d/short").unwrap_err().to_string();
+        let err = images_from_bytes(&labels, "/d/labels.idx")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("/d/labels.idx: wrong IDX magic 0x00000801"),
+            "{err}"
+        );
+        let err = labels_from_bytes(b"\x00\x00", "/d/short")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/d/short: truncated header"), "{err}");
     }
 
@@ -238,22 +281,31 @@ mod tests {
     fn truncated_and_trailing_are_errors() {
         let mut bytes = encode_images(&sample(), false).unwrap();
         bytes.truncate(bytes.len() - 10);
-        let err = images_from_bytes(&bytes, "/d/train-images-idx3-ubyte").unwrap_err().to_string();
-        assert_eq!(err, "/d/train-images-idx3-ubyte: truncated: expected 60 pixel bytes, found 50");
+        let err = images_from_bytes(&bytes, "/d/train-images-idx3-ubyte")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "/d/train-images-idx3-ubyte: truncated: expected 60 pixel bytes, found 50"
+        );
         let mut bytes = encode_labels(&[1, 2, 3], false).unwrap();
         bytes.push(0);
         let err = labels_from_bytes(&bytes, "/d/l").unwrap_err().to_string();
         assert_eq!(err, "/d/l: trailing bytes: expected 3 label bytes, found 4");
         // Truncation inside a gzip stream is reported too, naming the file.
         let gz = encode_images(&sample(), true).unwrap();
-        let err = images_from_bytes(&gz[..gz.len() / 2], "/d/x.gz").unwrap_err().to_string();
+        let err = images_from_bytes(&gz[..gz.len() / 2], "/d/x.gz")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("/d/x.gz: "), "{err}");
         assert!(!err.contains('\n'));
     }
 
     #[test]
     fn missing_file_names_the_path() {
-        let err = read_images("/nonexistent/dir/f.gz").unwrap_err().to_string();
+        let err = read_images("/nonexistent/dir/f.gz")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("/nonexistent/dir/f.gz: "), "{err}");
     }
 }

@@ -62,7 +62,8 @@ pub fn read_metadata(dir: &Path) -> Result<Vec<Record>> {
         if raw.trim().is_empty() {
             continue;
         }
-        let value: Value = serde_json::from_str(raw).map_err(|e| err(line, format!("malformed JSON: {}", one_line(e))))?;
+        let value: Value = serde_json::from_str(raw)
+            .map_err(|e| err(line, format!("malformed JSON: {}", one_line(e))))?;
         let Value::Object(obj) = value else {
             return Err(err(line, "expected a JSON object".into()));
         };
@@ -70,36 +71,74 @@ pub fn read_metadata(dir: &Path) -> Result<Vec<Record>> {
             match obj.get(key) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
-                Some(v) => Err(err(line, format!("`{key}` must be a non-empty string, found {v}"))),
+                Some(v) => Err(err(
+                    line,
+                    format!("`{key}` must be a non-empty string, found {v}"),
+                )),
             }
         };
-        let image = string_field("image")?.ok_or_else(|| err(line, "missing `image` key (the image's file name)".into()))?;
+        let image = string_field("image")?
+            .ok_or_else(|| err(line, "missing `image` key (the image's file name)".into()))?;
         let conditioning = string_field("conditioning_image")?;
         let text_value = string_field("text")?;
         let label_value = match obj.get("label") {
             None | Some(Value::Null) => None,
             Some(v) => match v.as_i64() {
                 Some(l) if l >= 0 => Some(l),
-                _ => return Err(err(line, format!("`label` must be a non-negative integer, found {v}"))),
+                _ => {
+                    return Err(err(
+                        line,
+                        format!("`label` must be a non-negative integer, found {v}"),
+                    ))
+                }
             },
         };
         let target = match (text_value, label_value) {
             (Some(t), None) => Target::Text(t),
             (None, Some(l)) => Target::Label(l),
-            (Some(_), Some(_)) => return Err(err(line, "has both `text` and `label`; give exactly one".into())),
-            (None, None) => return Err(err(line, "has neither `text` nor `label`; give exactly one".into())),
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    line,
+                    "has both `text` and `label`; give exactly one".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(err(
+                    line,
+                    "has neither `text` nor `label`; give exactly one".into(),
+                ))
+            }
         };
         if let Some(first) = records.first() {
             if matches!(first.target, Target::Text(_)) != matches!(target, Target::Text(_)) {
-                let (this, other) = if matches!(target, Target::Text(_)) { ("text", "label") } else { ("label", "text") };
-                return Err(err(line, format!("uses `{this}` but line {} uses `{other}`; use one for all lines", first.line)));
+                let (this, other) = if matches!(target, Target::Text(_)) {
+                    ("text", "label")
+                } else {
+                    ("label", "text")
+                };
+                return Err(err(
+                    line,
+                    format!(
+                        "uses `{this}` but line {} uses `{other}`; use one for all lines",
+                        first.line
+                    ),
+                ));
             }
             if first.conditioning_image.is_some() != conditioning.is_some() {
-                let (has, hasnt) = if conditioning.is_some() { (line, first.line) } else { (first.line, line) };
+                let (has, hasnt) = if conditioning.is_some() {
+                    (line, first.line)
+                } else {
+                    (first.line, line)
+                };
                 return Err(err(line, format!("`conditioning_image` is given on line {has} but not on line {hasnt}; give it on all lines or none")));
             }
         }
-        records.push(Record { line, image: dir.join(image), conditioning_image: conditioning.map(|c| dir.join(c)), target });
+        records.push(Record {
+            line,
+            image: dir.join(image),
+            conditioning_image: conditioning.map(|c| dir.join(c)),
+            target,
+        });
     }
     if records.is_empty() {
         return Err(Error::format(&meta, "empty dataset: no records"));
@@ -110,9 +149,21 @@ pub fn read_metadata(dir: &Path) -> Result<Vec<Record>> {
 /// Opens and decodes an image referenced from line `line` of the metadata.
 fn open(meta: &Path, line: usize, key: &str, path: &Path) -> Result<image::DynamicImage> {
     if !path.is_file() {
-        return Err(Error::format(meta, format!("line {line}: {key} {} not found", path.display())));
+        return Err(Error::format(
+            meta,
+            format!("line {line}: {key} {} not found", path.display()),
+        ));
     }
-    image::open(path).map_err(|e| Error::format(meta, format!("line {line}: cannot decode {key} {}: {}", path.display(), one_line(e))))
+    image::open(path).map_err(|e| {
+        Error::format(
+            meta,
+            format!(
+                "line {line}: cannot decode {key} {}: {}",
+                path.display(),
+                one_line(e)
+            ),
+        )
+    })
 }
 
 /// Loads the folder as a [`Dataset`] of `size × size` images with `channels` 1 (grey) or 3 (RGB):
@@ -121,7 +172,9 @@ fn open(meta: &Path, line: usize, key: &str, path: &Path) -> Result<image::Dynam
 pub fn load(dir: impl AsRef<Path>, size: u32, channels: i64) -> Result<Dataset> {
     let dir = dir.as_ref();
     if channels != 1 && channels != 3 {
-        return Err(Error::Config(format!("channels must be 1 (grey) or 3 (RGB), got {channels}")));
+        return Err(Error::Config(format!(
+            "channels must be 1 (grey) or 3 (RGB), got {channels}"
+        )));
     }
     if size == 0 {
         return Err(Error::Config("image size must be positive".into()));
@@ -130,20 +183,39 @@ pub fn load(dir: impl AsRef<Path>, size: u32, channels: i64) -> Result<Dataset> 
     let records = read_metadata(dir)?;
     let (labels, class_names): (Vec<i64>, Vec<String>) = match records[0].target {
         Target::Text(_) => {
-            let vocab: BTreeSet<&str> =
-                records.iter().filter_map(|r| if let Target::Text(t) = &r.target { Some(t.as_str()) } else { None }).collect();
+            let vocab: BTreeSet<&str> = records
+                .iter()
+                .filter_map(|r| {
+                    if let Target::Text(t) = &r.target {
+                        Some(t.as_str())
+                    } else {
+                        None
+                    }
+                })
+                .collect();
             let names: Vec<String> = vocab.iter().map(|s| s.to_string()).collect();
             let ids = records
                 .iter()
                 .map(|r| match &r.target {
-                    Target::Text(t) => names.binary_search(t).expect("text is in the vocabulary") as i64,
+                    Target::Text(t) => {
+                        names.binary_search(t).expect("text is in the vocabulary") as i64
+                    }
                     Target::Label(l) => *l,
                 })
                 .collect();
             (ids, names)
         }
         Target::Label(_) => {
-            let ids: Vec<i64> = records.iter().map(|r| if let Target::Label(l) = r.target { l } else { 0 }).collect();
+            let ids: Vec<i64> = records
+                .iter()
+                .map(|r| {
+                    if let Target::Label(l) = r.target {
+                        l
+                    } else {
+                        0
+                    }
+                })
+                .collect();
             let n = ids.iter().max().copied().unwrap_or(0) + 1;
             (ids, (0..n).map(|i| i.to_string()).collect())
         }
@@ -163,7 +235,11 @@ pub fn load(dir: impl AsRef<Path>, size: u32, channels: i64) -> Result<Dataset> 
         labels: Tensor::from_slice(&labels),
         num_classes: class_names.len() as i64,
         class_names,
-        conditioning: if conds.is_empty() { None } else { Some(Tensor::stack(&conds, 0)) },
+        conditioning: if conds.is_empty() {
+            None
+        } else {
+            Some(Tensor::stack(&conds, 0))
+        },
     })
 }
 
@@ -172,7 +248,9 @@ mod tests {
     use super::*;
 
     fn png(dir: &Path, name: &str, w: u32, h: u32, v: u8) {
-        image::GrayImage::from_pixel(w, h, image::Luma([v])).save(dir.join(name)).unwrap();
+        image::GrayImage::from_pixel(w, h, image::Luma([v]))
+            .save(dir.join(name))
+            .unwrap();
     }
 
     fn folder(lines: &[&str]) -> tempfile::TempDir {
@@ -187,7 +265,10 @@ mod tests {
     fn load_err(lines: &[&str]) -> String {
         let d = folder(lines);
         let e = load(d.path(), 16, 1).unwrap_err().to_string();
-        assert!(e.starts_with(&d.path().join(METADATA_FILE).display().to_string()), "{e}");
+        assert!(
+            e.starts_with(&d.path().join(METADATA_FILE).display().to_string()),
+            "{e}"
+        );
         assert!(!e.contains('\n'), "{e}");
         e
     }
@@ -214,7 +295,10 @@ mod tests {
 
     #[test]
     fn loads_integer_labels() {
-        let d = folder(&[r#"{"image": "a.png", "label": 4}"#, r#"{"image": "b.png", "label": 1}"#]);
+        let d = folder(&[
+            r#"{"image": "a.png", "label": 4}"#,
+            r#"{"image": "b.png", "label": 1}"#,
+        ]);
         let ds = load(d.path(), 8, 1).unwrap();
         assert_eq!(ds.images.size(), [2, 1, 8, 8]);
         assert_eq!(ds.num_classes, 5);
@@ -227,7 +311,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let e = load(d.path(), 16, 1).unwrap_err().to_string();
         assert!(e.contains("metadata.jsonl: not found"), "{e}");
-        let e = load_err(&[r#"{"image": "a.png", "label": 0}"#, r#"{"image": "a.png", "label": }"#]);
+        let e = load_err(&[
+            r#"{"image": "a.png", "label": 0}"#,
+            r#"{"image": "a.png", "label": }"#,
+        ]);
         assert!(e.contains("line 2: malformed JSON"), "{e}");
         let e = load_err(&[r#"{"text": "x"}"#]);
         assert!(e.contains("line 1: missing `image`"), "{e}");
@@ -235,26 +322,56 @@ mod tests {
         assert!(e.contains("line 1: has both"), "{e}");
         let e = load_err(&[r#"{"image": "a.png", "label": 1}"#, r#"{"image": "a.png"}"#]);
         assert!(e.contains("line 2: has neither"), "{e}");
-        let e = load_err(&[r#"{"image": "a.png", "label": 1}"#, r#"{"image": "a.png", "text": "t"}"#]);
-        assert!(e.contains("line 2: uses `text` but line 1 uses `label`"), "{e}");
-        let e = load_err(&[r#"{"image": "a.png", "label": 1, "conditioning_image": "c.png"}"#, r#"{"image": "a.png", "label": 2}"#]);
-        assert!(e.contains("line 2: `conditioning_image` is given on line 1 but not on line 2"), "{e}");
+        let e = load_err(&[
+            r#"{"image": "a.png", "label": 1}"#,
+            r#"{"image": "a.png", "text": "t"}"#,
+        ]);
+        assert!(
+            e.contains("line 2: uses `text` but line 1 uses `label`"),
+            "{e}"
+        );
+        let e = load_err(&[
+            r#"{"image": "a.png", "label": 1, "conditioning_image": "c.png"}"#,
+            r#"{"image": "a.png", "label": 2}"#,
+        ]);
+        assert!(
+            e.contains("line 2: `conditioning_image` is given on line 1 but not on line 2"),
+            "{e}"
+        );
         let e = load_err(&["", "  "]);
         assert!(e.contains("empty dataset"), "{e}");
         let e = load_err(&[r#"{"image": "a.png", "label": -1}"#]);
-        assert!(e.contains("line 1: `label` must be a non-negative integer"), "{e}");
+        assert!(
+            e.contains("line 1: `label` must be a non-negative integer"),
+            "{e}"
+        );
     }
 
     #[test]
     fn image_errors_name_file_and_line() {
-        let e = load_err(&[r#"{"image": "a.png", "label": 0}"#, r#"{"image": "zz.png", "label": 0}"#]);
-        assert!(e.contains("line 2: image ") && e.contains("zz.png not found"), "{e}");
+        let e = load_err(&[
+            r#"{"image": "a.png", "label": 0}"#,
+            r#"{"image": "zz.png", "label": 0}"#,
+        ]);
+        assert!(
+            e.contains("line 2: image ") && e.contains("zz.png not found"),
+            "{e}"
+        );
         let e = load_err(&[r#"{"image": "a.png", "label": 0, "conditioning_image": "nope.png"}"#]);
-        assert!(e.contains("line 1: conditioning_image ") && e.contains("nope.png not found"), "{e}");
-        let d = folder(&[r#"{"image": "a.png", "label": 0}"#, r#"{"image": "bad.png", "label": 0}"#]);
+        assert!(
+            e.contains("line 1: conditioning_image ") && e.contains("nope.png not found"),
+            "{e}"
+        );
+        let d = folder(&[
+            r#"{"image": "a.png", "label": 0}"#,
+            r#"{"image": "bad.png", "label": 0}"#,
+        ]);
         std::fs::write(d.path().join("bad.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
         let e = load(d.path(), 16, 1).unwrap_err().to_string();
-        assert!(e.contains("line 2: cannot decode image ") && e.contains("bad.png"), "{e}");
+        assert!(
+            e.contains("line 2: cannot decode image ") && e.contains("bad.png"),
+            "{e}"
+        );
         assert!(!e.contains('\n'));
         assert!(load(d.path(), 16, 2).is_err());
     }

@@ -33,9 +33,17 @@ impl DataOrder {
     /// An order over `n` examples (`n > 0`) seeded with `seed`, starting at epoch 0.
     pub fn new(n: usize, seed: u64) -> Result<Self> {
         if n == 0 {
-            return Err(Error::Config("cannot order batches over an empty dataset".into()));
+            return Err(Error::Config(
+                "cannot order batches over an empty dataset".into(),
+            ));
         }
-        Ok(Self { n, seed, epoch: 0, position: 0, perm: permutation(n, seed, 0) })
+        Ok(Self {
+            n,
+            seed,
+            epoch: 0,
+            position: 0,
+            perm: permutation(n, seed, 0),
+        })
     }
 
     /// Number of examples ordered.
@@ -79,7 +87,10 @@ impl DataOrder {
 
     /// The state to save in a checkpoint.
     pub fn state(&self) -> DataOrderState {
-        DataOrderState { epoch: self.epoch, position: self.position as u64 }
+        DataOrderState {
+            epoch: self.epoch,
+            position: self.position as u64,
+        }
     }
 
     /// Resumes from a saved state (same `n` and seed assumed). Errors if the position is past `n`.
@@ -137,6 +148,11 @@ mod tests {
         assert_ne!(next, permutation(10, 1, 0)[..3].to_vec());
         assert!(o.next_batch(0).is_err() && o.next_batch(11).is_err());
         assert!(DataOrder::new(0, 1).is_err());
-        assert!(o.restore(DataOrderState { epoch: 0, position: 11 }).is_err());
+        assert!(o
+            .restore(DataOrderState {
+                epoch: 0,
+                position: 11
+            })
+            .is_err());
     }
 }

@@ -85,11 +85,15 @@ impl Dataset {
     pub fn batch(&self, indices: &[i64]) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let n = self.len() as i64;
         if let Some(&bad) = indices.iter().find(|&&i| i < 0 || i >= n) {
-            return Err(Error::Config(format!("dataset index {bad} out of range 0..{n}")));
+            return Err(Error::Config(format!(
+                "dataset index {bad} out of range 0..{n}"
+            )));
         }
         let idx = Tensor::from_slice(indices).to_device(self.images.device());
         let images = self.images.f_index_select(0, &idx)?;
-        let labels = self.labels.f_index_select(0, &idx.to_device(self.labels.device()))?;
+        let labels = self
+            .labels
+            .f_index_select(0, &idx.to_device(self.labels.device()))?;
         let conditioning = match &self.conditioning {
             Some(c) => Some(c.f_index_select(0, &idx.to_device(c.device()))?),
             None => None,
@@ -108,9 +112,15 @@ pub fn to_square(img: &DynamicImage, size: u32) -> DynamicImage {
     }
     // Round the shorter side, but never to zero, so very thin images keep one row/column.
     let (nw, nh) = if w >= h {
-        (size, ((h as f64 * size as f64 / w as f64).round() as u32).clamp(1, size))
+        (
+            size,
+            ((h as f64 * size as f64 / w as f64).round() as u32).clamp(1, size),
+        )
     } else {
-        (((w as f64 * size as f64 / h as f64).round() as u32).clamp(1, size), size)
+        (
+            ((w as f64 * size as f64 / h as f64).round() as u32).clamp(1, size),
+            size,
+        )
     };
     let resized = if (nw, nh) == (w, h) {
         img.clone()
@@ -121,13 +131,24 @@ pub fn to_square(img: &DynamicImage, size: u32) -> DynamicImage {
         return resized;
     }
     let mut out = DynamicImage::new(size, size, resized.color());
-    image::imageops::overlay(&mut out, &resized, ((size - nw) / 2) as i64, ((size - nh) / 2) as i64);
+    image::imageops::overlay(
+        &mut out,
+        &resized,
+        ((size - nw) / 2) as i64,
+        ((size - nh) / 2) as i64,
+    );
     out
 }
 
 /// Converts `u8` images `[n, rows, cols]` (one channel) to `f32 [n, 1, size, size]` in `[-1, 1]`,
 /// zero-padding each image centred to `size` (black background becomes -1).
-pub(crate) fn u8_images_to_tensor(pixels: &[u8], n: usize, rows: usize, cols: usize, size: usize) -> Result<Tensor> {
+pub(crate) fn u8_images_to_tensor(
+    pixels: &[u8],
+    n: usize,
+    rows: usize,
+    cols: usize,
+    size: usize,
+) -> Result<Tensor> {
     if rows > size || cols > size || pixels.len() != n * rows * cols {
         return Err(Error::Config(format!(
             "cannot place {n} images of {rows}x{cols} ({} bytes) into {size}x{size}",
@@ -167,7 +188,8 @@ mod tests {
 
     #[test]
     fn to_square_keeps_aspect_and_centres() {
-        let img = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(64, 32, image::Luma([200])));
+        let img =
+            DynamicImage::ImageLuma8(image::GrayImage::from_pixel(64, 32, image::Luma([200])));
         let sq = to_square(&img, 32).to_luma8();
         assert_eq!(sq.dimensions(), (32, 32));
         // 64x32 -> 32x16, placed at rows 8..24.
@@ -175,7 +197,8 @@ mod tests {
         assert_eq!(sq.get_pixel(16, 8)[0], 200);
         assert_eq!(sq.get_pixel(16, 23)[0], 200);
         assert_eq!(sq.get_pixel(16, 24)[0], 0);
-        let tall = DynamicImage::ImageRgb8(image::RgbImage::from_pixel(10, 40, image::Rgb([9, 8, 7])));
+        let tall =
+            DynamicImage::ImageRgb8(image::RgbImage::from_pixel(10, 40, image::Rgb([9, 8, 7])));
         let sq = to_square(&tall, 32).to_rgb8();
         assert_eq!(sq.get_pixel(15, 0).0, [9, 8, 7]);
         assert_eq!(sq.get_pixel(0, 16).0, [0, 0, 0]);
@@ -183,7 +206,9 @@ mod tests {
 
     #[test]
     fn padding_and_batches() {
-        let pixels: Vec<u8> = (0..3 * 28 * 28).map(|i| if i % 784 == 0 { 0 } else { 255 }).collect();
+        let pixels: Vec<u8> = (0..3 * 28 * 28)
+            .map(|i| if i % 784 == 0 { 0 } else { 255 })
+            .collect();
         let t = u8_images_to_tensor(&pixels, 3, 28, 28, 32).unwrap();
         assert_eq!(t.size(), [3, 1, 32, 32]);
         assert_eq!(t.double_value(&[0, 0, 0, 0]), -1.0);
@@ -196,7 +221,10 @@ mod tests {
             labels: Tensor::from_slice(&[4i64, 5, 6]),
             num_classes: 10,
             class_names: (0..10).map(|i| i.to_string()).collect(),
-            conditioning: Some(Tensor::zeros([3, 1, 32, 32], (Kind::Float, tch::Device::Cpu))),
+            conditioning: Some(Tensor::zeros(
+                [3, 1, 32, 32],
+                (Kind::Float, tch::Device::Cpu),
+            )),
         };
         let (x, y, c) = ds.batch(&[2, 0]).unwrap();
         assert_eq!(x.size(), [2, 1, 32, 32]);
