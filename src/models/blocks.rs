@@ -305,9 +305,11 @@ impl Attention {
         }
         let (q, k, v) = if context.is_none() {
             let w = Tensor::f_cat(&[&self.to_q.weight, &self.to_k.weight, &self.to_v.weight], 0)?;
-            // [B, N, 3·heads·dh] → three [B, heads, N, dh] views; SDPA handles the strides.
-            let qkv = x.f_linear::<Tensor>(&w, None)?.f_view([b, n, 3, self.heads, -1])?.f_permute([2, 0, 3, 1, 4])?;
-            (qkv.f_get(0)?, qkv.f_get(1)?, qkv.f_get(2)?)
+            // [B, N, 3·heads·dh] → three [B, heads, N, dh] views; SDPA handles the strides. A
+            // chunk (not indexing) so the backward concatenates instead of scattering into zeros.
+            let qkv = x.f_linear::<Tensor>(&w, None)?.f_chunk(3, -1)?;
+            let split = |t: &Tensor| -> Result<Tensor> { Ok(t.f_view([b, n, self.heads, -1])?.f_transpose(1, 2)?) };
+            (split(&qkv[0])?, split(&qkv[1])?, split(&qkv[2])?)
         } else {
             let split = |t: Tensor| -> Result<Tensor> {
                 let l = t.size()[1];

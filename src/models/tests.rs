@@ -415,6 +415,40 @@ fn bench_blocks() {
         }
         s.elapsed().as_secs_f64() / 5.0
     };
+    let tr = time(&|| {
+        let y = r.forward(&x, &temb).unwrap().sum(Kind::Float);
+        y.backward();
+        y
+    });
+    let ta = time(&|| {
+        let y = a.forward(&x, &ehs).unwrap().sum(Kind::Float);
+        y.backward();
+        y
+    });
+    let ehs2 = Tensor::randn([32, 2, 64], (Kind::Float, Device::Cpu));
+    let ta2 = time(&|| {
+        let y = a.forward(&x, &ehs2).unwrap().sum(Kind::Float);
+        y.backward();
+        y
+    });
+    let tok = Tensor::randn([32, 256, 64], (Kind::Float, Device::Cpu));
+    let tsa = time(&|| {
+        let y = a.transformer_blocks[0].attn1.forward(&tok, None).unwrap().sum(Kind::Float);
+        y.backward();
+        y
+    });
+    let tff = time(&|| {
+        let y = a.transformer_blocks[0].ff.forward(&tok).unwrap().sum(Kind::Float);
+        y.backward();
+        y
+    });
+    let tgn = time(&|| {
+        let y = a.norm.forward(&x).unwrap().sum(Kind::Float);
+        y.backward();
+        y
+    });
+    println!("fwd+bwd: resnet {:.1} transformer(1 tok) {:.1} transformer(2 tok) {:.1} self-attn {:.1} ff {:.1} groupnorm {:.1}",
+        tr * 1e3, ta * 1e3, ta2 * 1e3, tsa * 1e3, tff * 1e3, tgn * 1e3);
     tch::no_grad(|| {
         let tr = time(&|| r.forward(&x, &temb).unwrap());
         let ta = time(&|| a.forward(&x, &ehs).unwrap());
@@ -436,4 +470,26 @@ fn bench_blocks() {
             ta * 1e3, tt * 1e3, tf * 1e3, 3.0 * 2.0 * 8192.0 * 64.0 * 512.0 / 2.0 * 1.0 / tf / 1e9 * 1.0,
             tl * 1e3, 2.0 * 8192.0 * 64.0 * 64.0 / tl / 1e9);
     });
+}
+
+/// SDPA vs explicit attention, forward + backward (run with `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn bench_sdpa_variants() {
+    let mk = || Tensor::randn([32, 4, 256, 16], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let (q, k, v) = (mk(), mk(), mk());
+    let time = |f: &dyn Fn() -> Tensor| {
+        let _ = f();
+        let s = std::time::Instant::now();
+        for _ in 0..5 {
+            let y = f().sum(Kind::Float);
+            y.backward();
+        }
+        s.elapsed().as_secs_f64() / 5.0 * 1e3
+    };
+    let sdpa = time(&|| Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, None, false));
+    let qt = q.transpose(1, 2).contiguous().transpose(1, 2);
+    let sdpa_strided = time(&|| Tensor::scaled_dot_product_attention::<Tensor>(&qt, &k, &v, None, 0.0, false, None, false));
+    let math = time(&|| (q.matmul(&k.transpose(-1, -2)) * 0.25).softmax(-1, Kind::Float).matmul(&v));
+    println!("fwd+bwd ms: sdpa {sdpa:.1} sdpa(strided q) {sdpa_strided:.1} math {math:.1}");
 }
