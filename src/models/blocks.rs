@@ -290,17 +290,33 @@ impl Attention {
     }
 
     /// Attends from `x` [B, N, query_dim] to `context` [B, M, context_dim] (`None`: to `x`).
+    ///
+    /// Two exact shortcuts: with a single context token (M = 1, e.g. one class-label token) the
+    /// softmax weight is exactly 1, so the result is `to_out(to_v(context))` broadcast over the
+    /// queries and `to_q`/`to_k` are skipped (their gradients would be exactly zero anyway; here
+    /// they are left undefined). Self-attention computes q, k, v with one fused matmul.
+    /// The result may be a broadcast view: add it out of place.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let (b, n, d) = x.size3()?;
         let ctx = context.unwrap_or(x);
-        let (b, n) = (x.size()[0], x.size()[1]);
-        // [B, L, heads·d] → [B, heads, L, d] as a view; SDPA handles the strides.
-        let split = |t: Tensor| -> Result<Tensor> {
-            let l = t.size()[1];
-            Ok(t.f_view([b, l, self.heads, -1])?.f_transpose(1, 2)?)
+        if ctx.size()[1] == 1 {
+            let v = self.to_out.forward(&self.to_v.forward(ctx)?)?;
+            return Ok(v.f_expand([b, n, d], false)?);
+        }
+        let (q, k, v) = if context.is_none() {
+            let w = Tensor::f_cat(&[&self.to_q.weight, &self.to_k.weight, &self.to_v.weight], 0)?;
+            // [B, N, 3·heads·dh] → three [B, heads, N, dh] views; SDPA handles the strides. A
+            // chunk (not indexing) so the backward concatenates instead of scattering into zeros.
+            let qkv = x.f_linear::<Tensor>(&w, None)?.f_chunk(3, -1)?;
+            let split = |t: &Tensor| -> Result<Tensor> { Ok(t.f_view([b, n, self.heads, -1])?.f_transpose(1, 2)?) };
+            (split(&qkv[0])?, split(&qkv[1])?, split(&qkv[2])?)
+        } else {
+            let split = |t: Tensor| -> Result<Tensor> {
+                let l = t.size()[1];
+                Ok(t.f_view([b, l, self.heads, -1])?.f_transpose(1, 2)?)
+            };
+            (split(self.to_q.forward(x)?)?, split(self.to_k.forward(ctx)?)?, split(self.to_v.forward(ctx)?)?)
         };
-        let q = split(self.to_q.forward(x)?)?;
-        let k = split(self.to_k.forward(ctx)?)?;
-        let v = split(self.to_v.forward(ctx)?)?;
         let o = Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, None, false)?;
         self.to_out.forward(&o.f_transpose(1, 2)?.f_reshape([b, n, -1])?)
     }
@@ -370,9 +386,8 @@ impl BasicTransformerBlock {
         let mut a = self.attn1.forward(&self.norm1.forward(x)?, None)?;
         let _ = a.f_add_(x)?;
         let x = a;
-        let mut a = self.attn2.forward(&self.norm2.forward(&x)?, Some(ehs))?;
-        let _ = a.f_add_(&x)?;
-        let x = a;
+        // Out of place: attn2 may return a broadcast view (single context token).
+        let x = x.f_add(&self.attn2.forward(&self.norm2.forward(&x)?, Some(ehs))?)?;
         let mut f = self.ff.forward(&self.norm3.forward(&x)?)?;
         let _ = f.f_add_(&x)?;
         Ok(f)

@@ -337,3 +337,159 @@ fn default_config_parameter_count() {
     let y = tch::no_grad(|| m.forward(&x, &t, &c, None, None)).unwrap();
     assert_eq!(y.size(), vec![1, 1, 32, 32]);
 }
+
+/// Plain attention from the formula, to check the fused and single-token fast paths.
+fn reference_attention(a: &blocks::Attention, x: &Tensor, ctx: &Tensor, heads: i64) -> Tensor {
+    let (b, n, _) = x.size3().unwrap();
+    let m = ctx.size()[1];
+    let split = |t: Tensor, l: i64| t.view([b, l, heads, -1]).transpose(1, 2);
+    let q = split(x.linear::<Tensor>(&a.to_q.weight, None), n);
+    let k = split(ctx.linear::<Tensor>(&a.to_k.weight, None), m);
+    let v = split(ctx.linear::<Tensor>(&a.to_v.weight, None), m);
+    let d = q.size()[3] as f64;
+    let w = (q.matmul(&k.transpose(-1, -2)) / d.sqrt()).softmax(-1, Kind::Float);
+    let o = w.matmul(&v).transpose(1, 2).reshape([b, n, -1]);
+    o.linear(&a.to_out.weight, a.to_out.bias.as_ref())
+}
+
+#[test]
+fn attention_fast_paths_match_the_formula() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let self_attn = blocks::Attention::new(vs.root() / "a1", 8, None, 2, 4).unwrap();
+    let cross = blocks::Attention::new(vs.root() / "a2", 8, Some(6), 2, 4).unwrap();
+    let x = Tensor::randn([2, 5, 8], (Kind::Float, Device::Cpu));
+    tch::no_grad(|| {
+        let close = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]) < 1e-5;
+        assert!(close(&self_attn.forward(&x, None).unwrap(), &reference_attention(&self_attn, &x, &x, 2)));
+        for m in [1, 3] {
+            let c = Tensor::randn([2, m, 6], (Kind::Float, Device::Cpu));
+            let y = cross.forward(&x, Some(&c)).unwrap();
+            assert_eq!(y.size(), vec![2, 5, 8]);
+            assert!(close(&y, &reference_attention(&cross, &x, &c, 2)), "m = {m}");
+        }
+    });
+}
+
+/// Rough CPU timing of the default model (run with `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn bench_default_forward_backward() {
+    let cfg = UNetConfig::default();
+    let (vs, m) = build(&cfg);
+    let (x, t, c) = inputs(&cfg, 32, 32, 32);
+    for _ in 0..2 {
+        let _ = m.forward(&x, &t, &c, None, None).unwrap().square().mean(Kind::Float);
+    }
+    let n = 5;
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        let _ = tch::no_grad(|| m.forward(&x, &t, &c, None, None).unwrap());
+    }
+    let fwd = start.elapsed().as_secs_f64() / n as f64;
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        let loss = m.forward(&x, &t, &c, None, None).unwrap().square().mean(Kind::Float);
+        loss.backward();
+    }
+    let fb = start.elapsed().as_secs_f64() / n as f64;
+    println!("batch 32, 32×32, {} params, {} threads: no-grad forward {:.1} ms, forward+backward {:.1} ms",
+        parameter_count(&vs), tch::get_num_threads(), fwd * 1e3, fb * 1e3);
+}
+
+/// Per-block CPU timing (run with `--ignored --nocapture`): GFLOP/s of a resnet vs a transformer.
+#[test]
+#[ignore]
+fn bench_blocks() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let r = blocks::ResnetBlock2D::new(vs.root() / "r", 64, 64, 128, 8, 1e-5).unwrap();
+    let ca = blocks::CrossAttnConfig { num_heads: 4, cross_attention_dim: 64, transformer_layers: 1, use_linear_projection: false };
+    let a = blocks::Transformer2DModel::new(vs.root() / "a", 64, 8, &ca).unwrap();
+    let x = Tensor::randn([32, 64, 16, 16], (Kind::Float, Device::Cpu));
+    let temb = Tensor::randn([32, 128], (Kind::Float, Device::Cpu));
+    let ehs = Tensor::randn([32, 1, 64], (Kind::Float, Device::Cpu));
+    let time = |f: &dyn Fn() -> Tensor| {
+        let _ = f();
+        let s = std::time::Instant::now();
+        for _ in 0..5 {
+            let _ = f();
+        }
+        s.elapsed().as_secs_f64() / 5.0
+    };
+    let tr = time(&|| {
+        let y = r.forward(&x, &temb).unwrap().sum(Kind::Float);
+        y.backward();
+        y
+    });
+    let ta = time(&|| {
+        let y = a.forward(&x, &ehs).unwrap().sum(Kind::Float);
+        y.backward();
+        y
+    });
+    let ehs2 = Tensor::randn([32, 2, 64], (Kind::Float, Device::Cpu));
+    let ta2 = time(&|| {
+        let y = a.forward(&x, &ehs2).unwrap().sum(Kind::Float);
+        y.backward();
+        y
+    });
+    let tok = Tensor::randn([32, 256, 64], (Kind::Float, Device::Cpu));
+    let tsa = time(&|| {
+        let y = a.transformer_blocks[0].attn1.forward(&tok, None).unwrap().sum(Kind::Float);
+        y.backward();
+        y
+    });
+    let tff = time(&|| {
+        let y = a.transformer_blocks[0].ff.forward(&tok).unwrap().sum(Kind::Float);
+        y.backward();
+        y
+    });
+    let tgn = time(&|| {
+        let y = a.norm.forward(&x).unwrap().sum(Kind::Float);
+        y.backward();
+        y
+    });
+    println!("fwd+bwd: resnet {:.1} transformer(1 tok) {:.1} transformer(2 tok) {:.1} self-attn {:.1} ff {:.1} groupnorm {:.1}",
+        tr * 1e3, ta * 1e3, ta2 * 1e3, tsa * 1e3, tff * 1e3, tgn * 1e3);
+    tch::no_grad(|| {
+        let tr = time(&|| r.forward(&x, &temb).unwrap());
+        let ta = time(&|| a.forward(&x, &ehs).unwrap());
+        let a1 = &a.transformer_blocks[0].attn1;
+        let tok = Tensor::randn([32, 256, 64], (Kind::Float, Device::Cpu));
+        let tt = time(&|| a1.forward(&tok, None).unwrap());
+        let tf = time(&|| a.transformer_blocks[0].ff.forward(&tok).unwrap());
+        let tl = time(&|| a1.to_q.forward(&tok).unwrap());
+        let b0 = &a.transformer_blocks[0];
+        let t_gn = time(&|| a.norm.forward(&x).unwrap().permute([0, 2, 3, 1]).reshape([32, 256, 64]));
+        let t_pin = time(&|| a.proj_in.forward(&tok).unwrap());
+        let t_ln = time(&|| b0.norm1.forward(&tok).unwrap());
+        let t_a2 = time(&|| b0.attn2.forward(&tok, Some(&ehs)).unwrap());
+        let t_blk = time(&|| b0.forward(&tok, &ehs).unwrap());
+        let t_out = time(&|| x.f_add(&a.proj_out.forward(&tok).unwrap().view([32, 16, 16, 64]).permute([0, 3, 1, 2])).unwrap());
+        println!("gn+perm {:.1} proj_in {:.1} ln {:.1} attn2 {:.1} block {:.1} out {:.1}", t_gn*1e3, t_pin*1e3, t_ln*1e3, t_a2*1e3, t_blk*1e3, t_out*1e3);
+        println!("resnet {:.1} ms ({:.1} GFLOP/s); transformer {:.1} ms; self-attn {:.1} ms; ff {:.1} ms ({:.1} GFLOP/s); linear {:.2} ms ({:.1} GFLOP/s)",
+            tr * 1e3, 2.0 * 2.0 * 32.0 * 256.0 * 64.0 * 64.0 * 9.0 / tr / 1e9,
+            ta * 1e3, tt * 1e3, tf * 1e3, 3.0 * 2.0 * 8192.0 * 64.0 * 512.0 / 2.0 * 1.0 / tf / 1e9 * 1.0,
+            tl * 1e3, 2.0 * 8192.0 * 64.0 * 64.0 / tl / 1e9);
+    });
+}
+
+/// SDPA vs explicit attention, forward + backward (run with `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn bench_sdpa_variants() {
+    let mk = || Tensor::randn([32, 4, 256, 16], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let (q, k, v) = (mk(), mk(), mk());
+    let time = |f: &dyn Fn() -> Tensor| {
+        let _ = f();
+        let s = std::time::Instant::now();
+        for _ in 0..5 {
+            let y = f().sum(Kind::Float);
+            y.backward();
+        }
+        s.elapsed().as_secs_f64() / 5.0 * 1e3
+    };
+    let sdpa = time(&|| Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, None, false));
+    let qt = q.transpose(1, 2).contiguous().transpose(1, 2);
+    let sdpa_strided = time(&|| Tensor::scaled_dot_product_attention::<Tensor>(&qt, &k, &v, None, 0.0, false, None, false));
+    let math = time(&|| (q.matmul(&k.transpose(-1, -2)) * 0.25).softmax(-1, Kind::Float).matmul(&v));
+    println!("fwd+bwd ms: sdpa {sdpa:.1} sdpa(strided q) {sdpa_strided:.1} math {math:.1}");
+}

@@ -163,7 +163,7 @@ impl UNetConfig {
         if self.cross_attention_dim <= 0 {
             return err(format!("cross_attention_dim must be positive, got {}", self.cross_attention_dim));
         }
-        if !(self.norm_eps > 0.0) {
+        if self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
             return err(format!("norm_eps must be positive, got {}", self.norm_eps));
         }
         let g = self.norm_num_groups;
@@ -212,7 +212,7 @@ impl UNetConfig {
         let n = self.block_out_channels.len();
         let mut out = vec![self.block_out_channels[0]];
         for (i, &c) in self.block_out_channels.iter().enumerate() {
-            out.extend(std::iter::repeat(c).take(self.layers_per_block as usize));
+            out.extend(std::iter::repeat_n(c, self.layers_per_block as usize));
             if i + 1 < n {
                 out.push(c);
             }
