@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
+use crate::data::fashion_mnist::{self, Source, Split};
 use crate::rng::SplitMix64;
 use crate::{Error, Result};
 
@@ -441,7 +442,8 @@ pub struct ClassifierInfo {
     pub per_class_accuracy: Vec<f64>,
     /// Trainable parameters.
     pub parameters: i64,
-    /// Training wall-clock seconds and the machine's thread count, for reference.
+    /// Training wall-clock seconds (including per-epoch evaluation), for reference: it depends on
+    /// the machine and on whatever else ran on it.
     pub train_seconds: f64,
     /// libtorch intra-op threads used for training.
     pub threads: i32,
@@ -486,66 +488,19 @@ pub fn train_shipped_classifier(dir: impl AsRef<Path>) -> Result<ClassifierInfo>
     Ok(info)
 }
 
-/// The full Fashion-MNIST train (`true`) or test split as `([N, 1, 32, 32] f32 in [-1, 1],
-/// [N] i64)`: the one place the classifier's training depends on the data layer.
+/// The full Fashion-MNIST train (`true`) or test split from the Debian package, as
+/// `([N, 1, 32, 32] f32 in [-1, 1], [N] i64)`. The shipped classifier must not be trained on the
+/// embedded subset, so there is deliberately no fallback.
 fn load_full_split(train: bool) -> Result<(Tensor, Tensor)> {
-    interim_idx::load(train)
-}
-
-/// Interim reader of the Debian gzip'd IDX files, used until the data layer (`crate::data`) is
-/// merged; then [`load_full_split`] switches to it and this module goes away.
-mod interim_idx {
-    use std::io::Read;
-
-    use tch::{Kind, Tensor};
-
-    use crate::{Error, Result};
-
-    const DIR: &str = "/usr/share/datasets/fashion-mnist";
-
-    /// Reads a gzip'd IDX file, checks its magic, and returns its dimensions and bytes.
-    fn read(name: &str, magic: u32) -> Result<(Vec<usize>, Vec<u8>)> {
-        let path = std::path::Path::new(DIR).join(name);
-        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let mut bytes = Vec::new();
-        flate2::read::GzDecoder::new(file).read_to_end(&mut bytes).map_err(|e| Error::io(&path, e))?;
-        let be = |i: usize| bytes.get(4 * i..4 * i + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-        if be(0) != Some(magic) {
-            return Err(Error::format(&path, format!("not an IDX file with magic {magic:#x}")));
-        }
-        let ndim = (magic & 0xff) as usize;
-        let dims: Vec<usize> = (1..=ndim)
-            .map(|i| be(i).map(|d| d as usize).ok_or_else(|| Error::format(&path, "truncated header")))
-            .collect::<Result<_>>()?;
-        let body = bytes.split_off(4 * (ndim + 1));
-        if body.len() != dims.iter().product::<usize>() {
-            return Err(Error::format(&path, "size does not match the header"));
-        }
-        Ok((dims, body))
-    }
-
-    pub(super) fn load(train: bool) -> Result<(Tensor, Tensor)> {
-        let prefix = if train { "train" } else { "t10k" };
-        let (dims, pixels) = read(&format!("{prefix}-images-idx3-ubyte.gz"), 0x803)?;
-        let (_, labels) = read(&format!("{prefix}-labels-idx1-ubyte.gz"), 0x801)?;
-        let x = Tensor::from_slice(&pixels).view([dims[0] as i64, 1, dims[1] as i64, dims[2] as i64]);
-        // Pad 28 → 32 with the background (0), then map [0, 255] to [-1, 1].
-        let x = x.f_constant_pad_nd([2, 2, 2, 2])?.f_to_kind(Kind::Float)?.f_div_scalar(127.5)?.f_sub_scalar(1.0)?;
-        Ok((x, Tensor::from_slice(&labels).f_to_kind(Kind::Int64)?))
-    }
+    let source = Source::Debian(PathBuf::from(fashion_mnist::DEBIAN_DIR));
+    let split = if train { Split::Train } else { Split::Test };
+    let ds = fashion_mnist::load(&source, split)?;
+    Ok((ds.images, ds.labels))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn have_full_data() -> bool {
-        let ok = Path::new("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").exists();
-        if !ok {
-            println!("note: Debian dataset-fashion-mnist not installed; skipping");
-        }
-        ok
-    }
 
     #[test]
     fn shapes_and_batched_inference_agree() {
@@ -600,14 +555,22 @@ mod tests {
 
     #[test]
     fn shipped_classifier_is_accurate() {
-        if !have_full_data() {
-            return;
-        }
         let (_vs, net, info) = load_shipped(Device::Cpu).unwrap();
-        let (x, y) = load_full_split(false).unwrap();
-        let (x, y) = (x.narrow(0, 0, 1000), y.narrow(0, 0, 1000));
-        let (acc, _) = net.accuracy(&x, &y, 500).unwrap();
-        println!("shipped classifier: {:.2}% on the first 1,000 test images (full test split: {:.2}%)", 100.0 * acc, 100.0 * info.test_accuracy);
+        // The first 1,000 test images from the Debian package, or else the embedded class-balanced
+        // 1,000-image test subset (also test images, never seen in training).
+        let source = Source::auto();
+        let what = match source {
+            Source::Debian(_) => "the first 1,000 test images",
+            Source::Embedded => "the embedded 1,000-image test subset (Debian dataset not installed)",
+        };
+        let test = fashion_mnist::load(&source, Split::Test).unwrap();
+        let n = test.len().min(1000) as i64;
+        let (acc, _) = net.accuracy(&test.images.narrow(0, 0, n), &test.labels.narrow(0, 0, n), 500).unwrap();
+        println!(
+            "shipped classifier: {:.2}% on {what} (full test split when trained: {:.2}%)",
+            100.0 * acc,
+            100.0 * info.test_accuracy
+        );
         assert!(acc >= 0.85, "accuracy {acc}");
     }
 

@@ -214,6 +214,21 @@ mod tests {
     }
 
     #[test]
+    fn distance_of_image_sets_uses_classifier_features() {
+        use crate::eval::classifier::ClassifierConfig;
+        tch::manual_seed(4);
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let cfg = ClassifierConfig { channels: [4, 8, 8], feature_dim: 8, dropout: 0.0 };
+        let net = Classifier::new(vs.root(), cfg);
+        let x = Tensor::rand([40, 1, 32, 32], (Kind::Float, Device::Cpu)) * 2 - 1;
+        let same = frechet_distance_of(&net, &x, &x, 16).unwrap();
+        assert!(same.abs() < 1e-6, "{same}");
+        let shifted = frechet_distance_of(&net, &x, &(x.shallow_clone() * 0.5 + 0.5), 16).unwrap();
+        assert!(shifted > 1e-3, "{shifted}");
+        assert!(frechet_distance_of(&net, &x, &x.narrow(0, 0, 1), 16).is_err());
+    }
+
+    #[test]
     fn degenerate_inputs_are_clear_errors() {
         let one = FeatureStats::from_features(&Tensor::zeros([1, 4], opts())).unwrap_err();
         assert!(one.to_string().contains("at least 2"), "{one}");
