@@ -17,7 +17,7 @@ pub struct DataConfig {
     /// `fashion-mnist`, or the path of an imagefolder with `metadata.jsonl`. Default `fashion-mnist`.
     pub dataset: String,
     /// Fashion-MNIST only: `auto` (the Debian package if installed, else the embedded subset),
-    /// `embedded` or `debian`. Default `auto`.
+    /// `embedded`, `debian`, or a folder holding the four IDX files. Default `auto`.
     pub source: String,
     /// Use only the first N training examples (0 = all). Default 0.
     pub max_examples: usize,
@@ -41,7 +41,12 @@ impl DataConfig {
                 "auto" => fashion_mnist::Source::auto(),
                 "embedded" => fashion_mnist::Source::Embedded,
                 "debian" => fashion_mnist::Source::Debian(PathBuf::from(fashion_mnist::DEBIAN_DIR)),
-                other => return Err(Error::Config(format!("data.source '{other}': use auto, embedded or debian"))),
+                folder if std::path::Path::new(folder).is_dir() => fashion_mnist::Source::Debian(PathBuf::from(folder)),
+                other => {
+                    return Err(Error::Config(format!(
+                        "data.source '{other}': use auto, embedded, debian or a folder holding the Fashion-MNIST IDX files"
+                    )))
+                }
             };
             let split = if test { fashion_mnist::Split::Test } else { fashion_mnist::Split::Train };
             fashion_mnist::load(&source, split)?
