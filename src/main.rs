@@ -89,9 +89,10 @@ impl SamplerArgs {
 
 #[derive(Args)]
 struct SampleArgs {
-    /// Model folder (`config.json` + `model.safetensors`), a run's `model/`, or a `checkpoint-N/`.
-    #[arg(long, default_value = "assets/main-network")]
-    model: PathBuf,
+    /// Model folder (`config.json` + `model.safetensors`), a run's `model/`, or a `checkpoint-N/`;
+    /// default: the main network shipped in `assets/main-network`.
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Comma-separated class labels to generate, e.g. `0,0,7`; default: every class.
     #[arg(long, value_delimiter = ',')]
     labels: Vec<i64>,
@@ -107,9 +108,9 @@ struct SampleArgs {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// Model folder to evaluate.
-    #[arg(long, default_value = "assets/main-network")]
-    model: PathBuf,
+    /// Model folder to evaluate; default: the shipped main network.
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Images per set (samples, real train, noise; capped by the test split's size).
     #[arg(long, default_value_t = 1000)]
     num_images: i64,
@@ -129,7 +130,7 @@ struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     output_dir: PathBuf,
     /// Steps of the short pretraining run (it is interrupted at half and resumed).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 100)]
     steps: u64,
     /// Images for the evaluation of the shipped model.
     #[arg(long, default_value_t = 500)]
@@ -183,12 +184,17 @@ fn run_pretrain(a: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// The main network shipped with the repository.
+fn shipped_model() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/main-network"))
+}
+
 fn load_model(dir: &std::path::Path) -> Result<MainNetwork> {
     MainNetwork::load(dir, Device::Cpu).with_context(|| format!("loading the model in {}", dir.display()))
 }
 
 fn run_sample(a: SampleArgs) -> Result<()> {
-    let net = load_model(&a.model)?;
+    let net = load_model(&a.model.clone().unwrap_or_else(shipped_model))?;
     let k = net.config.label_encoder.num_classes;
     let labels: Vec<i64> = if a.labels.is_empty() { (0..k).collect() } else { a.labels.clone() };
     if let Some(bad) = labels.iter().find(|&&l| l < 0 || l > k) {
@@ -207,7 +213,7 @@ fn run_sample(a: SampleArgs) -> Result<()> {
 }
 
 fn run_eval(a: EvalArgs) -> Result<()> {
-    let net = load_model(&a.model)?;
+    let net = load_model(&a.model.clone().unwrap_or_else(shipped_model))?;
     let data = DataConfig { source: a.data_source.clone(), ..DataConfig::default() };
     let report = evaluate(&net, &data, a.num_images, &a.sampler.config(&net), a.sampler.seed)?;
     println!("{}", report.table());
@@ -228,6 +234,7 @@ fn run_demo(a: DemoArgs) -> Result<()> {
     };
     cfg.data.source = "embedded".into();
     cfg.train.steps = half;
+    cfg.train.batch_size = 32;
     cfg.train.checkpointing_steps = half;
     cfg.train.lr_warmup_steps = 20;
     cfg.train.ema_decay = 0.99;
@@ -246,9 +253,8 @@ fn run_demo(a: DemoArgs) -> Result<()> {
     );
 
     println!("== 2/3: samples from the shipped main network");
-    let shipped = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/main-network"));
-    let net = load_model(&shipped)?;
-    let sampler = SamplerConfig { steps: 50, ..SamplerConfig::default() };
+    let net = load_model(&shipped_model())?;
+    let sampler = SamplerConfig { steps: 25, ..SamplerConfig::default() };
     let y = Tensor::arange(80, (Kind::Int64, Device::Cpu)).remainder(10);
     let images = net.sample(&y, &sampler, 0)?;
     let grid = out.join("shipped-samples.png");
