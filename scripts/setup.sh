@@ -38,7 +38,6 @@ have=$(.venv/bin/python -m pip list --format=freeze 2>/dev/null | sed -n 's/^tor
 want_marker=".venv/.lisa-torch-$LISA_TORCH-$TORCH_VERSION"
 if [ "$have" != "$TORCH_VERSION" ] || [ ! -f "$want_marker" ]; then
   echo "setup: installing torch==$TORCH_VERSION ($LISA_TORCH) into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   if [ "$LISA_TORCH" = full ]; then
     .venv/bin/python -m pip install -q "torch==$TORCH_VERSION"
   else

@@ -347,3 +347,77 @@ fn check_same_run(dir: &Path, saved: &serde_json::Value, now: &serde_json::Value
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diffusion::Objective;
+    use tch::Device;
+
+    /// A task whose loss is a multiple of one parameter; `poison` makes it NaN.
+    struct ScaleTask {
+        w: Tensor,
+        poison: bool,
+    }
+
+    impl TrainTask for ScaleTask {
+        fn loss(&self, batch: &Batch, sample: &TrainingSample) -> Result<TaskLoss> {
+            let pred = &sample.x_t * &self.w;
+            let mut loss = pred.mse_loss(&sample.target, tch::Reduction::Mean);
+            if self.poison {
+                loss = loss * f64::NAN;
+            }
+            let _ = &batch.labels;
+            Ok(TaskLoss { loss, metrics: vec![("w".into(), self.w.detach().squeeze())] })
+        }
+    }
+
+    fn toy_data() -> Dataset {
+        Dataset {
+            images: Tensor::rand([16, 1, 4, 4], (Kind::Float, Device::Cpu)) * 2.0 - 1.0,
+            labels: Tensor::zeros([16], (Kind::Int64, Device::Cpu)),
+            num_classes: 1,
+            class_names: vec!["x".into()],
+            conditioning: None,
+        }
+    }
+
+    fn cfg() -> TrainConfig {
+        TrainConfig { steps: 6, batch_size: 4, lr_warmup_steps: 0, learning_rate: 0.05, checkpointing_steps: 0, log_every: 1, ..Default::default() }
+    }
+
+    #[test]
+    fn non_finite_losses_are_skipped_then_stop_the_run_without_touching_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Tensor::from_slice(&[0.5f32]).set_requires_grad(true);
+        let task = ScaleTask { w: w.shallow_clone(), poison: true };
+        let run = RunDir { output_dir: dir.path(), resume: None, run_description: serde_json::json!({}), quiet: true };
+        let c = TrainConfig { max_consecutive_nonfinite: 3, ..cfg() };
+        let e = train(&task, vec![("w".into(), w.shallow_clone())], &toy_data(), &Objective::Flow, &c, &run, |_, _| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("3 consecutive steps") && e.contains("Last good checkpoint: none"), "{e}");
+        assert_eq!(w.double_value(&[0]), 0.5, "a skipped step must not move the weights");
+        assert!(checkpoint::list(dir.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_finite_run_learns_logs_and_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Tensor::from_slice(&[0.0f32]).set_requires_grad(true);
+        let task = ScaleTask { w: w.shallow_clone(), poison: false };
+        let run = RunDir { output_dir: dir.path(), resume: None, run_description: serde_json::json!({}), quiet: true };
+        let mut seen = vec![];
+        let s = train(&task, vec![("w".into(), w.shallow_clone())], &toy_data(), &Objective::Flow, &cfg(), &run, |step, _| {
+            seen.push(step);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((s.steps, s.skipped_steps), (6, 0));
+        assert_eq!(seen, vec![6], "checkpointing_steps = 0 still writes the final checkpoint");
+        assert!(w.double_value(&[0]) != 0.0);
+        let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+        assert!(csv.starts_with("step,lr,loss,grad_norm,w,step_seconds"), "{csv}");
+        assert_eq!(csv.lines().count(), 7);
+    }
+}
