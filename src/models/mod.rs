@@ -1,9 +1,16 @@
-//! The networks: diffusers-compatible UNet building blocks, the `UNet2DConditionModel`, and the
-//! class-label encoder that stands in for a text encoder.
+//! The networks: diffusers-compatible UNet building blocks, the `UNet2DConditionModel`, the
+//! class-label encoder that stands in for a text encoder, the ControlNet side network and the
+//! LISA decoder.
 pub mod blocks;
+pub mod controlnet;
+pub mod decoder;
 pub mod label_encoder;
 pub mod unet;
 
+pub use controlnet::{
+    ControlNetConditioningEmbedding, ControlNetConfig, ControlNetModel, ControlNetOutput, Hook, HookableLayer,
+};
+pub use decoder::{DecoderConfig, LisaDecoder};
 pub use label_encoder::{LabelEncoder, LabelEncoderConfig};
 pub use unet::{PerBlock, UNet2DConditionModel, UNetConfig, UNetEncoded};
 
@@ -19,5 +26,7 @@ pub fn trainable_parameter_count(vs: &VarStore) -> i64 {
     vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
 }
 
+#[cfg(test)]
+mod controlnet_tests;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,442 @@
+//! diffusers' `ControlNetModel` for our `UNet2DConditionModel`: a trainable copy of the UNet's
+//! encoder (down blocks + mid block) plus a small conditioning embedding, whose features reach the
+//! frozen UNet through zero-initialised 1×1 convolutions added to its skip connections and
+//! mid-block output (spec §1). Parameter names are diffusers' checkpoint keys.
+//!
+//! For LISA (spec §4) the forward pass can also return the *hooked* side feature: the input of one
+//! chosen zero convolution (`mid` or `down_i`), not detached, on which the LISA decoder is trained.
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Tensor};
+
+use super::blocks::{Conv2d, DownBlock2D, TimestepEmbedding, Timesteps, UNetMidBlock2DCrossAttn};
+use super::unet::UNetConfig;
+use crate::{Error, Result};
+
+/// Prefixes of the parameters a ControlNet shares (by name and shape) with its UNet.
+pub const SHARED_PREFIXES: [&str; 4] = ["conv_in.", "time_embedding.", "down_blocks.", "mid_block."];
+
+/// The fields of diffusers' `ControlNetModel` config that this model uses. The UNet fields are
+/// flattened, so a diffusers ControlNet `config.json` (one flat object) deserialises directly;
+/// missing fields take the values of [`ControlNetConfig::default`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ControlNetConfig {
+    /// The UNet architecture the side network copies. Only its encoder fields matter
+    /// (`in_channels`, `block_out_channels`, `layers_per_block`, `down_block_types`,
+    /// `mid_block_type`, attention and norm settings, time projection).
+    #[serde(flatten)]
+    pub unet: UNetConfig,
+    /// Channels of the visual condition `c` (diffusers' default 3 for RGB; ours 1).
+    pub conditioning_channels: i64,
+    /// Widths of the conditioning embedding's stages (diffusers: `(16, 32, 96, 256)`; ours `[16, 32]`).
+    pub conditioning_embedding_out_channels: Vec<i64>,
+    /// How much smaller the embedding's output is than the condition: a power of two `2^m` with
+    /// `m ≤ len(conditioning_embedding_out_channels) − 1`; the FIRST `m` stage transitions are
+    /// stride-2 convolutions, the others stride 1.
+    ///
+    /// Why not always stride 2 like diffusers: there every stage transition halves the resolution
+    /// (three of them: ×8) because SD's condition is a 512-px image while its latents are 64 px.
+    /// Our model works in pixel space, so the condition already has the sample's resolution and
+    /// the embedding must keep it (`1`, the default). Use `8` with four stages to reproduce SD.
+    pub conditioning_downscale: i64,
+}
+
+impl Default for ControlNetConfig {
+    /// The side network of the default UNet (32×32 single-channel images) for a single-channel
+    /// condition at the sample's resolution: embedding stages 16 → 32 (= `block_out_channels[0]`
+    /// after `conv_out`), no downsampling.
+    fn default() -> Self {
+        Self {
+            unet: UNetConfig::default(),
+            conditioning_channels: 1,
+            conditioning_embedding_out_channels: vec![16, 32],
+            conditioning_downscale: 1,
+        }
+    }
+}
+
+impl ControlNetConfig {
+    /// The default side-network settings for the UNet configured by `unet`.
+    pub fn for_unet(unet: &UNetConfig) -> Self {
+        Self { unet: unet.clone(), ..Self::default() }
+    }
+
+    /// Checks the config; every error names the field and what to change.
+    pub fn validate(&self) -> Result<()> {
+        self.unet.validate()?;
+        if self.conditioning_channels <= 0 {
+            return Err(Error::Config(format!(
+                "conditioning_channels must be positive, got {}",
+                self.conditioning_channels
+            )));
+        }
+        let ch = &self.conditioning_embedding_out_channels;
+        if ch.is_empty() || ch.iter().any(|&c| c <= 0) {
+            return Err(Error::Config(format!(
+                "conditioning_embedding_out_channels must be a non-empty list of positive widths, got {ch:?}"
+            )));
+        }
+        let d = self.conditioning_downscale;
+        if d <= 0 || d & (d - 1) != 0 {
+            return Err(Error::Config(format!("conditioning_downscale must be a power of two (1, 2, 4, ...), got {d}")));
+        }
+        if self.num_stride2() > ch.len() - 1 {
+            return Err(Error::Config(format!(
+                "conditioning_downscale {d} needs {} stride-2 stages but conditioning_embedding_out_channels \
+                 {ch:?} has only {} stage transitions; add widths or lower the downscale",
+                self.num_stride2(),
+                ch.len() - 1
+            )));
+        }
+        Ok(())
+    }
+
+    /// Number of stride-2 convolutions in the conditioning embedding (`log2(conditioning_downscale)`).
+    pub fn num_stride2(&self) -> usize {
+        self.conditioning_downscale.max(1).trailing_zeros() as usize
+    }
+
+    /// The layers a LISA hook can attach to, for an `height`×`width` sample: `down_0 ..` (one per
+    /// UNet skip sample, `conv_in`'s output + condition first) then `mid`.
+    pub fn hookable_layers(&self, height: i64, width: i64) -> Vec<HookableLayer> {
+        let mut out: Vec<HookableLayer> = self
+            .unet
+            .skip_shapes(height, width)
+            .into_iter()
+            .enumerate()
+            .map(|(i, [c, h, w])| HookableLayer { hook: Hook::Down(i), channels: c, height: h, width: w })
+            .collect();
+        let [c, h, w] = self.unet.mid_shape(height, width);
+        out.push(HookableLayer { hook: Hook::Mid, channels: c, height: h, width: w });
+        out
+    }
+}
+
+/// Which side feature LISA trains on: the input of one zero convolution (spec §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Hook {
+    /// The mid-block output, input of `controlnet_mid_block` (the authors' default).
+    Mid,
+    /// Skip sample `i`, input of `controlnet_down_blocks.i` (the authors' recipe: `down_5`).
+    Down(usize),
+}
+
+impl FromStr for Hook {
+    type Err = Error;
+    /// Parses `"mid"` or `"down_<i>"`.
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "mid" {
+            return Ok(Hook::Mid);
+        }
+        s.strip_prefix("down_")
+            .and_then(|i| i.parse::<usize>().ok())
+            .map(Hook::Down)
+            .ok_or_else(|| Error::Config(format!("hook {s:?} is not \"mid\" or \"down_<i>\" (e.g. \"down_5\")")))
+    }
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Hook::Mid => write!(f, "mid"),
+            Hook::Down(i) => write!(f, "down_{i}"),
+        }
+    }
+}
+
+impl TryFrom<String> for Hook {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<Hook> for String {
+    fn from(h: Hook) -> String {
+        h.to_string()
+    }
+}
+
+/// A layer a [`Hook`] can select, with the shape of its feature for a given input size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HookableLayer {
+    /// The hook selecting it.
+    pub hook: Hook,
+    /// Channels of the hooked feature.
+    pub channels: i64,
+    /// Height of the hooked feature.
+    pub height: i64,
+    /// Width of the hooked feature.
+    pub width: i64,
+}
+
+/// A convolution whose weight and bias start at exactly zero ("zero module").
+fn zero_conv(p: nn::Path, cin: i64, cout: i64, k: i64, padding: i64) -> Result<Conv2d> {
+    let c = Conv2d::new(p, cin, cout, k, 1, padding)?;
+    tch::no_grad(|| -> Result<()> {
+        let _ = c.weight.shallow_clone().f_zero_()?;
+        if let Some(b) = &c.bias {
+            let _ = b.shallow_clone().f_zero_()?;
+        }
+        Ok(())
+    })?;
+    Ok(c)
+}
+
+/// `timesteps` as a [batch] tensor: [B] as is, a scalar or [1] broadcast to the batch.
+pub(crate) fn expand_timesteps(timesteps: &Tensor, batch: i64) -> Result<Tensor> {
+    Ok(match timesteps.size().as_slice() {
+        [] => timesteps.f_expand([batch], false)?,
+        [1] if batch != 1 => timesteps.f_expand([batch], false)?,
+        [b] if *b == batch => timesteps.shallow_clone(),
+        s => return Err(Error::Config(format!("timesteps must have shape [{batch}] (or be a scalar), got {s:?}"))),
+    })
+}
+
+/// diffusers' `ControlNetConditioningEmbedding`: `conv_in` (3×3), then per stage transition
+/// `blocks.2j` (3×3, width kept) and `blocks.2j+1` (3×3, to the next width, stride 2 or 1, see
+/// [`ControlNetConfig::conditioning_downscale`]), then the zero-initialised `conv_out` (3×3);
+/// SiLU after every convolution but `conv_out`.
+#[derive(Debug)]
+pub struct ControlNetConditioningEmbedding {
+    /// `conv_in`: condition channels → first width.
+    pub conv_in: Conv2d,
+    /// `blocks.N`.
+    pub blocks: Vec<Conv2d>,
+    /// `conv_out`: last width → `block_out_channels[0]`, zero-initialised.
+    pub conv_out: Conv2d,
+}
+
+impl ControlNetConditioningEmbedding {
+    /// Builds the embedding under `p` (`controlnet_cond_embedding`) producing `out_channels`.
+    pub fn new(p: nn::Path, out_channels: i64, cfg: &ControlNetConfig) -> Result<Self> {
+        let ch = &cfg.conditioning_embedding_out_channels;
+        let conv_in = Conv2d::new(&p / "conv_in", cfg.conditioning_channels, ch[0], 3, 1, 1)?;
+        let mut blocks = Vec::with_capacity(2 * (ch.len() - 1));
+        for j in 0..ch.len() - 1 {
+            let stride = if j < cfg.num_stride2() { 2 } else { 1 };
+            blocks.push(Conv2d::new(&p / "blocks" / (2 * j), ch[j], ch[j], 3, 1, 1)?);
+            blocks.push(Conv2d::new(&p / "blocks" / (2 * j + 1), ch[j], ch[j + 1], 3, stride, 1)?);
+        }
+        let conv_out = zero_conv(&p / "conv_out", ch[ch.len() - 1], out_channels, 3, 1)?;
+        Ok(Self { conv_in, blocks, conv_out })
+    }
+
+    /// Embeds the condition `c` [B, conditioning_channels, H, W].
+    pub fn forward(&self, c: &Tensor) -> Result<Tensor> {
+        let mut h = self.conv_in.forward(c)?.f_silu()?;
+        for b in &self.blocks {
+            h = b.forward(&h)?.f_silu()?;
+        }
+        self.conv_out.forward(&h)
+    }
+}
+
+/// The output of [`ControlNetModel::forward`].
+#[derive(Debug)]
+pub struct ControlNetOutput {
+    /// One residual per UNet skip sample, in the UNet's order (`down_block_additional_residuals`).
+    pub down_block_res_samples: Vec<Tensor>,
+    /// The residual for the UNet's mid-block output (`mid_block_additional_residual`).
+    pub mid_block_res_sample: Tensor,
+    /// The hooked side feature (input of the selected zero conv), when a hook was given.
+    pub hooked: Option<Tensor>,
+}
+
+/// diffusers' `ControlNetModel` (no class/addition embeddings, no guess mode).
+#[derive(Debug)]
+pub struct ControlNetModel {
+    /// The config it was built from.
+    pub config: ControlNetConfig,
+    /// Sinusoidal timestep projection (`time_proj`, no parameters).
+    pub time_proj: Timesteps,
+    /// `time_embedding`.
+    pub time_embedding: TimestepEmbedding,
+    /// `conv_in`.
+    pub conv_in: Conv2d,
+    /// `controlnet_cond_embedding`.
+    pub controlnet_cond_embedding: ControlNetConditioningEmbedding,
+    /// `down_blocks.N`, built exactly as the UNet's.
+    pub down_blocks: Vec<DownBlock2D>,
+    /// `controlnet_down_blocks.N`: zero 1×1 convs, one per skip sample.
+    pub controlnet_down_blocks: Vec<Conv2d>,
+    /// `mid_block`, built exactly as the UNet's.
+    pub mid_block: UNetMidBlock2DCrossAttn,
+    /// `controlnet_mid_block`: zero 1×1 conv.
+    pub controlnet_mid_block: Conv2d,
+}
+
+impl ControlNetModel {
+    /// Builds a freshly initialised model under `p` after validating `cfg`; the zero convs and the
+    /// embedding's `conv_out` start at exactly zero.
+    pub fn new(p: nn::Path, cfg: &ControlNetConfig) -> Result<Self> {
+        cfg.validate()?;
+        let u = &cfg.unet;
+        let n = u.block_out_channels.len();
+        let c0 = u.block_out_channels[0];
+        let time_proj = Timesteps::new(c0, u.flip_sin_to_cos, u.freq_shift, p.device())?;
+        let time_embedding = TimestepEmbedding::new(&p / "time_embedding", c0, u.time_embed_dim())?;
+        let conv_in = Conv2d::new(&p / "conv_in", u.in_channels, c0, 3, 1, 1)?;
+        let controlnet_cond_embedding = ControlNetConditioningEmbedding::new(&p / "controlnet_cond_embedding", c0, cfg)?;
+        let down_blocks = (0..n)
+            .map(|i| DownBlock2D::new(&p / "down_blocks" / i, &u.down_block_config(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let controlnet_down_blocks = u
+            .skip_channels()
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| zero_conv(&p / "controlnet_down_blocks" / i, c, c, 1, 0))
+            .collect::<Result<Vec<_>>>()?;
+        let mid_block = UNetMidBlock2DCrossAttn::new(&p / "mid_block", &u.mid_block_config())?;
+        let cm = u.block_out_channels[n - 1];
+        let controlnet_mid_block = zero_conv(&p / "controlnet_mid_block", cm, cm, 1, 0)?;
+        Ok(Self {
+            config: cfg.clone(),
+            time_proj,
+            time_embedding,
+            conv_in,
+            controlnet_cond_embedding,
+            down_blocks,
+            controlnet_down_blocks,
+            mid_block,
+            controlnet_mid_block,
+        })
+    }
+
+    /// Builds the model under `p` and initialises its copy of the UNet encoder from the UNet's
+    /// parameters `unet_params` (names as in the UNet's `VarStore`, e.g. `MainNetwork::vs.variables()`):
+    /// every `conv_in.*`, `time_embedding.*`, `down_blocks.*` and `mid_block.*` is copied under
+    /// no-grad; the conditioning embedding and the zero convs keep their initialisation.
+    ///
+    /// Errors when a shared parameter of either model is missing from the other or differs in
+    /// shape (the configs describe different encoders). To list its own names the model is also
+    /// built once in a scratch CPU `VarStore` (dropped on return), as a `nn::Path` cannot enumerate
+    /// its variables.
+    pub fn from_unet(p: nn::Path, unet_params: &HashMap<String, Tensor>, cfg: &ControlNetConfig) -> Result<Self> {
+        let model = Self::new(p.clone(), cfg)?;
+        let scratch = nn::VarStore::new(Device::Cpu);
+        Self::new(scratch.root(), cfg)?;
+        let shared = |name: &str| SHARED_PREFIXES.iter().any(|s| name.starts_with(s));
+        let mine = scratch.variables();
+        let mut missing: Vec<&str> = unet_params.keys().filter(|k| shared(k) && !mine.contains_key(*k)).map(|k| k.as_str()).collect();
+        if !missing.is_empty() {
+            missing.sort_unstable();
+            return Err(Error::Config(format!(
+                "ControlNet from UNet: the ControlNet has no parameter {} (and {} more) that the UNet has; \
+                 give the ControlNet the UNet's encoder config",
+                missing[0],
+                missing.len() - 1
+            )));
+        }
+        let mut names: Vec<&String> = mine.keys().filter(|k| shared(k)).collect();
+        names.sort_unstable();
+        tch::no_grad(|| -> Result<()> {
+            for name in names {
+                let src = unet_params.get(name).ok_or_else(|| {
+                    Error::Config(format!(
+                        "ControlNet from UNet: the UNet has no parameter {name}; give the ControlNet the UNet's encoder config"
+                    ))
+                })?;
+                let dst = lookup(&p, name)
+                    .ok_or_else(|| Error::Config(format!("ControlNet from UNet: variable {name} not found under the given path")))?;
+                if src.size() != dst.size() {
+                    return Err(Error::Config(format!(
+                        "ControlNet from UNet: {name} has shape {:?} in the UNet but {:?} in the ControlNet",
+                        src.size(),
+                        dst.size()
+                    )));
+                }
+                let _ = dst.shallow_clone().f_copy_(src)?;
+            }
+            Ok(())
+        })?;
+        Ok(model)
+    }
+
+    /// The layers a hook can select for an `height`×`width` sample (see
+    /// [`ControlNetConfig::hookable_layers`]).
+    pub fn hookable_layers(&self, height: i64, width: i64) -> Vec<HookableLayer> {
+        self.config.hookable_layers(height, width)
+    }
+
+    /// Number of skip samples (= zero convs in `controlnet_down_blocks`).
+    pub fn num_skips(&self) -> usize {
+        self.controlnet_down_blocks.len()
+    }
+
+    /// Runs the side network on `sample` [B, in, H, W] at `timesteps` ([B] or scalar) with
+    /// `encoder_hidden_states` [B, M, cross_attention_dim] and visual condition `controlnet_cond`
+    /// [B, conditioning_channels, H·d, W·d] (d = `conditioning_downscale`). The residuals are the
+    /// zero-conv outputs times `conditioning_scale`; `hook` selects the side feature returned in
+    /// [`ControlNetOutput::hooked`] (the zero conv's input, still attached to the graph).
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        controlnet_cond: &Tensor,
+        conditioning_scale: f64,
+        hook: Option<Hook>,
+    ) -> Result<ControlNetOutput> {
+        if let Some(Hook::Down(i)) = hook {
+            if i >= self.num_skips() {
+                return Err(Error::Config(format!(
+                    "hook down_{i} does not exist: the side network has down_0 .. down_{} and mid",
+                    self.num_skips() - 1
+                )));
+            }
+        }
+        let t = expand_timesteps(timesteps, sample.size4()?.0)?;
+        let emb = self.time_proj.forward(&t)?;
+        let kind = self.time_embedding.linear_1.weight.kind();
+        let emb = if emb.kind() == kind { emb } else { emb.f_to_kind(kind)? };
+        let temb = self.time_embedding.forward(&emb)?;
+        let ehs = encoder_hidden_states;
+
+        let h = self.conv_in.forward(sample)?;
+        let cond = self.controlnet_cond_embedding.forward(controlnet_cond)?;
+        if cond.size() != h.size() {
+            return Err(Error::Config(format!(
+                "controlnet_cond {:?} embeds to {:?} but the sample's features are {:?}; the condition must be \
+                 conditioning_downscale ({}) times the sample's size, with conditioning_channels ({}) channels",
+                controlnet_cond.size(),
+                cond.size(),
+                h.size(),
+                self.config.conditioning_downscale,
+                self.config.conditioning_channels
+            )));
+        }
+        let mut h = h.f_add(&cond)?;
+        let mut skips = Vec::with_capacity(self.num_skips());
+        skips.push(h.shallow_clone());
+        for b in &self.down_blocks {
+            h = b.forward(&h, &temb, Some(ehs), &mut skips)?;
+        }
+        let mid = self.mid_block.forward(&h, &temb, ehs)?;
+        let hooked = match hook {
+            None => None,
+            Some(Hook::Mid) => Some(mid.shallow_clone()),
+            Some(Hook::Down(i)) => Some(skips[i].shallow_clone()),
+        };
+        let down_block_res_samples = skips
+            .iter()
+            .zip(&self.controlnet_down_blocks)
+            .map(|(s, c)| Ok(c.forward(s)?.f_mul_scalar(conditioning_scale)?))
+            .collect::<Result<Vec<_>>>()?;
+        let mid_block_res_sample = self.controlnet_mid_block.forward(&mid)?.f_mul_scalar(conditioning_scale)?;
+        Ok(ControlNetOutput { down_block_res_samples, mid_block_res_sample, hooked })
+    }
+}
+
+/// The variable `name` (dotted, e.g. `down_blocks.0.resnets.0.conv1.weight`) under `p`.
+fn lookup(p: &nn::Path, name: &str) -> Option<Tensor> {
+    let parts: Vec<&str> = name.split('.').collect();
+    let (last, dirs) = parts.split_last()?;
+    let q = dirs.iter().fold(p.clone(), |q, d| q / *d);
+    q.get(last)
+}
