@@ -207,6 +207,26 @@ fn controlled_output_equals_uncontrolled_at_init_and_scale_zero() {
 }
 
 #[test]
+fn side_network_encoder_equals_the_unet_encoder_at_init() {
+    // The embedding's conv_out is zero, so the copied encoder sees exactly the UNet's input and
+    // every hookable feature equals the UNet's own skip sample / mid output, bit for bit.
+    let cfg = tiny_cn();
+    let (_uvs, unet, _cvs, cn) = pair(&cfg);
+    let (x, t, c, cond) = inputs(2);
+    tch::no_grad(|| {
+        let enc = unet.encode(&x, &t, &c).unwrap();
+        for l in cn.hookable_layers(8, 8) {
+            let h = cn.forward(&x, &t, &c, &cond, 1.0, Some(l.hook)).unwrap().hooked.unwrap();
+            let want = match l.hook {
+                Hook::Mid => &enc.mid,
+                Hook::Down(i) => &enc.down_block_res_samples[i],
+            };
+            assert!(h.equal(want), "{} differs from the UNet's feature", l.hook);
+        }
+    });
+}
+
+#[test]
 fn hook_parses_and_prints() {
     assert_eq!("mid".parse::<Hook>().unwrap(), Hook::Mid);
     assert_eq!("down_5".parse::<Hook>().unwrap(), Hook::Down(5));
@@ -330,6 +350,14 @@ fn decoder_output_depends_on_time_once_trained() {
     let y2 = d.forward(&h, &Tensor::from_slice(&[500.0f32])).unwrap();
     assert!(!is_zero(&y1));
     assert!(!y1.equal(&y2), "the time embedding has no effect");
+    // The projection is [cos, sin] with base 10000: column 0 is cos(t), column 128 sin(t).
+    let t = Tensor::from_slice(&[10.0f32, 500.0]);
+    let e = d.time_proj.forward(&t).unwrap();
+    assert_eq!(e.size(), vec![2, 256]);
+    assert!(e.select(1, 0).allclose(&t.cos(), 1e-5, 1e-5, false));
+    assert!(e.select(1, 128).allclose(&t.sin(), 1e-5, 1e-5, false));
+    let f = (-(10000f64).ln() / 128.0).exp();
+    assert!(e.select(1, 129).allclose(&(&t * f).sin(), 1e-5, 1e-5, false));
     // A scalar timestep is shared by the batch.
     let h2 = Tensor::cat(&[&h, &h], 0);
     let y = d.forward(&h2, &Tensor::from(10.0f32)).unwrap();
@@ -365,6 +393,11 @@ fn default_side_network_and_decoder_parameter_counts() {
     );
     for l in cn.hookable_layers(32, 32) {
         println!("  hook {}: {}x{}x{}", l.hook, l.channels, l.height, l.width);
+    }
+    for floor in [32, 16] {
+        let v = nn::VarStore::new(Device::Cpu);
+        let _d = LisaDecoder::new(v.root(), mid.channels, mid.height, 32, 1, &DecoderConfig { channel_floor: floor }).unwrap();
+        println!("  decoder with channel_floor {floor}: {} parameters", parameter_count(&v));
     }
     assert_eq!(dec.num_blocks(), 2);
     assert!(n < side / 4, "decoder {n} vs side network {side}");
