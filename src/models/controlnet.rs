@@ -82,7 +82,9 @@ impl ControlNetConfig {
         }
         let d = self.conditioning_downscale;
         if d <= 0 || d & (d - 1) != 0 {
-            return Err(Error::Config(format!("conditioning_downscale must be a power of two (1, 2, 4, ...), got {d}")));
+            return Err(Error::Config(format!(
+                "conditioning_downscale must be a power of two (1, 2, 4, ...), got {d}"
+            )));
         }
         if self.num_stride2() > ch.len() - 1 {
             return Err(Error::Config(format!(
@@ -282,7 +284,8 @@ impl ControlNetModel {
         let time_proj = Timesteps::new(c0, u.flip_sin_to_cos, u.freq_shift, p.device())?;
         let time_embedding = TimestepEmbedding::new(&p / "time_embedding", c0, u.time_embed_dim())?;
         let conv_in = Conv2d::new(&p / "conv_in", u.in_channels, c0, 3, 1, 1)?;
-        let controlnet_cond_embedding = ControlNetConditioningEmbedding::new(&p / "controlnet_cond_embedding", c0, cfg)?;
+        let controlnet_cond_embedding =
+            ControlNetConditioningEmbedding::new(&p / "controlnet_cond_embedding", c0, cfg)?;
         let down_blocks = (0..n)
             .map(|i| DownBlock2D::new(&p / "down_blocks" / i, &u.down_block_config(i)))
             .collect::<Result<Vec<_>>>()?;
@@ -318,12 +321,13 @@ impl ControlNetModel {
     /// built once in a scratch CPU `VarStore` (dropped on return), as a `nn::Path` cannot enumerate
     /// its variables.
     pub fn from_unet(p: nn::Path, unet_params: &HashMap<String, Tensor>, cfg: &ControlNetConfig) -> Result<Self> {
-        let model = Self::new(p.clone(), cfg)?;
+        // Names are checked on the scratch copy first so that a mismatch leaves `p` untouched.
         let scratch = nn::VarStore::new(Device::Cpu);
         Self::new(scratch.root(), cfg)?;
         let shared = |name: &str| SHARED_PREFIXES.iter().any(|s| name.starts_with(s));
         let mine = scratch.variables();
-        let mut missing: Vec<&str> = unet_params.keys().filter(|k| shared(k) && !mine.contains_key(*k)).map(|k| k.as_str()).collect();
+        let mut missing: Vec<&str> =
+            unet_params.keys().filter(|k| shared(k) && !mine.contains_key(*k)).map(|k| k.as_str()).collect();
         if !missing.is_empty() {
             missing.sort_unstable();
             return Err(Error::Config(format!(
@@ -333,24 +337,32 @@ impl ControlNetModel {
                 missing.len() - 1
             )));
         }
-        let mut names: Vec<&String> = mine.keys().filter(|k| shared(k)).collect();
+        let mut names: Vec<String> = mine.keys().filter(|k| shared(k)).cloned().collect();
         names.sort_unstable();
+        for name in &names {
+            let src = unet_params.get(name).ok_or_else(|| {
+                Error::Config(format!(
+                    "ControlNet from UNet: the UNet has no parameter {name}; give the ControlNet the UNet's encoder config"
+                ))
+            })?;
+            if src.size() != mine[name].size() {
+                return Err(Error::Config(format!(
+                    "ControlNet from UNet: {name} has shape {:?} in the UNet but {:?} in the ControlNet",
+                    src.size(),
+                    mine[name].size()
+                )));
+            }
+        }
+        drop(mine);
+        drop(scratch);
+        let model = Self::new(p.clone(), cfg)?;
         tch::no_grad(|| -> Result<()> {
-            for name in names {
-                let src = unet_params.get(name).ok_or_else(|| {
-                    Error::Config(format!(
-                        "ControlNet from UNet: the UNet has no parameter {name}; give the ControlNet the UNet's encoder config"
-                    ))
+            for name in &names {
+                // Both exist with equal shapes: checked above on an identical build.
+                let (src, dst) = (&unet_params[name], lookup(&p, name));
+                let dst = dst.ok_or_else(|| {
+                    Error::Config(format!("ControlNet from UNet: variable {name} not found under the given path"))
                 })?;
-                let dst = lookup(&p, name)
-                    .ok_or_else(|| Error::Config(format!("ControlNet from UNet: variable {name} not found under the given path")))?;
-                if src.size() != dst.size() {
-                    return Err(Error::Config(format!(
-                        "ControlNet from UNet: {name} has shape {:?} in the UNet but {:?} in the ControlNet",
-                        src.size(),
-                        dst.size()
-                    )));
-                }
                 let _ = dst.shallow_clone().f_copy_(src)?;
             }
             Ok(())

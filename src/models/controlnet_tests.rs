@@ -38,7 +38,12 @@ fn pair(cfg: &ControlNetConfig) -> (nn::VarStore, UNet2DConditionModel, nn::VarS
 
 /// Sample [b, in, 8, 8], timesteps [b], ehs [b, 2, 8], condition [b, 1, 8, 8].
 fn inputs(b: i64) -> (Tensor, Tensor, Tensor, Tensor) {
-    (Tensor::randn([b, 1, 8, 8], CPU), Tensor::rand([b], CPU) * 1000.0, Tensor::randn([b, 2, 8], CPU), Tensor::rand([b, 1, 8, 8], CPU))
+    (
+        Tensor::randn([b, 1, 8, 8], CPU),
+        Tensor::rand([b], CPU) * 1000.0,
+        Tensor::randn([b, 2, 8], CPU),
+        Tensor::rand([b, 1, 8, 8], CPU),
+    )
 }
 
 fn is_zero(t: &Tensor) -> bool {
@@ -76,7 +81,9 @@ fn controlnet_parameter_names_follow_diffusers() {
         assert!(vars.contains_key(name), "missing {name}");
     }
     // No decoder (up path) in a ControlNet.
-    assert!(!vars.keys().any(|k| k.starts_with("up_blocks") || k.starts_with("conv_norm_out") || k.starts_with("conv_out")));
+    assert!(!vars
+        .keys()
+        .any(|k| k.starts_with("up_blocks") || k.starts_with("conv_norm_out") || k.starts_with("conv_out")));
     // One zero conv per UNet skip sample, with the skip's channels, plus the mid one.
     let skips = cfg.unet.skip_channels();
     assert_eq!(cn.num_skips(), skips.len());
@@ -158,7 +165,11 @@ fn from_unet_copies_shared_weights_exactly_and_keeps_zero_convs() {
         vars.into_iter().filter_map(|(k, v)| k.strip_prefix("controlnet.").map(|s| (s.to_string(), v))).collect();
     let zs = zero_conv_names(&mine);
     assert_eq!(zs.len(), 2 * (cfg.unet.skip_channels().len() + 1));
-    for k in zs.iter().map(String::as_str).chain(["controlnet_cond_embedding.conv_out.weight", "controlnet_cond_embedding.conv_out.bias"]) {
+    for k in zs
+        .iter()
+        .map(String::as_str)
+        .chain(["controlnet_cond_embedding.conv_out.weight", "controlnet_cond_embedding.conv_out.bias"])
+    {
         assert!(is_zero(&mine[k]), "{k} not zero");
     }
     assert!(!is_zero(&mine["controlnet_cond_embedding.conv_in.weight"]));
@@ -167,6 +178,7 @@ fn from_unet_copies_shared_weights_exactly_and_keeps_zero_convs() {
     let vs2 = nn::VarStore::new(Device::Cpu);
     let e = ControlNetModel::from_unet(vs2.root(), &uvs.variables(), &deeper).unwrap_err();
     assert!(e.to_string().contains("UNet has no parameter"), "{e}");
+    assert!(vs2.variables().is_empty(), "a failed from_unet left variables behind");
     let uvs2 = nn::VarStore::new(Device::Cpu);
     let _u2 = UNet2DConditionModel::new(uvs2.root(), &deeper.unet).unwrap();
     let e = ControlNetModel::from_unet(nn::VarStore::new(Device::Cpu).root(), &uvs2.variables(), &cfg).unwrap_err();
@@ -189,7 +201,10 @@ fn controlled_output_equals_uncontrolled_at_init_and_scale_zero() {
         assert!(y.equal(&base), "zero-initialised ControlNet changed the output");
         // Perturb every zero conv (and the embedding's conv_out): the control now matters...
         for (k, v) in cvs.variables() {
-            if k.starts_with("controlnet_down_blocks.") || k.starts_with("controlnet_mid_block.") || k.starts_with("controlnet_cond_embedding.conv_out") {
+            if k.starts_with("controlnet_down_blocks.")
+                || k.starts_with("controlnet_mid_block.")
+                || k.starts_with("controlnet_cond_embedding.conv_out")
+            {
                 let _ = v.shallow_clone().copy_(&(Tensor::randn_like(&v) * 0.1));
             }
         }
@@ -272,7 +287,11 @@ fn hooked_feature_has_the_reported_shape_and_trains_the_side_network_only_up_to_
         assert!(h.requires_grad());
         h.square().mean(Kind::Float).backward();
         assert!(!grad_is_zero(&cn.conv_in.weight), "{}: no gradient at conv_in", l.hook);
-        assert!(!grad_is_zero(&cn.controlnet_cond_embedding.conv_out.weight), "{}: no gradient at the embedding", l.hook);
+        assert!(
+            !grad_is_zero(&cn.controlnet_cond_embedding.conv_out.weight),
+            "{}: no gradient at the embedding",
+            l.hook
+        );
         assert!(!grad_is_zero(&cn.time_embedding.linear_2.weight) || l.hook == Hook::Down(0), "{}", l.hook);
         for k in &zs {
             assert!(grad_is_zero(&vars[k]), "{}: zero conv {k} got a gradient", l.hook);
@@ -380,8 +399,9 @@ fn default_side_network_and_decoder_parameter_counts() {
     let mid = *cn.hookable_layers(32, 32).last().unwrap();
     assert_eq!(mid.hook, Hook::Mid);
     let dvs = nn::VarStore::new(Device::Cpu);
-    let dec = LisaDecoder::new(dvs.root(), mid.channels, mid.height, 32, cfg.unet.out_channels, &DecoderConfig::default())
-        .unwrap();
+    let dec =
+        LisaDecoder::new(dvs.root(), mid.channels, mid.height, 32, cfg.unet.out_channels, &DecoderConfig::default())
+            .unwrap();
     let n = parameter_count(&dvs);
     println!(
         "default side network: {side} parameters; LISA decoder (hook mid, {}x{}x{} -> 1x32x32, {} blocks): {n} ({:.1}% of the side network)",
@@ -396,13 +416,15 @@ fn default_side_network_and_decoder_parameter_counts() {
     }
     for floor in [32, 16] {
         let v = nn::VarStore::new(Device::Cpu);
-        let _d = LisaDecoder::new(v.root(), mid.channels, mid.height, 32, 1, &DecoderConfig { channel_floor: floor }).unwrap();
+        let _d = LisaDecoder::new(v.root(), mid.channels, mid.height, 32, 1, &DecoderConfig { channel_floor: floor })
+            .unwrap();
         println!("  decoder with channel_floor {floor}: {} parameters", parameter_count(&v));
     }
     assert_eq!(dec.num_blocks(), 2);
     assert!(n < side / 4, "decoder {n} vs side network {side}");
     let (x, t, c) = (Tensor::randn([1, 1, 32, 32], CPU), Tensor::from_slice(&[3.0f32]), Tensor::randn([1, 1, 64], CPU));
-    let out = tch::no_grad(|| cn.forward(&x, &t, &c, &Tensor::rand([1, 1, 32, 32], CPU), 1.0, Some(Hook::Mid))).unwrap();
+    let out =
+        tch::no_grad(|| cn.forward(&x, &t, &c, &Tensor::rand([1, 1, 32, 32], CPU), 1.0, Some(Hook::Mid))).unwrap();
     let y = tch::no_grad(|| dec.forward(out.hooked.as_ref().unwrap(), &t)).unwrap();
     assert_eq!(y.size(), vec![1, 1, 32, 32]);
 }
