@@ -28,6 +28,8 @@ enum Command {
     /// Measure a main network: Fréchet distance of its samples (classifier features), with the
     /// real-data floor and the uniform-noise ceiling.
     Eval(EvalArgs),
+    /// Turn a training checkpoint into a model folder (its EMA weights when it has them).
+    Export(ExportArgs),
     /// The main job on the embedded default: a short pretraining run (with a checkpoint, a resume and
     /// validation grids), then samples from and an evaluation of the shipped main network.
     Demo(DemoArgs),
@@ -125,6 +127,16 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct ExportArgs {
+    /// A `checkpoint-N/` folder of a pretraining run.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The model folder to write (`config.json` + `model.safetensors`).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct DemoArgs {
     /// Folder for everything the demo writes.
     #[arg(long, default_value = "runs/demo")]
@@ -143,6 +155,7 @@ fn main() -> ExitCode {
         Command::Pretrain(a) => run_pretrain(a),
         Command::Sample(a) => run_sample(a),
         Command::Eval(a) => run_eval(a),
+        Command::Export(a) => run_export(a),
         Command::Demo(a) => run_demo(a),
     };
     match result {
@@ -220,6 +233,13 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     if let Some(out) = &a.out {
         std::fs::write(out, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
     }
+    Ok(())
+}
+
+fn run_export(a: ExportArgs) -> Result<()> {
+    let net = load_model(&a.checkpoint)?;
+    net.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    println!("wrote {} ({} parameters)", a.out.display(), lisa::models::parameter_count(&net.vs));
     Ok(())
 }
 
