@@ -5,6 +5,10 @@ use std::path::Path;
 use lisa::experiments::pretrain::{pretrain, PretrainConfig};
 use lisa::models::PerBlock;
 
+/// Training draws from libtorch's process-wide generator (reseeded every step), so two runs on
+/// concurrent test threads would interleave their draws: the tests here take turns.
+static ONE_RUN_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn tiny_config(out: &Path, steps: u64) -> PretrainConfig {
     let mut cfg = PretrainConfig { output_dir: out.to_path_buf(), threads: 1, device: "cpu".into(), ..Default::default() };
     cfg.data.source = "embedded".into();
@@ -36,6 +40,7 @@ fn losses(dir: &Path) -> Vec<String> {
 
 #[test]
 fn interrupted_and_resumed_run_matches_uninterrupted_run() {
+    let _turn = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("straight"), tmp.path().join("interrupted"));
     pretrain(&tiny_config(&a, 7), None, true).unwrap();
@@ -57,6 +62,7 @@ fn interrupted_and_resumed_run_matches_uninterrupted_run() {
 
 #[test]
 fn resuming_with_a_different_configuration_is_refused() {
+    let _turn = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     pretrain(&tiny_config(&out, 3), None, true).unwrap();

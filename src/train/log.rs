@@ -106,6 +106,7 @@ fn row_step(line: &str, format: LogFormat) -> Option<u64> {
 pub struct Progress {
     bar: indicatif::ProgressBar,
     plain_every: u64,
+    total: u64,
 }
 
 impl Progress {
@@ -123,15 +124,15 @@ impl Progress {
         );
         bar.set_position(start);
         let plain_every = if quiet || std::io::stderr().is_terminal() { 0 } else { (total / 20).max(1) };
-        Self { bar, plain_every }
+        Self { bar, plain_every, total }
     }
 
     /// Reports that `step` finished with the given status message.
     pub fn update(&self, step: u64, msg: &str) {
         self.bar.set_position(step);
         self.bar.set_message(msg.to_owned());
-        if self.plain_every > 0 && (step % self.plain_every == 0 || step == self.bar.length().unwrap_or(0)) {
-            eprintln!("step {step}/{}: {msg}", self.bar.length().unwrap_or(0));
+        if self.plain_every > 0 && (step % self.plain_every == 0 || step == self.total) {
+            eprintln!("step {step}/{}: {msg}", self.total);
         }
     }
 

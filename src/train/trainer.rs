@@ -167,7 +167,8 @@ pub struct RunDir<'a> {
 }
 
 /// Trains `params` (name, tensor) on `data` with `task`'s loss; see the module doc for the order of
-/// operations. `on_checkpoint(step, ema_or_params)` is called after each checkpoint (e.g. to write
+/// operations. Randomness comes from libtorch's process-wide generator, reseeded every micro-step, so
+/// runs are reproducible only when one run at a time trains in a process. `on_checkpoint(step, ema_or_params)` is called after each checkpoint (e.g. to write
 /// validation samples).
 pub fn train(
     task: &dyn TrainTask,
