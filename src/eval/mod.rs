@@ -1,14 +1,19 @@
 //! Evaluation tools: a small Fashion-MNIST classifier whose penultimate activations serve as a
 //! feature space, the Fréchet distance between Gaussian fits of two feature sets (the
 //! "Fréchet distance on the Fashion-MNIST classifier's features" — deliberately not called FID,
-//! since the feature network is ours, not Inception), and PNG image grids for inspection.
+//! since the feature network is ours, not Inception), control-fidelity metrics (how well samples obey
+//! their condition), PNG image grids for inspection, and PNG line plots.
 pub mod classifier;
+pub mod fidelity;
 pub mod frechet;
 pub mod grid;
+pub mod plot;
 
 pub use classifier::{
     load_classifier, load_shipped, save_classifier, train_classifier, Classifier, ClassifierConfig,
     ClassifierInfo, ClassifierReport, ClassifierTrainConfig,
 };
+pub use fidelity::{fidelity, higher_is_better, metric_name, FidelityScore};
 pub use frechet::{frechet_distance, frechet_distance_of, FeatureStats};
 pub use grid::{make_grid, save_grid, save_grid_scaled, save_image};
+pub use plot::{line_plot, PlotSpec, Series};
