@@ -1,9 +1,10 @@
 //! lisa: train ControlNet-style side networks for diffusion models with Likelihood Score Alignment
 //! (LISA), and measure what it buys.
 //!
-//! The modules follow the pipeline: data → models → diffusion objectives → training → sampling →
+//! The modules follow the pipeline: data → models → diffusion objectives → side networks and LISA → training → sampling →
 //! evaluation → CLI.
 pub mod config;
+pub mod control;
 pub mod data;
 pub mod diffusion;
 pub mod experiments;

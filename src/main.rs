@@ -4,9 +4,12 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use lisa::diffusion::{SamplerConfig, SamplerKind};
+use lisa::control::SideNetwork;
+use lisa::experiments::compare::compare;
+use lisa::experiments::control::{load_main, prepare_data, train_control, ControlConfig};
 use lisa::experiments::evaluate::evaluate;
 use lisa::experiments::pretrain::{pretrain, DataConfig, PretrainConfig};
 use lisa::pipeline::MainNetwork;
@@ -30,8 +33,13 @@ enum Command {
     Eval(EvalArgs),
     /// Turn a training checkpoint into a model folder (its EMA weights when it has them).
     Export(ExportArgs),
-    /// The main job on the embedded default: a short pretraining run (with a checkpoint, a resume and
-    /// validation grids), then samples from and an evaluation of the shipped main network.
+    /// Train a side network (ControlNet) for a visual condition against the frozen main network,
+    /// with LISA (default) or without (`--baseline`).
+    Train(TrainArgs),
+    /// Train the baseline and LISA side by side (same seeds, data order, initialisation and evaluation
+    /// noise) and write fidelity curves, sample grids and a summary.
+    Compare(CompareArgs),
+    /// The main job on the embedded default: a short `compare` of the baseline and LISA on edge maps.
     Demo(DemoArgs),
 }
 
@@ -61,6 +69,80 @@ struct PretrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+#[derive(Args)]
+struct ControlArgs {
+    /// TOML config file; any key not given keeps its default (see --print-config).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a config key, e.g. `--set train.learning_rate=3e-4 --set lisa.hook=down_5`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// The visual condition: edges, mask, depth, lowres or skeleton (same as `--set condition=...`).
+    #[arg(long)]
+    task: Option<String>,
+    /// Run folder (same as `--set output_dir=...`).
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    /// Number of optimizer steps (same as `--set train.steps=N`).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// libtorch CPU threads (same as `--set threads=N`; 0 = default).
+    #[arg(long)]
+    threads: Option<i32>,
+    /// Print the resolved configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl ControlArgs {
+    fn load(&self, extra: &[String]) -> Result<ControlConfig> {
+        let mut overrides = self.overrides.clone();
+        if let Some(t) = &self.task {
+            overrides.push(format!("condition={t:?}"));
+        }
+        if let Some(d) = &self.output_dir {
+            overrides.push(format!("output_dir={:?}", d.display().to_string()));
+        }
+        if let Some(s) = self.steps {
+            overrides.push(format!("train.steps={s}"));
+        }
+        if let Some(t) = self.threads {
+            overrides.push(format!("threads={t}"));
+        }
+        overrides.extend(extra.iter().cloned());
+        let cfg: ControlConfig = lisa::config::load(self.config.as_deref(), &overrides)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    common: ControlArgs,
+    /// Train without LISA (same as `--set lisa.enabled=false`).
+    #[arg(long)]
+    baseline: bool,
+    /// Continue a run: `latest` (newest checkpoint in the output folder) or a checkpoint folder.
+    #[arg(long)]
+    resume: Option<String>,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    #[command(flatten)]
+    common: ControlArgs,
+    /// Seeds per arm (same as `--set compare.seeds=N`).
+    #[arg(long)]
+    seeds: Option<u64>,
+    /// Keep finished arms and resume unfinished ones from their latest checkpoint.
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Args, Clone)]
@@ -104,6 +186,19 @@ struct SampleArgs {
     /// Output PNG.
     #[arg(long, default_value = "samples.png")]
     out: PathBuf,
+    /// A side network folder (a `lisa train` run's `side-network/`, or one of its checkpoints): sample
+    /// under its control. Needs --condition or --condition-from.
+    #[arg(long)]
+    controlnet: Option<PathBuf>,
+    /// The condition image (PNG/JPEG/BMP; grey, resized to the model's size; white = 1).
+    #[arg(long)]
+    condition: Option<PathBuf>,
+    /// An ordinary image to extract the side network's condition from (e.g. its edges).
+    #[arg(long, conflicts_with = "condition")]
+    condition_from: Option<PathBuf>,
+    /// Conditioning scale: multiplies the side network's residuals (0 = no control).
+    #[arg(long, default_value_t = 1.0)]
+    conditioning_scale: f64,
     #[command(flatten)]
     sampler: SamplerArgs,
 }
@@ -141,12 +236,12 @@ struct DemoArgs {
     /// Folder for everything the demo writes.
     #[arg(long, default_value = "runs/demo")]
     output_dir: PathBuf,
-    /// Steps of the short pretraining run (it is interrupted at half and resumed).
-    #[arg(long, default_value_t = 100)]
+    /// Training steps of each arm.
+    #[arg(long, default_value_t = 150)]
     steps: u64,
-    /// Images for the evaluation of the shipped model.
-    #[arg(long, default_value_t = 500)]
-    num_images: i64,
+    /// Seeds per arm.
+    #[arg(long, default_value_t = 1)]
+    seeds: u64,
 }
 
 fn main() -> ExitCode {
@@ -156,6 +251,8 @@ fn main() -> ExitCode {
         Command::Sample(a) => run_sample(a),
         Command::Eval(a) => run_eval(a),
         Command::Export(a) => run_export(a),
+        Command::Train(a) => run_train(a),
+        Command::Compare(a) => run_compare(a),
         Command::Demo(a) => run_demo(a),
     };
     match result {
@@ -199,7 +296,7 @@ fn run_pretrain(a: PretrainArgs) -> Result<()> {
 
 /// The main network shipped with the repository.
 fn shipped_model() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/main-network"))
+    lisa::pipeline::shipped_main_network()
 }
 
 fn load_model(dir: &std::path::Path) -> Result<MainNetwork> {
@@ -219,9 +316,32 @@ fn run_sample(a: SampleArgs) -> Result<()> {
     // Column-major grid: one column per label.
     let ys: Vec<i64> = (0..a.per_label).flat_map(|_| labels.iter().copied()).collect();
     let y = Tensor::from_slice(&ys);
-    let images = net.sample(&y, &a.sampler.config(&net), a.sampler.seed)?;
-    lisa::eval::grid::save_grid_scaled(&images, labels.len(), 2, 2, &a.out)?;
-    println!("wrote {} ({} samples)", a.out.display(), ys.len());
+    let Some(dir) = &a.controlnet else {
+        if a.condition.is_some() || a.condition_from.is_some() {
+            anyhow::bail!("--condition and --condition-from need --controlnet (a side network folder)");
+        }
+        let images = net.sample(&y, &a.sampler.config(&net), a.sampler.seed)?;
+        lisa::eval::grid::save_grid_scaled(&images, labels.len(), 2, 2, &a.out)?;
+        println!("wrote {} ({} samples)", a.out.display(), ys.len());
+        return Ok(());
+    };
+    let side = SideNetwork::load(dir, &net).with_context(|| format!("loading the side network in {}", dir.display()))?;
+    let size = net.config.unet.sample_size as u32;
+    let condition = match (&a.condition, &a.condition_from) {
+        (Some(p), None) => lisa::data::imagefolder::load_gray(p, size).with_context(|| format!("reading {}", p.display()))?,
+        (None, Some(p)) => {
+            let img = lisa::data::imagefolder::load_gray(p, size).with_context(|| format!("reading {}", p.display()))?;
+            lisa::data::conditions::extract_batch(side.condition, &(img * 2.0 - 1.0))?
+        }
+        _ => anyhow::bail!("give the condition: --condition IMG (the {} map itself) or --condition-from IMG", side.condition),
+    };
+    let n = ys.len() as i64;
+    let conds = condition.expand([n, 1, size as i64, size as i64], false).contiguous();
+    let images = side.sample(&net, &y, &conds, &a.sampler.config(&net), a.conditioning_scale, a.sampler.seed)?;
+    // First row: the condition; then the samples, one column per label.
+    let cond_row = conds.narrow(0, 0, labels.len() as i64) * 2.0 - 1.0;
+    lisa::eval::grid::save_grid_scaled(&Tensor::cat(&[cond_row, images], 0), labels.len(), 2, 2, &a.out)?;
+    println!("wrote {} (top row: the {} condition; {} samples below)", a.out.display(), side.condition, ys.len());
     Ok(())
 }
 
@@ -243,47 +363,66 @@ fn run_export(a: ExportArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_demo(a: DemoArgs) -> Result<()> {
-    let out = &a.output_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    println!("== 1/3: pretraining a small main network on the embedded Fashion-MNIST subset ({} steps)", a.steps);
-    let half = (a.steps / 2).max(1);
-    let mut cfg = PretrainConfig {
-        output_dir: out.join("pretrain"),
-        ..PretrainConfig::default()
-    };
-    cfg.data.source = "embedded".into();
-    cfg.train.steps = half;
-    cfg.train.batch_size = 32;
-    cfg.train.checkpointing_steps = half;
-    cfg.train.lr_warmup_steps = 20;
-    cfg.train.ema_decay = 0.99;
-    cfg.validation.num_images = 20;
-    let first = pretrain(&cfg, None, false)?;
-    println!("   stopped at step {} (loss {:.4}); resuming from the checkpoint", first.steps, first.final_loss);
-    cfg.train.steps = a.steps;
-    let done = pretrain(&cfg, Some("latest"), false)?;
+fn run_train(a: TrainArgs) -> Result<()> {
+    let extra = if a.baseline { vec!["lisa.enabled=false".to_string()] } else { vec![] };
+    let cfg = a.common.load(&extra)?;
+    if a.common.print_config {
+        print!("{}", lisa::config::to_toml(&cfg)?);
+        return Ok(());
+    }
+    if cfg.threads > 0 {
+        tch::set_num_threads(cfg.threads);
+    }
+    let main = load_main(&cfg)?;
+    let data = prepare_data(&cfg)?;
+    let s = train_control(&cfg, &main, &data, a.resume.as_deref(), a.common.quiet)?;
     println!(
-        "   finished at step {} (loss {:.4}, {:.3} s/step); metrics in {}, grids in {}",
-        done.steps,
-        done.final_loss,
-        done.seconds_per_step,
-        cfg.output_dir.join("metrics.csv").display(),
-        cfg.output_dir.join("samples").display()
+        "{} ({}): {} steps, {:.3} s/step; final {} {:.4} (shuffled conditions {:.4}), Fréchet distance {:.2}; \
+         side network in {}",
+        s.arm,
+        s.condition,
+        s.steps,
+        s.step_seconds,
+        s.metric,
+        s.final_fidelity,
+        s.final_fidelity_shuffled,
+        s.frechet,
+        cfg.output_dir.join("side-network").display()
     );
+    Ok(())
+}
 
-    println!("== 2/3: samples from the shipped main network");
-    let net = load_model(&shipped_model())?;
-    let sampler = SamplerConfig { steps: 25, ..SamplerConfig::default() };
-    let y = Tensor::arange(80, (Kind::Int64, Device::Cpu)).remainder(10);
-    let images = net.sample(&y, &sampler, 0)?;
-    let grid = out.join("shipped-samples.png");
-    lisa::eval::grid::save_grid_scaled(&images, 10, 2, 2, &grid)?;
-    println!("   wrote {} (one column per class)", grid.display());
-
-    println!("== 3/3: evaluating the shipped main network");
-    let report = evaluate(&net, &DataConfig::default(), a.num_images, &sampler, 0)?;
+fn run_compare(a: CompareArgs) -> Result<()> {
+    let extra: Vec<String> = a.seeds.iter().map(|s| format!("compare.seeds={s}")).collect();
+    let cfg = a.common.load(&extra)?;
+    if a.common.print_config {
+        print!("{}", lisa::config::to_toml(&cfg)?);
+        return Ok(());
+    }
+    let report = compare(&cfg, a.resume, a.common.quiet)?;
     println!("{}", report.table());
-    std::fs::write(out.join("eval.json"), serde_json::to_string_pretty(&report)?)?;
+    let out = &cfg.output_dir;
+    println!("plot: {}  grid (condition | baseline | LISA | ground truth): {}", out.join("fidelity.png").display(), out.join("samples.png").display());
+    Ok(())
+}
+
+fn run_demo(a: DemoArgs) -> Result<()> {
+    // A short comparison on the embedded subset: sized to take a few minutes on two CPU cores.
+    let mut cfg = ControlConfig { output_dir: a.output_dir.clone(), ..ControlConfig::default() };
+    cfg.data.source = "embedded".into();
+    cfg.condition = "edges".into();
+    cfg.train.steps = a.steps;
+    cfg.train.checkpointing_steps = a.steps / 2;
+    cfg.train.learning_rate = 3e-4;
+    cfg.fidelity.every_steps = (a.steps / 5).max(1);
+    cfg.fidelity.num_images = 32;
+    cfg.fidelity.sampler.steps = 10;
+    cfg.final_eval.num_images = 100;
+    cfg.compare.seeds = a.seeds;
+    println!("== lisa compare --task edges on the embedded Fashion-MNIST subset: {} steps per arm, {} seed(s)", a.steps, a.seeds);
+    let report = compare(&cfg, false, false)?;
+    println!("{}", report.table());
+    let out = &cfg.output_dir;
+    println!("plot: {}\ngrid (condition | baseline | LISA | ground truth): {}", out.join("fidelity.png").display(), out.join("samples.png").display());
     Ok(())
 }

@@ -22,6 +22,11 @@ pub struct MainNetworkConfig {
     pub objective: ObjectiveConfig,
 }
 
+/// The main network shipped with the repository (`assets/main-network`).
+pub fn shipped_main_network() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/main-network"))
+}
+
 /// The file holding a model folder's [`MainNetworkConfig`].
 pub const CONFIG_FILE: &str = "config.json";
 
@@ -62,6 +67,11 @@ impl MainNetwork {
         let weights = if dir.join("ema.safetensors").is_file() { "ema.safetensors" } else { "model.safetensors" };
         checkpoint::load_into(&net.named_parameters(), checkpoint::read_tensors(dir, weights)?, &dir.join(weights))?;
         Ok(net)
+    }
+
+    /// Stops gradients for every parameter, as a frozen main network under a side network must be.
+    pub fn freeze(&mut self) {
+        self.vs.freeze();
     }
 
     /// Saves `config.json` and `model.safetensors` into `dir` (created), each written atomically.

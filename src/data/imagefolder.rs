@@ -166,6 +166,16 @@ fn open(meta: &Path, line: usize, key: &str, path: &Path) -> Result<image::Dynam
     })
 }
 
+/// Reads one image file as a grey `[1, 1, size, size]` tensor in `[0, 1]`, fitted with
+/// [`to_square`] (e.g. a condition image given on the command line).
+pub fn load_gray(path: &Path, size: u32) -> Result<tch::Tensor> {
+    if !path.is_file() {
+        return Err(Error::Config(format!("{} does not exist or is not a file", path.display())));
+    }
+    let img = image::open(path).map_err(|e| Error::format(path, format!("cannot decode the image: {}", one_line(e))))?;
+    Ok(image_to_unit_tensor(&to_square(&img, size), 1).unsqueeze(0))
+}
+
 /// Loads the folder as a [`Dataset`] of `size × size` images with `channels` 1 (grey) or 3 (RGB):
 /// each image is fitted with [`to_square`] (aspect kept, black padding), scaled to `[-1, 1]`;
 /// condition images, if any, get the same treatment but stay in `[0, 1]`.

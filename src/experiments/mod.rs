@@ -2,3 +2,5 @@
 //! No model or loss code lives here except the one-line task that says what is regressed onto what.
 pub mod evaluate;
 pub mod pretrain;
+pub mod compare;
+pub mod control;

@@ -35,6 +35,11 @@ impl MetricsLog {
             LogFormat::Csv => "metrics.csv",
             LogFormat::Jsonl => "metrics.jsonl",
         });
+        Self::open_file(path, format, resume_step)
+    }
+
+    /// [`MetricsLog::open`] for a log of another name (e.g. `fidelity.csv`).
+    pub fn open_file(path: PathBuf, format: LogFormat, resume_step: Option<u64>) -> Result<Self> {
         let mut kept = Vec::new();
         let mut columns = None;
         if let (Some(resume), true) = (resume_step, path.exists()) {

@@ -48,6 +48,9 @@ pub struct TrainConfig {
     pub checkpointing_steps: u64,
     /// Keep at most this many checkpoints (0 = all). Default 3.
     pub checkpoints_total_limit: usize,
+    /// Call the validation callback every this many steps (0 = at each checkpoint). The final step
+    /// is always validated. Default 0.
+    pub validation_steps: u64,
     /// Append a metrics row every this many steps. Default 10.
     pub log_every: u64,
     /// `csv` or `jsonl`. Default `csv`.
@@ -72,6 +75,7 @@ impl Default for TrainConfig {
             seed: 0,
             checkpointing_steps: 500,
             checkpoints_total_limit: 3,
+            validation_steps: 0,
             log_every: 10,
             log_format: LogFormat::Csv,
             max_consecutive_nonfinite: 5,
@@ -125,6 +129,12 @@ pub struct TaskLoss {
 pub trait TrainTask {
     /// Computes the loss; gradients flow to the parameters handed to [`train`].
     fn loss(&self, batch: &Batch, sample: &TrainingSample) -> Result<TaskLoss>;
+
+    /// Rewrites a logged row (interval means of `loss`, `grad_norm`, the task's metrics, ...) before
+    /// it is written, e.g. to turn summed terms into ratios. Default: unchanged.
+    fn log_row(&self, row: Vec<(String, f64)>) -> Vec<(String, f64)> {
+        row
+    }
 }
 
 /// What a finished (or resumed-and-finished) run reports.
@@ -168,8 +178,9 @@ pub struct RunDir<'a> {
 
 /// Trains `params` (name, tensor) on `data` with `task`'s loss; see the module doc for the order of
 /// operations. Randomness comes from libtorch's process-wide generator, reseeded every micro-step, so
-/// runs are reproducible only when one run at a time trains in a process. `on_checkpoint(step, ema_or_params)` is called after each checkpoint (e.g. to write
-/// validation samples).
+/// runs are reproducible only when one run at a time trains in a process.
+/// `on_validation(step, ema_or_params)` is called every `validation_steps` (by default after each
+/// checkpoint), e.g. to write validation samples; it is not part of the timed step.
 pub fn train(
     task: &dyn TrainTask,
     params: Vec<(String, Tensor)>,
@@ -177,7 +188,7 @@ pub fn train(
     objective: &Objective,
     cfg: &TrainConfig,
     run: &RunDir,
-    mut on_checkpoint: impl FnMut(u64, &[(String, Tensor)]) -> Result<()>,
+    mut on_validation: impl FnMut(u64, &[(String, Tensor)]) -> Result<()>,
 ) -> Result<TrainSummary> {
     cfg.validate()?;
     let out = run.output_dir;
@@ -281,7 +292,7 @@ pub fn train(
             let mut row: Vec<(String, f64)> = vec![("lr".into(), lr)];
             row.extend(sums.iter().map(|(n, s)| (n.clone(), s / count as f64)));
             final_loss = sums[0].1 / count as f64;
-            log.write(step, &row)?;
+            log.write(step, &task.log_row(row))?;
             progress.update(step, &format!("loss {final_loss:.4}"));
             sums.clear();
             count = 0;
@@ -308,7 +319,14 @@ pub fn train(
             let dir = checkpoint::save(out, step, &files, &state_json, cfg.checkpoints_total_limit)?;
             progress.println(&format!("step {step}: saved {}", dir.display()));
             last_checkpoint = Some(dir);
-            on_checkpoint(step, ema.as_ref().map_or(opt.params(), |e| e.tensors()))?;
+        }
+        let validation_due = if cfg.validation_steps > 0 {
+            step % cfg.validation_steps == 0 || step == cfg.steps
+        } else {
+            checkpoint_due
+        };
+        if validation_due {
+            on_validation(step, ema.as_ref().map_or(opt.params(), |e| e.tensors()))?;
         }
     }
     progress.finish();

@@ -1,0 +1,131 @@
+//! Likelihood Score Alignment (spec §3–§5): a small time-conditioned decoder reads the side
+//! network's hooked feature `h` and is regressed onto the likelihood residual
+//! `r = target − stopgrad(main(x_t, t, y))`, the part of the target the frozen main network does
+//! not explain. The decoder exists only during training.
+use serde::{Deserialize, Serialize};
+use tch::{nn, Kind, Tensor};
+
+use crate::models::{DecoderConfig, Hook, LisaDecoder};
+use crate::pipeline::MainNetwork;
+use crate::{Error, Result};
+
+/// Prefix of the decoder's parameter names in training checkpoints (never in a saved side network).
+pub const DECODER_PREFIX: &str = "lisa_decoder.";
+
+/// Timestep buckets of the per-bucket `L_lisa / mean(r²)` log (equal widths of the unit time `t/T`).
+pub const NUM_TIME_BUCKETS: usize = 10;
+
+/// How the frozen main network's prediction without residuals (`pred_main`) is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ReferencePass {
+    /// Reuse the main encoder and mid block of the controlled pass (the residuals enter only the up
+    /// path, so they are the same) and run the up path a second time: identical result, less work.
+    #[default]
+    SharedEncoder,
+    /// A full second forward of the main network, as the authors' script does (for comparison).
+    Full,
+}
+
+/// LISA's settings. `enabled = false` is the baseline: no hook, no decoder, no second pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LisaConfig {
+    /// Train with the LISA term. Default true.
+    pub enabled: bool,
+    /// Weight λ of the LISA term. Default 0.2 (the authors').
+    pub lambda: f64,
+    /// The side feature the decoder reads: `mid` (the authors' default) or `down_i`. Default `mid`.
+    pub hook: Hook,
+    /// Channel floor of the decoder's convolutions (the authors' rule uses 64). Default 64.
+    pub decoder_channel_floor: i64,
+    /// How `pred_main` is computed. Default `shared_encoder`.
+    pub reference_pass: ReferencePass,
+}
+
+impl Default for LisaConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            lambda: 0.2,
+            hook: Hook::Mid,
+            decoder_channel_floor: DecoderConfig::default().channel_floor,
+            reference_pass: ReferencePass::SharedEncoder,
+        }
+    }
+}
+
+impl LisaConfig {
+    /// Rejects settings that cannot run.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lambda >= 0.0 && self.lambda.is_finite()) {
+            return Err(Error::Config(format!("lisa.lambda must be a finite number ≥ 0, got {}", self.lambda)));
+        }
+        if self.decoder_channel_floor <= 0 {
+            return Err(Error::Config("lisa.decoder_channel_floor must be ≥ 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// `r = target − stopgrad(pred_main)`: the regression target of the LISA decoder, whose
+/// conditional mean is the (scaled) likelihood score `−σ_t ∇ log p(c | x_t, y)` for ε-prediction.
+pub fn likelihood_residual(target: &Tensor, pred_main: &Tensor) -> Tensor {
+    target - pred_main.detach()
+}
+
+/// The decoder and its hook, with their own variables (saved in training checkpoints only).
+pub struct LisaHead {
+    /// The decoder's variables, under [`DECODER_PREFIX`].
+    pub vs: nn::VarStore,
+    /// The decoder.
+    pub decoder: LisaDecoder,
+    /// Where it reads the side network.
+    pub hook: Hook,
+    /// λ.
+    pub lambda: f64,
+    /// How `pred_main` is computed.
+    pub reference_pass: ReferencePass,
+}
+
+impl LisaHead {
+    /// A zero-output decoder for the `hook` layer of a side network of `main`.
+    pub fn new(main: &MainNetwork, cfg: &LisaConfig) -> Result<Self> {
+        cfg.validate()?;
+        let u = &main.config.unet;
+        let layers = crate::models::ControlNetConfig::for_unet(u).hookable_layers(u.sample_size, u.sample_size);
+        let layer = layers.iter().find(|l| l.hook == cfg.hook).ok_or_else(|| {
+            let names: Vec<String> = layers.iter().map(|l| l.hook.to_string()).collect();
+            Error::Config(format!("lisa.hook {} does not exist; choose one of {}", cfg.hook, names.join(", ")))
+        })?;
+        let vs = nn::VarStore::new(main.vs.device());
+        let decoder = LisaDecoder::new(
+            vs.root() / DECODER_PREFIX.trim_end_matches('.'),
+            layer.channels,
+            layer.height,
+            u.sample_size,
+            u.out_channels,
+            &DecoderConfig { channel_floor: cfg.decoder_channel_floor },
+        )?;
+        Ok(Self { vs, decoder, hook: cfg.hook, lambda: cfg.lambda, reference_pass: cfg.reference_pass })
+    }
+
+    /// The decoder's parameters, sorted by name.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
+/// Per-bucket sums of the decoder's squared error and of `r²` (each example's mean over its
+/// elements), bucketed by unit time `t/T ∈ [0, 1)`: two [`NUM_TIME_BUCKETS`] vectors. Their ratio over
+/// a logging interval is the fraction of the residual left unexplained at those timesteps.
+pub fn bucket_sums(decoded: &Tensor, r: &Tensor, unit_t: &Tensor) -> Result<(Tensor, Tensor)> {
+    let err = (decoded - r).square().f_flatten(1, -1)?.f_mean_dim(1, false, Kind::Float)?;
+    let rsq = r.square().f_flatten(1, -1)?.f_mean_dim(1, false, Kind::Float)?;
+    let nb = NUM_TIME_BUCKETS as i64;
+    let bucket = (unit_t.to_kind(Kind::Float) * nb as f64).floor().clamp(0, nb - 1).to_kind(Kind::Int64);
+    let one_hot = bucket.one_hot(nb).to_kind(Kind::Float);
+    Ok((err.unsqueeze(0).matmul(&one_hot).squeeze_dim(0), rsq.unsqueeze(0).matmul(&one_hot).squeeze_dim(0)))
+}

@@ -1,0 +1,204 @@
+//! A trained side network as a unit: a [`ControlNetModel`] built from a main network, saved as a
+//! folder (`config.json` + `model.safetensors`, diffusers parameter names) without the LISA decoder,
+//! and the controlled prediction and sampling that use it with its main network.
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::data::conditions::ConditionKind;
+use crate::diffusion::{Sampler, SamplerConfig};
+use crate::models::{ControlNetConfig, ControlNetModel, ControlNetOutput, Hook};
+use crate::pipeline::{save_model_dir, MainNetwork, CONFIG_FILE};
+use crate::train::checkpoint;
+use crate::{Error, Result};
+
+/// What a saved side network folder records besides its weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SideNetworkConfig {
+    /// The ControlNet architecture (diffusers `ControlNetModel` config fields).
+    pub controlnet: ControlNetConfig,
+    /// The condition it was trained on: `edges`, `mask`, `depth`, `lowres` or `skeleton`.
+    pub condition: String,
+    /// The objective of the main network it was trained with (`epsilon`, `v_prediction` or `flow`),
+    /// checked when it is loaded next to a main network.
+    pub objective: String,
+}
+
+/// A ControlNet side network and its own variables (nothing of the main network).
+pub struct SideNetwork {
+    /// The side network's variables, named as diffusers' ControlNet checkpoint keys.
+    pub vs: nn::VarStore,
+    /// The model.
+    pub model: ControlNetModel,
+    /// Its configuration.
+    pub config: SideNetworkConfig,
+    /// The parsed condition kind.
+    pub condition: ConditionKind,
+}
+
+impl SideNetwork {
+    /// A new side network for `main` initialised as diffusers' `ControlNetModel.from_unet`: the
+    /// encoder copied from the main UNet, fresh conditioning embedding, zero convs at zero.
+    pub fn from_main(main: &MainNetwork, condition: ConditionKind, controlnet: ControlNetConfig) -> Result<Self> {
+        if controlnet.unet != main.config.unet {
+            return Err(Error::Config(
+                "the side network's UNet config must be the main network's (it copies the main encoder)".into(),
+            ));
+        }
+        let vs = nn::VarStore::new(main.vs.device());
+        let params: HashMap<String, Tensor> = main.vs.variables();
+        let model = ControlNetModel::from_unet(vs.root(), &params, &controlnet)?;
+        let config = SideNetworkConfig {
+            controlnet,
+            condition: condition.name().into(),
+            objective: main.objective.name().into(),
+        };
+        Ok(Self { vs, model, config, condition })
+    }
+
+    /// Loads a side network folder (or a `checkpoint-N/` of a side-network run, whose `config.json`
+    /// is in the folder above) for use with `main`.
+    pub fn load(dir: &Path, main: &MainNetwork) -> Result<Self> {
+        let cfg_path = [dir.join(CONFIG_FILE), dir.join("..").join(CONFIG_FILE)]
+            .into_iter()
+            .find(|p| p.is_file())
+            .ok_or_else(|| Error::Checkpoint {
+                path: dir.to_path_buf(),
+                msg: format!("no {CONFIG_FILE} here or in the folder above: not a side network folder"),
+            })?;
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let config: SideNetworkConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&cfg_path, format!("not a side network config: {e}")))?;
+        if config.controlnet.unet != main.config.unet {
+            return Err(Error::Checkpoint {
+                path: dir.to_path_buf(),
+                msg: "this side network was built for a main network with a different UNet config; \
+                      pass the main network it was trained with (--model)"
+                    .into(),
+            });
+        }
+        if config.objective != main.objective.name() {
+            return Err(Error::Checkpoint {
+                path: dir.to_path_buf(),
+                msg: format!(
+                    "this side network was trained with a {} main network, not {}",
+                    config.objective,
+                    main.objective.name()
+                ),
+            });
+        }
+        let condition: ConditionKind = config.condition.parse()?;
+        let vs = nn::VarStore::new(main.vs.device());
+        let model = ControlNetModel::new(vs.root(), &config.controlnet)?;
+        let side = Self { vs, model, config, condition };
+        let file = "model.safetensors";
+        let tensors = checkpoint::read_tensors(dir, file)?;
+        // A side-network run's checkpoint also holds the LISA decoder; it is not part of the side network.
+        let tensors =
+            tensors.into_iter().filter(|(n, _)| !n.starts_with(crate::control::lisa::DECODER_PREFIX)).collect();
+        checkpoint::load_into(&side.named_parameters(), tensors, &dir.join(file))?;
+        Ok(side)
+    }
+
+    /// Writes `config.json` and `model.safetensors` (the side network only) into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        save_model_dir(dir, &self.config, &self.named_parameters())
+    }
+
+    /// All parameters, named as in the saved files, sorted by name.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Runs the side network: residuals for the main UNet (times `scale`) and, with `hook`, the
+    /// hooked feature. `ehs` is the main network's label encoding of `y`.
+    pub fn residuals(
+        &self,
+        x_t: &Tensor,
+        model_t: &Tensor,
+        ehs: &Tensor,
+        condition: &Tensor,
+        scale: f64,
+        hook: Option<Hook>,
+    ) -> Result<ControlNetOutput> {
+        self.model.forward(x_t, model_t, ehs, condition, scale, hook)
+    }
+
+    /// The controlled prediction `main(x_t, t, y; residuals = side(x_t, t, y, c))`.
+    pub fn predict(
+        &self,
+        main: &MainNetwork,
+        x_t: &Tensor,
+        model_t: &Tensor,
+        y: &Tensor,
+        condition: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let ehs = main.labels.forward(y)?;
+        let side = self.residuals(x_t, model_t, &ehs, condition, scale, None)?;
+        main.unet.forward(x_t, model_t, &ehs, Some(&side.down_block_res_samples), Some(&side.mid_block_res_sample))
+    }
+
+    /// Generates one sample per (label, condition) pair from noise drawn with `seed`; `condition`
+    /// is [N, C, H, W] in [0, 1], `y` [N].
+    pub fn sample(
+        &self,
+        main: &MainNetwork,
+        y: &Tensor,
+        condition: &Tensor,
+        sampler: &SamplerConfig,
+        scale: f64,
+        seed: u64,
+    ) -> Result<Tensor> {
+        let sampler = Sampler::new(&main.objective, sampler.clone())?;
+        let c = &main.config.unet;
+        let n = y.size()[0];
+        if condition.size().first() != Some(&n) {
+            return Err(Error::Config(format!(
+                "{n} labels but {} condition images; give one condition per sample",
+                condition.size().first().unwrap_or(&0)
+            )));
+        }
+        let dev = main.vs.device();
+        tch::manual_seed(seed as i64);
+        let x_t = Tensor::randn([n, c.in_channels, c.sample_size, c.sample_size], (Kind::Float, dev));
+        let (y, cond) = (y.to_device(dev), condition.to_device(dev));
+        sampler.sample(x_t, seed, |x, t| self.predict(main, x, t, &y, &cond, scale))
+    }
+
+    /// [`SideNetwork::sample`] in chunks of `chunk`, each chunk's noise from `derive_seed(seed, start)`,
+    /// so a sample depends on its index and `seed` only. Results on the CPU.
+    pub fn sample_chunked(
+        &self,
+        main: &MainNetwork,
+        y: &Tensor,
+        condition: &Tensor,
+        sampler: &SamplerConfig,
+        scale: f64,
+        seed: u64,
+        chunk: i64,
+    ) -> Result<Tensor> {
+        let n = y.size()[0];
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let len = chunk.max(1).min(n - start);
+            let s = self.sample(
+                main,
+                &y.narrow(0, start, len),
+                &condition.narrow(0, start, len),
+                sampler,
+                scale,
+                crate::rng::derive_seed(seed, start as u64),
+            )?;
+            out.push(s.to_device(Device::Cpu));
+            start += len;
+        }
+        Ok(Tensor::cat(&out, 0))
+    }
+}

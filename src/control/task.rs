@@ -1,0 +1,105 @@
+//! The side network's training step: the controlled prediction, and with LISA the reference
+//! prediction, the likelihood residual and the decoder's regression onto it.
+use tch::{Kind, Tensor};
+
+use super::lisa::{bucket_sums, likelihood_residual, LisaHead, ReferencePass, NUM_TIME_BUCKETS};
+use super::side::SideNetwork;
+use crate::diffusion::TrainingSample;
+use crate::pipeline::MainNetwork;
+use crate::train::trainer::{Batch, TaskLoss, TrainTask};
+use crate::{Error, Result};
+
+/// What one forward of the training step computes.
+pub struct ControlForward {
+    /// `main(x_t, t, y; residuals = side(x_t, t, y, c))`, attached to the side network's graph.
+    pub pred_full: Tensor,
+    /// LISA only: `main(x_t, t, y)` without residuals, no gradient.
+    pub pred_main: Option<Tensor>,
+    /// LISA only: `D(h, t)`, the decoder's reading of the hooked feature.
+    pub decoded: Option<Tensor>,
+}
+
+/// Trains a side network against a frozen main network, with or without the LISA term.
+pub struct ControlTask<'a> {
+    main: &'a MainNetwork,
+    side: &'a SideNetwork,
+    lisa: Option<&'a LisaHead>,
+}
+
+impl<'a> ControlTask<'a> {
+    /// The task; `lisa = None` is the baseline. The main network must be frozen
+    /// ([`MainNetwork::freeze`]) so that no gradient is computed for it.
+    pub fn new(main: &'a MainNetwork, side: &'a SideNetwork, lisa: Option<&'a LisaHead>) -> Result<Self> {
+        if main.vs.variables().values().any(Tensor::requires_grad) {
+            return Err(Error::Config("the main network must be frozen before training a side network".into()));
+        }
+        Ok(Self { main, side, lisa })
+    }
+
+    /// The forward pass of one step: side network, the frozen main encoder once, the up path with
+    /// residuals and (LISA) without them, and the decoder on the hooked feature.
+    pub fn forward(&self, x_t: &Tensor, model_t: &Tensor, y: &Tensor, condition: &Tensor) -> Result<ControlForward> {
+        let ehs = tch::no_grad(|| self.main.labels.forward(y))?;
+        let side = self.side.residuals(x_t, model_t, &ehs, condition, 1.0, self.lisa.map(|h| h.hook))?;
+        // The residuals enter only the up path, so the encoder's outputs serve both passes (spec §6).
+        let enc = tch::no_grad(|| self.main.unet.encode(x_t, model_t, &ehs))?;
+        let pred_full =
+            self.main.unet.decode(&enc, Some(&side.down_block_res_samples), Some(&side.mid_block_res_sample))?;
+        let (pred_main, decoded) = match self.lisa {
+            None => (None, None),
+            Some(head) => {
+                let pred_main = tch::no_grad(|| match head.reference_pass {
+                    ReferencePass::SharedEncoder => self.main.unet.decode(&enc, None, None),
+                    ReferencePass::Full => self.main.predict(x_t, model_t, y),
+                })?;
+                let hooked =
+                    side.hooked.ok_or_else(|| Error::Training("the side network returned no hooked feature".into()))?;
+                (Some(pred_main), Some(head.decoder.forward(&hooked, model_t)?))
+            }
+        };
+        Ok(ControlForward { pred_full, pred_main, decoded })
+    }
+}
+
+impl TrainTask for ControlTask<'_> {
+    fn loss(&self, batch: &Batch, sample: &TrainingSample) -> Result<TaskLoss> {
+        let condition = batch
+            .condition
+            .as_ref()
+            .ok_or_else(|| Error::Config("side-network training needs a dataset with condition images".into()))?;
+        let f = self.forward(&sample.x_t, &sample.model_t, &batch.labels, condition)?;
+        let l_main = f.pred_full.f_mse_loss(&sample.target, tch::Reduction::Mean)?;
+        let (Some(head), Some(pred_main), Some(decoded)) = (self.lisa, &f.pred_main, &f.decoded) else {
+            return Ok(TaskLoss { metrics: vec![("l_main".into(), l_main.detach())], loss: l_main });
+        };
+        let r = likelihood_residual(&sample.target, pred_main);
+        let l_lisa = decoded.f_mse_loss(&r, tch::Reduction::Mean)?;
+        let r_sq = r.square().mean(Kind::Float);
+        let loss = &l_main + &l_lisa * head.lambda;
+        let (err_b, rsq_b) = bucket_sums(&decoded.detach(), &r, &sample.unit_t)?;
+        let mut metrics =
+            vec![("l_main".into(), l_main.detach()), ("l_lisa".into(), l_lisa.detach()), ("r_sq".into(), r_sq)];
+        for b in 0..NUM_TIME_BUCKETS {
+            metrics.push((format!("lisa_err_b{b}"), err_b.get(b as i64)));
+            metrics.push((format!("r_sq_b{b}"), rsq_b.get(b as i64)));
+        }
+        Ok(TaskLoss { loss, metrics })
+    }
+
+    /// Turns the interval means of the LISA sums into ratios: `lisa_ratio = L_lisa / mean(r²)` and
+    /// `lisa_ratio_b{i}` per timestep bucket (empty bucket → NaN).
+    fn log_row(&self, row: Vec<(String, f64)>) -> Vec<(String, f64)> {
+        if self.lisa.is_none() {
+            return row;
+        }
+        let get = |name: &str| row.iter().find(|(n, _)| n == name).map(|(_, v)| *v).unwrap_or(f64::NAN);
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+        let mut out: Vec<(String, f64)> =
+            row.iter().filter(|(n, _)| !n.starts_with("lisa_err_b") && !n.starts_with("r_sq_b")).cloned().collect();
+        out.push(("lisa_ratio".into(), ratio(get("l_lisa"), get("r_sq"))));
+        for b in 0..NUM_TIME_BUCKETS {
+            out.push((format!("lisa_ratio_b{b}"), ratio(get(&format!("lisa_err_b{b}")), get(&format!("r_sq_b{b}")))));
+        }
+        out
+    }
+}

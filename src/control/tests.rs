@@ -1,0 +1,333 @@
+//! Tests of side-network training and LISA on tiny networks: exactness at initialisation, the
+//! shared-encoder reference pass, where LISA's gradients go, the frozen main network, the
+//! likelihood residual for every objective, and saving/loading.
+use std::collections::HashMap;
+
+use tch::{Device, Kind, Tensor};
+
+use super::*;
+use crate::data::conditions::ConditionKind;
+use crate::data::Dataset;
+use crate::diffusion::objective::ObjectiveKind;
+use crate::diffusion::{Objective, ObjectiveConfig, Prediction};
+use crate::models::{ControlNetConfig, Hook, LabelEncoderConfig, PerBlock, UNetConfig};
+use crate::pipeline::{MainNetwork, MainNetworkConfig};
+use crate::train::trainer::{self, Batch, RunDir, TrainConfig, TrainTask};
+
+const CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+fn tiny_main(objective: ObjectiveConfig) -> MainNetwork {
+    let unet = UNetConfig {
+        sample_size: 8,
+        block_out_channels: vec![8, 16, 16],
+        down_block_types: vec!["DownBlock2D".into(), "CrossAttnDownBlock2D".into(), "CrossAttnDownBlock2D".into()],
+        up_block_types: vec!["CrossAttnUpBlock2D".into(), "CrossAttnUpBlock2D".into(), "UpBlock2D".into()],
+        cross_attention_dim: 8,
+        attention_head_dim: PerBlock::All(2),
+        norm_num_groups: 4,
+        ..UNetConfig::default()
+    };
+    tch::manual_seed(7);
+    let cfg =
+        MainNetworkConfig { unet, label_encoder: LabelEncoderConfig { num_classes: 3, num_tokens: 2 }, objective };
+    let mut main = MainNetwork::new(&cfg, Device::Cpu).unwrap();
+    main.freeze();
+    main
+}
+
+fn eps() -> ObjectiveConfig {
+    ObjectiveConfig::default()
+}
+
+fn side_for(main: &MainNetwork) -> SideNetwork {
+    let cn = ControlNetConfig {
+        conditioning_embedding_out_channels: vec![4, 8],
+        ..ControlNetConfig::for_unet(&main.config.unet)
+    };
+    SideNetwork::from_main(main, ConditionKind::Edges, cn).unwrap()
+}
+
+fn head_for(main: &MainNetwork, hook: Hook, reference_pass: ReferencePass) -> LisaHead {
+    LisaHead::new(main, &LisaConfig { hook, reference_pass, decoder_channel_floor: 8, ..LisaConfig::default() })
+        .unwrap()
+}
+
+/// A noised batch of 4 with labels and conditions.
+fn batch(main: &MainNetwork) -> (Batch, crate::diffusion::TrainingSample) {
+    tch::manual_seed(11);
+    let x0 = Tensor::rand([4, 1, 8, 8], CPU) * 2.0 - 1.0;
+    let b =
+        Batch { labels: Tensor::from_slice(&[0i64, 1, 2, 1]), condition: Some(Tensor::rand([4, 1, 8, 8], CPU)), x0 };
+    let t = main.objective.sample_times(4, Device::Cpu);
+    let s = main.objective.training_sample(&b.x0, &b.x0.randn_like(), &t).unwrap();
+    (b, s)
+}
+
+fn bitwise_equal(a: &Tensor, b: &Tensor) -> bool {
+    a.size() == b.size() && a.equal(b)
+}
+
+fn metric(loss: &trainer::TaskLoss, name: &str) -> f64 {
+    loss.metrics.iter().find(|(n, _)| n == name).map(|(_, v)| v.double_value(&[])).unwrap()
+}
+
+#[test]
+fn controlled_output_equals_uncontrolled_output_at_initialisation() {
+    let main = tiny_main(eps());
+    let side = side_for(&main);
+    let (b, s) = batch(&main);
+    let task = ControlTask::new(&main, &side, None).unwrap();
+    let f = task.forward(&s.x_t, &s.model_t, &b.labels, b.condition.as_ref().unwrap()).unwrap();
+    let plain = main.predict(&s.x_t, &s.model_t, &b.labels).unwrap();
+    assert!(bitwise_equal(&f.pred_full, &plain), "zero convs must leave the main network's output untouched");
+    assert!(f.pred_main.is_none() && f.decoded.is_none(), "the baseline computes no reference pass and no decoder");
+}
+
+#[test]
+fn shared_encoder_reference_pass_equals_a_full_second_forward_bit_for_bit() {
+    let main = tiny_main(eps());
+    let side = side_for(&main);
+    let (b, s) = batch(&main);
+    let shared = head_for(&main, Hook::Mid, ReferencePass::SharedEncoder);
+    let full = head_for(&main, Hook::Mid, ReferencePass::Full);
+    let cond = b.condition.as_ref().unwrap();
+    let a =
+        ControlTask::new(&main, &side, Some(&shared)).unwrap().forward(&s.x_t, &s.model_t, &b.labels, cond).unwrap();
+    let f = ControlTask::new(&main, &side, Some(&full)).unwrap().forward(&s.x_t, &s.model_t, &b.labels, cond).unwrap();
+    let reference = main.predict(&s.x_t, &s.model_t, &b.labels).unwrap();
+    assert!(bitwise_equal(a.pred_main.as_ref().unwrap(), &reference));
+    assert!(bitwise_equal(f.pred_main.as_ref().unwrap(), &reference));
+    // And with trained (non-zero) zero convs, where pred_full differs from pred_main.
+    tch::no_grad(|| {
+        for (n, p) in side.named_parameters() {
+            if n.starts_with("controlnet_") {
+                let _ = p.shallow_clone().copy_(&(p.randn_like() * 0.1));
+            }
+        }
+    });
+    let a =
+        ControlTask::new(&main, &side, Some(&shared)).unwrap().forward(&s.x_t, &s.model_t, &b.labels, cond).unwrap();
+    assert!(bitwise_equal(a.pred_main.as_ref().unwrap(), &reference));
+    assert!(!bitwise_equal(&a.pred_full, &reference), "trained zero convs must change the controlled output");
+}
+
+#[test]
+fn lisa_loss_equals_mean_r_squared_with_the_zero_initialised_decoder() {
+    let main = tiny_main(eps());
+    let side = side_for(&main);
+    let head = head_for(&main, Hook::Mid, ReferencePass::SharedEncoder);
+    let (b, s) = batch(&main);
+    let task = ControlTask::new(&main, &side, Some(&head)).unwrap();
+    let out = task.loss(&b, &s).unwrap();
+    let (l_lisa, r_sq, l_main) = (metric(&out, "l_lisa"), metric(&out, "r_sq"), metric(&out, "l_main"));
+    assert!(r_sq > 0.1, "the residual of a random main network is not small: {r_sq}");
+    assert_eq!(l_lisa, r_sq);
+    let total = out.loss.double_value(&[]);
+    assert!(
+        (total - (l_main + 0.2 * l_lisa)).abs() < 1e-6 * total,
+        "L = L_main + λ·L_lisa: {total} vs {l_main} + 0.2·{l_lisa}"
+    );
+    // Hand-computed r for ε-prediction: ε − main(x_t, t, y).
+    let r = &s.target - main.predict(&s.x_t, &s.model_t, &b.labels).unwrap();
+    assert_eq!(r.square().mean(Kind::Float).double_value(&[]), r_sq);
+}
+
+/// Names of side parameters whose gradient is defined and non-zero.
+fn params_with_gradient(side: &SideNetwork) -> Vec<String> {
+    side.named_parameters()
+        .into_iter()
+        .filter(|(_, p)| {
+            let g = p.grad();
+            g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0
+        })
+        .map(|(n, _)| n)
+        .collect()
+}
+
+/// Backpropagates only the LISA term with a non-zero decoder output layer.
+fn lisa_gradients(hook: Hook) -> (Vec<String>, Vec<String>) {
+    let main = tiny_main(eps());
+    let side = side_for(&main);
+    let head = head_for(&main, hook, ReferencePass::SharedEncoder);
+    tch::no_grad(|| {
+        let _ = head.decoder.conv_out.weight.shallow_clone().copy_(&(head.decoder.conv_out.weight.randn_like() * 0.1));
+    });
+    let (b, s) = batch(&main);
+    let task = ControlTask::new(&main, &side, Some(&head)).unwrap();
+    let f = task.forward(&s.x_t, &s.model_t, &b.labels, b.condition.as_ref().unwrap()).unwrap();
+    let r = likelihood_residual(&s.target, f.pred_main.as_ref().unwrap());
+    f.decoded.unwrap().mse_loss(&r, tch::Reduction::Mean).backward();
+    let main_grads: Vec<String> =
+        main.named_parameters().into_iter().filter(|(_, p)| p.grad().defined()).map(|(n, _)| n).collect();
+    (params_with_gradient(&side), main_grads)
+}
+
+#[test]
+fn lisa_gradients_reach_the_side_network_up_to_the_mid_hook_and_not_its_zero_convs() {
+    let (with, main_grads) = lisa_gradients(Hook::Mid);
+    assert!(main_grads.is_empty(), "the main network got gradients: {main_grads:?}");
+    for name in [
+        "conv_in.weight",
+        // The embedding's output conv starts at zero (as in diffusers), so only it gets a gradient at first.
+        "controlnet_cond_embedding.conv_out.weight",
+        "time_embedding.linear_1.weight",
+        "down_blocks.0.resnets.0.conv1.weight",
+        "down_blocks.2.attentions.0.proj_in.weight",
+        "mid_block.resnets.1.conv2.weight",
+    ] {
+        assert!(with.iter().any(|n| n == name), "{name} has no LISA gradient; got {with:?}");
+    }
+    let leaked: Vec<&String> = with
+        .iter()
+        .filter(|n| n.starts_with("controlnet_down_blocks") || n.starts_with("controlnet_mid_block"))
+        .collect();
+    assert!(leaked.is_empty(), "LISA's loss must not pass through the zero convs: {leaked:?}");
+}
+
+#[test]
+fn lisa_gradients_stop_at_an_early_hook() {
+    // down_0 is conv_in's output plus the condition embedding: nothing after it may get a gradient.
+    let (with, main_grads) = lisa_gradients(Hook::Down(0));
+    assert!(main_grads.is_empty());
+    assert!(
+        with.iter().any(|n| n == "conv_in.weight") && with.iter().any(|n| n.starts_with("controlnet_cond_embedding."))
+    );
+    let after: Vec<&String> =
+        with.iter().filter(|n| !n.starts_with("conv_in.") && !n.starts_with("controlnet_cond_embedding.")).collect();
+    assert!(after.is_empty(), "parameters after the hook got LISA gradients: {after:?}");
+}
+
+#[test]
+fn training_moves_the_side_network_and_decoder_but_never_the_main_network() {
+    let main = tiny_main(eps());
+    let side = side_for(&main);
+    let head = head_for(&main, Hook::Mid, ReferencePass::SharedEncoder);
+    let before: Vec<Tensor> = main.named_parameters().iter().map(|(_, p)| p.copy()).collect();
+    let side_before: Vec<Tensor> = side.named_parameters().iter().map(|(_, p)| p.copy()).collect();
+    let data = Dataset {
+        images: Tensor::rand([8, 1, 8, 8], CPU) * 2.0 - 1.0,
+        labels: Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2, 0, 1]),
+        num_classes: 3,
+        class_names: vec!["a".into(), "b".into(), "c".into()],
+        conditioning: Some(Tensor::rand([8, 1, 8, 8], CPU)),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        steps: 3,
+        batch_size: 4,
+        lr_warmup_steps: 0,
+        learning_rate: 1e-2,
+        checkpointing_steps: 0,
+        log_every: 1,
+        ..Default::default()
+    };
+    let run = RunDir { output_dir: dir.path(), resume: None, run_description: serde_json::json!({}), quiet: true };
+    let task = ControlTask::new(&main, &side, Some(&head)).unwrap();
+    let mut params = side.named_parameters();
+    params.extend(head.named_parameters());
+    trainer::train(&task, params, &data, &main.objective, &cfg, &run, |_, _| Ok(())).unwrap();
+    for ((n, p), b) in main.named_parameters().iter().zip(&before) {
+        assert!(bitwise_equal(p, b), "main parameter {n} changed");
+        assert!(!p.grad().defined(), "main parameter {n} has a gradient");
+    }
+    let moved = side.named_parameters().iter().zip(&side_before).filter(|((_, p), b)| !bitwise_equal(p, b)).count();
+    assert!(moved > side_before.len() / 2, "only {moved} of {} side parameters moved", side_before.len());
+    assert!(
+        head.decoder.conv_out.weight.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+        "the decoder output layer left zero"
+    );
+    let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    let header = csv.lines().next().unwrap();
+    for col in ["l_main", "l_lisa", "r_sq", "lisa_ratio", "lisa_ratio_b0", "lisa_ratio_b9"] {
+        assert!(header.split(',').any(|c| c == col), "metrics.csv lacks {col}: {header}");
+    }
+    assert!(!header.contains("lisa_err_b"), "bucket sums are turned into ratios: {header}");
+    // Zero-initialised decoder: the first step's ratio is exactly 1 (nothing of r explained yet).
+    let first: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+    let col = header.split(',').position(|c| c == "lisa_ratio").unwrap();
+    assert_eq!(first[col].parse::<f64>().unwrap(), 1.0);
+}
+
+#[test]
+fn likelihood_residual_matches_hand_computed_values_for_every_objective() {
+    let x0 = Tensor::from_slice(&[0.5f32, -0.25, 1.0, 0.0]).view([4, 1, 1, 1]);
+    let noise = Tensor::from_slice(&[0.1f32, 0.7, -1.2, 2.0]).view([4, 1, 1, 1]);
+    let pred_main = Tensor::from_slice(&[0.3f32, -0.1, 0.0, 1.5]).view([4, 1, 1, 1]);
+    let (x0v, nv, pv) = ([0.5f64, -0.25, 1.0, 0.0], [0.1f64, 0.7, -1.2, 2.0], [0.3f64, -0.1, 0.0, 1.5]);
+    let check = |obj: &Objective, t: &Tensor, want: &dyn Fn(usize) -> f64| {
+        let s = obj.training_sample(&x0, &noise, t).unwrap();
+        let r = likelihood_residual(&s.target, &pred_main);
+        for i in 0..4 {
+            let got = r.double_value(&[i as i64, 0, 0, 0]);
+            assert!((got - want(i)).abs() < 1e-5, "{}: r[{i}] = {got}, want {}", obj.name(), want(i));
+        }
+    };
+    // ε-prediction: r = ε − pred.
+    let t = Tensor::from_slice(&[0i64, 10, 500, 999]);
+    check(&Objective::new(&eps()).unwrap(), &t, &|i| nv[i] - pv[i]);
+    // v-prediction: r = ᾱ_t^½·ε − (1−ᾱ_t)^½·x0 − pred, ᾱ from the linear schedule computed here in f64.
+    let vcfg = ObjectiveConfig { prediction: Prediction::VPrediction, ..eps() };
+    let betas: Vec<f64> = (0..1000).map(|i| 1e-4 + (0.02 - 1e-4) * i as f64 / 999.0).collect();
+    let abar = |t: usize| betas[..=t].iter().map(|b| 1.0 - b).product::<f64>();
+    let ts = [0usize, 10, 500, 999];
+    check(&Objective::new(&vcfg).unwrap(), &t, &|i| {
+        let a = abar(ts[i]);
+        a.sqrt() * nv[i] - (1.0 - a).sqrt() * x0v[i] - pv[i]
+    });
+    // Flow matching: r = (ε − x0) − pred, whatever t.
+    let fcfg = ObjectiveConfig { kind: ObjectiveKind::Flow, ..eps() };
+    check(&Objective::new(&fcfg).unwrap(), &Tensor::from_slice(&[0.0f32, 0.3, 0.6, 0.99]), &|i| nv[i] - x0v[i] - pv[i]);
+}
+
+#[test]
+fn bucket_sums_split_examples_by_unit_time() {
+    let decoded = Tensor::zeros([3, 1, 2, 2], CPU);
+    let r = Tensor::from_slice(&[1.0f32, 1., 1., 1., 2., 2., 2., 2., 3., 3., 3., 3.]).view([3, 1, 2, 2]);
+    let unit_t = Tensor::from_slice(&[0.05f32, 0.07, 0.95]);
+    let (err, rsq) = lisa::bucket_sums(&decoded, &r, &unit_t).unwrap();
+    let v: Vec<f32> = Vec::try_from(&rsq).unwrap();
+    assert_eq!(v, vec![5.0, 0., 0., 0., 0., 0., 0., 0., 0., 9.0]);
+    assert!(bitwise_equal(&err, &rsq), "a zero decoder's error is r²");
+}
+
+#[test]
+fn side_network_saves_without_the_decoder_and_loads_checkpoints() {
+    let main = tiny_main(eps());
+    let side = side_for(&main);
+    let head = head_for(&main, Hook::Mid, ReferencePass::SharedEncoder);
+    tch::no_grad(|| {
+        for (_, p) in side.named_parameters() {
+            let _ = p.shallow_clone().copy_(&p.randn_like());
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    side.save(dir.path()).unwrap();
+    let names: HashMap<String, Tensor> =
+        Tensor::read_safetensors(dir.path().join("model.safetensors")).unwrap().into_iter().collect();
+    assert_eq!(names.len(), side.named_parameters().len(), "exactly the baseline's parameters are saved");
+    assert!(names.keys().all(|n| !n.starts_with(lisa::DECODER_PREFIX)));
+    let loaded = SideNetwork::load(dir.path(), &main).unwrap();
+    for ((n, a), (_, b)) in side.named_parameters().iter().zip(loaded.named_parameters()) {
+        assert!(bitwise_equal(a, &b), "{n} differs after loading");
+    }
+    // A training checkpoint holds the decoder too: it is skipped when loading the side network.
+    let ck = dir.path().join("checkpoint-1");
+    std::fs::create_dir_all(&ck).unwrap();
+    let mut all = side.named_parameters();
+    all.extend(head.named_parameters());
+    let named: Vec<(&str, &Tensor)> = all.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Tensor::write_safetensors(&named, ck.join("model.safetensors")).unwrap();
+    SideNetwork::load(&ck, &main).unwrap();
+    // A side network next to a different main network is refused with a clear message.
+    let other = tiny_main(ObjectiveConfig { prediction: Prediction::VPrediction, ..eps() });
+    let e = SideNetwork::load(dir.path(), &other).err().unwrap().to_string();
+    assert!(e.contains("epsilon") && e.contains("v_prediction"), "{e}");
+}
+
+#[test]
+fn an_unfrozen_main_network_is_refused() {
+    let cfg = tiny_main(eps()).config.clone();
+    let main = MainNetwork::new(&cfg, Device::Cpu).unwrap();
+    let side = side_for(&main);
+    assert!(ControlTask::new(&main, &side, None).is_err());
+}

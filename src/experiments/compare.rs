@@ -1,0 +1,250 @@
+//! `lisa compare`: the baseline and LISA trained from the same main network with the same seeds,
+//! data order, initialisation and evaluation noise — every setting shared but the LISA switch —
+//! then curves, grids and a summary of what LISA changed.
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::control::{load_main, prepare_data, save_triptych, train_control, ArmSummary, ControlConfig, FINAL_SAMPLES};
+use crate::eval::plot::{line_plot, PlotSpec, Series};
+use crate::{Error, Result};
+
+/// One arm over all seeds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArmAggregate {
+    /// `baseline` or `lisa`.
+    pub arm: String,
+    /// Per-seed summaries.
+    pub runs: Vec<ArmSummary>,
+    /// Steps of the fidelity curve.
+    pub steps: Vec<u64>,
+    /// Mean, minimum and maximum fidelity over seeds at each step.
+    pub mean: Vec<f64>,
+    /// Minimum over seeds.
+    pub min: Vec<f64>,
+    /// Maximum over seeds.
+    pub max: Vec<f64>,
+}
+
+impl ArmAggregate {
+    fn new(arm: &str, runs: Vec<ArmSummary>) -> Result<Self> {
+        let steps: Vec<u64> = runs[0].curve.iter().map(|p| p.0).collect();
+        if runs.iter().any(|r| r.curve.iter().map(|p| p.0).ne(steps.iter().copied())) {
+            return Err(Error::Training(format!("the {arm} runs were evaluated at different steps; rerun them")));
+        }
+        let at = |i: usize| runs.iter().map(move |r| r.curve[i].1);
+        let n = runs.len() as f64;
+        Ok(Self {
+            arm: arm.into(),
+            mean: (0..steps.len()).map(|i| at(i).sum::<f64>() / n).collect(),
+            min: (0..steps.len()).map(|i| at(i).fold(f64::INFINITY, f64::min)).collect(),
+            max: (0..steps.len()).map(|i| at(i).fold(f64::NEG_INFINITY, f64::max)).collect(),
+            steps,
+            runs,
+        })
+    }
+
+    /// Mean and sample standard deviation over seeds of `f(run)`.
+    pub fn mean_sd(&self, f: impl Fn(&ArmSummary) -> f64) -> (f64, f64) {
+        let v: Vec<f64> = self.runs.iter().map(f).collect();
+        let m = v.iter().sum::<f64>() / v.len() as f64;
+        let var = if v.len() > 1 { v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64 } else { 0.0 };
+        (m, var.sqrt())
+    }
+}
+
+/// The comparison's result (`summary.json`; `summary.md` holds the table).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompareReport {
+    /// The condition.
+    pub condition: String,
+    /// The fidelity metric.
+    pub metric: String,
+    /// Whether larger is better.
+    pub higher_is_better: bool,
+    /// The baseline over seeds.
+    pub baseline: ArmAggregate,
+    /// LISA over seeds.
+    pub lisa: ArmAggregate,
+    /// First evaluated step at which LISA's mean curve reaches the baseline's final mean fidelity.
+    pub lisa_reaches_baseline_final_at: Option<u64>,
+    /// Baseline's last step divided by that step (>1: LISA gets there sooner).
+    pub speedup: Option<f64>,
+    /// First evaluated step at which the baseline's mean curve reaches LISA's final mean fidelity.
+    pub baseline_reaches_lisa_final_at: Option<u64>,
+    /// LISA's training-step time over the baseline's, minus one, in percent.
+    pub step_overhead_percent: f64,
+}
+
+impl CompareReport {
+    /// The summary table (Markdown).
+    pub fn table(&self) -> String {
+        let dir = if self.higher_is_better { "higher is better" } else { "lower is better" };
+        let (b, l) = (&self.baseline, &self.lisa);
+        let seeds = b.runs.len();
+        let mut s = format!(
+            "condition `{}`, fidelity = {} ({dir}), {seeds} seed(s), {} steps, {} held-out images in the final evaluation\n\n\
+             | | baseline | LISA |\n|---|---|---|\n",
+            self.condition,
+            self.metric,
+            b.steps.last().unwrap_or(&0),
+            b.runs[0].final_eval_images
+        );
+        let row = |name: &str, f: &dyn Fn(&ArmSummary) -> f64, prec: usize| {
+            let (bm, bs) = b.mean_sd(f);
+            let (lm, ls) = l.mean_sd(f);
+            format!("| {name} | {bm:.prec$} ± {bs:.prec$} | {lm:.prec$} ± {ls:.prec$} |\n")
+        };
+        s += &row("final fidelity", &|r| r.final_fidelity, 4);
+        s += &row("mAUCC (mean fidelity over training)", &|r| r.mean_aucc, 4);
+        s += &row("fidelity at step 0 (no control)", &|r| r.curve[0].1, 4);
+        s += &row("final samples vs shuffled conditions", &|r| r.final_fidelity_shuffled, 4);
+        s += &row("Fréchet distance to held-out images", &|r| r.frechet, 2);
+        s += &row("training step (s)", &|r| r.step_seconds, 3);
+        s += &format!(
+            "\nLISA reaches the baseline's final fidelity ({:.4}) at step {}{}; the baseline reaches LISA's final \
+             fidelity ({:.4}) at step {}. LISA's step costs {:+.1}% vs the baseline's (decoder: {} parameters, \
+             side network: {}; the decoder is not saved).\n(± = standard deviation over seeds.)\n",
+            b.mean.last().unwrap_or(&f64::NAN),
+            self.lisa_reaches_baseline_final_at.map_or("— (not reached)".into(), |s| s.to_string()),
+            self.speedup.map_or(String::new(), |x| format!(" (speed-up ×{x:.2})")),
+            l.mean.last().unwrap_or(&f64::NAN),
+            self.baseline_reaches_lisa_final_at.map_or("— (not reached)".into(), |s| s.to_string()),
+            self.step_overhead_percent,
+            l.runs[0].decoder_parameters,
+            l.runs[0].side_parameters,
+        );
+        s
+    }
+}
+
+/// First step of `steps` at which `curve` is at least as good as `target`.
+pub fn first_reaching(steps: &[u64], curve: &[f64], target: f64, higher_is_better: bool) -> Option<u64> {
+    steps.iter().zip(curve).find(|(_, &v)| if higher_is_better { v >= target } else { v <= target }).map(|(s, _)| *s)
+}
+
+/// Runs (or, with `resume`, completes) the comparison in `cfg.output_dir`: `seed-S/{baseline,lisa}/`
+/// run folders, `fidelity.png`, `samples.png`, `summary.md` and `summary.json`.
+pub fn compare(cfg: &ControlConfig, resume: bool, quiet: bool) -> Result<CompareReport> {
+    cfg.validate()?;
+    if cfg.compare.seeds == 0 {
+        return Err(Error::Config("compare.seeds must be ≥ 1".into()));
+    }
+    if cfg.threads > 0 {
+        tch::set_num_threads(cfg.threads);
+    }
+    let out = &cfg.output_dir;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    std::fs::write(out.join("config.toml"), crate::config::to_toml(cfg)?)
+        .map_err(|e| Error::io(out.join("config.toml"), e))?;
+    let main = load_main(cfg)?;
+    let t0 = std::time::Instant::now();
+    let data = prepare_data(cfg)?;
+    eprintln!(
+        "{} conditions of {} training images extracted in {:.1} s",
+        cfg.condition,
+        data.train.len(),
+        t0.elapsed().as_secs_f64()
+    );
+
+    let (mut baseline, mut lisa) = (Vec::new(), Vec::new());
+    for i in 0..cfg.compare.seeds {
+        for enabled in [false, true] {
+            let mut arm = cfg.clone();
+            arm.lisa.enabled = enabled;
+            arm.train.seed = cfg.train.seed + i;
+            arm.output_dir = out.join(format!("seed-{}", arm.train.seed)).join(arm.arm());
+            let summary_path = arm.output_dir.join("summary.json");
+            let finished = resume.then(|| read_summary(&summary_path)).flatten().filter(|s| s.steps == cfg.train.steps);
+            let summary = match finished {
+                Some(s) => {
+                    eprintln!("{}: finished earlier", arm.output_dir.display());
+                    s
+                }
+                None => {
+                    let has_ckpt = !crate::train::checkpoint::list(&arm.output_dir).unwrap_or_default().is_empty();
+                    let from = (resume && has_ckpt).then_some("latest");
+                    eprintln!("== {} (seed {})", arm.arm(), arm.train.seed);
+                    train_control(&arm, &main, &data, from, quiet)?
+                }
+            };
+            if enabled {
+                lisa.push(summary)
+            } else {
+                baseline.push(summary)
+            }
+        }
+    }
+    let report = aggregate(cfg, baseline, lisa)?;
+    write_outputs(cfg, &report, &data.eval_conditions, &data.eval_images)?;
+    Ok(report)
+}
+
+fn read_summary(path: &Path) -> Option<ArmSummary> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+fn aggregate(cfg: &ControlConfig, baseline: Vec<ArmSummary>, lisa: Vec<ArmSummary>) -> Result<CompareReport> {
+    let (b, l) = (ArmAggregate::new("baseline", baseline)?, ArmAggregate::new("lisa", lisa)?);
+    let hib = b.runs[0].higher_is_better;
+    let b_final = *b.mean.last().unwrap_or(&f64::NAN);
+    let l_final = *l.mean.last().unwrap_or(&f64::NAN);
+    let reach = first_reaching(&l.steps, &l.mean, b_final, hib);
+    let last = *b.steps.last().unwrap_or(&0) as f64;
+    let (bt, _) = b.mean_sd(|r| r.step_seconds);
+    let (lt, _) = l.mean_sd(|r| r.step_seconds);
+    Ok(CompareReport {
+        condition: cfg.condition.clone(),
+        metric: b.runs[0].metric.clone(),
+        higher_is_better: hib,
+        speedup: reach.filter(|&s| s > 0).map(|s| last / s as f64),
+        lisa_reaches_baseline_final_at: reach,
+        baseline_reaches_lisa_final_at: first_reaching(&b.steps, &b.mean, l_final, hib),
+        step_overhead_percent: 100.0 * (lt / bt - 1.0),
+        baseline: b,
+        lisa: l,
+    })
+}
+
+fn write_outputs(cfg: &ControlConfig, report: &CompareReport, conditions: &Tensor, truth: &Tensor) -> Result<()> {
+    let out = &cfg.output_dir;
+    let series = |a: &ArmAggregate, label: &str, color: [u8; 3]| Series {
+        label: label.into(),
+        color,
+        x: a.steps.iter().map(|&s| s as f64).collect(),
+        mean: a.mean.clone(),
+        band: (a.runs.len() > 1).then(|| (a.min.clone(), a.max.clone())),
+    };
+    let seeds = report.baseline.runs.len();
+    let title = format!(
+        "{}: control fidelity vs step ({seeds} seed{})",
+        cfg.condition,
+        if seeds > 1 { "s, band = min-max" } else { "" }
+    );
+    line_plot(
+        &out.join("fidelity.png"),
+        &PlotSpec { title: &title, x_label: "training step", y_label: &report.metric, width: 720, height: 440 },
+        &[series(&report.baseline, "baseline", [60, 110, 200]), series(&report.lisa, "LISA", [220, 90, 40])],
+    )?;
+    // condition | baseline | LISA | ground truth, from the first seed's final samples.
+    let load = |arm: &ArmAggregate| -> Result<Tensor> {
+        let dir = out.join(format!("seed-{}", arm.runs[0].seed)).join(&arm.arm);
+        let path = dir.join(FINAL_SAMPLES);
+        let t = Tensor::read_safetensors(&path).map_err(|e| Error::format(&path, e.to_string()))?;
+        t.into_iter().next().map(|(_, t)| t).ok_or_else(|| Error::format(&path, "empty"))
+    };
+    let (bs, ls) = (load(&report.baseline)?, load(&report.lisa)?);
+    let k = bs.size()[0].min(ls.size()[0]).min(12);
+    save_triptych(
+        &conditions.narrow(0, 0, k),
+        &[bs.narrow(0, 0, k), ls.narrow(0, 0, k)],
+        &truth.narrow(0, 0, k),
+        &out.join("samples.png"),
+    )?;
+    let table = report.table();
+    std::fs::write(out.join("summary.md"), &table).map_err(|e| Error::io(out.join("summary.md"), e))?;
+    let json = serde_json::to_string_pretty(report).map_err(|e| Error::Config(e.to_string()))?;
+    std::fs::write(out.join("summary.json"), json).map_err(|e| Error::io(out.join("summary.json"), e))?;
+    Ok(())
+}

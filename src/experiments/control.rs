@@ -1,0 +1,453 @@
+//! Training one side network (baseline or LISA) against the frozen main network, with control
+//! fidelity measured on a fixed held-out set every few steps, and its final evaluation.
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::pretrain::{device_from, DataConfig};
+use crate::control::{ControlTask, LisaConfig, LisaHead, SideNetwork};
+use crate::data::conditions::{extract_batch, ConditionKind};
+use crate::data::Dataset;
+use crate::diffusion::{SamplerConfig, SamplerKind};
+use crate::eval::fidelity::{fidelity, higher_is_better, metric_name};
+use crate::eval::{frechet_distance, load_shipped, FeatureStats};
+use crate::models::ControlNetConfig;
+use crate::pipeline::{shipped_main_network, MainNetwork};
+use crate::train::log::{LogFormat, MetricsLog};
+use crate::train::trainer::{self, RunDir, TrainConfig};
+use crate::{Error, Result};
+
+/// Control fidelity measured during training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FidelityEvalConfig {
+    /// Measure every this many steps (and at step 0 and the last step). Default 50.
+    pub every_steps: u64,
+    /// Held-out test images whose conditions are sampled. Default 64.
+    pub num_images: i64,
+    /// The sampler (fixed across steps, arms and seeds). Default DDIM, 20 steps, η = 0.
+    pub sampler: SamplerConfig,
+    /// Seed of the held-out subset and of the sampling noise (fixed across arms and seeds). Default 4321.
+    pub seed: u64,
+}
+
+impl Default for FidelityEvalConfig {
+    fn default() -> Self {
+        Self { every_steps: 50, num_images: 64, sampler: SamplerConfig { steps: 20, ..Default::default() }, seed: 4321 }
+    }
+}
+
+/// The evaluation of the finished side network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FinalEvalConfig {
+    /// Held-out test images (their conditions are sampled; the images are the Fréchet reference). Default 500.
+    pub num_images: i64,
+    /// Images per sampling batch. Default 250.
+    pub chunk: i64,
+}
+
+impl Default for FinalEvalConfig {
+    fn default() -> Self {
+        Self { num_images: 500, chunk: 250 }
+    }
+}
+
+/// `lisa compare`'s repetition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompareOptions {
+    /// Seeds per arm: `train.seed`, `train.seed + 1`, ... Default 3.
+    pub seeds: u64,
+}
+
+impl Default for CompareOptions {
+    fn default() -> Self {
+        Self { seeds: 3 }
+    }
+}
+
+/// Configuration of side-network training (`lisa train`) and of `lisa compare`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Run folder. Default `runs/control`.
+    pub output_dir: PathBuf,
+    /// CPU threads for libtorch (0 = libtorch's default). Default 0.
+    pub threads: i32,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`. Default `auto`.
+    pub device: String,
+    /// The frozen main network's folder (empty = the shipped one). Default empty.
+    pub main_network: PathBuf,
+    /// The visual condition: `edges`, `mask`, `depth`, `lowres` or `skeleton`. Default `edges`.
+    pub condition: String,
+    /// Training data (conditions are extracted from its images); the held-out set is its test split.
+    pub data: DataConfig,
+    /// Widths of the conditioning embedding's stages. Default `[16, 32]`.
+    pub conditioning_embedding_out_channels: Vec<i64>,
+    /// LISA (`lisa.enabled = false` is the baseline).
+    pub lisa: LisaConfig,
+    /// The training loop.
+    pub train: TrainConfig,
+    /// Control fidelity during training.
+    pub fidelity: FidelityEvalConfig,
+    /// The final evaluation.
+    pub final_eval: FinalEvalConfig,
+    /// `lisa compare` only.
+    pub compare: CompareOptions,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            output_dir: PathBuf::from("runs/control"),
+            threads: 0,
+            device: "auto".into(),
+            main_network: PathBuf::new(),
+            condition: "edges".into(),
+            data: DataConfig::default(),
+            conditioning_embedding_out_channels: ControlNetConfig::default().conditioning_embedding_out_channels,
+            lisa: LisaConfig::default(),
+            train: TrainConfig {
+                steps: 1000,
+                batch_size: 32,
+                learning_rate: 1e-4,
+                lr_warmup_steps: 0,
+                checkpointing_steps: 250,
+                checkpoints_total_limit: 2,
+                ..TrainConfig::default()
+            },
+            fidelity: FidelityEvalConfig::default(),
+            final_eval: FinalEvalConfig::default(),
+            compare: CompareOptions::default(),
+        }
+    }
+}
+
+impl ControlConfig {
+    /// The main network folder (the shipped one when unset).
+    pub fn main_network_dir(&self) -> PathBuf {
+        if self.main_network.as_os_str().is_empty() {
+            shipped_main_network()
+        } else {
+            self.main_network.clone()
+        }
+    }
+
+    /// The condition kind.
+    pub fn condition_kind(&self) -> Result<ConditionKind> {
+        self.condition.parse()
+    }
+
+    /// Rejects settings that cannot run.
+    pub fn validate(&self) -> Result<()> {
+        self.condition_kind()?;
+        self.lisa.validate()?;
+        self.train.validate()?;
+        if self.train.ema_decay != 0.0 {
+            return Err(Error::Config("train.ema_decay: side networks are trained without EMA; set it to 0".into()));
+        }
+        if self.fidelity.num_images < 1 || self.fidelity.every_steps == 0 {
+            return Err(Error::Config("fidelity.num_images and fidelity.every_steps must be ≥ 1".into()));
+        }
+        if self.final_eval.num_images < 2 || self.final_eval.chunk < 1 {
+            return Err(Error::Config("final_eval.num_images must be ≥ 2 and final_eval.chunk ≥ 1".into()));
+        }
+        Ok(())
+    }
+
+    /// A short name of the arm: `lisa` or `baseline`.
+    pub fn arm(&self) -> &'static str {
+        if self.lisa.enabled {
+            "lisa"
+        } else {
+            "baseline"
+        }
+    }
+}
+
+/// Training data with conditions and the fixed held-out set, prepared once per comparison.
+pub struct ControlData {
+    /// Training images, labels and their conditions.
+    pub train: Dataset,
+    /// Held-out images [N, 1, H, W] in [-1, 1] (N = the larger of the two evaluation sizes).
+    pub eval_images: Tensor,
+    /// Their labels [N].
+    pub eval_labels: Tensor,
+    /// Their conditions [N, 1, H, W] in [0, 1].
+    pub eval_conditions: Tensor,
+}
+
+/// Loads the training split and a fixed held-out subset of the test split, and extracts the
+/// condition of every image.
+pub fn prepare_data(cfg: &ControlConfig) -> Result<ControlData> {
+    let kind = cfg.condition_kind()?;
+    let mut train = cfg.data.load(false)?;
+    if train.channels() != 1 {
+        return Err(Error::Config("condition extraction needs single-channel images (data.channels = 1)".into()));
+    }
+    train.conditioning = Some(extract_batch(kind, &train.images)?);
+    let test = cfg.data.load(true)?;
+    let n = cfg.fidelity.num_images.max(cfg.final_eval.num_images).min(test.len() as i64);
+    let mut idx: Vec<i64> = (0..test.len() as i64).collect();
+    crate::rng::SplitMix64::new(cfg.fidelity.seed).shuffle(&mut idx);
+    idx.truncate(n as usize);
+    let (eval_images, eval_labels, _) = test.batch(&idx)?;
+    let eval_conditions = extract_batch(kind, &eval_images)?;
+    Ok(ControlData { train, eval_images, eval_labels, eval_conditions })
+}
+
+/// The first final-evaluation samples of an arm, kept for comparison grids.
+pub const FINAL_SAMPLES: &str = "final-samples.safetensors";
+
+/// What a finished arm reports (`summary.json` in its folder).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArmSummary {
+    /// `baseline` or `lisa`.
+    pub arm: String,
+    /// The run's seed.
+    pub seed: u64,
+    /// The condition.
+    pub condition: String,
+    /// Steps trained.
+    pub steps: u64,
+    /// Mean wall time of a training step (forward, backward, update; no evaluation), seconds.
+    pub step_seconds: f64,
+    /// The fidelity metric's name.
+    pub metric: String,
+    /// Whether larger fidelity values are better.
+    pub higher_is_better: bool,
+    /// `(step, fidelity)` on the held-out set during training.
+    pub curve: Vec<(u64, f64)>,
+    /// Mean fidelity over training: area under the curve divided by the steps covered (mAUCC).
+    pub mean_aucc: f64,
+    /// Fidelity of the final network on the final-evaluation set.
+    pub final_fidelity: f64,
+    /// The same samples scored against shuffled conditions: the level of a network that ignores them.
+    pub final_fidelity_shuffled: f64,
+    /// Fréchet distance of the final samples to the held-out images (classifier features).
+    pub frechet: f64,
+    /// Images in the final evaluation.
+    pub final_eval_images: i64,
+    /// Trainable parameters of the side network (what is saved).
+    pub side_parameters: i64,
+    /// Parameters of the LISA decoder (training only; 0 for the baseline).
+    pub decoder_parameters: i64,
+}
+
+/// The area under `curve` (trapezoids) divided by its step range; the single value for one point.
+pub fn mean_aucc(curve: &[(u64, f64)]) -> f64 {
+    match curve {
+        [] => f64::NAN,
+        [(_, v)] => *v,
+        _ => {
+            let area: f64 = curve.windows(2).map(|w| (w[1].0 - w[0].0) as f64 * (w[0].1 + w[1].1) / 2.0).sum();
+            area / (curve[curve.len() - 1].0 - curve[0].0) as f64
+        }
+    }
+}
+
+/// Loads the main network named by `cfg` and freezes it.
+pub fn load_main(cfg: &ControlConfig) -> Result<MainNetwork> {
+    let device = device_from(&cfg.device)?;
+    let mut main = MainNetwork::load(&cfg.main_network_dir(), device)?;
+    main.freeze();
+    Ok(main)
+}
+
+/// Trains one arm as configured into `cfg.output_dir`: checkpoints, `metrics.csv`, `fidelity.csv`,
+/// `samples/step-N.png` (condition | sample | ground truth), the final `side-network/` and `summary.json`.
+pub fn train_control(
+    cfg: &ControlConfig,
+    main: &MainNetwork,
+    data: &ControlData,
+    resume: Option<&str>,
+    quiet: bool,
+) -> Result<ArmSummary> {
+    cfg.validate()?;
+    if cfg.threads > 0 {
+        tch::set_num_threads(cfg.threads);
+    }
+    let kind = cfg.condition_kind()?;
+    let device = main.vs.device();
+    let out = &cfg.output_dir;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    std::fs::write(out.join("config.toml"), crate::config::to_toml(cfg)?)
+        .map_err(|e| Error::io(out.join("config.toml"), e))?;
+
+    // The same seed gives both arms the same side-network initialisation (the decoder is built after it).
+    tch::manual_seed(cfg.train.seed as i64);
+    let controlnet = ControlNetConfig {
+        conditioning_embedding_out_channels: cfg.conditioning_embedding_out_channels.clone(),
+        ..ControlNetConfig::for_unet(&main.config.unet)
+    };
+    let side = SideNetwork::from_main(main, kind, controlnet)?;
+    let head = if cfg.lisa.enabled { Some(LisaHead::new(main, &cfg.lisa)?) } else { None };
+    // A side-network run folder doubles as a side-network folder for its checkpoints.
+    let side_cfg = serde_json::to_string_pretty(&side.config).map_err(|e| Error::Config(e.to_string()))?;
+    std::fs::write(out.join(crate::pipeline::CONFIG_FILE), side_cfg).map_err(|e| Error::io(out, e))?;
+    let task = ControlTask::new(main, &side, head.as_ref())?;
+    let mut params = side.named_parameters();
+    if let Some(h) = &head {
+        params.extend(h.named_parameters());
+    }
+
+    let train_data = Dataset {
+        images: data.train.images.to_device(device),
+        labels: data.train.labels.to_device(device),
+        num_classes: data.train.num_classes,
+        class_names: data.train.class_names.clone(),
+        conditioning: data.train.conditioning.as_ref().map(|c| c.to_device(device)),
+    };
+    let n_fid = cfg.fidelity.num_images.min(data.eval_images.size()[0]);
+    let (fid_y, fid_c, fid_x) = (
+        data.eval_labels.narrow(0, 0, n_fid),
+        data.eval_conditions.narrow(0, 0, n_fid),
+        data.eval_images.narrow(0, 0, n_fid),
+    );
+    let resume_step = match resume {
+        Some(r) => {
+            let dir = crate::train::checkpoint::resolve(out, r)?;
+            let state = crate::train::checkpoint::read_state(&dir)?;
+            state.get("step").and_then(|s| s.as_u64())
+        }
+        None => None,
+    };
+    let mut fid_log = MetricsLog::open_file(out.join("fidelity.csv"), LogFormat::Csv, resume_step)?;
+    let samples_dir = out.join("samples");
+    std::fs::create_dir_all(&samples_dir).map_err(|e| Error::io(&samples_dir, e))?;
+    let metric = metric_name(kind);
+    let mut measure = |step: u64| -> Result<()> {
+        let t0 = std::time::Instant::now();
+        let samples = side.sample_chunked(main, &fid_y, &fid_c, &cfg.fidelity.sampler, 1.0, cfg.fidelity.seed, 64)?;
+        let score = fidelity(kind, &samples, &fid_c)?;
+        fid_log
+            .write(step, &[(metric.to_string(), score.mean), ("eval_seconds".into(), t0.elapsed().as_secs_f64())])?;
+        fid_log.flush()?;
+        let k = n_fid.min(8);
+        save_triptych(
+            &fid_c.narrow(0, 0, k),
+            &[samples.narrow(0, 0, k)],
+            &fid_x.narrow(0, 0, k),
+            &samples_dir.join(format!("step-{step}.png")),
+        )
+    };
+    if resume.is_none() {
+        measure(0)?;
+    }
+    let train_cfg = TrainConfig { validation_steps: cfg.fidelity.every_steps, ..cfg.train.clone() };
+    let run = RunDir {
+        output_dir: out,
+        resume,
+        run_description: serde_json::json!({
+            "main_network": cfg.main_network_dir(), "condition": cfg.condition, "data": cfg.data,
+            "conditioning_embedding_out_channels": cfg.conditioning_embedding_out_channels,
+            "lisa": cfg.lisa, "train": cfg.train, "fidelity": cfg.fidelity,
+        }),
+        quiet,
+    };
+    trainer::train(&task, params, &train_data, &main.objective, &train_cfg, &run, |step, _| measure(step))?;
+    drop(fid_log);
+
+    side.save(&out.join("side-network"))?;
+    let curve = read_curve(&out.join("fidelity.csv"), metric)?;
+    let step_seconds = mean_column(&out.join("metrics.csv"), "step_seconds")?;
+    let summary = final_evaluation(cfg, main, &side, data, curve, step_seconds)?;
+    let summary = ArmSummary {
+        decoder_parameters: head.as_ref().map_or(0, |h| crate::models::parameter_count(&h.vs)),
+        ..summary
+    };
+    let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::Config(e.to_string()))?;
+    std::fs::write(out.join("summary.json"), text).map_err(|e| Error::io(out.join("summary.json"), e))?;
+    Ok(summary)
+}
+
+/// Samples the final-evaluation set with the finished side network and scores it.
+fn final_evaluation(
+    cfg: &ControlConfig,
+    main: &MainNetwork,
+    side: &SideNetwork,
+    data: &ControlData,
+    curve: Vec<(u64, f64)>,
+    step_seconds: f64,
+) -> Result<ArmSummary> {
+    let kind = side.condition;
+    let n = cfg.final_eval.num_images.min(data.eval_images.size()[0]);
+    let (y, c, x) =
+        (data.eval_labels.narrow(0, 0, n), data.eval_conditions.narrow(0, 0, n), data.eval_images.narrow(0, 0, n));
+    let samples =
+        side.sample_chunked(main, &y, &c, &cfg.fidelity.sampler, 1.0, cfg.fidelity.seed, cfg.final_eval.chunk)?;
+    let first = samples.narrow(0, 0, n.min(32)).contiguous();
+    let path = cfg.output_dir.join(FINAL_SAMPLES);
+    Tensor::write_safetensors(&[("samples", &first)], &path).map_err(|e| Error::format(&path, e.to_string()))?;
+    let score = fidelity(kind, &samples, &c)?;
+    // Shift by one: every sample meets another image's condition.
+    let shuffled = fidelity(kind, &samples, &c.roll([1], [0]))?;
+    let (_vs, classifier, _) = load_shipped(Device::Cpu)?;
+    let stats =
+        |t: &Tensor| -> Result<FeatureStats> { FeatureStats::from_features(&classifier.features_batched(t, 500)?) };
+    let frechet = frechet_distance(&stats(&samples)?, &stats(&x.to_device(Device::Cpu))?)?;
+    Ok(ArmSummary {
+        arm: cfg.arm().into(),
+        seed: cfg.train.seed,
+        condition: cfg.condition.clone(),
+        steps: curve.last().map_or(0, |p| p.0),
+        step_seconds,
+        metric: metric_name(kind).into(),
+        higher_is_better: higher_is_better(kind),
+        mean_aucc: mean_aucc(&curve),
+        curve,
+        final_fidelity: score.mean,
+        final_fidelity_shuffled: shuffled.mean,
+        frechet,
+        final_eval_images: n,
+        side_parameters: crate::models::parameter_count(&side.vs),
+        decoder_parameters: 0,
+    })
+}
+
+/// Writes rows of [condition | samples... | ground truth] for `k` examples (images in [-1, 1],
+/// conditions in [0, 1]).
+pub fn save_triptych(conditions: &Tensor, samples: &[Tensor], truth: &Tensor, path: &Path) -> Result<()> {
+    let k = conditions.size()[0];
+    let mut cols = vec![conditions.to_device(Device::Cpu).to_kind(Kind::Float) * 2.0 - 1.0];
+    cols.extend(samples.iter().map(|s| s.to_device(Device::Cpu).to_kind(Kind::Float)));
+    cols.push(truth.to_device(Device::Cpu).to_kind(Kind::Float));
+    let ncol = cols.len();
+    // Interleave so that each row is one example.
+    let stacked = Tensor::stack(&cols, 1).flatten(0, 1);
+    debug_assert_eq!(stacked.size()[0], k * ncol as i64);
+    crate::eval::grid::save_grid_scaled(&stacked, ncol, 2, 2, path)
+}
+
+/// Reads `(step, value)` pairs of column `name` from a CSV log.
+pub fn read_curve(path: &Path, name: &str) -> Result<Vec<(u64, f64)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
+    let col = header.iter().position(|h| *h == name).ok_or_else(|| Error::format(path, format!("no column {name}")))?;
+    let mut out = Vec::new();
+    for line in lines.filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split(',').collect();
+        let step =
+            f.first().and_then(|s| s.parse().ok()).ok_or_else(|| Error::format(path, format!("bad row {line:?}")))?;
+        let v =
+            f.get(col).and_then(|s| s.parse().ok()).ok_or_else(|| Error::format(path, format!("bad row {line:?}")))?;
+        out.push((step, v));
+    }
+    Ok(out)
+}
+
+fn mean_column(path: &Path, name: &str) -> Result<f64> {
+    let c = read_curve(path, name)?;
+    Ok(c.iter().map(|p| p.1).sum::<f64>() / c.len().max(1) as f64)
+}
+
+/// The default sampler for a main network's objective (DDIM, or Euler for flow).
+pub fn default_sampler_kind(main: &MainNetwork) -> SamplerKind {
+    match main.objective {
+        crate::diffusion::Objective::Flow => SamplerKind::Euler,
+        _ => SamplerKind::Ddim,
+    }
+}
