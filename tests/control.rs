@@ -1,0 +1,123 @@
+//! Side-network training end to end through the binary, at a tiny size: `lisa compare` writes its
+//! run folders, plot, grid and summary; `--resume` keeps finished arms; the saved side network
+//! samples under `lisa sample --controlnet`; and its bad input gets one clear line.
+use std::path::Path;
+use std::process::Command;
+
+fn lisa(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lisa")).args(args).output().expect("run lisa");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const TINY: [&str; 16] = [
+    "--set",
+    "data.source=\"embedded\"",
+    "--set",
+    "data.max_examples=64",
+    "--set",
+    "fidelity.num_images=4",
+    "--set",
+    "fidelity.sampler.steps=2",
+    "--set",
+    "fidelity.every_steps=1",
+    "--set",
+    "final_eval.num_images=4",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "threads=1",
+];
+
+fn compare(out: &Path, extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec![
+        "compare",
+        "--task",
+        "mask",
+        "--steps",
+        "2",
+        "--seeds",
+        "1",
+        "--quiet",
+        "--output-dir",
+        out.to_str().unwrap(),
+    ];
+    args.extend(TINY);
+    args.extend(extra);
+    lisa(&args)
+}
+
+#[test]
+fn compare_writes_curves_grids_and_a_summary_then_its_side_network_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cmp");
+    let (ok, stdout, stderr) = compare(&out, &[]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("| final fidelity |") && stdout.contains("mask_iou"), "{stdout}");
+    for f in ["fidelity.png", "samples.png", "summary.md", "summary.json", "config.toml"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    for arm in ["baseline", "lisa"] {
+        let run = out.join("seed-0").join(arm);
+        let fid = std::fs::read_to_string(run.join("fidelity.csv")).unwrap();
+        assert_eq!(fid.lines().count(), 4, "header + steps 0, 1, 2:\n{fid}");
+        assert!(run.join("side-network/model.safetensors").is_file());
+    }
+    let metrics = std::fs::read_to_string(out.join("seed-0/lisa/metrics.csv")).unwrap();
+    assert!(metrics.lines().next().unwrap().contains("lisa_ratio_b9"));
+    let baseline = std::fs::read_to_string(out.join("seed-0/baseline/metrics.csv")).unwrap();
+    assert!(!baseline.contains("l_lisa"), "the baseline has no LISA term");
+
+    // Resuming a finished comparison retrains nothing.
+    let (ok, _, stderr) = compare(&out, &["--resume"]);
+    assert!(ok && stderr.matches("finished earlier").count() == 2, "{stderr}");
+
+    // The trained side network, conditioned on a mask drawn from an image.
+    let png = dir.path().join("shirt.png");
+    let img = image::GrayImage::from_fn(28, 28, |x, y| {
+        image::Luma([if (6..22).contains(&x) && (4..24).contains(&y) { 200 } else { 0 }])
+    });
+    img.save(&png).unwrap();
+    let grid = dir.path().join("grid.png");
+    let side = out.join("seed-0/lisa/side-network");
+    let (ok, stdout, stderr) = lisa(&[
+        "sample",
+        "--controlnet",
+        side.to_str().unwrap(),
+        "--condition-from",
+        png.to_str().unwrap(),
+        "--labels",
+        "0,6",
+        "--per-label",
+        "1",
+        "--sampling-steps",
+        "2",
+        "--out",
+        grid.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("mask") && grid.is_file(), "{stdout}");
+
+    // A condition that is not an image: one line naming the file.
+    let bad = dir.path().join("bad.png");
+    std::fs::write(&bad, b"not a png").unwrap();
+    let (ok, _, stderr) =
+        lisa(&["sample", "--controlnet", side.to_str().unwrap(), "--condition", bad.to_str().unwrap()]);
+    assert!(
+        !ok && stderr.lines().count() == 1 && stderr.contains("bad.png") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn controlnet_arguments_are_checked() {
+    let (ok, _, stderr) = lisa(&["sample", "--condition", "x.png"]);
+    assert!(!ok && stderr.contains("--controlnet"), "{stderr}");
+    let (ok, _, stderr) = lisa(&["train", "--task", "sketch", "--print-config"]);
+    assert!(!ok && stderr.contains("unknown condition kind") && stderr.lines().count() == 1, "{stderr}");
+    let (ok, _, stderr) = lisa(&["sample", "--controlnet", "/nonexistent/side"]);
+    assert!(!ok && stderr.contains("not a side network folder"), "{stderr}");
+}
