@@ -413,10 +413,8 @@ fn run_demo(a: DemoArgs) -> Result<()> {
     cfg.condition = "edges".into();
     cfg.train.steps = a.steps;
     cfg.train.checkpointing_steps = a.steps / 2;
-    cfg.train.learning_rate = 3e-4;
     cfg.fidelity.every_steps = (a.steps / 5).max(1);
     cfg.fidelity.num_images = 32;
-    cfg.fidelity.sampler.steps = 10;
     cfg.final_eval.num_images = 100;
     cfg.compare.seeds = a.seeds;
     println!("== lisa compare --task edges on the embedded Fashion-MNIST subset: {} steps per arm, {} seed(s)", a.steps, a.seeds);

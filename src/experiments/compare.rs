@@ -6,7 +6,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::control::{load_main, prepare_data, save_triptych, train_control, ArmSummary, ControlConfig, FINAL_SAMPLES};
+use super::control::{
+    load_main, prepare_data, read_curve, save_triptych, train_control, ArmSummary, ControlConfig, FINAL_SAMPLES,
+};
+use crate::control::NUM_TIME_BUCKETS;
 use crate::eval::plot::{line_plot, PlotSpec, Series};
 use crate::{Error, Result};
 
@@ -75,6 +78,9 @@ pub struct CompareReport {
     pub baseline_reaches_lisa_final_at: Option<u64>,
     /// LISA's training-step time over the baseline's, minus one, in percent.
     pub step_overhead_percent: f64,
+    /// `L_lisa / mean(r²)` per timestep bucket (t/T in tenths) over the last fifth of training, mean over
+    /// seeds: the fraction of the likelihood residual the decoder leaves unexplained.
+    pub lisa_ratio_by_bucket: Vec<f64>,
 }
 
 impl CompareReport {
@@ -114,6 +120,11 @@ impl CompareReport {
             self.step_overhead_percent,
             l.runs[0].decoder_parameters,
             l.runs[0].side_parameters,
+        );
+        let ratios: Vec<String> = self.lisa_ratio_by_bucket.iter().map(|r| format!("{r:.3}")).collect();
+        s += &format!(
+            "L_lisa / mean(r²) over the last fifth of training, by t/T bucket 0–0.1 … 0.9–1: {}\n",
+            ratios.join(" · ")
         );
         s
     }
@@ -176,9 +187,47 @@ pub fn compare(cfg: &ControlConfig, resume: bool, quiet: bool) -> Result<Compare
             }
         }
     }
-    let report = aggregate(cfg, baseline, lisa)?;
+    let mut report = aggregate(cfg, baseline, lisa)?;
+    let per_seed: Vec<Vec<f64>> = report
+        .lisa
+        .runs
+        .iter()
+        .map(|r| late_bucket_ratios(&out.join(format!("seed-{}", r.seed)).join("lisa").join("metrics.csv")))
+        .collect::<Result<_>>()?;
+    report.lisa_ratio_by_bucket =
+        (0..NUM_TIME_BUCKETS).map(|b| per_seed.iter().map(|v| v[b]).sum::<f64>() / per_seed.len() as f64).collect();
+    let x: Vec<f64> = (0..NUM_TIME_BUCKETS).map(|b| (b as f64 + 0.5) / NUM_TIME_BUCKETS as f64).collect();
+    let band = (per_seed.len() > 1).then(|| {
+        let f = |init: f64, pick: fn(f64, f64) -> f64| -> Vec<f64> {
+            (0..NUM_TIME_BUCKETS).map(|b| per_seed.iter().map(|v| v[b]).fold(init, pick)).collect()
+        };
+        (f(f64::INFINITY, f64::min), f(f64::NEG_INFINITY, f64::max))
+    });
+    line_plot(
+        &out.join("lisa-ratio.png"),
+        &PlotSpec {
+            title: "LISA: unexplained fraction of r by timestep (last fifth of training)",
+            x_label: "t / T",
+            y_label: "L_lisa / mean(r^2)",
+            width: 720,
+            height: 440,
+        },
+        &[Series { label: "LISA".into(), color: [220, 90, 40], x, mean: report.lisa_ratio_by_bucket.clone(), band }],
+    )?;
     write_outputs(cfg, &report, &data.eval_conditions, &data.eval_images)?;
     Ok(report)
+}
+
+/// Mean of each `lisa_ratio_b{i}` column over the last fifth of a LISA run's metric rows (NaN cells skipped).
+fn late_bucket_ratios(metrics: &Path) -> Result<Vec<f64>> {
+    (0..NUM_TIME_BUCKETS)
+        .map(|b| {
+            let rows = read_curve(metrics, &format!("lisa_ratio_b{b}"))?;
+            let tail = &rows[rows.len() - (rows.len() / 5).max(1).min(rows.len())..];
+            let vals: Vec<f64> = tail.iter().map(|p| p.1).filter(|v| v.is_finite()).collect();
+            Ok(if vals.is_empty() { f64::NAN } else { vals.iter().sum::<f64>() / vals.len() as f64 })
+        })
+        .collect()
 }
 
 fn read_summary(path: &Path) -> Option<ArmSummary> {
@@ -202,6 +251,7 @@ fn aggregate(cfg: &ControlConfig, baseline: Vec<ArmSummary>, lisa: Vec<ArmSummar
         lisa_reaches_baseline_final_at: reach,
         baseline_reaches_lisa_final_at: first_reaching(&b.steps, &b.mean, l_final, hib),
         step_overhead_percent: 100.0 * (lt / bt - 1.0),
+        lisa_ratio_by_bucket: vec![],
         baseline: b,
         lisa: l,
     })

@@ -26,7 +26,7 @@ pub struct FidelityEvalConfig {
     pub every_steps: u64,
     /// Held-out test images whose conditions are sampled. Default 64.
     pub num_images: i64,
-    /// The sampler (fixed across steps, arms and seeds). Default DDIM, 20 steps, η = 0.
+    /// The sampler (fixed across steps, arms and seeds). Default DDIM, 10 steps, η = 0.
     pub sampler: SamplerConfig,
     /// Seed of the held-out subset and of the sampling noise (fixed across arms and seeds). Default 4321.
     pub seed: u64,
@@ -34,7 +34,7 @@ pub struct FidelityEvalConfig {
 
 impl Default for FidelityEvalConfig {
     fn default() -> Self {
-        Self { every_steps: 50, num_images: 64, sampler: SamplerConfig { steps: 20, ..Default::default() }, seed: 4321 }
+        Self { every_steps: 50, num_images: 64, sampler: SamplerConfig { steps: 10, ..Default::default() }, seed: 4321 }
     }
 }
 
@@ -112,7 +112,9 @@ impl Default for ControlConfig {
             train: TrainConfig {
                 steps: 1000,
                 batch_size: 32,
-                learning_rate: 1e-4,
+                // Measured on the shipped main network: at 2e-4 the edge fidelity had not moved after 150
+                // steps; at 1e-3 it rose from 0.69 to 0.85.
+                learning_rate: 1e-3,
                 lr_warmup_steps: 0,
                 checkpointing_steps: 250,
                 checkpoints_total_limit: 2,
