@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use tch::{Device, Tensor};
 
 use lisa::diffusion::{SamplerConfig, SamplerKind};
-use lisa::control::SideNetwork;
+use lisa::control::{sample_controlled, Control, ControlOptions, SideNetwork};
 use lisa::experiments::compare::compare;
 use lisa::experiments::control::{load_main, prepare_data, train_control, ControlConfig};
 use lisa::experiments::evaluate::evaluate;
@@ -187,18 +187,28 @@ struct SampleArgs {
     #[arg(long, default_value = "samples.png")]
     out: PathBuf,
     /// A side network folder (a `lisa train` run's `side-network/`, or one of its checkpoints): sample
-    /// under its control. Needs --condition or --condition-from.
+    /// under its control. Repeat to compose several (their residuals are summed, as diffusers'
+    /// MultiControlNet). Needs --condition (one per side network) or --condition-from.
     #[arg(long)]
-    controlnet: Option<PathBuf>,
-    /// The condition image (PNG/JPEG/BMP; grey, resized to the model's size; white = 1).
+    controlnet: Vec<PathBuf>,
+    /// A condition image (PNG/JPEG/BMP; grey, resized to the model's size; white = 1), one per --controlnet, in order.
     #[arg(long)]
-    condition: Option<PathBuf>,
-    /// An ordinary image to extract the side network's condition from (e.g. its edges).
+    condition: Vec<PathBuf>,
+    /// An ordinary image from which every side network extracts its own condition (e.g. edges, mask).
     #[arg(long, conflicts_with = "condition")]
     condition_from: Option<PathBuf>,
-    /// Conditioning scale: multiplies the side network's residuals (0 = no control).
+    /// Conditioning scale: multiplies a side network's residuals (0 = no control); one value for all, or one per --controlnet.
+    #[arg(long, default_value = "1.0", value_delimiter = ',')]
+    conditioning_scale: Vec<f64>,
+    /// Fraction of the sampling steps after which the control starts acting (diffusers' control_guidance_start).
+    #[arg(long, default_value_t = 0.0)]
+    control_start: f64,
+    /// Fraction of the sampling steps after which the control stops (diffusers' control_guidance_end).
     #[arg(long, default_value_t = 1.0)]
-    conditioning_scale: f64,
+    control_end: f64,
+    /// Classifier-free guidance scale on the label (1 = none; uses the main network's null label).
+    #[arg(long, default_value_t = 1.0)]
+    guidance_scale: f64,
     #[command(flatten)]
     sampler: SamplerArgs,
 }
@@ -316,32 +326,59 @@ fn run_sample(a: SampleArgs) -> Result<()> {
     // Column-major grid: one column per label.
     let ys: Vec<i64> = (0..a.per_label).flat_map(|_| labels.iter().copied()).collect();
     let y = Tensor::from_slice(&ys);
-    let Some(dir) = &a.controlnet else {
-        if a.condition.is_some() || a.condition_from.is_some() {
-            anyhow::bail!("--condition and --condition-from need --controlnet (a side network folder)");
-        }
-        let images = net.sample(&y, &a.sampler.config(&net), a.sampler.seed)?;
-        lisa::eval::grid::save_grid_scaled(&images, labels.len(), 2, 2, &a.out)?;
-        println!("wrote {} ({} samples)", a.out.display(), ys.len());
-        return Ok(());
-    };
-    let side = SideNetwork::load(dir, &net).with_context(|| format!("loading the side network in {}", dir.display()))?;
-    let size = net.config.unet.sample_size as u32;
-    let condition = match (&a.condition, &a.condition_from) {
-        (Some(p), None) => lisa::data::imagefolder::load_gray(p, size).with_context(|| format!("reading {}", p.display()))?,
-        (None, Some(p)) => {
-            let img = lisa::data::imagefolder::load_gray(p, size).with_context(|| format!("reading {}", p.display()))?;
-            lisa::data::conditions::extract_batch(side.condition, &(img * 2.0 - 1.0))?
-        }
-        _ => anyhow::bail!("give the condition: --condition IMG (the {} map itself) or --condition-from IMG", side.condition),
-    };
+    let size = net.config.unet.sample_size;
     let n = ys.len() as i64;
-    let conds = condition.expand([n, 1, size as i64, size as i64], false).contiguous();
-    let images = side.sample(&net, &y, &conds, &a.sampler.config(&net), a.conditioning_scale, a.sampler.seed)?;
-    // First row: the condition; then the samples, one column per label.
-    let cond_row = conds.narrow(0, 0, labels.len() as i64) * 2.0 - 1.0;
-    lisa::eval::grid::save_grid_scaled(&Tensor::cat(&[cond_row, images], 0), labels.len(), 2, 2, &a.out)?;
-    println!("wrote {} (top row: the {} condition; {} samples below)", a.out.display(), side.condition, ys.len());
+    if a.controlnet.is_empty() && (!a.condition.is_empty() || a.condition_from.is_some()) {
+        anyhow::bail!("--condition and --condition-from need --controlnet (a side network folder)");
+    }
+    let sides: Vec<SideNetwork> = a
+        .controlnet
+        .iter()
+        .map(|dir| SideNetwork::load(dir, &net).with_context(|| format!("loading the side network in {}", dir.display())))
+        .collect::<Result<_>>()?;
+    if a.condition_from.is_none() && a.condition.len() != sides.len() {
+        anyhow::bail!(
+            "{} side network(s) but {} --condition image(s): give one --condition per --controlnet, or --condition-from IMG",
+            sides.len(),
+            a.condition.len()
+        );
+    }
+    let scales = &a.conditioning_scale;
+    if scales.len() != 1 && scales.len() != sides.len() {
+        anyhow::bail!("give one --conditioning-scale for all side networks or one per --controlnet ({})", sides.len());
+    }
+    let mut controls = Vec::new();
+    let mut cond_rows = Vec::new();
+    for (k, side) in sides.iter().enumerate() {
+        let condition = match &a.condition_from {
+            None => {
+                let p = &a.condition[k];
+                lisa::data::imagefolder::load_gray(p, size as u32).with_context(|| format!("reading {}", p.display()))?
+            }
+            Some(p) => {
+                let img = lisa::data::imagefolder::load_gray(p, size as u32).with_context(|| format!("reading {}", p.display()))?;
+                lisa::data::conditions::extract_batch(side.condition, &(img * 2.0 - 1.0))?
+            }
+        };
+        let condition = condition.expand([n, 1, size, size], false).contiguous();
+        cond_rows.push(condition.narrow(0, 0, labels.len() as i64) * 2.0 - 1.0);
+        let options = ControlOptions {
+            conditioning_scale: scales[if scales.len() == 1 { 0 } else { k }],
+            start: a.control_start,
+            end: a.control_end,
+        };
+        controls.push(Control { side, condition, options });
+    }
+    let images = sample_controlled(&net, &controls, &y, &a.sampler.config(&net), a.guidance_scale, a.sampler.seed)?;
+    // First rows: the conditions; then the samples, one column per label.
+    cond_rows.push(images);
+    lisa::eval::grid::save_grid_scaled(&Tensor::cat(&cond_rows, 0), labels.len(), 2, 2, &a.out)?;
+    let kinds: Vec<String> = sides.iter().map(|s| s.condition.to_string()).collect();
+    if kinds.is_empty() {
+        println!("wrote {} ({} samples)", a.out.display(), ys.len());
+    } else {
+        println!("wrote {} (top row(s): the {} condition(s); {} samples below)", a.out.display(), kinds.join(" + "), ys.len());
+    }
     Ok(())
 }
 

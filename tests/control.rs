@@ -101,6 +101,19 @@ fn compare_writes_curves_grids_and_a_summary_then_its_side_network_samples() {
     assert!(ok, "{stderr}");
     assert!(stdout.contains("mask") && grid.is_file(), "{stdout}");
 
+    // Composition with guidance: two side networks (here the same one twice at half scale), guided on the label.
+    let (ok, stdout, stderr) = lisa(&[
+        "sample", "--controlnet", side.to_str().unwrap(), "--controlnet", side.to_str().unwrap(),
+        "--condition-from", png.to_str().unwrap(), "--conditioning-scale", "0.5,0.5", "--guidance-scale", "2",
+        "--control-end", "0.5", "--labels", "6", "--per-label", "2", "--sampling-steps", "2", "--out", grid.to_str().unwrap(),
+    ]);
+    assert!(ok && stdout.contains("mask + mask"), "{stdout}{stderr}");
+    let (ok, _, stderr) = lisa(&[
+        "sample", "--controlnet", side.to_str().unwrap(), "--controlnet", side.to_str().unwrap(),
+        "--condition", png.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("2 side network(s) but 1 --condition"), "{stderr}");
+
     // A condition that is not an image: one line naming the file.
     let bad = dir.path().join("bad.png");
     std::fs::write(&bad, b"not a png").unwrap();

@@ -5,10 +5,11 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Tensor};
 
 use crate::data::conditions::ConditionKind;
-use crate::diffusion::{Sampler, SamplerConfig};
+use super::sampling::{sample_controlled, sample_controlled_chunked, Control, ControlOptions};
+use crate::diffusion::SamplerConfig;
 use crate::models::{ControlNetConfig, ControlNetModel, ControlNetOutput, Hook};
 use crate::pipeline::{save_model_dir, MainNetwork, CONFIG_FILE};
 use crate::train::checkpoint;
@@ -145,7 +146,8 @@ impl SideNetwork {
     }
 
     /// Generates one sample per (label, condition) pair from noise drawn with `seed`; `condition`
-    /// is [N, C, H, W] in [0, 1], `y` [N].
+    /// is [N, C, H, W] in [0, 1], `y` [N]. See [`sample_controlled`] for several side networks,
+    /// control windows and classifier-free guidance.
     pub fn sample(
         &self,
         main: &MainNetwork,
@@ -155,24 +157,12 @@ impl SideNetwork {
         scale: f64,
         seed: u64,
     ) -> Result<Tensor> {
-        let sampler = Sampler::new(&main.objective, sampler.clone())?;
-        let c = &main.config.unet;
-        let n = y.size()[0];
-        if condition.size().first() != Some(&n) {
-            return Err(Error::Config(format!(
-                "{n} labels but {} condition images; give one condition per sample",
-                condition.size().first().unwrap_or(&0)
-            )));
-        }
-        let dev = main.vs.device();
-        tch::manual_seed(seed as i64);
-        let x_t = Tensor::randn([n, c.in_channels, c.sample_size, c.sample_size], (Kind::Float, dev));
-        let (y, cond) = (y.to_device(dev), condition.to_device(dev));
-        sampler.sample(x_t, seed, |x, t| self.predict(main, x, t, &y, &cond, scale))
+        let options = ControlOptions { conditioning_scale: scale, ..ControlOptions::default() };
+        sample_controlled(main, &[Control { side: self, condition: condition.shallow_clone(), options }], y, sampler, 1.0, seed)
     }
 
-    /// [`SideNetwork::sample`] in chunks of `chunk`, each chunk's noise from `derive_seed(seed, start)`,
-    /// so a sample depends on its index and `seed` only. Results on the CPU.
+    /// [`SideNetwork::sample`] in chunks of `chunk` (see [`sample_controlled_chunked`]). Results on the CPU.
+    #[allow(clippy::too_many_arguments)]
     pub fn sample_chunked(
         &self,
         main: &MainNetwork,
@@ -183,22 +173,8 @@ impl SideNetwork {
         seed: u64,
         chunk: i64,
     ) -> Result<Tensor> {
-        let n = y.size()[0];
-        let mut out = Vec::new();
-        let mut start = 0;
-        while start < n {
-            let len = chunk.max(1).min(n - start);
-            let s = self.sample(
-                main,
-                &y.narrow(0, start, len),
-                &condition.narrow(0, start, len),
-                sampler,
-                scale,
-                crate::rng::derive_seed(seed, start as u64),
-            )?;
-            out.push(s.to_device(Device::Cpu));
-            start += len;
-        }
-        Ok(Tensor::cat(&out, 0))
+        let options = ControlOptions { conditioning_scale: scale, ..ControlOptions::default() };
+        let control = Control { side: self, condition: condition.shallow_clone(), options };
+        sample_controlled_chunked(main, &[control], y, sampler, 1.0, seed, chunk)
     }
 }

@@ -331,3 +331,85 @@ fn an_unfrozen_main_network_is_refused() {
     let side = side_for(&main);
     assert!(ControlTask::new(&main, &side, None).is_err());
 }
+
+/// A side network whose zero convs and embedding output are no longer zero, so control is visible.
+fn trained_side(main: &MainNetwork) -> SideNetwork {
+    let side = side_for(main);
+    tch::manual_seed(5);
+    tch::no_grad(|| {
+        for (n, p) in side.named_parameters() {
+            if n.starts_with("controlnet_") {
+                let _ = p.shallow_clone().copy_(&(p.randn_like() * 0.2));
+            }
+        }
+    });
+    side
+}
+
+fn control<'a>(side: &'a SideNetwork, c: &Tensor, options: ControlOptions) -> Control<'a> {
+    Control { side, condition: c.shallow_clone(), options }
+}
+
+#[test]
+fn guidance_combines_the_unconditional_and_conditional_branches_with_control_in_both() {
+    let main = tiny_main(eps());
+    let side = trained_side(&main);
+    let (b, s) = batch(&main);
+    let c = b.condition.as_ref().unwrap();
+    let ctl = [control(&side, c, ControlOptions::default())];
+    let plain = controlled_prediction(&main, &ctl, &s.x_t, &s.model_t, &b.labels, 1.0, 0, 10).unwrap();
+    assert!(bitwise_equal(&plain, &side.predict(&main, &s.x_t, &s.model_t, &b.labels, c, 1.0).unwrap()));
+    let null = main.labels.null_labels(4, Device::Cpu).unwrap();
+    let uncond = side.predict(&main, &s.x_t, &s.model_t, &null, c, 1.0).unwrap();
+    let guided = controlled_prediction(&main, &ctl, &s.x_t, &s.model_t, &b.labels, 3.0, 0, 10).unwrap();
+    let want = &uncond + (&plain - &uncond) * 3.0;
+    let diff = (&guided - &want).abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "guided prediction differs from u + 3·(c − u) by {diff}");
+}
+
+#[test]
+fn control_windows_scales_and_several_side_networks() {
+    let main = tiny_main(eps());
+    let side = trained_side(&main);
+    let (b, s) = batch(&main);
+    let c = b.condition.as_ref().unwrap();
+    let (x, t, y) = (&s.x_t, &s.model_t, &b.labels);
+    let none = controlled_prediction(&main, &[], x, t, y, 1.0, 0, 10).unwrap();
+    assert!(bitwise_equal(&none, &main.predict(x, t, y).unwrap()));
+    let full = controlled_prediction(&main, &[control(&side, c, ControlOptions::default())], x, t, y, 1.0, 0, 10).unwrap();
+    assert!(!bitwise_equal(&full, &none), "the trained side network must change the prediction");
+    // Scale 0: exactly the main network.
+    let zero = ControlOptions { conditioning_scale: 0.0, ..ControlOptions::default() };
+    assert!(bitwise_equal(&controlled_prediction(&main, &[control(&side, c, zero)], x, t, y, 1.0, 0, 10).unwrap(), &none));
+    // A window over the second half: off at step 0, on at step 9 of 10.
+    let late = ControlOptions { start: 0.5, ..ControlOptions::default() };
+    assert!(bitwise_equal(&controlled_prediction(&main, &[control(&side, c, late)], x, t, y, 1.0, 0, 10).unwrap(), &none));
+    assert!(bitwise_equal(&controlled_prediction(&main, &[control(&side, c, late)], x, t, y, 1.0, 9, 10).unwrap(), &full));
+    assert!((0..10).map(|i| late.active(i, 10)).eq([false; 5].into_iter().chain([true; 5])));
+    let early = ControlOptions { end: 0.3, ..ControlOptions::default() };
+    assert!((0..10).map(|i| early.active(i, 10)).eq([true; 3].into_iter().chain([false; 7])));
+    // Two side networks' residuals add: the same network twice at scale ½ is the network once.
+    let half = ControlOptions { conditioning_scale: 0.5, ..ControlOptions::default() };
+    let twice = controlled_prediction(&main, &[control(&side, c, half), control(&side, c, half)], x, t, y, 1.0, 0, 10).unwrap();
+    let diff = (&twice - &full).abs().max().double_value(&[]);
+    assert!(diff < 1e-5, "two half-scale controls differ from one full one by {diff}");
+    assert!(ControlOptions { start: 0.6, end: 0.4, ..ControlOptions::default() }.validate().is_err());
+}
+
+#[test]
+fn controlled_sampling_is_reproducible_and_checks_condition_counts() {
+    let main = tiny_main(eps());
+    let side = trained_side(&main);
+    let c = Tensor::rand([3, 1, 8, 8], CPU);
+    let y = Tensor::from_slice(&[0i64, 1, 2]);
+    let sampler = crate::diffusion::SamplerConfig { steps: 3, ..Default::default() };
+    let a = sample_controlled(&main, &[control(&side, &c, ControlOptions::default())], &y, &sampler, 2.0, 9).unwrap();
+    let b = sample_controlled(&main, &[control(&side, &c, ControlOptions::default())], &y, &sampler, 2.0, 9).unwrap();
+    assert!(bitwise_equal(&a, &b));
+    let chunked = sample_controlled_chunked(&main, &[control(&side, &c, ControlOptions::default())], &y, &sampler, 2.0, 9, 2).unwrap();
+    assert_eq!(chunked.size(), vec![3, 1, 8, 8]);
+    let e = sample_controlled(&main, &[control(&side, &c.narrow(0, 0, 2), ControlOptions::default())], &y, &sampler, 1.0, 9)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("3 labels but 2 condition images"), "{e}");
+}
