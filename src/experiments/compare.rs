@@ -146,7 +146,7 @@ pub fn compare(cfg: &ControlConfig, resume: bool, quiet: bool) -> Result<Compare
         tch::set_num_threads(cfg.threads);
     }
     let out = &cfg.output_dir;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let _lock = crate::train::lock::RunLock::acquire(out)?;
     std::fs::write(out.join("config.toml"), crate::config::to_toml(cfg)?)
         .map_err(|e| Error::io(out.join("config.toml"), e))?;
     let main = load_main(cfg)?;

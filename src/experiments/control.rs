@@ -274,7 +274,7 @@ pub fn train_control(
     let kind = cfg.condition_kind()?;
     let device = main.vs.device();
     let out = &cfg.output_dir;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let _lock = crate::train::lock::RunLock::acquire(out)?;
     std::fs::write(out.join("config.toml"), crate::config::to_toml(cfg)?)
         .map_err(|e| Error::io(out.join("config.toml"), e))?;
 

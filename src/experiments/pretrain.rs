@@ -184,7 +184,7 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
     tch::manual_seed(cfg.train.seed as i64);
     let net = MainNetwork::new(m, device)?;
     let out = &cfg.output_dir;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let _lock = crate::train::lock::RunLock::acquire(out)?;
     // The run folder doubles as a model folder for its checkpoints.
     let cfg_json = serde_json::to_string_pretty(m).map_err(|e| Error::Config(e.to_string()))?;
     std::fs::write(out.join(CONFIG_FILE), cfg_json).map_err(|e| Error::io(out.join(CONFIG_FILE), e))?;

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod ema;
 pub mod lr;
+pub mod lock;
 pub mod log;
 pub mod optim;
 pub mod trainer;
