@@ -91,7 +91,7 @@ impl CompareReport {
         let seeds = b.runs.len();
         let mut s = format!(
             "condition `{}`, fidelity = {} ({dir}), {seeds} seed(s), {} steps, {} held-out images in the final evaluation\n\n\
-             | | baseline | LISA |\n|---|---|---|\n",
+             | | baseline | LISA | LISA − baseline, paired by seed |\n|---|---|---|---|\n",
             self.condition,
             self.metric,
             b.steps.last().unwrap_or(&0),
@@ -100,7 +100,8 @@ impl CompareReport {
         let row = |name: &str, f: &dyn Fn(&ArmSummary) -> f64, prec: usize| {
             let (bm, bs) = b.mean_sd(f);
             let (lm, ls) = l.mean_sd(f);
-            format!("| {name} | {bm:.prec$} ± {bs:.prec$} | {lm:.prec$} ± {ls:.prec$} |\n")
+            let (dm, ds) = paired_difference(&b.runs, &l.runs, f);
+            format!("| {name} | {bm:.prec$} ± {bs:.prec$} | {lm:.prec$} ± {ls:.prec$} | {dm:+.prec$} ± {ds:.prec$} |\n")
         };
         s += &row("final fidelity", &|r| r.final_fidelity, 4);
         s += &row("mAUCC (mean fidelity over training)", &|r| r.mean_aucc, 4);
@@ -128,6 +129,19 @@ impl CompareReport {
         );
         s
     }
+}
+
+/// Mean and sample standard deviation over seeds of `f(lisa) − f(baseline)`, pairing runs by seed (both
+/// arms of a seed share initialisation, data order and evaluation noise, so the pairing removes their variance).
+pub fn paired_difference(baseline: &[ArmSummary], lisa: &[ArmSummary], f: impl Fn(&ArmSummary) -> f64) -> (f64, f64) {
+    let d: Vec<f64> =
+        baseline.iter().filter_map(|b| lisa.iter().find(|l| l.seed == b.seed).map(|l| f(l) - f(b))).collect();
+    if d.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let m = d.iter().sum::<f64>() / d.len() as f64;
+    let var = if d.len() > 1 { d.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (d.len() - 1) as f64 } else { 0.0 };
+    (m, var.sqrt())
 }
 
 /// First step of `steps` at which `curve` is at least as good as `target`.
@@ -297,4 +311,48 @@ fn write_outputs(cfg: &ControlConfig, report: &CompareReport, conditions: &Tenso
     let json = serde_json::to_string_pretty(report).map_err(|e| Error::Config(e.to_string()))?;
     std::fs::write(out.join("summary.json"), json).map_err(|e| Error::io(out.join("summary.json"), e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::control::mean_aucc;
+    use super::*;
+
+    fn run(seed: u64, final_fidelity: f64) -> ArmSummary {
+        ArmSummary {
+            arm: "x".into(),
+            seed,
+            condition: "edges".into(),
+            steps: 100,
+            step_seconds: 1.0,
+            metric: "edge_f1".into(),
+            higher_is_better: true,
+            curve: vec![(0, 0.5), (50, 0.7), (100, 0.8)],
+            mean_aucc: 0.0,
+            final_fidelity,
+            final_fidelity_shuffled: 0.4,
+            frechet: 10.0,
+            final_eval_images: 10,
+            side_parameters: 1,
+            decoder_parameters: 0,
+        }
+    }
+
+    #[test]
+    fn summaries_by_hand() {
+        // Trapezoids: (0.5+0.7)/2·50 + (0.7+0.8)/2·50 = 67.5 over 100 steps.
+        assert!((mean_aucc(&[(0, 0.5), (50, 0.7), (100, 0.8)]) - 0.675).abs() < 1e-12);
+        assert_eq!(mean_aucc(&[(10, 0.3)]), 0.3);
+        assert_eq!(first_reaching(&[0, 50, 100], &[0.5, 0.7, 0.8], 0.7, true), Some(50));
+        assert_eq!(first_reaching(&[0, 50, 100], &[0.5, 0.7, 0.8], 0.9, true), None);
+        assert_eq!(first_reaching(&[0, 50, 100], &[0.5, 0.3, 0.2], 0.3, false), Some(50));
+        // Paired by seed, whatever the order: differences 0.1, 0.3 → mean 0.2, sd √0.02.
+        let (m, s) = paired_difference(&[run(0, 0.5), run(1, 0.6)], &[run(1, 0.9), run(0, 0.6)], |r| r.final_fidelity);
+        assert!((m - 0.2).abs() < 1e-12 && (s - 0.02f64.sqrt()).abs() < 1e-12, "{m} {s}");
+        let agg = ArmAggregate::new("baseline", vec![run(0, 0.5), run(1, 0.6)]).unwrap();
+        assert_eq!(agg.mean, vec![0.5, 0.7, 0.8]);
+        let mut odd = run(2, 0.1);
+        odd.curve.pop();
+        assert!(ArmAggregate::new("baseline", vec![run(0, 0.5), odd]).is_err(), "curves at different steps");
+    }
 }
