@@ -190,7 +190,7 @@ fn build(cfg: &serde_json::Value, reference_pass: ReferencePass) -> Nets {
     load("side network", &side.named_parameters(), &read("side.safetensors"));
     let mut lisa: LisaConfig = serde_json::from_value(cfg["lisa"].clone()).unwrap();
     lisa.reference_pass = reference_pass;
-    let head = LisaHead::new(&main, &lisa).unwrap();
+    let head = LisaHead::new(&main, &lisa, 1).unwrap();
     load("LISA decoder", &head.named_parameters(), &read("decoder.safetensors"));
     Nets { main, side, head }
 }

@@ -27,6 +27,34 @@ pub enum ReferencePass {
     Full,
 }
 
+/// What the decoder regresses onto. Only `residual` is LISA; the others are the ablation controls
+/// that ask whether any auxiliary regression would do as well (spec §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LisaTarget {
+    /// `r = target − stopgrad(main(x_t, t, y))`: LISA.
+    #[default]
+    Residual,
+    /// Gaussian noise with the per-example RMS of `r`, drawn from the run's seeded generator: a
+    /// target of the same size that carries no information.
+    Random,
+    /// The diffusion target itself (ε, v or velocity), not the residual: no reference pass.
+    Raw,
+    /// The condition image (scaled to [-1, 1]): plain feature regression onto the condition.
+    Condition,
+}
+
+/// How the decoder's output is compared with its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LisaDistance {
+    /// Mean squared error (the authors').
+    #[default]
+    Mse,
+    /// One minus the cosine similarity of each example's flattened output and target, averaged.
+    Cosine,
+}
+
 /// LISA's settings. `enabled = false` is the baseline: no hook, no decoder, no second pass.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -41,6 +69,12 @@ pub struct LisaConfig {
     pub decoder_channel_floor: i64,
     /// How `pred_main` is computed. Default `shared_encoder`.
     pub reference_pass: ReferencePass,
+    /// What the decoder regresses onto (ablations). Default `residual` (LISA).
+    pub target: LisaTarget,
+    /// The regression distance (ablations). Default `mse`.
+    pub distance: LisaDistance,
+    /// Width multiplier of the decoder's hidden convs (ablation: 2 ≈ 4× the parameters). Default 1.
+    pub decoder_channel_multiplier: i64,
 }
 
 impl Default for LisaConfig {
@@ -51,6 +85,9 @@ impl Default for LisaConfig {
             hook: Hook::Mid,
             decoder_channel_floor: DecoderConfig::default().channel_floor,
             reference_pass: ReferencePass::SharedEncoder,
+            target: LisaTarget::Residual,
+            distance: LisaDistance::Mse,
+            decoder_channel_multiplier: 1,
         }
     }
 }
@@ -61,8 +98,8 @@ impl LisaConfig {
         if !(self.lambda >= 0.0 && self.lambda.is_finite()) {
             return Err(Error::Config(format!("lisa.lambda must be a finite number ≥ 0, got {}", self.lambda)));
         }
-        if self.decoder_channel_floor <= 0 {
-            return Err(Error::Config("lisa.decoder_channel_floor must be ≥ 1".into()));
+        if self.decoder_channel_floor <= 0 || self.decoder_channel_multiplier <= 0 {
+            return Err(Error::Config("lisa.decoder_channel_floor and lisa.decoder_channel_multiplier must be ≥ 1".into()));
         }
         Ok(())
     }
@@ -86,11 +123,16 @@ pub struct LisaHead {
     pub lambda: f64,
     /// How `pred_main` is computed.
     pub reference_pass: ReferencePass,
+    /// What the decoder regresses onto.
+    pub target: LisaTarget,
+    /// The regression distance.
+    pub distance: LisaDistance,
 }
 
 impl LisaHead {
-    /// A zero-output decoder for the `hook` layer of a side network of `main`.
-    pub fn new(main: &MainNetwork, cfg: &LisaConfig) -> Result<Self> {
+    /// A zero-output decoder for the `hook` layer of a side network of `main` whose conditions have
+    /// `condition_channels` channels (the decoder's output when the target is the condition).
+    pub fn new(main: &MainNetwork, cfg: &LisaConfig, condition_channels: i64) -> Result<Self> {
         cfg.validate()?;
         let u = &main.config.unet;
         let layers = crate::models::ControlNetConfig::for_unet(u).hookable_layers(u.sample_size, u.sample_size);
@@ -104,10 +146,18 @@ impl LisaHead {
             layer.channels,
             layer.height,
             u.sample_size,
-            u.out_channels,
-            &DecoderConfig { channel_floor: cfg.decoder_channel_floor },
+            if cfg.target == LisaTarget::Condition { condition_channels } else { u.out_channels },
+            &DecoderConfig { channel_floor: cfg.decoder_channel_floor, channel_multiplier: cfg.decoder_channel_multiplier },
         )?;
-        Ok(Self { vs, decoder, hook: cfg.hook, lambda: cfg.lambda, reference_pass: cfg.reference_pass })
+        Ok(Self {
+            vs,
+            decoder,
+            hook: cfg.hook,
+            lambda: cfg.lambda,
+            reference_pass: cfg.reference_pass,
+            target: cfg.target,
+            distance: cfg.distance,
+        })
     }
 
     /// The decoder's parameters, sorted by name.
@@ -116,6 +166,19 @@ impl LisaHead {
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
+}
+
+/// The regression loss between the decoder's output and its target under `distance`.
+pub fn regression_loss(decoded: &Tensor, target: &Tensor, distance: LisaDistance) -> Result<Tensor> {
+    Ok(match distance {
+        LisaDistance::Mse => decoded.f_mse_loss(target, tch::Reduction::Mean)?,
+        LisaDistance::Cosine => {
+            let (a, b) = (decoded.f_flatten(1, -1)?, target.f_flatten(1, -1)?);
+            // eps keeps the zero-initialised decoder's first step finite (cosine of a zero vector).
+            let cos = Tensor::f_cosine_similarity(&a, &b, 1, 1e-8)?;
+            cos.neg().f_add_scalar(1.0)?.f_mean(Kind::Float)?
+        }
+    })
 }
 
 /// Per-bucket sums of the decoder's squared error and of `r²` (each example's mean over its

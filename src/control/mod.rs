@@ -13,7 +13,7 @@ pub mod sampling;
 pub mod side;
 pub mod task;
 
-pub use lisa::{likelihood_residual, LisaConfig, LisaHead, ReferencePass, NUM_TIME_BUCKETS};
+pub use lisa::{likelihood_residual, LisaConfig, LisaDistance, LisaHead, LisaTarget, ReferencePass, NUM_TIME_BUCKETS};
 pub use sampling::{controlled_prediction, sample_controlled, sample_controlled_chunked, Control, ControlOptions};
 pub use side::{SideNetwork, SideNetworkConfig};
 pub use task::ControlTask;

@@ -2,7 +2,9 @@
 //! prediction, the likelihood residual and the decoder's regression onto it.
 use tch::{Kind, Tensor};
 
-use super::lisa::{bucket_sums, likelihood_residual, LisaHead, ReferencePass, NUM_TIME_BUCKETS};
+use super::lisa::{
+    bucket_sums, likelihood_residual, regression_loss, LisaHead, LisaTarget, ReferencePass, NUM_TIME_BUCKETS,
+};
 use super::side::SideNetwork;
 use crate::diffusion::TrainingSample;
 use crate::pipeline::MainNetwork;
@@ -13,7 +15,7 @@ use crate::{Error, Result};
 pub struct ControlForward {
     /// `main(x_t, t, y; residuals = side(x_t, t, y, c))`, attached to the side network's graph.
     pub pred_full: Tensor,
-    /// LISA only: `main(x_t, t, y)` without residuals, no gradient.
+    /// LISA only (and its random-target control): `main(x_t, t, y)` without residuals, no gradient.
     pub pred_main: Option<Tensor>,
     /// LISA only: `D(h, t)`, the decoder's reading of the hooked feature.
     pub decoded: Option<Tensor>,
@@ -48,13 +50,19 @@ impl<'a> ControlTask<'a> {
         let (pred_main, decoded) = match self.lisa {
             None => (None, None),
             Some(head) => {
-                let pred_main = tch::no_grad(|| match head.reference_pass {
-                    ReferencePass::SharedEncoder => self.main.unet.decode(&enc, None, None),
-                    ReferencePass::Full => self.main.predict(x_t, model_t, y),
-                })?;
+                // Only the residual and its random control need the frozen network's own prediction.
+                let needs_reference = matches!(head.target, LisaTarget::Residual | LisaTarget::Random);
+                let pred_main = if needs_reference {
+                    Some(tch::no_grad(|| match head.reference_pass {
+                        ReferencePass::SharedEncoder => self.main.unet.decode(&enc, None, None),
+                        ReferencePass::Full => self.main.predict(x_t, model_t, y),
+                    })?)
+                } else {
+                    None
+                };
                 let hooked =
                     side.hooked.ok_or_else(|| Error::Training("the side network returned no hooked feature".into()))?;
-                (Some(pred_main), Some(head.decoder.forward(&hooked, model_t)?))
+                (pred_main, Some(head.decoder.forward(&hooked, model_t)?))
             }
         };
         Ok(ControlForward { pred_full, pred_main, decoded })
@@ -69,11 +77,22 @@ impl TrainTask for ControlTask<'_> {
             .ok_or_else(|| Error::Config("side-network training needs a dataset with condition images".into()))?;
         let f = self.forward(&sample.x_t, &sample.model_t, &batch.labels, condition)?;
         let l_main = f.pred_full.f_mse_loss(&sample.target, tch::Reduction::Mean)?;
-        let (Some(head), Some(pred_main), Some(decoded)) = (self.lisa, &f.pred_main, &f.decoded) else {
+        let (Some(head), Some(decoded)) = (self.lisa, &f.decoded) else {
             return Ok(TaskLoss { metrics: vec![("l_main".into(), l_main.detach())], loss: l_main });
         };
-        let r = likelihood_residual(&sample.target, pred_main);
-        let l_lisa = decoded.f_mse_loss(&r, tch::Reduction::Mean)?;
+        let reference = || f.pred_main.as_ref().ok_or_else(|| Error::Training("no reference prediction".into()));
+        // `r` names whatever the decoder regresses onto; it is the likelihood residual for LISA proper.
+        let r = match head.target {
+            LisaTarget::Residual => likelihood_residual(&sample.target, reference()?),
+            LisaTarget::Random => {
+                let res = likelihood_residual(&sample.target, reference()?);
+                let rms = res.square().f_flatten(1, -1)?.f_mean_dim(1, true, Kind::Float)?.sqrt().f_view([-1, 1, 1, 1])?;
+                res.randn_like() * rms
+            }
+            LisaTarget::Raw => sample.target.detach(),
+            LisaTarget::Condition => condition.detach() * 2.0 - 1.0,
+        };
+        let l_lisa = regression_loss(decoded, &r, head.distance)?;
         let r_sq = r.square().mean(Kind::Float);
         let loss = &l_main + &l_lisa * head.lambda;
         let (err_b, rsq_b) = bucket_sums(&decoded.detach(), &r, &sample.unit_t)?;

@@ -48,7 +48,7 @@ fn side_for(main: &MainNetwork) -> SideNetwork {
 }
 
 fn head_for(main: &MainNetwork, hook: Hook, reference_pass: ReferencePass) -> LisaHead {
-    LisaHead::new(main, &LisaConfig { hook, reference_pass, decoder_channel_floor: 8, ..LisaConfig::default() })
+    LisaHead::new(main, &LisaConfig { hook, reference_pass, decoder_channel_floor: 8, ..LisaConfig::default() }, 1)
         .unwrap()
 }
 
@@ -412,4 +412,55 @@ fn controlled_sampling_is_reproducible_and_checks_condition_counts() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("3 labels but 2 condition images"), "{e}");
+}
+
+fn head_with(main: &MainNetwork, cfg: LisaConfig) -> LisaHead {
+    LisaHead::new(main, &LisaConfig { decoder_channel_floor: 8, ..cfg }, 1).unwrap()
+}
+
+#[test]
+fn ablation_targets_and_distances_at_initialisation() {
+    let main = tiny_main(eps());
+    let side = side_for(&main);
+    let (b, s) = batch(&main);
+    let c = b.condition.as_ref().unwrap();
+    let loss_of = |head: &LisaHead| {
+        let task = ControlTask::new(&main, &side, Some(head)).unwrap();
+        let f = task.forward(&s.x_t, &s.model_t, &b.labels, c).unwrap();
+        (task.loss(&b, &s).unwrap(), f.pred_main.is_some())
+    };
+    let mean_sq = |t: &Tensor| t.square().mean(Kind::Float).double_value(&[]);
+    // Raw target: no reference pass; with the zero decoder L_lisa = mean(target²).
+    let (out, has_ref) = loss_of(&head_with(&main, LisaConfig { target: LisaTarget::Raw, ..LisaConfig::default() }));
+    assert!(!has_ref, "the raw-target control needs no reference pass");
+    assert_eq!(metric(&out, "l_lisa"), mean_sq(&s.target));
+    // Condition target: the condition scaled to [-1, 1].
+    let (out, has_ref) = loss_of(&head_with(&main, LisaConfig { target: LisaTarget::Condition, ..LisaConfig::default() }));
+    assert!(!has_ref);
+    assert_eq!(metric(&out, "l_lisa"), mean_sq(&(c * 2.0 - 1.0)));
+    // Random target: same per-example RMS as r, different values. (It is drawn from libtorch's global
+    // generator, which the trainer reseeds every step; test threads share it, so no seed check here.)
+    let random = head_with(&main, LisaConfig { target: LisaTarget::Random, ..LisaConfig::default() });
+    let (a, has_ref) = loss_of(&random);
+    let residual = loss_of(&head_with(&main, LisaConfig::default())).0;
+    assert!(has_ref);
+    let ratio = metric(&a, "l_lisa") / metric(&residual, "l_lisa");
+    assert!(metric(&a, "l_lisa") != metric(&residual, "l_lisa") && (0.5..2.0).contains(&ratio), "{ratio}");
+    // Cosine distance: a zero output has cosine 0 with anything, so the loss starts at exactly 1.
+    let (out, _) = loss_of(&head_with(&main, LisaConfig { distance: LisaDistance::Cosine, ..LisaConfig::default() }));
+    assert_eq!(metric(&out, "l_lisa"), 1.0);
+}
+
+#[test]
+fn decoder_capacity_multiplier_widens_every_hidden_conv() {
+    let main = tiny_main(eps());
+    let one = head_with(&main, LisaConfig { hook: Hook::Down(3), ..LisaConfig::default() });
+    let two = head_with(&main, LisaConfig { hook: Hook::Down(3), decoder_channel_multiplier: 2, ..LisaConfig::default() });
+    assert!(!one.decoder.blocks.is_empty());
+    for (a, b) in one.decoder.blocks.iter().zip(&two.decoder.blocks) {
+        assert_eq!(b.conv.weight.size()[0], 2 * a.conv.weight.size()[0]);
+    }
+    // The convs grow (the first one 2×, later ones 4×); the time projection to the feature's width does not.
+    let convs = |h: &LisaHead| h.decoder.blocks.iter().map(|b| b.conv.weight.numel()).sum::<usize>();
+    assert!(convs(&two) >= 2 * convs(&one), "{} vs {}", convs(&two), convs(&one));
 }

@@ -285,7 +285,7 @@ pub fn train_control(
         ..ControlNetConfig::for_unet(&main.config.unet)
     };
     let side = SideNetwork::from_main(main, kind, controlnet)?;
-    let head = if cfg.lisa.enabled { Some(LisaHead::new(main, &cfg.lisa)?) } else { None };
+    let head = if cfg.lisa.enabled { Some(LisaHead::new(main, &cfg.lisa, side.config.controlnet.conditioning_channels)?) } else { None };
     // A side-network run folder doubles as a side-network folder for its checkpoints.
     let side_cfg = serde_json::to_string_pretty(&side.config).map_err(|e| Error::Config(e.to_string()))?;
     std::fs::write(out.join(crate::pipeline::CONFIG_FILE), side_cfg).map_err(|e| Error::io(out, e))?;

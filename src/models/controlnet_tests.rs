@@ -313,7 +313,7 @@ fn hooked_feature_has_the_reported_shape_and_trains_the_side_network_only_up_to_
 
 fn decoder(cin: i64, r: i64, out: i64, floor: i64) -> (nn::VarStore, LisaDecoder) {
     let vs = nn::VarStore::new(Device::Cpu);
-    let d = LisaDecoder::new(vs.root(), cin, r, out, 1, &DecoderConfig { channel_floor: floor }).unwrap();
+    let d = LisaDecoder::new(vs.root(), cin, r, out, 1, &DecoderConfig { channel_floor: floor, ..Default::default() }).unwrap();
     (vs, d)
 }
 
@@ -416,7 +416,7 @@ fn default_side_network_and_decoder_parameter_counts() {
     }
     for floor in [32, 16] {
         let v = nn::VarStore::new(Device::Cpu);
-        let _d = LisaDecoder::new(v.root(), mid.channels, mid.height, 32, 1, &DecoderConfig { channel_floor: floor })
+        let _d = LisaDecoder::new(v.root(), mid.channels, mid.height, 32, 1, &DecoderConfig { channel_floor: floor, ..Default::default() })
             .unwrap();
         println!("  decoder with channel_floor {floor}: {} parameters", parameter_count(&v));
     }

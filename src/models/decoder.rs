@@ -25,12 +25,15 @@ pub struct DecoderConfig {
     /// The narrowest a hidden conv may be: each conv maps `C → max(C/2, channel_floor)`
     /// (authors: 64, which widens features narrower than 64; lower it for small models).
     pub channel_floor: i64,
+    /// Multiplies every hidden conv's width (1 = the authors' decoder; 2 ≈ four times the parameters,
+    /// the "larger decoder" control of the ablations).
+    pub channel_multiplier: i64,
 }
 
 impl Default for DecoderConfig {
-    /// The authors' floor of 64 channels.
+    /// The authors' floor of 64 channels, widths as the authors'.
     fn default() -> Self {
-        Self { channel_floor: 64 }
+        Self { channel_floor: 64, channel_multiplier: 1 }
     }
 }
 
@@ -72,11 +75,12 @@ impl LisaDecoder {
         out_channels: i64,
         cfg: &DecoderConfig,
     ) -> Result<Self> {
-        if in_channels <= 0 || out_channels <= 0 || cfg.channel_floor <= 0 {
+        if in_channels <= 0 || out_channels <= 0 || cfg.channel_floor <= 0 || cfg.channel_multiplier <= 0 {
             return Err(Error::Config(format!(
-                "LISA decoder: in_channels ({in_channels}), out_channels ({out_channels}) and channel_floor ({}) \
-                 must be positive",
-                cfg.channel_floor
+                "LISA decoder: in_channels ({in_channels}), out_channels ({out_channels}), channel_floor ({}) and \
+                 channel_multiplier ({}) must be positive",
+                cfg.channel_floor,
+                cfg.channel_multiplier
             )));
         }
         let ratio = if feature_res > 0 && out_res % feature_res == 0 { out_res / feature_res } else { 0 };
@@ -87,13 +91,16 @@ impl LisaDecoder {
             )));
         }
         let k = ratio.trailing_zeros() as i64;
-        let floor = cfg.channel_floor;
+        let (floor, mult) = (cfg.channel_floor, cfg.channel_multiplier);
         let time_proj = Timesteps::new(TIME_PROJ_DIM, true, 0.0, p.device())?;
         let time_linear = Linear::new(&p / "time_linear", TIME_PROJ_DIM, in_channels, true)?;
         let mut c = in_channels;
         let mut blocks = Vec::with_capacity(k as usize);
+        // The authors' width rule runs on the unmultiplied width `base`, so ×1 is exactly their decoder.
+        let mut base = in_channels;
         for i in 0..k {
-            let cout = (c / 2).max(floor);
+            base = (base / 2).max(floor);
+            let cout = base * mult;
             // The authors squeeze wide features with a cheap 1×1 before any 3×3.
             let conv = if i == 0 && c >= 512 {
                 Conv2d::new(&p / "blocks" / i / "conv", c, cout, 1, 1, 0)?
@@ -104,7 +111,7 @@ impl LisaDecoder {
             c = cout;
         }
         let conv_refine = if k == 0 {
-            let cout = if c <= floor { c } else { (c / 2).max(floor) };
+            let cout = if base <= floor { base } else { (base / 2).max(floor) } * mult;
             let conv = Conv2d::new(&p / "conv_refine", c, cout, 3, 1, 1)?;
             c = cout;
             Some(conv)
