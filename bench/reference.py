@@ -36,7 +36,9 @@ Modes:
                       intermediate outputs, losses, named gradients, grad norm, parameters after
                       one AdamW step). Read by tests/parity.rs.
   --bench             times the baseline step and the authors' LISA step at our default config
-                      (assets/main-network/config.json), batch 32; prints JSON.
+                      (assets/main-network/config.json), batch 32; prints JSON (with the process's peak RSS).
+  --bench --serve     the same arms, driven one step at a time over stdin/stdout (see serve()): how
+                      `lisa bench` interleaves these steps with its own.
 
 Run it with the venv that scripts/setup-reference.sh prepared, e.g.
   /work/main/.venv/bin/python bench/reference.py --dump-golden tests/golden
@@ -65,6 +67,7 @@ _ensure_torch_libraries()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import resource  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -461,7 +464,9 @@ def dump_golden(out_dir, threads):
 # Timing
 
 
-def bench(args):
+def bench_setup(args):
+    """The baseline and LISA arms of --bench at our main network's config: {arm: (setup, params, optimizer)},
+    and the config they were built from."""
     torch.set_num_threads(args.threads)
     with open(args.config) as f:
         main_cfg = json.load(f)
@@ -471,8 +476,6 @@ def bench(args):
         "lisa": {"lambda": 0.2, "hook": args.hook, "decoder_channel_floor": args.decoder_channel_floor},
         "optimizer": {"lr": 1e-5, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2, "max_grad_norm": 1.0},
     }
-    u = main_cfg["unet"]
-    res, nc = u["sample_size"], main_cfg["label_encoder"]["num_classes"]
     weights = os.path.join(os.path.dirname(os.path.abspath(args.config)), "model.safetensors")
     arms = {}
     for arm in ("baseline", "lisa"):
@@ -485,44 +488,99 @@ def bench(args):
                 setup.hook = Hook(setup.controlnet, cfg["lisa"]["hook"])
             setup.controlnet.train()
         params, opt = make_optimizer(setup, cfg["optimizer"])
-        arms[arm] = (setup, params, opt, [])
+        arms[arm] = (setup, params, opt)
+    return cfg, arms, os.path.isfile(weights)
+
+
+def bench_inputs(args, cfg, gen):
+    """One batch of random inputs: x0 ~ U(-1, 1), condition ~ U(0, 1), labels uniform over the classes."""
+    u = cfg["main"]["unet"]
+    res, nc = u["sample_size"], cfg["main"]["label_encoder"]["num_classes"]
+    x0 = torch.rand((args.batch, u["in_channels"], res, res), generator=gen) * 2 - 1
+    cond = torch.rand((args.batch, 1, res, res), generator=gen)
+    y = torch.randint(0, nc, (args.batch,), generator=gen)
+    return x0, cond, y
+
+
+def bench_step(cfg, setup, params, opt, x0, cond, y):
+    """One full training step (noise and timesteps, forward, backward, clip, AdamW, zero_grad); its seconds."""
+    t0 = time.perf_counter()
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, setup.scheduler.config.num_train_timesteps, (x0.shape[0],))
+    out = setup.step_forward(x0, noise, t, y, cond)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg["optimizer"]["max_grad_norm"])
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def max_rss_kib():
+    """Peak resident set size of this process, KiB (getrusage's ru_maxrss, which Linux reports in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def bench_header(args, cfg, arms, weights_loaded):
+    return {
+        "reference": "PyTorch + diffusers, authors' LISA step (full second forward for pred_main)",
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": args.threads,
+        "batch": args.batch, "config": args.config, "weights_loaded": weights_loaded,
+        "hook": args.hook, "decoder_channel_floor": args.decoder_channel_floor,
+        "main_unet_params": sum(p.numel() for p in arms["baseline"][0].unet.parameters()),
+        "trainable_params": {arm: sum(p.numel() for p in params) for arm, (_, params, _) in arms.items()},
+    }
+
+
+def bench(args):
+    cfg, arms, weights_loaded = bench_setup(args)
+    times = {arm: [] for arm in arms}
     gen = torch.Generator().manual_seed(args.seed)
     # The arms alternate, repetition by repetition, so that a change in machine load hits both alike.
     for rep in range(args.warmup + args.reps):
-        x0 = torch.rand((args.batch, u["in_channels"], res, res), generator=gen) * 2 - 1
-        cond = torch.rand((args.batch, 1, res, res), generator=gen)
-        y = torch.randint(0, nc, (args.batch,), generator=gen)
-        for arm, (setup, params, opt, times) in arms.items():
-            t0 = time.perf_counter()
-            noise = torch.randn_like(x0)
-            t = torch.randint(0, setup.scheduler.config.num_train_timesteps, (args.batch,))
-            out = setup.step_forward(x0, noise, t, y, cond)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg["optimizer"]["max_grad_norm"])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
+        x0, cond, y = bench_inputs(args, cfg, gen)
+        for arm, (setup, params, opt) in arms.items():
+            dt = bench_step(cfg, setup, params, opt, x0, cond, y)
             if rep >= args.warmup:
-                times.append(dt)
+                times[arm].append(dt)
     results = {}
-    for arm, (setup, params, _, times) in arms.items():
+    for arm, (setup, params, _) in arms.items():
+        ts = times[arm]
         results[arm] = {
-            "mean_s": statistics.mean(times), "median_s": statistics.median(times),
-            "min_s": min(times), "max_s": max(times), "times_s": times,
+            "mean_s": statistics.mean(ts), "median_s": statistics.median(ts),
+            "min_s": min(ts), "max_s": max(ts), "times_s": ts,
             "trainable_params": sum(p.numel() for p in params),
         }
     results["lisa_over_baseline_median"] = results["lisa"]["median_s"] / results["baseline"]["median_s"]
     results["lisa_over_baseline_mean"] = results["lisa"]["mean_s"] / results["baseline"]["mean_s"]
-    report = {
-        "reference": "PyTorch + diffusers, authors' LISA step (full second forward for pred_main)",
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": args.threads,
-        "batch": args.batch, "warmup": args.warmup, "reps": args.reps, "config": args.config,
-        "weights_loaded": os.path.isfile(weights),
-        "hook": args.hook, "decoder_channel_floor": args.decoder_channel_floor,
-        "main_unet_params": sum(p.numel() for p in arms["baseline"][0].unet.parameters()),
-        **results,
-    }
+    report = bench_header(args, cfg, arms, weights_loaded)
+    report.update(warmup=args.warmup, reps=args.reps, **results, maxrss_kib=max_rss_kib())
     print(json.dumps(report, indent=2))
+
+
+def serve(args):
+    """--bench --serve: the arms are built once, then driven step by step over stdin/stdout so that a
+    benchmark in another process (`lisa bench`) can interleave its own steps with these. Protocol, one
+    JSON object per stdout line:
+      after setup         -> {"ready": true, ...bench_header...}
+      stdin `step ARM`    -> {"arm": ARM, "seconds": s}   (one training step of ARM = baseline | lisa, fresh inputs)
+      stdin `quit` or EOF -> {"done": true, "maxrss_kib": k}
+    Anything else on stdin -> {"error": "..."}. Warnings and tracebacks go to stderr only."""
+    cfg, arms, weights_loaded = bench_setup(args)
+    gen = torch.Generator().manual_seed(args.seed)
+    print(json.dumps({"ready": True, **bench_header(args, cfg, arms, weights_loaded)}), flush=True)
+    while True:
+        line = sys.stdin.readline()
+        words = line.split()
+        if not line or words == ["quit"]:
+            break
+        if len(words) == 2 and words[0] == "step" and words[1] in arms:
+            setup, params, opt = arms[words[1]]
+            x0, cond, y = bench_inputs(args, cfg, gen)
+            dt = bench_step(cfg, setup, params, opt, x0, cond, y)
+            print(json.dumps({"arm": words[1], "seconds": dt}), flush=True)
+        else:
+            print(json.dumps({"error": f"unknown command {line.strip()!r}; expected `step baseline`, `step lisa` or `quit`"}), flush=True)
+    print(json.dumps({"done": True, "maxrss_kib": max_rss_kib()}), flush=True)
 
 
 def main():
@@ -530,6 +588,8 @@ def main():
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--dump-golden", metavar="DIR", help="write the golden tensors of the tiny config to DIR")
     mode.add_argument("--bench", action="store_true", help="time the baseline and LISA steps; print JSON")
+    ap.add_argument("--serve", action="store_true",
+                    help="with --bench: build the arms, then run one step per `step ARM` line of stdin (see serve())")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     ap.add_argument("--config", default=os.path.join(REPO, "assets", "main-network", "config.json"),
                     help="--bench: our main-network config.json (its model.safetensors is loaded when present)")
@@ -540,8 +600,12 @@ def main():
     ap.add_argument("--decoder-channel-floor", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.serve and not args.bench:
+        ap.error("--serve needs --bench")
     if args.dump_golden:
         dump_golden(args.dump_golden, args.threads)
+    elif args.serve:
+        serve(args)
     else:
         bench(args)
 

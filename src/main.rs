@@ -44,6 +44,9 @@ enum Command {
     /// The exact toy (spec §8): on a Gaussian mixture, LISA decoders (ε, v, flow) against the closed-form
     /// likelihood score, and the drift a learned prior causes.
     Toy(ToyArgs),
+    /// Time full side-network training steps (forward, backward, clip, AdamW, zero_grad) of our baseline
+    /// and LISA against the authors' PyTorch + diffusers step (bench/reference.py), interleaved.
+    Bench(BenchArgs),
 }
 
 #[derive(Args)]
@@ -270,6 +273,40 @@ struct ToyArgs {
     seed: u64,
 }
 
+#[derive(Args)]
+struct BenchArgs {
+    /// Main network folder (frozen); default: the shipped one in `assets/main-network`.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Examples per training step.
+    #[arg(long, default_value_t = 32)]
+    batch: i64,
+    /// libtorch CPU threads, ours and the reference's.
+    #[arg(long, default_value_t = 2)]
+    threads: i32,
+    /// Timed steps per variant (run round-robin across the variants).
+    #[arg(long, default_value_t = 10)]
+    reps: usize,
+    /// Untimed warm-up rounds (every variant steps once per round).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Seed of the initialisation and the inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Ours only: do not run the PyTorch reference.
+    #[arg(long)]
+    no_reference: bool,
+    /// Python with torch and diffusers for the reference; default: `.venv/bin/python` of this repository.
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Side n of the n×n×n f32 matmul timed for the machine's GEMM rate.
+    #[arg(long, default_value_t = 2048)]
+    gemm_size: i64,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -281,6 +318,7 @@ fn main() -> ExitCode {
         Command::Compare(a) => run_compare(a),
         Command::Demo(a) => run_demo(a),
         Command::Toy(a) => run_toy(a),
+        Command::Bench(a) => run_bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -485,5 +523,34 @@ fn run_toy(a: ToyArgs) -> Result<()> {
     println!("{}", report.table());
     let (conv, drift, json) = (a.out.join("toy-convergence.png"), a.out.join("toy-drift.png"), a.out.join("toy.json"));
     println!("plots: {}  {}  numbers: {}", conv.display(), drift.display(), json.display());
+    Ok(())
+}
+
+fn run_bench(a: BenchArgs) -> Result<()> {
+    use lisa::experiments::bench::{repo_root, BenchConfig, ReferenceCommand};
+    let reference = (!a.no_reference).then(|| {
+        let mut cmd = ReferenceCommand::in_repo(&repo_root());
+        if let Some(p) = &a.python {
+            cmd.python = p.clone();
+        }
+        cmd
+    });
+    let cfg = BenchConfig {
+        main_network: a.model.clone().unwrap_or_else(shipped_model),
+        batch: a.batch,
+        threads: a.threads,
+        reps: a.reps,
+        warmup: a.warmup,
+        seed: a.seed,
+        gemm_size: a.gemm_size,
+        reference,
+    };
+    let report = lisa::experiments::bench::run_bench(&cfg, &mut |m| eprintln!("{m}"))?;
+    println!("{}", report.table());
+    if let Some(out) = &a.out {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))?;
+        println!("results: {}", out.display());
+    }
     Ok(())
 }
