@@ -27,6 +27,18 @@ pub fn load<T: DeserializeOwned + Serialize + Default>(path: Option<&Path>, over
     T::deserialize(value).map_err(|e| Error::Config(format!("{origin}: {}", one_line(&e.to_string()))))
 }
 
+/// `cfg` with `overrides` (`section.key=value`, as for [`load`]) applied; unknown keys are errors.
+pub fn with_overrides<T: DeserializeOwned + Serialize>(cfg: &T, overrides: &[String]) -> Result<T> {
+    let mut value = toml::Value::try_from(cfg).map_err(|e| Error::Config(format!("config: {e}")))?;
+    for item in overrides {
+        let (key, raw) = item
+            .split_once('=')
+            .ok_or_else(|| Error::Config(format!("override '{item}' is not of the form key=value (e.g. lisa.lambda=0.5)")))?;
+        set_path(&mut value, key.trim(), parse_value(raw.trim())).map_err(|m| Error::Config(format!("override '{item}': {m}")))?;
+    }
+    T::deserialize(value).map_err(|e| Error::Config(one_line(&e.to_string())))
+}
+
 /// Renders a config as TOML (what `--print-config` shows and runs save beside their outputs).
 pub fn to_toml<T: Serialize>(cfg: &T) -> Result<String> {
     toml::to_string_pretty(cfg).map_err(|e| Error::Config(e.to_string()))

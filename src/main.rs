@@ -39,6 +39,9 @@ enum Command {
     /// Train the baseline and LISA side by side (same seeds, data order, initialisation and evaluation
     /// noise) and write fidelity curves, sample grids and a summary.
     Compare(CompareArgs),
+    /// Train the baseline, LISA and LISA's controls (other targets, decoder width, distance, λ, hook
+    /// position) on one task with the same seeds, and write one table.
+    Ablate(AblateArgs),
     /// The main job on the embedded default: a short `compare` of the baseline and LISA on edge maps.
     Demo(DemoArgs),
     /// The exact toy (spec §8): on a Gaussian mixture, LISA decoders (ε, v, flow) against the closed-form
@@ -147,6 +150,22 @@ struct CompareArgs {
     #[arg(long)]
     seeds: Option<u64>,
     /// Keep finished arms and resume unfinished ones from their latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Args)]
+struct AblateArgs {
+    #[command(flatten)]
+    common: ControlArgs,
+    /// An arm, `name: key=value, key=value` (on top of LISA enabled); repeat. Default: LISA, random /
+    /// raw / condition targets, a 2×-wide decoder, cosine distance, λ ∈ {0.05, 0.1, 0.5, 1}, every hook.
+    #[arg(long = "variant")]
+    variants: Vec<String>,
+    /// Seeds per arm (same as `--set compare.seeds=N`).
+    #[arg(long)]
+    seeds: Option<u64>,
+    /// Keep finished arms (also those of a `compare` in the same folder) and resume unfinished ones.
     #[arg(long)]
     resume: bool,
 }
@@ -316,6 +335,7 @@ fn main() -> ExitCode {
         Command::Export(a) => run_export(a),
         Command::Train(a) => run_train(a),
         Command::Compare(a) => run_compare(a),
+        Command::Ablate(a) => run_ablate(a),
         Command::Demo(a) => run_demo(a),
         Command::Toy(a) => run_toy(a),
         Command::Bench(a) => run_bench(a),
@@ -495,6 +515,26 @@ fn run_compare(a: CompareArgs) -> Result<()> {
     println!("{}", report.table());
     let out = &cfg.output_dir;
     println!("plot: {}  grid (condition | baseline | LISA | ground truth): {}", out.join("fidelity.png").display(), out.join("samples.png").display());
+    Ok(())
+}
+
+fn run_ablate(a: AblateArgs) -> Result<()> {
+    let extra: Vec<String> = a.seeds.iter().map(|s| format!("compare.seeds={s}")).collect();
+    let cfg = a.common.load(&extra)?;
+    if a.common.print_config {
+        print!("{}", lisa::config::to_toml(&cfg)?);
+        return Ok(());
+    }
+    let specs = if a.variants.is_empty() {
+        let main = load_main(&cfg)?;
+        lisa::experiments::ablate::default_variants(main.config.unet.skip_channels().len())
+    } else {
+        a.variants.clone()
+    };
+    let variants = specs.iter().map(|s| lisa::experiments::ablate::Variant::parse(s)).collect::<lisa::Result<Vec<_>>>()?;
+    let report = lisa::experiments::ablate::ablate(&cfg, &variants, a.resume, a.common.quiet)?;
+    println!("{}", report.table());
+    println!("table: {}", cfg.output_dir.join("ablation.md").display());
     Ok(())
 }
 

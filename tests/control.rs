@@ -134,3 +134,20 @@ fn controlnet_arguments_are_checked() {
     let (ok, _, stderr) = lisa(&["sample", "--controlnet", "/nonexistent/side"]);
     assert!(!ok && stderr.contains("not a side network folder"), "{stderr}");
 }
+
+#[test]
+fn ablate_runs_the_baseline_and_each_variant_into_one_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("abl");
+    let mut args = vec!["ablate", "--task", "edges", "--steps", "1", "--seeds", "1", "--quiet", "--output-dir", out.to_str().unwrap()];
+    args.extend(TINY);
+    args.extend(["--variant", "raw-target: lisa.target=\"raw\"", "--variant", "hook-down_2: lisa.hook=\"down_2\""]);
+    let (ok, stdout, stderr) = lisa(&args);
+    assert!(ok, "{stderr}");
+    for row in ["| baseline |", "| raw-target |", "| hook-down_2 |"] {
+        assert!(stdout.contains(row), "{row} missing:\n{stdout}");
+    }
+    assert!(out.join("ablation.md").is_file() && out.join("seed-0/hook-down_2/summary.json").is_file());
+    let (ok, _, stderr) = lisa(&["ablate", "--variant", "typo: lisa.lamda=1", "--output-dir", out.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("lamda") && stderr.lines().count() == 1, "{stderr}");
+}

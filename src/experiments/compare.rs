@@ -31,7 +31,8 @@ pub struct ArmAggregate {
 }
 
 impl ArmAggregate {
-    fn new(arm: &str, runs: Vec<ArmSummary>) -> Result<Self> {
+    /// Aggregates `runs` (one per seed, evaluated at the same steps) of arm `arm`.
+    pub fn new(arm: &str, runs: Vec<ArmSummary>) -> Result<Self> {
         let steps: Vec<u64> = runs[0].curve.iter().map(|p| p.0).collect();
         if runs.iter().any(|r| r.curve.iter().map(|p| p.0).ne(steps.iter().copied())) {
             return Err(Error::Training(format!("the {arm} runs were evaluated at different steps; rerun them")));

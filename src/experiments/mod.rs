@@ -2,6 +2,7 @@
 //! No model or loss code lives here except the one-line task that says what is regressed onto what.
 pub mod evaluate;
 pub mod pretrain;
+pub mod ablate;
 pub mod bench;
 pub mod compare;
 pub mod control;
