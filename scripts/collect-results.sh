@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for run in "$@"; do
-  task=$(basename "$run"); task=${task#compare-}
+  task=$(basename "$run"); task=${task#compare-}; task=${task#agg-}
   dest=docs/results/$task
   mkdir -p "$dest"
   for f in summary.md summary.json fidelity.png lisa-ratio.png samples.png config.toml; do

@@ -102,6 +102,10 @@ impl CompareReport {
             let (bm, bs) = b.mean_sd(f);
             let (lm, ls) = l.mean_sd(f);
             let (dm, ds) = paired_difference(&b.runs, &l.runs, f);
+            if seeds == 1 {
+                // One seed has no spread to report.
+                return format!("| {name} | {bm:.prec$} | {lm:.prec$} | {dm:+.prec$} |\n");
+            }
             format!("| {name} | {bm:.prec$} ± {bs:.prec$} | {lm:.prec$} ± {ls:.prec$} | {dm:+.prec$} ± {ds:.prec$} |\n")
         };
         s += &row("final fidelity", &|r| r.final_fidelity, 4);
@@ -113,7 +117,7 @@ impl CompareReport {
         s += &format!(
             "\nLISA reaches the baseline's final fidelity ({:.4}) at step {}{}; the baseline reaches LISA's final \
              fidelity ({:.4}) at step {}. LISA's step costs {:+.1}% vs the baseline's (decoder: {} parameters, \
-             side network: {}; the decoder is not saved).\n(± = standard deviation over seeds.)\n",
+             side network: {}; the decoder is not saved).\n{}",
             b.mean.last().unwrap_or(&f64::NAN),
             self.lisa_reaches_baseline_final_at.map_or("— (not reached)".into(), |s| s.to_string()),
             self.speedup.map_or(String::new(), |x| format!(" (speed-up ×{x:.2})")),
@@ -122,6 +126,7 @@ impl CompareReport {
             self.step_overhead_percent,
             l.runs[0].decoder_parameters,
             l.runs[0].side_parameters,
+            if seeds > 1 { "(± = standard deviation over seeds.)\n" } else { "" },
         );
         let ratios: Vec<String> = self.lisa_ratio_by_bucket.iter().map(|r| format!("{r:.3}")).collect();
         s += &format!(
@@ -221,9 +226,9 @@ pub fn compare(cfg: &ControlConfig, resume: bool, quiet: bool) -> Result<Compare
     line_plot(
         &out.join("lisa-ratio.png"),
         &PlotSpec {
-            title: "LISA: unexplained fraction of r by timestep (last fifth of training)",
+            title: "LISA: unexplained part of r by t (last 1/5 of training)",
             x_label: "t / T",
-            y_label: "L_lisa / mean(r^2)",
+            y_label: "L_lisa / r_sq",
             width: 720,
             height: 440,
         },
