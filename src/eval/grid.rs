@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tch::{Device, Kind, Tensor};
 
@@ -97,15 +98,22 @@ fn write_png(img: &Tensor, path: &Path) -> Result<()> {
     let (c, h, w) = img.size3()?;
     let color = if c == 1 { png::ColorType::Grayscale } else { png::ColorType::Rgb };
     let data = Vec::<u8>::try_from(&img.f_permute([1, 2, 0])?.f_contiguous()?.f_flatten(0, -1)?)?;
+    write_png_bytes(&data, w as u32, h as u32, color, path)
+}
+
+/// Encodes 8-bit pixel rows `data` (`color` Grayscale or Rgb) as a PNG and writes it atomically: a temporary
+/// file in the target's folder, synced, then renamed (a rename within one filesystem is atomic).
+pub(crate) fn write_png_bytes(data: &[u8], width: u32, height: u32, color: png::ColorType, path: &Path) -> Result<()> {
     // Encoding into memory first keeps encoder errors apart from I/O errors on the target.
     let mut encoded = Vec::new();
     {
-        let mut enc = png::Encoder::new(&mut encoded, w as u32, h as u32);
+        let fail = |e: png::EncodingError| Error::format(path, format!("PNG encoding: {e}"));
+        let mut enc = png::Encoder::new(&mut encoded, width, height);
         enc.set_color(color);
         enc.set_depth(png::BitDepth::Eight);
-        let mut writer = enc.write_header().map_err(|e| Error::format(path, format!("PNG encoding: {e}")))?;
-        writer.write_image_data(&data).map_err(|e| Error::format(path, format!("PNG encoding: {e}")))?;
-        writer.finish().map_err(|e| Error::format(path, format!("PNG encoding: {e}")))?;
+        let mut writer = enc.write_header().map_err(fail)?;
+        writer.write_image_data(data).map_err(fail)?;
+        writer.finish().map_err(fail)?;
     }
     let tmp = temp_path(path);
     let result = (|| -> std::io::Result<()> {
@@ -121,10 +129,13 @@ fn write_png(img: &Tensor, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `dir/.name.tmp-<pid>`: hidden, in the target's folder, and distinct per process.
+/// `dir/.name.tmp-<pid>-<n>`: hidden, in the target's folder, distinct per process and per call (two threads
+/// may write images at once).
 fn temp_path(path: &Path) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }
 
 #[cfg(test)]

@@ -6,10 +6,7 @@
 //!
 //! Non-finite values are skipped and break the line (and band) there; a series of one point shows as a marker;
 //! a constant series gets a padded range so that it sits mid-plot. Points are joined in the order given.
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
 use crate::{Error, Result};
 
@@ -803,37 +800,7 @@ fn draw_text_up(c: &mut Canvas, x: i64, bottom: i64, text: &str, scale: i64, col
 /// Encodes the canvas as an RGB PNG in memory, then writes it to a temporary file in the target's folder and
 /// renames it into place (atomic on one filesystem), so that readers never see a half-written plot.
 fn write_png(c: &Canvas, path: &Path) -> Result<()> {
-    let mut encoded = Vec::new();
-    {
-        let fail = |e: png::EncodingError| Error::format(path, format!("PNG encoding: {e}"));
-        let mut enc = png::Encoder::new(&mut encoded, c.width as u32, c.height as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut writer = enc.write_header().map_err(fail)?;
-        writer.write_image_data(&c.rgb).map_err(fail)?;
-        writer.finish().map_err(fail)?;
-    }
-    let tmp = temp_path(path);
-    let result = (|| -> std::io::Result<()> {
-        let mut file = File::create(&tmp)?;
-        file.write_all(&encoded)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
-}
-
-/// `dir/.name.tmp-<pid>-<n>`: hidden, in the target's folder, distinct per process and per call (two threads may
-/// write plots at once).
-fn temp_path(path: &Path) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
+    super::grid::write_png_bytes(&c.rgb, c.width as u32, c.height as u32, png::ColorType::Rgb, path)
 }
 
 #[cfg(test)]
