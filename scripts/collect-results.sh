@@ -8,7 +8,8 @@ for run in "$@"; do
   task=$(basename "$run"); task=${task#compare-}; task=${task#agg-}
   dest=docs/results/$task
   mkdir -p "$dest"
-  for f in summary.md summary.json fidelity.png lisa-ratio.png samples.png config.toml; do
+  for f in summary.md summary.json fidelity.png lisa-ratio.png samples.png config.toml \
+           disentangle.md disentangle.json disentangle.csv disentangle.png ablation.md ablation.json; do
     [ -f "$run/$f" ] && cp "$run/$f" "$dest/"
   done
   for armdir in "$run"/seed-*/*/; do

@@ -47,6 +47,9 @@ enum Command {
     /// The exact toy (spec §8): on a Gaussian mixture, LISA decoders (ε, v, flow) against the closed-form
     /// likelihood score, and the drift a learned prior causes.
     Toy(ToyArgs),
+    /// How much of the hooked side feature the condition drives (condition × input variance split),
+    /// for every arm, seed and saved step of a compare or ablate run folder.
+    Disentangle(DisentangleArgs),
     /// Time full side-network training steps (forward, backward, clip, AdamW, zero_grad) of our baseline
     /// and LISA against the authors' PyTorch + diffusers step (bench/reference.py), interleaved.
     Bench(BenchArgs),
@@ -293,6 +296,25 @@ struct ToyArgs {
 }
 
 #[derive(Args)]
+struct DisentangleArgs {
+    /// A `lisa compare` or `lisa ablate` run folder (with config.toml and seed-S/<arm>/).
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// The side feature: `mid` or `down_<i>`; default: the run's LISA hook.
+    #[arg(long)]
+    hook: Option<String>,
+    /// Conditions in the grid.
+    #[arg(long, default_value_t = 16)]
+    conditions: i64,
+    /// Noisy inputs in the grid.
+    #[arg(long, default_value_t = 16)]
+    inputs: i64,
+    /// Times t/T of the grid, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.5,0.9")]
+    times: Vec<f64>,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     /// Main network folder (frozen); default: the shipped one in `assets/main-network`.
     #[arg(long)]
@@ -338,6 +360,7 @@ fn main() -> ExitCode {
         Command::Ablate(a) => run_ablate(a),
         Command::Demo(a) => run_demo(a),
         Command::Toy(a) => run_toy(a),
+        Command::Disentangle(a) => run_disentangle(a),
         Command::Bench(a) => run_bench(a),
     };
     match result {
@@ -563,6 +586,16 @@ fn run_toy(a: ToyArgs) -> Result<()> {
     println!("{}", report.table());
     let (conv, drift, json) = (a.out.join("toy-convergence.png"), a.out.join("toy-drift.png"), a.out.join("toy.json"));
     println!("plots: {}  {}  numbers: {}", conv.display(), drift.display(), json.display());
+    Ok(())
+}
+
+fn run_disentangle(a: DisentangleArgs) -> Result<()> {
+    use lisa::experiments::disentangle::{disentangle, DisentangleConfig};
+    let hook = a.hook.as_deref().map(str::parse).transpose()?;
+    let cfg = DisentangleConfig { hook, num_conditions: a.conditions, num_inputs: a.inputs, unit_times: a.times, ..Default::default() };
+    let report = disentangle(&a.run_dir, &cfg, &mut |m| eprintln!("{m}"))?;
+    println!("{}", report.table());
+    println!("written: {}", a.run_dir.join("disentangle.{md,json,csv,png}").display());
     Ok(())
 }
 

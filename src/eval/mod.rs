@@ -4,6 +4,7 @@
 //! since the feature network is ours, not Inception), control-fidelity metrics (how well samples obey
 //! their condition), PNG image grids for inspection, and PNG line plots.
 pub mod classifier;
+pub mod disentangle;
 pub mod fidelity;
 pub mod frechet;
 pub mod grid;

@@ -190,6 +190,14 @@ pub fn prepare_data(cfg: &ControlConfig) -> Result<ControlData> {
         return Err(Error::Config("condition extraction needs single-channel images (data.channels = 1)".into()));
     }
     train.conditioning = Some(extract_batch(kind, &train.images)?);
+    let (eval_images, eval_labels, eval_conditions) = held_out_subset(cfg)?;
+    Ok(ControlData { train, eval_images, eval_labels, eval_conditions })
+}
+
+/// The fixed held-out subset of the test split that every evaluation uses: (images [N, 1, H, W] in
+/// [-1, 1], labels [N], conditions [N, 1, H, W] in [0, 1]), N = the larger of the two evaluation sizes.
+pub fn held_out_subset(cfg: &ControlConfig) -> Result<(Tensor, Tensor, Tensor)> {
+    let kind = cfg.condition_kind()?;
     let test = cfg.data.load(true)?;
     let n = cfg.fidelity.num_images.max(cfg.final_eval.num_images).min(test.len() as i64);
     let mut idx: Vec<i64> = (0..test.len() as i64).collect();
@@ -197,7 +205,7 @@ pub fn prepare_data(cfg: &ControlConfig) -> Result<ControlData> {
     idx.truncate(n as usize);
     let (eval_images, eval_labels, _) = test.batch(&idx)?;
     let eval_conditions = extract_batch(kind, &eval_images)?;
-    Ok(ControlData { train, eval_images, eval_labels, eval_conditions })
+    Ok((eval_images, eval_labels, eval_conditions))
 }
 
 /// The first final-evaluation samples of an arm, kept for comparison grids.

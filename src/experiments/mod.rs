@@ -6,3 +6,4 @@ pub mod ablate;
 pub mod bench;
 pub mod compare;
 pub mod control;
+pub mod disentangle;
