@@ -50,6 +50,12 @@ enum Command {
     /// How much of the hooked side feature the condition drives (condition × input variance split),
     /// for every arm, seed and saved step of a compare or ablate run folder.
     Disentangle(DisentangleArgs),
+    /// Control fidelity and Fréchet distance of a compare run's finished side networks under
+    /// classifier-free guidance at several scales.
+    Guidance(GuidanceArgs),
+    /// Side networks of different conditions steering one sample together (residuals summed), each
+    /// condition's fidelity on the composed samples against single-condition samples.
+    Compose(ComposeArgs),
     /// Time full side-network training steps (forward, backward, clip, AdamW, zero_grad) of our baseline
     /// and LISA against the authors' PyTorch + diffusers step (bench/reference.py), interleaved.
     Bench(BenchArgs),
@@ -315,6 +321,38 @@ struct DisentangleArgs {
 }
 
 #[derive(Args)]
+struct GuidanceArgs {
+    /// A finished `lisa compare` run folder.
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// Guidance scales, comma-separated (1 = no guidance).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    scales: Vec<f64>,
+    /// Held-out images per arm, seed and scale; default: the run's final evaluation size.
+    #[arg(long)]
+    images: Option<i64>,
+}
+
+#[derive(Args)]
+struct ComposeArgs {
+    /// A finished `lisa compare` run folder, once per condition (at least two).
+    #[arg(long = "run-dir", required = true)]
+    run_dirs: Vec<PathBuf>,
+    /// Conditioning scale of each side network in the composition, comma-separated (one for all, or one per run).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    scales: Vec<f64>,
+    /// Held-out images per sample set.
+    #[arg(long, default_value_t = 200)]
+    images: i64,
+    /// Seed of the side networks used.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder for compose.md and compose.json.
+    #[arg(long, default_value = "runs/compose")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     /// Main network folder (frozen); default: the shipped one in `assets/main-network`.
     #[arg(long)]
@@ -361,6 +399,8 @@ fn main() -> ExitCode {
         Command::Demo(a) => run_demo(a),
         Command::Toy(a) => run_toy(a),
         Command::Disentangle(a) => run_disentangle(a),
+        Command::Guidance(a) => run_guidance(a),
+        Command::Compose(a) => run_compose(a),
         Command::Bench(a) => run_bench(a),
     };
     match result {
@@ -596,6 +636,30 @@ fn run_disentangle(a: DisentangleArgs) -> Result<()> {
     let report = disentangle(&a.run_dir, &cfg, &mut |m| eprintln!("{m}"))?;
     println!("{}", report.table());
     println!("written: {}", a.run_dir.join("disentangle.{md,json,csv,png}").display());
+    Ok(())
+}
+
+fn run_guidance(a: GuidanceArgs) -> Result<()> {
+    use lisa::experiments::guidance::{guidance_sweep, GuidanceConfig};
+    let cfg = GuidanceConfig { guidance_scales: a.scales, num_images: a.images, ..Default::default() };
+    let report = guidance_sweep(&a.run_dir, &cfg, &mut |m| eprintln!("{m}"))?;
+    println!("{}", report.table());
+    println!("written: {}", a.run_dir.join("guidance.{md,json}").display());
+    Ok(())
+}
+
+fn run_compose(a: ComposeArgs) -> Result<()> {
+    use lisa::experiments::compose::{compose, ComposeConfig};
+    let cfg = ComposeConfig {
+        runs: a.run_dirs,
+        conditioning_scales: a.scales,
+        num_images: a.images,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let report = compose(&cfg, &a.out, &mut |m| eprintln!("{m}"))?;
+    println!("{}", report.table());
+    println!("written: {}", a.out.join("compose.{md,json}").display());
     Ok(())
 }
 

@@ -311,6 +311,9 @@ pub fn disentangle(run_dir: &Path, cfg: &DisentangleConfig, log: &mut dyn FnMut(
         )));
     }
     let ctl: ControlConfig = crate::config::load(Some(&cfg_path), &[])?;
+    if ctl.threads > 0 {
+        tch::set_num_threads(ctl.threads);
+    }
     let main = load_main(&ctl)?;
     let kind = ctl.condition_kind()?;
     let hook = cfg.hook.unwrap_or(ctl.lisa.hook);

@@ -7,3 +7,5 @@ pub mod bench;
 pub mod compare;
 pub mod control;
 pub mod disentangle;
+pub mod guidance;
+pub mod compose;
