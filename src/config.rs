@@ -12,7 +12,10 @@ use crate::{Error, Result};
 pub fn load<T: DeserializeOwned + Serialize + Default>(path: Option<&Path>, overrides: &[String]) -> Result<T> {
     let mut value = toml::Value::try_from(T::default()).map_err(|e| Error::Config(format!("default config: {e}")))?;
     if let Some(path) = path {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => Error::format(path, "not UTF-8 text; save the config file as UTF-8"),
+            _ => Error::io(path, e),
+        })?;
         let file: toml::Value = toml::from_str(&text).map_err(|e| Error::format(path, format!("invalid TOML: {}", one_line(&e.to_string()))))?;
         merge(&mut value, file);
     }

@@ -343,8 +343,14 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the chain of causes, outermost first.
-            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            // One line: the chain of causes, outermost first; a cause whose text the message before
+            // it already contains (the library's errors quote their source) is not repeated.
+            let mut msg: Vec<String> = Vec::new();
+            for cause in e.chain().map(|c| c.to_string()) {
+                if !msg.last().is_some_and(|m| m.contains(&cause)) {
+                    msg.push(cause);
+                }
+            }
             eprintln!("error: {}", msg.join(": "));
             ExitCode::FAILURE
         }
@@ -484,6 +490,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
     }
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads);
+    }
+    if a.resume.is_none() {
+        lisa::train::checkpoint::ensure_none(&cfg.output_dir)?;
     }
     let main = load_main(&cfg)?;
     let data = prepare_data(&cfg)?;

@@ -221,7 +221,7 @@ fn training_moves_the_side_network_and_decoder_but_never_the_main_network() {
         log_every: 1,
         ..Default::default()
     };
-    let run = RunDir { output_dir: dir.path(), resume: None, run_description: serde_json::json!({}), quiet: true };
+    let run = RunDir { output_dir: dir.path(), resume: None, run_description: serde_json::json!({}), quiet: true, files: vec![] };
     let task = ControlTask::new(&main, &side, Some(&head)).unwrap();
     let mut params = side.named_parameters();
     params.extend(head.named_parameters());

@@ -102,7 +102,7 @@ fn file(dir: &Path, prefix: &str, kind: &str) -> Option<PathBuf> {
 
 /// Raw images and labels of a split, as stored (28×28 `u8`, labels `0..10`), validated.
 pub fn load_raw(source: &Source, split: Split) -> Result<(IdxImages, Vec<u8>)> {
-    let (images, labels, name) = match source {
+    let (images, labels, name, label_name) = match source {
         Source::Debian(dir) => {
             let find = |kind: &str| {
                 file(dir, split.prefix(), kind).ok_or_else(|| {
@@ -111,7 +111,7 @@ pub fn load_raw(source: &Source, split: Split) -> Result<(IdxImages, Vec<u8>)> {
                 })
             };
             let (ip, lp) = (find("images-idx3")?, find("labels-idx1")?);
-            (idx::read_images(&ip)?, idx::read_labels(&lp)?, ip)
+            (idx::read_images(&ip).map_err(damaged)?, idx::read_labels(&lp).map_err(damaged)?, ip, lp)
         }
         Source::Embedded => {
             let (ib, lb) = match split {
@@ -119,32 +119,48 @@ pub fn load_raw(source: &Source, split: Split) -> Result<(IdxImages, Vec<u8>)> {
                 Split::Test => (EMBEDDED_TEST_IMAGES, EMBEDDED_TEST_LABELS),
             };
             let name = format!("<embedded>/fashion-mnist-subset/{}", split.prefix());
-            (
-                idx::images_from_bytes(ib, format!("{name}-images-idx3-ubyte.gz"))?,
-                idx::labels_from_bytes(lb, format!("{name}-labels-idx1-ubyte.gz"))?,
-                PathBuf::from(name),
-            )
+            let (ip, lp) = (PathBuf::from(format!("{name}-images-idx3-ubyte.gz")), PathBuf::from(format!("{name}-labels-idx1-ubyte.gz")));
+            (idx::images_from_bytes(ib, &ip)?, idx::labels_from_bytes(lb, &lp)?, ip, lp)
         }
     };
+    if images.count == 0 {
+        return Err(Error::format(name, "holds no images; give the folder of the full Fashion-MNIST files"));
+    }
     if images.count != labels.len() {
         return Err(Error::format(
             name,
-            format!("{} images but {} labels", images.count, labels.len()),
+            format!(
+                "{} images but {} labels in {}; the two files must belong to the same split",
+                images.count,
+                labels.len(),
+                label_name.display()
+            ),
         ));
     }
     if (images.rows, images.cols) != (28, 28) {
         return Err(Error::format(
             name,
-            format!("images are {}x{}, expected 28x28", images.rows, images.cols),
+            format!("images are {}x{}, expected 28x28; this is not a Fashion-MNIST image file", images.rows, images.cols),
         ));
     }
-    if let Some(bad) = labels.iter().find(|&&l| l as usize >= NUM_CLASSES) {
+    if let Some((i, bad)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= NUM_CLASSES) {
         return Err(Error::format(
-            name,
-            format!("label {bad} out of range 0..{NUM_CLASSES}"),
+            label_name,
+            format!("label {bad} (entry {i}) out of range 0..{NUM_CLASSES}; this is not a Fashion-MNIST label file"),
         ));
     }
     Ok((images, labels))
+}
+
+/// Adds what to do to an IDX file's format error.
+fn damaged(e: Error) -> Error {
+    match e {
+        Error::Format { path, msg } => Error::Format {
+            path,
+            msg: format!("{msg}; replace it with an intact copy (reinstall dataset-fashion-mnist or download it again)"),
+        },
+        e => e,
+    }
 }
 
 /// Loads a split as a [`Dataset`]: `f32 [N, 1, 32, 32]` in `[-1, 1]` (the 28×28 images padded

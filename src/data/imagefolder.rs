@@ -18,6 +18,12 @@ use crate::{Error, Result};
 /// The metadata file name inside the folder.
 pub const METADATA_FILE: &str = "metadata.jsonl";
 
+/// Class ids must be below this (`num_classes` = the largest id + 1 sizes the label embedding).
+pub const MAX_CLASSES: i64 = 100_000;
+
+/// The largest `image_size` accepted (images are held in memory as `f32` tensors of that size).
+pub const MAX_IMAGE_SIZE: u32 = 1024;
+
 /// The class of one record, as written in the metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -48,13 +54,19 @@ fn one_line(s: impl ToString) -> String {
 /// Reads and validates `dir/metadata.jsonl` (keys and consistency; not the image files).
 pub fn read_metadata(dir: &Path) -> Result<Vec<Record>> {
     let meta = dir.join(METADATA_FILE);
-    let text = match std::fs::read_to_string(&meta) {
+    let bytes = match std::fs::read(&meta) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(Error::format(&meta, "not found: an imagefolder dataset needs a metadata.jsonl with one JSON object per image"));
         }
         Err(e) => return Err(Error::io(&meta, e)),
     };
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+        Error::format(&meta, format!("line {line}: not UTF-8 text; save the file as UTF-8"))
+    })?;
+    // A byte-order mark, as some editors write, is not part of the first line's JSON.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let err = |line: usize, msg: String| Error::format(&meta, format!("line {line}: {msg}"));
     let mut records: Vec<Record> = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -80,11 +92,28 @@ pub fn read_metadata(dir: &Path) -> Result<Vec<Record>> {
         let image = string_field("image")?
             .ok_or_else(|| err(line, "missing `image` key (the image's file name)".into()))?;
         let conditioning = string_field("conditioning_image")?;
+        for (key, name) in [("image", Some(&image)), ("conditioning_image", conditioning.as_ref())] {
+            let Some(name) = name else { continue };
+            // Files are the dataset's own: a path out of the folder is a mistake or a way to read other files.
+            let p = Path::new(name);
+            if p.is_absolute() || p.components().any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir)) {
+                return Err(err(
+                    line,
+                    format!("`{key}` {name:?} points outside the dataset folder; give a path relative to {}, without `..`", dir.display()),
+                ));
+            }
+        }
         let text_value = string_field("text")?;
         let label_value = match obj.get("label") {
             None | Some(Value::Null) => None,
             Some(v) => match v.as_i64() {
-                Some(l) if l >= 0 => Some(l),
+                Some(l) if (0..MAX_CLASSES).contains(&l) => Some(l),
+                Some(l) if l >= MAX_CLASSES => {
+                    return Err(err(
+                        line,
+                        format!("`label` {l} is too large (class ids must be below {MAX_CLASSES}); number the classes 0, 1, 2, ..."),
+                    ))
+                }
                 _ => {
                     return Err(err(
                         line,
@@ -141,7 +170,10 @@ pub fn read_metadata(dir: &Path) -> Result<Vec<Record>> {
         });
     }
     if records.is_empty() {
-        return Err(Error::format(&meta, "empty dataset: no records"));
+        return Err(Error::format(
+            &meta,
+            r#"empty dataset: no records; add one JSON object per image, e.g. {"image": "a.png", "label": 0}"#,
+        ));
     }
     Ok(records)
 }
@@ -149,16 +181,17 @@ pub fn read_metadata(dir: &Path) -> Result<Vec<Record>> {
 /// Opens and decodes an image referenced from line `line` of the metadata.
 fn open(meta: &Path, line: usize, key: &str, path: &Path) -> Result<image::DynamicImage> {
     if !path.is_file() {
+        let what = if path.exists() { "is not a file" } else { "not found" };
         return Err(Error::format(
             meta,
-            format!("line {line}: {key} {} not found", path.display()),
+            format!("line {line}: {key} {} {what}; fix the path (relative to the dataset folder) or remove the line", path.display()),
         ));
     }
     image::open(path).map_err(|e| {
         Error::format(
             meta,
             format!(
-                "line {line}: cannot decode {key} {}: {}",
+                "line {line}: cannot decode {key} {}: {}; replace it with a PNG, JPEG or BMP image or remove the line",
                 path.display(),
                 one_line(e)
             ),
@@ -170,7 +203,7 @@ fn open(meta: &Path, line: usize, key: &str, path: &Path) -> Result<image::Dynam
 /// [`to_square`] (e.g. a condition image given on the command line).
 pub fn load_gray(path: &Path, size: u32) -> Result<tch::Tensor> {
     if !path.is_file() {
-        return Err(Error::Config(format!("{} does not exist or is not a file", path.display())));
+        return Err(Error::Config(format!("{} does not exist or is not a file; give an image file (PNG, JPEG or BMP)", path.display())));
     }
     let img = image::open(path).map_err(|e| Error::format(path, format!("cannot decode the image: {}", one_line(e))))?;
     Ok(image_to_unit_tensor(&to_square(&img, size), 1).unsqueeze(0))
@@ -183,11 +216,11 @@ pub fn load(dir: impl AsRef<Path>, size: u32, channels: i64) -> Result<Dataset> 
     let dir = dir.as_ref();
     if channels != 1 && channels != 3 {
         return Err(Error::Config(format!(
-            "channels must be 1 (grey) or 3 (RGB), got {channels}"
+            "data.channels must be 1 (grey) or 3 (RGB), got {channels}"
         )));
     }
-    if size == 0 {
-        return Err(Error::Config("image size must be positive".into()));
+    if size == 0 || size > MAX_IMAGE_SIZE {
+        return Err(Error::Config(format!("data.image_size must be in 1..={MAX_IMAGE_SIZE}, got {size}")));
     }
     let meta = dir.join(METADATA_FILE);
     let records = read_metadata(dir)?;
