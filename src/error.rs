@@ -62,7 +62,11 @@ pub fn io_hint(kind: std::io::ErrorKind) -> &'static str {
 /// [`io_hint`] for an error known only by its text (libtorch's safetensors writer wraps the I/O error).
 pub(crate) fn io_hint_in(text: &str) -> &'static str {
     use std::io::ErrorKind as K;
-    let kinds = [(K::StorageFull, "StorageFull"), (K::PermissionDenied, "PermissionDenied"), (K::ReadOnlyFilesystem, "ReadOnlyFilesystem")];
+    let kinds = [
+        (K::StorageFull, "StorageFull"),
+        (K::PermissionDenied, "PermissionDenied"),
+        (K::ReadOnlyFilesystem, "ReadOnlyFilesystem"),
+    ];
     kinds.iter().find(|(_, name)| text.contains(name)).map_or("", |(k, _)| io_hint(*k))
 }
 

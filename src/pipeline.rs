@@ -55,8 +55,9 @@ impl MainNetwork {
         };
         let vs = nn::VarStore::new(device);
         let unet = UNet2DConditionModel::new(vs.root(), &config.unet).map_err(section("unet"))?;
-        let labels = LabelEncoder::new(vs.root() / "label_encoder", &config.label_encoder, config.unet.cross_attention_dim)
-            .map_err(section("label_encoder"))?;
+        let labels =
+            LabelEncoder::new(vs.root() / "label_encoder", &config.label_encoder, config.unet.cross_attention_dim)
+                .map_err(section("label_encoder"))?;
         let objective = Objective::new(&config.objective).map_err(section("objective"))?;
         Ok(Self { vs, unet, labels, objective, config: config.clone() })
     }
@@ -67,10 +68,17 @@ impl MainNetwork {
         let cfg_path = [dir.join(CONFIG_FILE), dir.join("..").join(CONFIG_FILE)]
             .into_iter()
             .find(|p| p.is_file())
-            .ok_or_else(|| Error::Checkpoint { path: dir.to_path_buf(), msg: format!("no {CONFIG_FILE} here or in the folder above: not a model folder") })?;
+            .ok_or_else(|| Error::Checkpoint {
+                path: dir.to_path_buf(),
+                msg: format!("no {CONFIG_FILE} here or in the folder above: not a model folder"),
+            })?;
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let invalid =
-            |msg: String| Error::format(&cfg_path, format!("invalid model config: {msg}; restore the config.json the model was saved with"));
+        let invalid = |msg: String| {
+            Error::format(
+                &cfg_path,
+                format!("invalid model config: {msg}; restore the config.json the model was saved with"),
+            )
+        };
         let config: MainNetworkConfig = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         let net = Self::new(&config, device).map_err(|e| match e {
             Error::Config(msg) => invalid(msg),

@@ -282,7 +282,11 @@ pub fn train_control(
         ..ControlNetConfig::for_unet(&main.config.unet)
     };
     let side = SideNetwork::from_main(main, kind, controlnet)?;
-    let head = if cfg.lisa.enabled { Some(LisaHead::new(main, &cfg.lisa, side.config.controlnet.conditioning_channels)?) } else { None };
+    let head = if cfg.lisa.enabled {
+        Some(LisaHead::new(main, &cfg.lisa, side.config.controlnet.conditioning_channels)?)
+    } else {
+        None
+    };
     let task = ControlTask::new(main, &side, head.as_ref())?;
     let mut params = side.named_parameters();
     if let Some(h) = &head {

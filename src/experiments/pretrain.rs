@@ -42,11 +42,9 @@ impl DataConfig {
                 "embedded" => fashion_mnist::Source::Embedded,
                 "debian" => fashion_mnist::Source::Debian(PathBuf::from(fashion_mnist::DEBIAN_DIR)),
                 folder if std::path::Path::new(folder).is_dir() => fashion_mnist::Source::Debian(PathBuf::from(folder)),
-                other => {
-                    return Err(Error::Config(format!(
-                        "data.source '{other}': use auto, embedded, debian or a folder holding the Fashion-MNIST IDX files"
-                    )))
-                }
+                other => return Err(Error::Config(format!(
+                    "data.source '{other}': use auto, embedded, debian or a folder holding the Fashion-MNIST IDX files"
+                ))),
             };
             let split = if test { fashion_mnist::Split::Test } else { fashion_mnist::Split::Train };
             fashion_mnist::load(&source, split)?
@@ -211,7 +209,10 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
         resume,
         run_description: serde_json::json!({ "model": m, "data": cfg.data, "label_dropout": cfg.label_dropout, "train": cfg.train }),
         quiet,
-        files: vec![(CONFIG_FILE.into(), cfg_json.into_bytes()), ("config.toml".into(), crate::config::to_toml(cfg)?.into_bytes())],
+        files: vec![
+            (CONFIG_FILE.into(), cfg_json.into_bytes()),
+            ("config.toml".into(), crate::config::to_toml(cfg)?.into_bytes()),
+        ],
     };
     // Everything the trainer would refuse is refused before the folder is touched.
     trainer::preflight(&data, &cfg.train, &run)?;
@@ -221,22 +222,29 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
     }
 
     let samples_dir = out.join("samples");
-    let summary = trainer::train(&task, net.named_parameters(), &data, &net.objective, &cfg.train, &run, |step, weights| {
-        if val.num_images <= 0 {
-            return Ok(());
-        }
-        // Sample with the averaged weights without disturbing the trained ones.
-        let _guard = tch::no_grad_guard();
-        let saved: Vec<Tensor> = net.named_parameters().iter().map(|(_, p)| p.copy()).collect();
-        swap_in(&net, weights);
-        let (images, _) = net.sample_many(val.num_images, 64, &val.sampler, val.seed)?;
-        for ((_, p), s) in net.named_parameters().iter().zip(&saved) {
-            p.shallow_clone().copy_(s);
-        }
-        std::fs::create_dir_all(&samples_dir).map_err(|e| Error::io(&samples_dir, e))?;
-        let nrow = m.label_encoder.num_classes.min(val.num_images);
-        crate::eval::grid::save_grid_scaled(&images, nrow as usize, 2, 2, samples_dir.join(format!("step-{step}.png")))
-    })?;
+    let summary =
+        trainer::train(&task, net.named_parameters(), &data, &net.objective, &cfg.train, &run, |step, weights| {
+            if val.num_images <= 0 {
+                return Ok(());
+            }
+            // Sample with the averaged weights without disturbing the trained ones.
+            let _guard = tch::no_grad_guard();
+            let saved: Vec<Tensor> = net.named_parameters().iter().map(|(_, p)| p.copy()).collect();
+            swap_in(&net, weights);
+            let (images, _) = net.sample_many(val.num_images, 64, &val.sampler, val.seed)?;
+            for ((_, p), s) in net.named_parameters().iter().zip(&saved) {
+                p.shallow_clone().copy_(s);
+            }
+            std::fs::create_dir_all(&samples_dir).map_err(|e| Error::io(&samples_dir, e))?;
+            let nrow = m.label_encoder.num_classes.min(val.num_images);
+            crate::eval::grid::save_grid_scaled(
+                &images,
+                nrow as usize,
+                2,
+                2,
+                samples_dir.join(format!("step-{step}.png")),
+            )
+        })?;
     // The final model: the averaged weights when EMA is on.
     let final_dir = out.join("model");
     if let Some(ckpt) = &summary.last_checkpoint {

@@ -38,7 +38,10 @@ pub fn save(
             let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
             Tensor::write_safetensors(&named, &path).map_err(|e| {
                 let e = e.to_string();
-                Error::Checkpoint { path: final_dir.clone(), msg: format!("cannot write {name}: {e}{}", crate::error::io_hint_in(&e)) }
+                Error::Checkpoint {
+                    path: final_dir.clone(),
+                    msg: format!("cannot write {name}: {e}{}", crate::error::io_hint_in(&e)),
+                }
             })?;
             sync_file(&path)?;
         }
@@ -148,7 +151,8 @@ pub fn list(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(output_dir, e))?;
         let name = entry.file_name();
-        let Some(step) = name.to_str().and_then(|n| n.strip_prefix("checkpoint-")).and_then(|s| s.parse::<u64>().ok()) else {
+        let Some(step) = name.to_str().and_then(|n| n.strip_prefix("checkpoint-")).and_then(|s| s.parse::<u64>().ok())
+        else {
             continue;
         };
         if entry.path().join(STATE_FILE).is_file() {
@@ -172,7 +176,9 @@ pub fn resolve(output_dir: &Path, resume: &str) -> Result<PathBuf> {
     if !p.join(STATE_FILE).is_file() {
         return Err(Error::Checkpoint {
             path: p,
-            msg: format!("not a complete checkpoint (no {STATE_FILE}); give a checkpoint-N folder of this run, or latest"),
+            msg: format!(
+                "not a complete checkpoint (no {STATE_FILE}); give a checkpoint-N folder of this run, or latest"
+            ),
         });
     }
     Ok(p)
@@ -183,7 +189,10 @@ pub fn read_state(dir: &Path) -> Result<serde_json::Value> {
     let path = dir.join(STATE_FILE);
     let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     serde_json::from_str(&text).map_err(|e| {
-        Error::format(&path, format!("malformed checkpoint state: {e}; the checkpoint is damaged: use another checkpoint-N"))
+        Error::format(
+            &path,
+            format!("malformed checkpoint state: {e}; the checkpoint is damaged: use another checkpoint-N"),
+        )
     })
 }
 
@@ -191,7 +200,10 @@ pub fn read_state(dir: &Path) -> Result<serde_json::Value> {
 pub fn read_tensors(dir: &Path, name: &str) -> Result<Vec<(String, Tensor)>> {
     let path = dir.join(name);
     if !path.is_file() {
-        return Err(Error::Checkpoint { path, msg: "missing file; the folder is incomplete: use another checkpoint or model folder".into() });
+        return Err(Error::Checkpoint {
+            path,
+            msg: "missing file; the folder is incomplete: use another checkpoint or model folder".into(),
+        });
     }
     Tensor::read_safetensors(&path).map_err(|e| Error::Checkpoint {
         path,
@@ -302,7 +314,9 @@ mod tests {
         assert_eq!(p[0].1.double_value(&[1]), 2.0);
         let e = load_into(&p, t(&[1.0]), Path::new("x")).unwrap_err().to_string();
         assert!(e.contains("shape"), "{e}");
-        let e = load_into(&p, vec![("v".into(), Tensor::from_slice(&[1.0f32, 2.0]))], Path::new("x")).unwrap_err().to_string();
+        let e = load_into(&p, vec![("v".into(), Tensor::from_slice(&[1.0f32, 2.0]))], Path::new("x"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lacks parameter 'w'"), "{e}");
     }
 }

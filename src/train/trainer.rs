@@ -332,9 +332,13 @@ pub fn train(
             opt.zero_grad();
             skipped += 1;
             consecutive_bad += 1;
-            progress.println(&format!("step {}: non-finite loss ({loss}) or gradient norm ({gnorm}); update skipped", step + 1));
+            progress.println(&format!(
+                "step {}: non-finite loss ({loss}) or gradient norm ({gnorm}); update skipped",
+                step + 1
+            ));
             if consecutive_bad >= cfg.max_consecutive_nonfinite {
-                let last = checkpoint::list(out)?.pop().map(|(_, p)| p.display().to_string()).unwrap_or_else(|| "none".into());
+                let last =
+                    checkpoint::list(out)?.pop().map(|(_, p)| p.display().to_string()).unwrap_or_else(|| "none".into());
                 return Err(Error::Training(format!(
                     "{consecutive_bad} consecutive steps with non-finite loss or gradients at step {}; \
                      lower train.learning_rate or check the data. Last good checkpoint: {last}",
@@ -474,7 +478,15 @@ mod tests {
     }
 
     fn cfg() -> TrainConfig {
-        TrainConfig { steps: 6, batch_size: 4, lr_warmup_steps: 0, learning_rate: 0.05, checkpointing_steps: 0, log_every: 1, ..Default::default() }
+        TrainConfig {
+            steps: 6,
+            batch_size: 4,
+            lr_warmup_steps: 0,
+            learning_rate: 0.05,
+            checkpointing_steps: 0,
+            log_every: 1,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -482,11 +494,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = Tensor::from_slice(&[0.5f32]).set_requires_grad(true);
         let task = ScaleTask { w: w.shallow_clone(), poison: true };
-        let run = RunDir { output_dir: dir.path(), resume: None, run_description: serde_json::json!({}), quiet: true, files: vec![] };
+        let run = RunDir {
+            output_dir: dir.path(),
+            resume: None,
+            run_description: serde_json::json!({}),
+            quiet: true,
+            files: vec![],
+        };
         let c = TrainConfig { max_consecutive_nonfinite: 3, ..cfg() };
-        let e = train(&task, vec![("w".into(), w.shallow_clone())], &toy_data(), &Objective::Flow, &c, &run, |_, _| Ok(()))
-            .unwrap_err()
-            .to_string();
+        let e =
+            train(&task, vec![("w".into(), w.shallow_clone())], &toy_data(), &Objective::Flow, &c, &run, |_, _| Ok(()))
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("3 consecutive steps") && e.contains("Last good checkpoint: none"), "{e}");
         assert_eq!(w.double_value(&[0]), 0.5, "a skipped step must not move the weights");
         assert!(checkpoint::list(dir.path()).unwrap().is_empty());
@@ -497,12 +516,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = Tensor::from_slice(&[0.0f32]).set_requires_grad(true);
         let task = ScaleTask { w: w.shallow_clone(), poison: false };
-        let run = RunDir { output_dir: dir.path(), resume: None, run_description: serde_json::json!({}), quiet: true, files: vec![] };
+        let run = RunDir {
+            output_dir: dir.path(),
+            resume: None,
+            run_description: serde_json::json!({}),
+            quiet: true,
+            files: vec![],
+        };
         let mut seen = vec![];
-        let s = train(&task, vec![("w".into(), w.shallow_clone())], &toy_data(), &Objective::Flow, &cfg(), &run, |step, _| {
-            seen.push(step);
-            Ok(())
-        })
+        let s = train(
+            &task,
+            vec![("w".into(), w.shallow_clone())],
+            &toy_data(),
+            &Objective::Flow,
+            &cfg(),
+            &run,
+            |step, _| {
+                seen.push(step);
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!((s.steps, s.skipped_steps), (6, 0));
         assert_eq!(seen, vec![6], "checkpointing_steps = 0 still writes the final checkpoint");
