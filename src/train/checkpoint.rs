@@ -294,9 +294,15 @@ mod tests {
             fs::write(dir.path().join(name).join("model.safetensors"), b"partial").unwrap();
         }
         ensure_none(dir.path()).unwrap();
-        save(dir.path(), 2, &[("model.safetensors", &t(&[2.0]))], &serde_json::json!({"step": 2}), 0).unwrap();
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names, vec!["checkpoint-2"]);
+        // The moved-aside copy is kept while it may be the only complete checkpoint-2, and removed once
+        // checkpoint-2 exists again.
+        for step in [2u64, 3] {
+            save(dir.path(), step, &[("model.safetensors", &t(&[2.0]))], &serde_json::json!({ "step": step }), 0)
+                .unwrap();
+        }
+        let mut names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, vec!["checkpoint-2", "checkpoint-3"]);
         let e = ensure_none(dir.path()).unwrap_err().to_string();
         assert!(e.contains("holds the checkpoints of an earlier run") && e.contains("--resume latest"), "{e}");
 
@@ -304,7 +310,7 @@ mod tests {
         write_atomic(&f, b"a = 1\n").unwrap();
         write_atomic(&f, b"a = 2\n").unwrap();
         assert_eq!(fs::read_to_string(&f).unwrap(), "a = 2\n");
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "no temporary file is left");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 3, "no temporary file is left");
     }
 
     #[test]
