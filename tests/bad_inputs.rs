@@ -46,12 +46,15 @@ checkpointing_steps = 1
 num_images = 0
 "#;
 
+/// A check or library call: `Err(message)` on failure.
+type Check = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// How a case is run.
 enum Run {
     /// A program (the `lisa` binary, or a wrapper such as `unshare`) with arguments.
     Exec(PathBuf, Vec<OsString>),
     /// A library call; `Err(message)` is the expected outcome.
-    Lib(Box<dyn Fn() -> Result<(), String>>),
+    Lib(Check),
     /// Not runnable here; the reason is printed.
     Skip(String),
 }
@@ -64,7 +67,7 @@ struct Case {
     /// Paths that must be byte-identical before and after.
     keep: Vec<PathBuf>,
     /// A further check after the run.
-    after: Option<Box<dyn Fn() -> Result<(), String>>>,
+    after: Option<Check>,
 }
 
 /// Builds the cases of one kind of input in folders under `root`.
@@ -981,12 +984,12 @@ fn build(root: &Path) -> Vec<Case> {
         ),
     ] {
         let out = c.dir(name).join("run");
-        let (images, cond) = (std::cell::RefCell::new(Some(images)), std::cell::RefCell::new(cond));
+        let (images, cond) = (std::sync::Mutex::new(Some(images)), std::sync::Mutex::new(cond));
         let out2 = out.clone();
         c.cases.push(Case {
             name: name.into(),
             run: Run::Lib(Box::new(move || {
-                train_on(images.borrow_mut().take().unwrap(), cond.borrow_mut().take(), &out2)
+                train_on(images.lock().unwrap().take().unwrap(), cond.lock().unwrap().take(), &out2)
             })),
             expect: vec![expect.into(), "NaN or infinite pixel values; fix or remove it".into()],
             keep: vec![],
@@ -1253,47 +1256,73 @@ fn judge(case: &Case, ok: bool, stderr: &str) -> Vec<String> {
     problems
 }
 
+/// Runs one case: `None` if skipped, else its time, problems and stderr.
+fn run_case(case: &Case) -> Option<(f64, Vec<String>, String)> {
+    let before = snapshot_all(&case.keep);
+    let t = Instant::now();
+    let (ok, stderr) = match &case.run {
+        Run::Skip(_) => return None,
+        Run::Exec(program, args) => exec(program, args, Duration::from_secs(90)),
+        Run::Lib(f) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            Ok(Ok(())) => (true, String::new()),
+            Ok(Err(e)) => (false, format!("error: {e}")),
+            Err(_) => (false, "panicked".into()),
+        },
+    };
+    let seconds = t.elapsed().as_secs_f64();
+    let mut problems = judge(case, ok, &stderr);
+    if snapshot_all(&case.keep) != before {
+        problems.push("changed what was there before".into());
+    }
+    if let Some(after) = &case.after {
+        if let Err(e) = after() {
+            problems.push(e);
+        }
+    }
+    Some((seconds, problems, stderr))
+}
+
 #[test]
 fn every_bad_input_is_a_clear_error_that_loses_nothing() {
     let t0 = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let cases = build(tmp.path());
     let built = t0.elapsed();
+    // Two workers run the cases' processes; library cases run on this thread, one at a time (libtorch's
+    // generator is process-wide).
+    let results: Vec<std::sync::Mutex<Option<Option<(f64, Vec<String>, String)>>>> =
+        cases.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(case) = cases.get(i) else { break };
+                if !matches!(case.run, Run::Lib(_)) {
+                    *results[i].lock().unwrap() = Some(run_case(case));
+                }
+            });
+        }
+        for (i, case) in cases.iter().enumerate() {
+            if matches!(case.run, Run::Lib(_)) {
+                *results[i].lock().unwrap() = Some(run_case(case));
+            }
+        }
+    });
     let mut failures = vec![];
     let (mut ran, mut skipped) = (0, 0);
-    for case in &cases {
-        let before = snapshot_all(&case.keep);
-        let t = Instant::now();
-        let (ok, stderr) = match &case.run {
-            Run::Skip(why) => {
+    for (case, result) in cases.iter().zip(results) {
+        let Some((seconds, problems, stderr)) = result.into_inner().unwrap().expect("every case ran") else {
+            if let Run::Skip(why) = &case.run {
                 eprintln!("SKIP {}: {why}", case.name);
-                skipped += 1;
-                continue;
             }
-            Run::Exec(program, args) => exec(program, args, Duration::from_secs(90)),
-            Run::Lib(f) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f())) {
-                Ok(Ok(())) => (true, String::new()),
-                Ok(Err(e)) => (false, format!("error: {e}")),
-                Err(_) => (false, "panicked".into()),
-            },
+            skipped += 1;
+            continue;
         };
         ran += 1;
-        let mut problems = judge(case, ok, &stderr);
-        if snapshot_all(&case.keep) != before {
-            problems.push("changed what was there before".into());
-        }
-        if let Some(after) = &case.after {
-            if let Err(e) = after() {
-                problems.push(e);
-            }
-        }
         let line = stderr.lines().find(|l| l.starts_with("error: ")).unwrap_or("(no error line)");
-        eprintln!(
-            "{:>5.1}s {:<4} {}: {line}",
-            t.elapsed().as_secs_f64(),
-            if problems.is_empty() { "ok" } else { "FAIL" },
-            case.name
-        );
+        let verdict = if problems.is_empty() { "ok" } else { "FAIL" };
+        eprintln!("{seconds:>5.1}s {verdict:<4} {}: {line}", case.name);
         if !problems.is_empty() {
             failures.push(format!("{}: {}\n    stderr: {}", case.name, problems.join("; "), stderr.trim()));
         }
