@@ -12,14 +12,18 @@ use crate::{Error, Result};
 pub fn load<T: DeserializeOwned + Serialize + Default>(path: Option<&Path>, overrides: &[String]) -> Result<T> {
     let mut value = toml::Value::try_from(T::default()).map_err(|e| Error::Config(format!("default config: {e}")))?;
     if let Some(path) = path {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let file: toml::Value = toml::from_str(&text).map_err(|e| Error::format(path, format!("invalid TOML: {}", one_line(&e.to_string()))))?;
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => Error::format(path, "not UTF-8 text; save the config file as UTF-8"),
+            _ => Error::io(path, e),
+        })?;
+        let file: toml::Value = toml::from_str(&text)
+            .map_err(|e| Error::format(path, format!("invalid TOML: {}", one_line(&e.to_string()))))?;
         merge(&mut value, file);
     }
     for item in overrides {
-        let (key, raw) = item
-            .split_once('=')
-            .ok_or_else(|| Error::Config(format!("override '{item}' is not of the form key=value (e.g. train.steps=100)")))?;
+        let (key, raw) = item.split_once('=').ok_or_else(|| {
+            Error::Config(format!("override '{item}' is not of the form key=value (e.g. train.steps=100)"))
+        })?;
         let parsed = parse_value(raw.trim());
         set_path(&mut value, key.trim(), parsed).map_err(|m| Error::Config(format!("override '{item}': {m}")))?;
     }
@@ -31,10 +35,11 @@ pub fn load<T: DeserializeOwned + Serialize + Default>(path: Option<&Path>, over
 pub fn with_overrides<T: DeserializeOwned + Serialize>(cfg: &T, overrides: &[String]) -> Result<T> {
     let mut value = toml::Value::try_from(cfg).map_err(|e| Error::Config(format!("config: {e}")))?;
     for item in overrides {
-        let (key, raw) = item
-            .split_once('=')
-            .ok_or_else(|| Error::Config(format!("override '{item}' is not of the form key=value (e.g. lisa.lambda=0.5)")))?;
-        set_path(&mut value, key.trim(), parse_value(raw.trim())).map_err(|m| Error::Config(format!("override '{item}': {m}")))?;
+        let (key, raw) = item.split_once('=').ok_or_else(|| {
+            Error::Config(format!("override '{item}' is not of the form key=value (e.g. lisa.lambda=0.5)"))
+        })?;
+        set_path(&mut value, key.trim(), parse_value(raw.trim()))
+            .map_err(|m| Error::Config(format!("override '{item}': {m}")))?;
     }
     T::deserialize(value).map_err(|e| Error::Config(one_line(&e.to_string())))
 }

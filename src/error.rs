@@ -5,7 +5,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {source}{}", io_hint(.source.kind()))]
     Io {
         /// The file or folder involved.
         path: PathBuf,
@@ -42,6 +42,33 @@ pub enum Error {
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What to do about an I/O failure of a given kind, as a suffix for its message ("" when there is no
+/// general advice).
+pub fn io_hint(kind: std::io::ErrorKind) -> &'static str {
+    use std::io::ErrorKind as K;
+    match kind {
+        K::NotFound => "; check the path",
+        K::PermissionDenied => "; check its permissions or choose another location",
+        K::StorageFull | K::QuotaExceeded => "; the disk is full: free some space or choose another location",
+        K::ReadOnlyFilesystem => "; the file system is read-only: choose another location",
+        K::NotADirectory => "; part of the path is a file, not a folder: choose another location",
+        K::IsADirectory => "; it is a folder, not a file: give a file",
+        K::AlreadyExists => "; something of that name is in the way: choose another location",
+        _ => "",
+    }
+}
+
+/// [`io_hint`] for an error known only by its text (libtorch's safetensors writer wraps the I/O error).
+pub(crate) fn io_hint_in(text: &str) -> &'static str {
+    use std::io::ErrorKind as K;
+    let kinds = [
+        (K::StorageFull, "StorageFull"),
+        (K::PermissionDenied, "PermissionDenied"),
+        (K::ReadOnlyFilesystem, "ReadOnlyFilesystem"),
+    ];
+    kinds.iter().find(|(_, name)| text.contains(name)).map_or("", |(k, _)| io_hint(*k))
+}
 
 impl Error {
     /// An I/O error about `path`.

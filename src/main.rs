@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tch::{Device, Tensor};
 
-use lisa::diffusion::{SamplerConfig, SamplerKind};
 use lisa::control::{sample_controlled, Control, ControlOptions, SideNetwork};
+use lisa::diffusion::{SamplerConfig, SamplerKind};
 use lisa::experiments::compare::compare;
 use lisa::experiments::control::{load_main, prepare_data, train_control, ControlConfig};
 use lisa::experiments::evaluate::evaluate;
@@ -201,7 +201,12 @@ impl SamplerArgs {
             lisa::diffusion::Objective::Flow => SamplerKind::Euler,
             _ => SamplerKind::Ddim,
         };
-        SamplerConfig { kind: self.sampler.unwrap_or(default_kind), steps: self.sampling_steps, eta: self.eta, clip_sample: true }
+        SamplerConfig {
+            kind: self.sampler.unwrap_or(default_kind),
+            steps: self.sampling_steps,
+            eta: self.eta,
+            clip_sample: true,
+        }
     }
 }
 
@@ -406,8 +411,14 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the chain of causes, outermost first.
-            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            // One line: the chain of causes, outermost first; a cause whose text the message before
+            // it already contains (the library's errors quote their source) is not repeated.
+            let mut msg: Vec<String> = Vec::new();
+            for cause in e.chain().map(|c| c.to_string()) {
+                if !msg.last().is_some_and(|m| m.contains(&cause)) {
+                    msg.push(cause);
+                }
+            }
             eprintln!("error: {}", msg.join(": "));
             ExitCode::FAILURE
         }
@@ -472,7 +483,9 @@ fn run_sample(a: SampleArgs) -> Result<()> {
     let sides: Vec<SideNetwork> = a
         .controlnet
         .iter()
-        .map(|dir| SideNetwork::load(dir, &net).with_context(|| format!("loading the side network in {}", dir.display())))
+        .map(|dir| {
+            SideNetwork::load(dir, &net).with_context(|| format!("loading the side network in {}", dir.display()))
+        })
         .collect::<Result<_>>()?;
     if a.condition_from.is_none() && a.condition.len() != sides.len() {
         anyhow::bail!(
@@ -491,10 +504,12 @@ fn run_sample(a: SampleArgs) -> Result<()> {
         let condition = match &a.condition_from {
             None => {
                 let p = &a.condition[k];
-                lisa::data::imagefolder::load_gray(p, size as u32).with_context(|| format!("reading {}", p.display()))?
+                lisa::data::imagefolder::load_gray(p, size as u32)
+                    .with_context(|| format!("reading {}", p.display()))?
             }
             Some(p) => {
-                let img = lisa::data::imagefolder::load_gray(p, size as u32).with_context(|| format!("reading {}", p.display()))?;
+                let img = lisa::data::imagefolder::load_gray(p, size as u32)
+                    .with_context(|| format!("reading {}", p.display()))?;
                 lisa::data::conditions::extract_batch(side.condition, &(img * 2.0 - 1.0))?
             }
         };
@@ -515,7 +530,12 @@ fn run_sample(a: SampleArgs) -> Result<()> {
     if kinds.is_empty() {
         println!("wrote {} ({} samples)", a.out.display(), ys.len());
     } else {
-        println!("wrote {} (top row(s): the {} condition(s); {} samples below)", a.out.display(), kinds.join(" + "), ys.len());
+        println!(
+            "wrote {} (top row(s): the {} condition(s); {} samples below)",
+            a.out.display(),
+            kinds.join(" + "),
+            ys.len()
+        );
     }
     Ok(())
 }
@@ -526,7 +546,8 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     let report = evaluate(&net, &data, a.num_images, &a.sampler.config(&net), a.sampler.seed)?;
     println!("{}", report.table());
     if let Some(out) = &a.out {
-        std::fs::write(out, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(())
 }
@@ -547,6 +568,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
     }
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads);
+    }
+    if a.resume.is_none() {
+        lisa::train::checkpoint::ensure_none(&cfg.output_dir)?;
     }
     let main = load_main(&cfg)?;
     let data = prepare_data(&cfg)?;
@@ -577,7 +601,11 @@ fn run_compare(a: CompareArgs) -> Result<()> {
     let report = compare(&cfg, a.resume, a.common.quiet)?;
     println!("{}", report.table());
     let out = &cfg.output_dir;
-    println!("plot: {}  grid (condition | baseline | LISA | ground truth): {}", out.join("fidelity.png").display(), out.join("samples.png").display());
+    println!(
+        "plot: {}  grid (condition | baseline | LISA | ground truth): {}",
+        out.join("fidelity.png").display(),
+        out.join("samples.png").display()
+    );
     Ok(())
 }
 
@@ -594,7 +622,8 @@ fn run_ablate(a: AblateArgs) -> Result<()> {
     } else {
         a.variants.clone()
     };
-    let variants = specs.iter().map(|s| lisa::experiments::ablate::Variant::parse(s)).collect::<lisa::Result<Vec<_>>>()?;
+    let variants =
+        specs.iter().map(|s| lisa::experiments::ablate::Variant::parse(s)).collect::<lisa::Result<Vec<_>>>()?;
     let report = lisa::experiments::ablate::ablate(&cfg, &variants, a.resume, a.common.quiet)?;
     println!("{}", report.table());
     println!("table: {}", cfg.output_dir.join("ablation.md").display());
@@ -612,11 +641,18 @@ fn run_demo(a: DemoArgs) -> Result<()> {
     cfg.fidelity.num_images = 32;
     cfg.final_eval.num_images = 100;
     cfg.compare.seeds = a.seeds;
-    println!("== lisa compare --task edges on the embedded Fashion-MNIST subset: {} steps per arm, {} seed(s)", a.steps, a.seeds);
+    println!(
+        "== lisa compare --task edges on the embedded Fashion-MNIST subset: {} steps per arm, {} seed(s)",
+        a.steps, a.seeds
+    );
     let report = compare(&cfg, false, false)?;
     println!("{}", report.table());
     let out = &cfg.output_dir;
-    println!("plot: {}\ngrid (condition | baseline | LISA | ground truth): {}", out.join("fidelity.png").display(), out.join("samples.png").display());
+    println!(
+        "plot: {}\ngrid (condition | baseline | LISA | ground truth): {}",
+        out.join("fidelity.png").display(),
+        out.join("samples.png").display()
+    );
     Ok(())
 }
 

@@ -45,12 +45,20 @@ pub struct MainNetwork {
 }
 
 impl MainNetwork {
-    /// A freshly initialised network on `device`.
+    /// A freshly initialised network on `device`. A configuration error names its section (`unet: ...`).
     pub fn new(config: &MainNetworkConfig, device: Device) -> Result<Self> {
+        let section = |name: &'static str| {
+            move |e: Error| match e {
+                Error::Config(msg) => Error::Config(format!("{name}: {msg}")),
+                e => e,
+            }
+        };
         let vs = nn::VarStore::new(device);
-        let unet = UNet2DConditionModel::new(vs.root(), &config.unet)?;
-        let labels = LabelEncoder::new(vs.root() / "label_encoder", &config.label_encoder, config.unet.cross_attention_dim)?;
-        let objective = Objective::new(&config.objective)?;
+        let unet = UNet2DConditionModel::new(vs.root(), &config.unet).map_err(section("unet"))?;
+        let labels =
+            LabelEncoder::new(vs.root() / "label_encoder", &config.label_encoder, config.unet.cross_attention_dim)
+                .map_err(section("label_encoder"))?;
+        let objective = Objective::new(&config.objective).map_err(section("objective"))?;
         Ok(Self { vs, unet, labels, objective, config: config.clone() })
     }
 
@@ -60,10 +68,22 @@ impl MainNetwork {
         let cfg_path = [dir.join(CONFIG_FILE), dir.join("..").join(CONFIG_FILE)]
             .into_iter()
             .find(|p| p.is_file())
-            .ok_or_else(|| Error::Checkpoint { path: dir.to_path_buf(), msg: format!("no {CONFIG_FILE} here or in the folder above: not a model folder") })?;
+            .ok_or_else(|| Error::Checkpoint {
+                path: dir.to_path_buf(),
+                msg: format!("no {CONFIG_FILE} here or in the folder above: not a model folder"),
+            })?;
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let config: MainNetworkConfig = serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("invalid model config: {e}")))?;
-        let net = Self::new(&config, device)?;
+        let invalid = |msg: String| {
+            Error::format(
+                &cfg_path,
+                format!("invalid model config: {msg}; restore the config.json the model was saved with"),
+            )
+        };
+        let config: MainNetworkConfig = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let net = Self::new(&config, device).map_err(|e| match e {
+            Error::Config(msg) => invalid(msg),
+            e => e,
+        })?;
         let weights = if dir.join("ema.safetensors").is_file() { "ema.safetensors" } else { "model.safetensors" };
         checkpoint::load_into(&net.named_parameters(), checkpoint::read_tensors(dir, weights)?, &dir.join(weights))?;
         Ok(net)
@@ -127,12 +147,13 @@ pub fn save_model_dir<C: Serialize>(dir: &Path, config: &C, tensors: &[(String, 
     let weights = dir.join("model.safetensors");
     let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let t = tmp("model.safetensors");
-    Tensor::write_safetensors(&named, &t).map_err(|e| Error::format(&t, format!("cannot write tensors: {e}")))?;
+    if let Err(e) = Tensor::write_safetensors(&named, &t) {
+        let _ = std::fs::remove_file(&t);
+        let e = e.to_string();
+        return Err(Error::format(&weights, format!("cannot write tensors: {e}{}", crate::error::io_hint_in(&e))));
+    }
     std::fs::rename(&t, &weights).map_err(|e| Error::io(&weights, e))?;
     let cfg_path = dir.join(CONFIG_FILE);
     let text = serde_json::to_string_pretty(config).map_err(|e| Error::Config(e.to_string()))?;
-    let t = tmp(CONFIG_FILE);
-    std::fs::write(&t, text).map_err(|e| Error::io(&t, e))?;
-    std::fs::rename(&t, &cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    Ok(())
+    checkpoint::write_atomic(&cfg_path, text.as_bytes())
 }

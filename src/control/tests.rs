@@ -221,7 +221,13 @@ fn training_moves_the_side_network_and_decoder_but_never_the_main_network() {
         log_every: 1,
         ..Default::default()
     };
-    let run = RunDir { output_dir: dir.path(), resume: None, run_description: serde_json::json!({}), quiet: true };
+    let run = RunDir {
+        output_dir: dir.path(),
+        resume: None,
+        run_description: serde_json::json!({}),
+        quiet: true,
+        files: vec![],
+    };
     let task = ControlTask::new(&main, &side, Some(&head)).unwrap();
     let mut params = side.named_parameters();
     params.extend(head.named_parameters());
@@ -376,21 +382,32 @@ fn control_windows_scales_and_several_side_networks() {
     let (x, t, y) = (&s.x_t, &s.model_t, &b.labels);
     let none = controlled_prediction(&main, &[], x, t, y, 1.0, 0, 10).unwrap();
     assert!(bitwise_equal(&none, &main.predict(x, t, y).unwrap()));
-    let full = controlled_prediction(&main, &[control(&side, c, ControlOptions::default())], x, t, y, 1.0, 0, 10).unwrap();
+    let full =
+        controlled_prediction(&main, &[control(&side, c, ControlOptions::default())], x, t, y, 1.0, 0, 10).unwrap();
     assert!(!bitwise_equal(&full, &none), "the trained side network must change the prediction");
     // Scale 0: exactly the main network.
     let zero = ControlOptions { conditioning_scale: 0.0, ..ControlOptions::default() };
-    assert!(bitwise_equal(&controlled_prediction(&main, &[control(&side, c, zero)], x, t, y, 1.0, 0, 10).unwrap(), &none));
+    assert!(bitwise_equal(
+        &controlled_prediction(&main, &[control(&side, c, zero)], x, t, y, 1.0, 0, 10).unwrap(),
+        &none
+    ));
     // A window over the second half: off at step 0, on at step 9 of 10.
     let late = ControlOptions { start: 0.5, ..ControlOptions::default() };
-    assert!(bitwise_equal(&controlled_prediction(&main, &[control(&side, c, late)], x, t, y, 1.0, 0, 10).unwrap(), &none));
-    assert!(bitwise_equal(&controlled_prediction(&main, &[control(&side, c, late)], x, t, y, 1.0, 9, 10).unwrap(), &full));
+    assert!(bitwise_equal(
+        &controlled_prediction(&main, &[control(&side, c, late)], x, t, y, 1.0, 0, 10).unwrap(),
+        &none
+    ));
+    assert!(bitwise_equal(
+        &controlled_prediction(&main, &[control(&side, c, late)], x, t, y, 1.0, 9, 10).unwrap(),
+        &full
+    ));
     assert!((0..10).map(|i| late.active(i, 10)).eq([false; 5].into_iter().chain([true; 5])));
     let early = ControlOptions { end: 0.3, ..ControlOptions::default() };
     assert!((0..10).map(|i| early.active(i, 10)).eq([true; 3].into_iter().chain([false; 7])));
     // Two side networks' residuals add: the same network twice at scale ½ is the network once.
     let half = ControlOptions { conditioning_scale: 0.5, ..ControlOptions::default() };
-    let twice = controlled_prediction(&main, &[control(&side, c, half), control(&side, c, half)], x, t, y, 1.0, 0, 10).unwrap();
+    let twice =
+        controlled_prediction(&main, &[control(&side, c, half), control(&side, c, half)], x, t, y, 1.0, 0, 10).unwrap();
     let diff = (&twice - &full).abs().max().double_value(&[]);
     assert!(diff < 1e-5, "two half-scale controls differ from one full one by {diff}");
     assert!(ControlOptions { start: 0.6, end: 0.4, ..ControlOptions::default() }.validate().is_err());
@@ -406,11 +423,20 @@ fn controlled_sampling_is_reproducible_and_checks_condition_counts() {
     let a = sample_controlled(&main, &[control(&side, &c, ControlOptions::default())], &y, &sampler, 2.0, 9).unwrap();
     let b = sample_controlled(&main, &[control(&side, &c, ControlOptions::default())], &y, &sampler, 2.0, 9).unwrap();
     assert!(bitwise_equal(&a, &b));
-    let chunked = sample_controlled_chunked(&main, &[control(&side, &c, ControlOptions::default())], &y, &sampler, 2.0, 9, 2).unwrap();
+    let chunked =
+        sample_controlled_chunked(&main, &[control(&side, &c, ControlOptions::default())], &y, &sampler, 2.0, 9, 2)
+            .unwrap();
     assert_eq!(chunked.size(), vec![3, 1, 8, 8]);
-    let e = sample_controlled(&main, &[control(&side, &c.narrow(0, 0, 2), ControlOptions::default())], &y, &sampler, 1.0, 9)
-        .unwrap_err()
-        .to_string();
+    let e = sample_controlled(
+        &main,
+        &[control(&side, &c.narrow(0, 0, 2), ControlOptions::default())],
+        &y,
+        &sampler,
+        1.0,
+        9,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("3 labels but 2 condition images"), "{e}");
 }
 
@@ -435,7 +461,8 @@ fn ablation_targets_and_distances_at_initialisation() {
     assert!(!has_ref, "the raw-target control needs no reference pass");
     assert_eq!(metric(&out, "l_lisa"), mean_sq(&s.target));
     // Condition target: the condition scaled to [-1, 1].
-    let (out, has_ref) = loss_of(&head_with(&main, LisaConfig { target: LisaTarget::Condition, ..LisaConfig::default() }));
+    let (out, has_ref) =
+        loss_of(&head_with(&main, LisaConfig { target: LisaTarget::Condition, ..LisaConfig::default() }));
     assert!(!has_ref);
     assert_eq!(metric(&out, "l_lisa"), mean_sq(&(c * 2.0 - 1.0)));
     // Random target: same per-example RMS as r, different values. (It is drawn from libtorch's global
@@ -455,7 +482,8 @@ fn ablation_targets_and_distances_at_initialisation() {
 fn decoder_capacity_multiplier_widens_every_hidden_conv() {
     let main = tiny_main(eps());
     let one = head_with(&main, LisaConfig { hook: Hook::Down(3), ..LisaConfig::default() });
-    let two = head_with(&main, LisaConfig { hook: Hook::Down(3), decoder_channel_multiplier: 2, ..LisaConfig::default() });
+    let two =
+        head_with(&main, LisaConfig { hook: Hook::Down(3), decoder_channel_multiplier: 2, ..LisaConfig::default() });
     assert!(!one.decoder.blocks.is_empty());
     for (a, b) in one.decoder.blocks.iter().zip(&two.decoder.blocks) {
         assert_eq!(b.conv.weight.size()[0], 2 * a.conv.weight.size()[0]);

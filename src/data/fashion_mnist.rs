@@ -14,18 +14,8 @@ use crate::{Error, Result};
 /// Where the Debian package `dataset-fashion-mnist` installs the files.
 pub const DEBIAN_DIR: &str = "/usr/share/datasets/fashion-mnist";
 /// The class names, indexed by label.
-pub const CLASS_NAMES: [&str; 10] = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-];
+pub const CLASS_NAMES: [&str; 10] =
+    ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
 /// Number of classes.
 pub const NUM_CLASSES: usize = 10;
 /// Train images per class in the embedded subset.
@@ -33,22 +23,14 @@ pub const SUBSET_TRAIN_PER_CLASS: usize = 400;
 /// Test images per class in the embedded subset.
 pub const SUBSET_TEST_PER_CLASS: usize = 100;
 
-const EMBEDDED_TRAIN_IMAGES: &[u8] = include_bytes!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/assets/fashion-mnist-subset/train-images-idx3-ubyte.gz"
-));
-const EMBEDDED_TRAIN_LABELS: &[u8] = include_bytes!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/assets/fashion-mnist-subset/train-labels-idx1-ubyte.gz"
-));
-const EMBEDDED_TEST_IMAGES: &[u8] = include_bytes!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/assets/fashion-mnist-subset/t10k-images-idx3-ubyte.gz"
-));
-const EMBEDDED_TEST_LABELS: &[u8] = include_bytes!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/assets/fashion-mnist-subset/t10k-labels-idx1-ubyte.gz"
-));
+const EMBEDDED_TRAIN_IMAGES: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/fashion-mnist-subset/train-images-idx3-ubyte.gz"));
+const EMBEDDED_TRAIN_LABELS: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/fashion-mnist-subset/train-labels-idx1-ubyte.gz"));
+const EMBEDDED_TEST_IMAGES: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/fashion-mnist-subset/t10k-images-idx3-ubyte.gz"));
+const EMBEDDED_TEST_LABELS: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/fashion-mnist-subset/t10k-labels-idx1-ubyte.gz"));
 
 /// Where to read Fashion-MNIST from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,10 +46,10 @@ impl Source {
     /// The Debian package's folder if all four files are there, else the embedded subset.
     pub fn auto() -> Source {
         let dir = PathBuf::from(DEBIAN_DIR);
-        if [Split::Train, Split::Test].iter().all(|s| {
-            file(&dir, s.prefix(), "images-idx3").is_some()
-                && file(&dir, s.prefix(), "labels-idx1").is_some()
-        }) {
+        if [Split::Train, Split::Test]
+            .iter()
+            .all(|s| file(&dir, s.prefix(), "images-idx3").is_some() && file(&dir, s.prefix(), "labels-idx1").is_some())
+        {
             Source::Debian(dir)
         } else {
             Source::Embedded
@@ -102,7 +84,7 @@ fn file(dir: &Path, prefix: &str, kind: &str) -> Option<PathBuf> {
 
 /// Raw images and labels of a split, as stored (28×28 `u8`, labels `0..10`), validated.
 pub fn load_raw(source: &Source, split: Split) -> Result<(IdxImages, Vec<u8>)> {
-    let (images, labels, name) = match source {
+    let (images, labels, name, label_name) = match source {
         Source::Debian(dir) => {
             let find = |kind: &str| {
                 file(dir, split.prefix(), kind).ok_or_else(|| {
@@ -111,7 +93,7 @@ pub fn load_raw(source: &Source, split: Split) -> Result<(IdxImages, Vec<u8>)> {
                 })
             };
             let (ip, lp) = (find("images-idx3")?, find("labels-idx1")?);
-            (idx::read_images(&ip)?, idx::read_labels(&lp)?, ip)
+            (idx::read_images(&ip).map_err(damaged)?, idx::read_labels(&lp).map_err(damaged)?, ip, lp)
         }
         Source::Embedded => {
             let (ib, lb) = match split {
@@ -119,45 +101,63 @@ pub fn load_raw(source: &Source, split: Split) -> Result<(IdxImages, Vec<u8>)> {
                 Split::Test => (EMBEDDED_TEST_IMAGES, EMBEDDED_TEST_LABELS),
             };
             let name = format!("<embedded>/fashion-mnist-subset/{}", split.prefix());
-            (
-                idx::images_from_bytes(ib, format!("{name}-images-idx3-ubyte.gz"))?,
-                idx::labels_from_bytes(lb, format!("{name}-labels-idx1-ubyte.gz"))?,
-                PathBuf::from(name),
-            )
+            let (ip, lp) = (
+                PathBuf::from(format!("{name}-images-idx3-ubyte.gz")),
+                PathBuf::from(format!("{name}-labels-idx1-ubyte.gz")),
+            );
+            (idx::images_from_bytes(ib, &ip)?, idx::labels_from_bytes(lb, &lp)?, ip, lp)
         }
     };
+    if images.count == 0 {
+        return Err(Error::format(name, "holds no images; give the folder of the full Fashion-MNIST files"));
+    }
     if images.count != labels.len() {
         return Err(Error::format(
             name,
-            format!("{} images but {} labels", images.count, labels.len()),
+            format!(
+                "{} images but {} labels in {}; the two files must belong to the same split",
+                images.count,
+                labels.len(),
+                label_name.display()
+            ),
         ));
     }
     if (images.rows, images.cols) != (28, 28) {
         return Err(Error::format(
             name,
-            format!("images are {}x{}, expected 28x28", images.rows, images.cols),
+            format!(
+                "images are {}x{}, expected 28x28; this is not a Fashion-MNIST image file",
+                images.rows, images.cols
+            ),
         ));
     }
-    if let Some(bad) = labels.iter().find(|&&l| l as usize >= NUM_CLASSES) {
+    if let Some((i, bad)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= NUM_CLASSES) {
         return Err(Error::format(
-            name,
-            format!("label {bad} out of range 0..{NUM_CLASSES}"),
+            label_name,
+            format!("label {bad} (entry {i}) out of range 0..{NUM_CLASSES}; this is not a Fashion-MNIST label file"),
         ));
     }
     Ok((images, labels))
+}
+
+/// Adds what to do to an IDX file's format error.
+fn damaged(e: Error) -> Error {
+    match e {
+        Error::Format { path, msg } => Error::Format {
+            path,
+            msg: format!(
+                "{msg}; replace it with an intact copy (reinstall dataset-fashion-mnist or download it again)"
+            ),
+        },
+        e => e,
+    }
 }
 
 /// Loads a split as a [`Dataset`]: `f32 [N, 1, 32, 32]` in `[-1, 1]` (the 28×28 images padded
 /// by 2 black pixels on each side), labels `i64 [N]`, 10 classes, no conditioning.
 pub fn load(source: &Source, split: Split) -> Result<Dataset> {
     let (images, labels) = load_raw(source, split)?;
-    let x = u8_images_to_tensor(
-        &images.pixels,
-        images.count,
-        images.rows,
-        images.cols,
-        IMAGE_SIZE as usize,
-    )?;
+    let x = u8_images_to_tensor(&images.pixels, images.count, images.rows, images.cols, IMAGE_SIZE as usize)?;
     let y: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
     Ok(Dataset {
         images: x,
@@ -169,11 +169,7 @@ pub fn load(source: &Source, split: Split) -> Result<Dataset> {
 }
 
 /// The first `per_class` examples of each class, kept in file order.
-pub fn balanced_subset(
-    images: &IdxImages,
-    labels: &[u8],
-    per_class: usize,
-) -> (IdxImages, Vec<u8>) {
+pub fn balanced_subset(images: &IdxImages, labels: &[u8], per_class: usize) -> (IdxImages, Vec<u8>) {
     let mut taken = [0usize; 256];
     let mut pixels = Vec::new();
     let mut out_labels = Vec::new();
@@ -184,15 +180,7 @@ pub fn balanced_subset(
             out_labels.push(l);
         }
     }
-    (
-        IdxImages {
-            count: out_labels.len(),
-            rows: images.rows,
-            cols: images.cols,
-            pixels,
-        },
-        out_labels,
-    )
+    (IdxImages { count: out_labels.len(), rows: images.rows, cols: images.cols, pixels }, out_labels)
 }
 
 /// Recreates the embedded subset from full Fashion-MNIST files in `source_dir` into `out_dir`
@@ -200,32 +188,17 @@ pub fn balanced_subset(
 pub fn write_subset(source_dir: &Path, out_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let source = Source::Debian(source_dir.to_path_buf());
-    for (split, per_class) in [
-        (Split::Train, SUBSET_TRAIN_PER_CLASS),
-        (Split::Test, SUBSET_TEST_PER_CLASS),
-    ] {
+    for (split, per_class) in [(Split::Train, SUBSET_TRAIN_PER_CLASS), (Split::Test, SUBSET_TEST_PER_CLASS)] {
         let (images, labels) = load_raw(&source, split)?;
         let (si, sl) = balanced_subset(&images, &labels, per_class);
         if sl.len() != per_class * NUM_CLASSES {
             return Err(Error::format(
                 source_dir,
-                format!(
-                    "{:?} split has only {} images for a {per_class}-per-class subset",
-                    split,
-                    sl.len()
-                ),
+                format!("{:?} split has only {} images for a {per_class}-per-class subset", split, sl.len()),
             ));
         }
-        idx::write_images(
-            out_dir.join(format!("{}-images-idx3-ubyte.gz", split.prefix())),
-            &si,
-            true,
-        )?;
-        idx::write_labels(
-            out_dir.join(format!("{}-labels-idx1-ubyte.gz", split.prefix())),
-            &sl,
-            true,
-        )?;
+        idx::write_images(out_dir.join(format!("{}-images-idx3-ubyte.gz", split.prefix())), &si, true)?;
+        idx::write_labels(out_dir.join(format!("{}-labels-idx1-ubyte.gz", split.prefix())), &sl, true)?;
     }
     Ok(())
 }
@@ -256,9 +229,7 @@ mod tests {
         assert_eq!(ds.labels.size(), [1000]);
         assert_eq!(ds.class_names[9], "Ankle boot");
         assert_eq!(ds.images.double_value(&[0, 0, 0, 0]), -1.0);
-        assert!(
-            ds.images.max().double_value(&[]) <= 1.0 && ds.images.min().double_value(&[]) >= -1.0
-        );
+        assert!(ds.images.max().double_value(&[]) <= 1.0 && ds.images.min().double_value(&[]) >= -1.0);
         // The first train labels of the full set are 9,0,0,3,0,2,7,2,5,5, and all ten classes are
         // still short of 400 there, so the subset starts the same way.
         assert_eq!(&labels[..10], &[9, 0, 0, 3, 0, 2, 7, 2, 5, 5]);
@@ -282,10 +253,7 @@ mod tests {
         write_subset(&dir, out.path()).unwrap();
         let fresh = Source::Debian(out.path().to_path_buf());
         for split in [Split::Train, Split::Test] {
-            assert_eq!(
-                load_raw(&fresh, split).unwrap(),
-                load_raw(&Source::Embedded, split).unwrap()
-            );
+            assert_eq!(load_raw(&fresh, split).unwrap(), load_raw(&Source::Embedded, split).unwrap());
         }
     }
 
@@ -295,10 +263,6 @@ mod tests {
     #[ignore]
     fn regenerate_embedded_subset() {
         let dir = debian().expect("the Debian package dataset-fashion-mnist is needed");
-        write_subset(
-            &dir,
-            &Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/fashion-mnist-subset"),
-        )
-        .unwrap();
+        write_subset(&dir, &Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/fashion-mnist-subset")).unwrap();
     }
 }

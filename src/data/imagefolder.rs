@@ -18,6 +18,12 @@ use crate::{Error, Result};
 /// The metadata file name inside the folder.
 pub const METADATA_FILE: &str = "metadata.jsonl";
 
+/// Class ids must be below this (`num_classes` = the largest id + 1 sizes the label embedding).
+pub const MAX_CLASSES: i64 = 100_000;
+
+/// The largest `image_size` accepted (images are held in memory as `f32` tensors of that size).
+pub const MAX_IMAGE_SIZE: u32 = 1024;
+
 /// The class of one record, as written in the metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -48,13 +54,22 @@ fn one_line(s: impl ToString) -> String {
 /// Reads and validates `dir/metadata.jsonl` (keys and consistency; not the image files).
 pub fn read_metadata(dir: &Path) -> Result<Vec<Record>> {
     let meta = dir.join(METADATA_FILE);
-    let text = match std::fs::read_to_string(&meta) {
+    let bytes = match std::fs::read(&meta) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::format(&meta, "not found: an imagefolder dataset needs a metadata.jsonl with one JSON object per image"));
+            return Err(Error::format(
+                &meta,
+                "not found: an imagefolder dataset needs a metadata.jsonl with one JSON object per image",
+            ));
         }
         Err(e) => return Err(Error::io(&meta, e)),
     };
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+        Error::format(&meta, format!("line {line}: not UTF-8 text; save the file as UTF-8"))
+    })?;
+    // A byte-order mark, as some editors write, is not part of the first line's JSON.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let err = |line: usize, msg: String| Error::format(&meta, format!("line {line}: {msg}"));
     let mut records: Vec<Record> = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -62,8 +77,8 @@ pub fn read_metadata(dir: &Path) -> Result<Vec<Record>> {
         if raw.trim().is_empty() {
             continue;
         }
-        let value: Value = serde_json::from_str(raw)
-            .map_err(|e| err(line, format!("malformed JSON: {}", one_line(e))))?;
+        let value: Value =
+            serde_json::from_str(raw).map_err(|e| err(line, format!("malformed JSON: {}", one_line(e))))?;
         let Value::Object(obj) = value else {
             return Err(err(line, "expected a JSON object".into()));
         };
@@ -71,20 +86,39 @@ pub fn read_metadata(dir: &Path) -> Result<Vec<Record>> {
             match obj.get(key) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
-                Some(v) => Err(err(
-                    line,
-                    format!("`{key}` must be a non-empty string, found {v}"),
-                )),
+                Some(v) => Err(err(line, format!("`{key}` must be a non-empty string, found {v}"))),
             }
         };
-        let image = string_field("image")?
-            .ok_or_else(|| err(line, "missing `image` key (the image's file name)".into()))?;
+        let image =
+            string_field("image")?.ok_or_else(|| err(line, "missing `image` key (the image's file name)".into()))?;
         let conditioning = string_field("conditioning_image")?;
+        for (key, name) in [("image", Some(&image)), ("conditioning_image", conditioning.as_ref())] {
+            let Some(name) = name else { continue };
+            // Files are the dataset's own: a path out of the folder is a mistake or a way to read other files.
+            let p = Path::new(name);
+            if p.is_absolute()
+                || p.components().any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+            {
+                return Err(err(
+                    line,
+                    format!(
+                        "`{key}` {name:?} points outside the dataset folder; give a path relative to {}, without `..`",
+                        dir.display()
+                    ),
+                ));
+            }
+        }
         let text_value = string_field("text")?;
         let label_value = match obj.get("label") {
             None | Some(Value::Null) => None,
             Some(v) => match v.as_i64() {
-                Some(l) if l >= 0 => Some(l),
+                Some(l) if (0..MAX_CLASSES).contains(&l) => Some(l),
+                Some(l) if l >= MAX_CLASSES => {
+                    return Err(err(
+                        line,
+                        format!("`label` {l} is too large (class ids must be below {MAX_CLASSES}); number the classes 0, 1, 2, ..."),
+                    ))
+                }
                 _ => {
                     return Err(err(
                         line,
@@ -96,40 +130,20 @@ pub fn read_metadata(dir: &Path) -> Result<Vec<Record>> {
         let target = match (text_value, label_value) {
             (Some(t), None) => Target::Text(t),
             (None, Some(l)) => Target::Label(l),
-            (Some(_), Some(_)) => {
-                return Err(err(
-                    line,
-                    "has both `text` and `label`; give exactly one".into(),
-                ))
-            }
-            (None, None) => {
-                return Err(err(
-                    line,
-                    "has neither `text` nor `label`; give exactly one".into(),
-                ))
-            }
+            (Some(_), Some(_)) => return Err(err(line, "has both `text` and `label`; give exactly one".into())),
+            (None, None) => return Err(err(line, "has neither `text` nor `label`; give exactly one".into())),
         };
         if let Some(first) = records.first() {
             if matches!(first.target, Target::Text(_)) != matches!(target, Target::Text(_)) {
-                let (this, other) = if matches!(target, Target::Text(_)) {
-                    ("text", "label")
-                } else {
-                    ("label", "text")
-                };
+                let (this, other) =
+                    if matches!(target, Target::Text(_)) { ("text", "label") } else { ("label", "text") };
                 return Err(err(
                     line,
-                    format!(
-                        "uses `{this}` but line {} uses `{other}`; use one for all lines",
-                        first.line
-                    ),
+                    format!("uses `{this}` but line {} uses `{other}`; use one for all lines", first.line),
                 ));
             }
             if first.conditioning_image.is_some() != conditioning.is_some() {
-                let (has, hasnt) = if conditioning.is_some() {
-                    (line, first.line)
-                } else {
-                    (first.line, line)
-                };
+                let (has, hasnt) = if conditioning.is_some() { (line, first.line) } else { (first.line, line) };
                 return Err(err(line, format!("`conditioning_image` is given on line {has} but not on line {hasnt}; give it on all lines or none")));
             }
         }
@@ -141,7 +155,10 @@ pub fn read_metadata(dir: &Path) -> Result<Vec<Record>> {
         });
     }
     if records.is_empty() {
-        return Err(Error::format(&meta, "empty dataset: no records"));
+        return Err(Error::format(
+            &meta,
+            r#"empty dataset: no records; add one JSON object per image, e.g. {"image": "a.png", "label": 0}"#,
+        ));
     }
     Ok(records)
 }
@@ -149,16 +166,20 @@ pub fn read_metadata(dir: &Path) -> Result<Vec<Record>> {
 /// Opens and decodes an image referenced from line `line` of the metadata.
 fn open(meta: &Path, line: usize, key: &str, path: &Path) -> Result<image::DynamicImage> {
     if !path.is_file() {
+        let what = if path.exists() { "is not a file" } else { "not found" };
         return Err(Error::format(
             meta,
-            format!("line {line}: {key} {} not found", path.display()),
+            format!(
+                "line {line}: {key} {} {what}; fix the path (relative to the dataset folder) or remove the line",
+                path.display()
+            ),
         ));
     }
     image::open(path).map_err(|e| {
         Error::format(
             meta,
             format!(
-                "line {line}: cannot decode {key} {}: {}",
+                "line {line}: cannot decode {key} {}: {}; replace it with a PNG, JPEG or BMP image or remove the line",
                 path.display(),
                 one_line(e)
             ),
@@ -170,9 +191,13 @@ fn open(meta: &Path, line: usize, key: &str, path: &Path) -> Result<image::Dynam
 /// [`to_square`] (e.g. a condition image given on the command line).
 pub fn load_gray(path: &Path, size: u32) -> Result<tch::Tensor> {
     if !path.is_file() {
-        return Err(Error::Config(format!("{} does not exist or is not a file", path.display())));
+        return Err(Error::Config(format!(
+            "{} does not exist or is not a file; give an image file (PNG, JPEG or BMP)",
+            path.display()
+        )));
     }
-    let img = image::open(path).map_err(|e| Error::format(path, format!("cannot decode the image: {}", one_line(e))))?;
+    let img =
+        image::open(path).map_err(|e| Error::format(path, format!("cannot decode the image: {}", one_line(e))))?;
     Ok(image_to_unit_tensor(&to_square(&img, size), 1).unsqueeze(0))
 }
 
@@ -182,12 +207,10 @@ pub fn load_gray(path: &Path, size: u32) -> Result<tch::Tensor> {
 pub fn load(dir: impl AsRef<Path>, size: u32, channels: i64) -> Result<Dataset> {
     let dir = dir.as_ref();
     if channels != 1 && channels != 3 {
-        return Err(Error::Config(format!(
-            "channels must be 1 (grey) or 3 (RGB), got {channels}"
-        )));
+        return Err(Error::Config(format!("data.channels must be 1 (grey) or 3 (RGB), got {channels}")));
     }
-    if size == 0 {
-        return Err(Error::Config("image size must be positive".into()));
+    if size == 0 || size > MAX_IMAGE_SIZE {
+        return Err(Error::Config(format!("data.image_size must be in 1..={MAX_IMAGE_SIZE}, got {size}")));
     }
     let meta = dir.join(METADATA_FILE);
     let records = read_metadata(dir)?;
@@ -195,37 +218,20 @@ pub fn load(dir: impl AsRef<Path>, size: u32, channels: i64) -> Result<Dataset> 
         Target::Text(_) => {
             let vocab: BTreeSet<&str> = records
                 .iter()
-                .filter_map(|r| {
-                    if let Target::Text(t) = &r.target {
-                        Some(t.as_str())
-                    } else {
-                        None
-                    }
-                })
+                .filter_map(|r| if let Target::Text(t) = &r.target { Some(t.as_str()) } else { None })
                 .collect();
             let names: Vec<String> = vocab.iter().map(|s| s.to_string()).collect();
             let ids = records
                 .iter()
                 .map(|r| match &r.target {
-                    Target::Text(t) => {
-                        names.binary_search(t).expect("text is in the vocabulary") as i64
-                    }
+                    Target::Text(t) => names.binary_search(t).expect("text is in the vocabulary") as i64,
                     Target::Label(l) => *l,
                 })
                 .collect();
             (ids, names)
         }
         Target::Label(_) => {
-            let ids: Vec<i64> = records
-                .iter()
-                .map(|r| {
-                    if let Target::Label(l) = r.target {
-                        l
-                    } else {
-                        0
-                    }
-                })
-                .collect();
+            let ids: Vec<i64> = records.iter().map(|r| if let Target::Label(l) = r.target { l } else { 0 }).collect();
             let n = ids.iter().max().copied().unwrap_or(0) + 1;
             (ids, (0..n).map(|i| i.to_string()).collect())
         }
@@ -245,11 +251,7 @@ pub fn load(dir: impl AsRef<Path>, size: u32, channels: i64) -> Result<Dataset> 
         labels: Tensor::from_slice(&labels),
         num_classes: class_names.len() as i64,
         class_names,
-        conditioning: if conds.is_empty() {
-            None
-        } else {
-            Some(Tensor::stack(&conds, 0))
-        },
+        conditioning: if conds.is_empty() { None } else { Some(Tensor::stack(&conds, 0)) },
     })
 }
 
@@ -258,9 +260,7 @@ mod tests {
     use super::*;
 
     fn png(dir: &Path, name: &str, w: u32, h: u32, v: u8) {
-        image::GrayImage::from_pixel(w, h, image::Luma([v]))
-            .save(dir.join(name))
-            .unwrap();
+        image::GrayImage::from_pixel(w, h, image::Luma([v])).save(dir.join(name)).unwrap();
     }
 
     fn folder(lines: &[&str]) -> tempfile::TempDir {
@@ -275,10 +275,7 @@ mod tests {
     fn load_err(lines: &[&str]) -> String {
         let d = folder(lines);
         let e = load(d.path(), 16, 1).unwrap_err().to_string();
-        assert!(
-            e.starts_with(&d.path().join(METADATA_FILE).display().to_string()),
-            "{e}"
-        );
+        assert!(e.starts_with(&d.path().join(METADATA_FILE).display().to_string()), "{e}");
         assert!(!e.contains('\n'), "{e}");
         e
     }
@@ -305,10 +302,7 @@ mod tests {
 
     #[test]
     fn loads_integer_labels() {
-        let d = folder(&[
-            r#"{"image": "a.png", "label": 4}"#,
-            r#"{"image": "b.png", "label": 1}"#,
-        ]);
+        let d = folder(&[r#"{"image": "a.png", "label": 4}"#, r#"{"image": "b.png", "label": 1}"#]);
         let ds = load(d.path(), 8, 1).unwrap();
         assert_eq!(ds.images.size(), [2, 1, 8, 8]);
         assert_eq!(ds.num_classes, 5);
@@ -321,10 +315,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let e = load(d.path(), 16, 1).unwrap_err().to_string();
         assert!(e.contains("metadata.jsonl: not found"), "{e}");
-        let e = load_err(&[
-            r#"{"image": "a.png", "label": 0}"#,
-            r#"{"image": "a.png", "label": }"#,
-        ]);
+        let e = load_err(&[r#"{"image": "a.png", "label": 0}"#, r#"{"image": "a.png", "label": }"#]);
         assert!(e.contains("line 2: malformed JSON"), "{e}");
         let e = load_err(&[r#"{"text": "x"}"#]);
         assert!(e.contains("line 1: missing `image`"), "{e}");
@@ -332,56 +323,29 @@ mod tests {
         assert!(e.contains("line 1: has both"), "{e}");
         let e = load_err(&[r#"{"image": "a.png", "label": 1}"#, r#"{"image": "a.png"}"#]);
         assert!(e.contains("line 2: has neither"), "{e}");
-        let e = load_err(&[
-            r#"{"image": "a.png", "label": 1}"#,
-            r#"{"image": "a.png", "text": "t"}"#,
-        ]);
-        assert!(
-            e.contains("line 2: uses `text` but line 1 uses `label`"),
-            "{e}"
-        );
+        let e = load_err(&[r#"{"image": "a.png", "label": 1}"#, r#"{"image": "a.png", "text": "t"}"#]);
+        assert!(e.contains("line 2: uses `text` but line 1 uses `label`"), "{e}");
         let e = load_err(&[
             r#"{"image": "a.png", "label": 1, "conditioning_image": "c.png"}"#,
             r#"{"image": "a.png", "label": 2}"#,
         ]);
-        assert!(
-            e.contains("line 2: `conditioning_image` is given on line 1 but not on line 2"),
-            "{e}"
-        );
+        assert!(e.contains("line 2: `conditioning_image` is given on line 1 but not on line 2"), "{e}");
         let e = load_err(&["", "  "]);
         assert!(e.contains("empty dataset"), "{e}");
         let e = load_err(&[r#"{"image": "a.png", "label": -1}"#]);
-        assert!(
-            e.contains("line 1: `label` must be a non-negative integer"),
-            "{e}"
-        );
+        assert!(e.contains("line 1: `label` must be a non-negative integer"), "{e}");
     }
 
     #[test]
     fn image_errors_name_file_and_line() {
-        let e = load_err(&[
-            r#"{"image": "a.png", "label": 0}"#,
-            r#"{"image": "zz.png", "label": 0}"#,
-        ]);
-        assert!(
-            e.contains("line 2: image ") && e.contains("zz.png not found"),
-            "{e}"
-        );
+        let e = load_err(&[r#"{"image": "a.png", "label": 0}"#, r#"{"image": "zz.png", "label": 0}"#]);
+        assert!(e.contains("line 2: image ") && e.contains("zz.png not found"), "{e}");
         let e = load_err(&[r#"{"image": "a.png", "label": 0, "conditioning_image": "nope.png"}"#]);
-        assert!(
-            e.contains("line 1: conditioning_image ") && e.contains("nope.png not found"),
-            "{e}"
-        );
-        let d = folder(&[
-            r#"{"image": "a.png", "label": 0}"#,
-            r#"{"image": "bad.png", "label": 0}"#,
-        ]);
+        assert!(e.contains("line 1: conditioning_image ") && e.contains("nope.png not found"), "{e}");
+        let d = folder(&[r#"{"image": "a.png", "label": 0}"#, r#"{"image": "bad.png", "label": 0}"#]);
         std::fs::write(d.path().join("bad.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
         let e = load(d.path(), 16, 1).unwrap_err().to_string();
-        assert!(
-            e.contains("line 2: cannot decode image ") && e.contains("bad.png"),
-            "{e}"
-        );
+        assert!(e.contains("line 2: cannot decode image ") && e.contains("bad.png"), "{e}");
         assert!(!e.contains('\n'));
         assert!(load(d.path(), 16, 2).is_err());
     }

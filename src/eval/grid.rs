@@ -115,6 +115,10 @@ pub(crate) fn write_png_bytes(data: &[u8], width: u32, height: u32, color: png::
         writer.write_image_data(data).map_err(fail)?;
         writer.finish().map_err(fail)?;
     }
+    // The rename below would replace whatever is there: a device, a pipe or a folder is not ours to replace.
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Err(Error::format(path, "exists and is not a regular file; give the path of a PNG file to write"));
+    }
     let tmp = temp_path(path);
     let result = (|| -> std::io::Result<()> {
         let mut file = File::create(&tmp)?;

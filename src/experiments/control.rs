@@ -282,9 +282,6 @@ pub fn train_control(
     let kind = cfg.condition_kind()?;
     let device = main.vs.device();
     let out = &cfg.output_dir;
-    let _lock = crate::train::lock::RunLock::acquire(out)?;
-    std::fs::write(out.join("config.toml"), crate::config::to_toml(cfg)?)
-        .map_err(|e| Error::io(out.join("config.toml"), e))?;
 
     // The same seed gives both arms the same side-network initialisation (the decoder is built after it).
     tch::manual_seed(cfg.train.seed as i64);
@@ -293,10 +290,11 @@ pub fn train_control(
         ..ControlNetConfig::for_unet(&main.config.unet)
     };
     let side = SideNetwork::from_main(main, kind, controlnet)?;
-    let head = if cfg.lisa.enabled { Some(LisaHead::new(main, &cfg.lisa, side.config.controlnet.conditioning_channels)?) } else { None };
-    // A side-network run folder doubles as a side-network folder for its checkpoints.
-    let side_cfg = serde_json::to_string_pretty(&side.config).map_err(|e| Error::Config(e.to_string()))?;
-    std::fs::write(out.join(crate::pipeline::CONFIG_FILE), side_cfg).map_err(|e| Error::io(out, e))?;
+    let head = if cfg.lisa.enabled {
+        Some(LisaHead::new(main, &cfg.lisa, side.config.controlnet.conditioning_channels)?)
+    } else {
+        None
+    };
     let task = ControlTask::new(main, &side, head.as_ref())?;
     let mut params = side.named_parameters();
     if let Some(h) = &head {
@@ -316,6 +314,26 @@ pub fn train_control(
         data.eval_conditions.narrow(0, 0, n_fid),
         data.eval_images.narrow(0, 0, n_fid),
     );
+    let train_cfg = TrainConfig { validation_steps: cfg.fidelity.every_steps, ..cfg.train.clone() };
+    // A side-network run folder doubles as a side-network folder for its checkpoints.
+    let side_cfg = serde_json::to_string_pretty(&side.config).map_err(|e| Error::Config(e.to_string()))?;
+    let run = RunDir {
+        output_dir: out,
+        resume,
+        run_description: serde_json::json!({
+            "main_network": cfg.main_network_dir(), "condition": cfg.condition, "data": cfg.data,
+            "conditioning_embedding_out_channels": cfg.conditioning_embedding_out_channels,
+            "lisa": cfg.lisa, "train": cfg.train, "fidelity": cfg.fidelity,
+        }),
+        quiet,
+        files: vec![
+            ("config.toml".into(), crate::config::to_toml(cfg)?.into_bytes()),
+            (crate::pipeline::CONFIG_FILE.into(), side_cfg.into_bytes()),
+        ],
+    };
+    // Everything the trainer would refuse is refused before the folder is touched.
+    trainer::preflight(&train_data, &train_cfg, &run)?;
+    let _lock = crate::train::lock::RunLock::acquire(out)?;
     let resume_step = match resume {
         Some(r) => {
             let dir = crate::train::checkpoint::resolve(out, r)?;
@@ -346,17 +364,6 @@ pub fn train_control(
     if resume.is_none() {
         measure(0)?;
     }
-    let train_cfg = TrainConfig { validation_steps: cfg.fidelity.every_steps, ..cfg.train.clone() };
-    let run = RunDir {
-        output_dir: out,
-        resume,
-        run_description: serde_json::json!({
-            "main_network": cfg.main_network_dir(), "condition": cfg.condition, "data": cfg.data,
-            "conditioning_embedding_out_channels": cfg.conditioning_embedding_out_channels,
-            "lisa": cfg.lisa, "train": cfg.train, "fidelity": cfg.fidelity,
-        }),
-        quiet,
-    };
     trainer::train(&task, params, &train_data, &main.objective, &train_cfg, &run, |step, _| measure(step))?;
     drop(fid_log);
 

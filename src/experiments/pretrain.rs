@@ -42,11 +42,9 @@ impl DataConfig {
                 "embedded" => fashion_mnist::Source::Embedded,
                 "debian" => fashion_mnist::Source::Debian(PathBuf::from(fashion_mnist::DEBIAN_DIR)),
                 folder if std::path::Path::new(folder).is_dir() => fashion_mnist::Source::Debian(PathBuf::from(folder)),
-                other => {
-                    return Err(Error::Config(format!(
-                        "data.source '{other}': use auto, embedded, debian or a folder holding the Fashion-MNIST IDX files"
-                    )))
-                }
+                other => return Err(Error::Config(format!(
+                    "data.source '{other}': use auto, embedded, debian or a folder holding the Fashion-MNIST IDX files"
+                ))),
             };
             let split = if test { fashion_mnist::Split::Test } else { fashion_mnist::Split::Train };
             fashion_mnist::load(&source, split)?
@@ -160,9 +158,17 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
     if !(0.0..1.0).contains(&cfg.label_dropout) {
         return Err(Error::Config("label_dropout must be in [0, 1)".into()));
     }
+    // Settings are checked before the data is read (which can take a while) and before anything is written.
+    cfg.train.validate()?;
     let device = device_from(&cfg.device)?;
-    let data = cfg.data.load(false)?;
     let m = &cfg.model;
+    if cfg.data.dataset != "fashion-mnist" && i64::from(cfg.data.image_size) != m.unet.sample_size {
+        return Err(Error::Config(format!(
+            "data.image_size = {} but model.unet.sample_size = {}; set them to the same size",
+            cfg.data.image_size, m.unet.sample_size
+        )));
+    }
+    let data = cfg.data.load(false)?;
     if data.num_classes != m.label_encoder.num_classes {
         return Err(Error::Config(format!(
             "the dataset has {} classes but model.label_encoder.num_classes = {}; set it to {}",
@@ -171,7 +177,8 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
     }
     if data.channels() != m.unet.in_channels || data.image_size() != m.unet.sample_size {
         return Err(Error::Config(format!(
-            "the dataset's images are {}×{}×{} but the model expects in_channels = {}, sample_size = {}",
+            "the dataset's images are {}×{}×{} but model.unet.in_channels = {} and model.unet.sample_size = {}; \
+             make data.channels and the image size (data.image_size; 32 for Fashion-MNIST) agree with them",
             data.channels(),
             data.image_size(),
             data.image_size(),
@@ -182,39 +189,62 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
     let data = data.to_device(device);
     // Initial weights follow from the run's seed (a resumed run overwrites them from the checkpoint).
     tch::manual_seed(cfg.train.seed as i64);
-    let net = MainNetwork::new(m, device)?;
+    let net = MainNetwork::new(m, device).map_err(|e| match e {
+        Error::Config(msg) => Error::Config(format!("model.{msg}")),
+        e => e,
+    })?;
+    let val = &cfg.validation;
+    if val.num_images > 0 {
+        crate::diffusion::Sampler::new(&net.objective, val.sampler.clone()).map_err(|e| match e {
+            Error::Config(msg) => Error::Config(format!("validation.sampler: {msg}")),
+            e => e,
+        })?;
+    }
     let out = &cfg.output_dir;
-    let _lock = crate::train::lock::RunLock::acquire(out)?;
+    let task = PretrainTask { net: &net, label_dropout: cfg.label_dropout };
     // The run folder doubles as a model folder for its checkpoints.
     let cfg_json = serde_json::to_string_pretty(m).map_err(|e| Error::Config(e.to_string()))?;
-    std::fs::write(out.join(CONFIG_FILE), cfg_json).map_err(|e| Error::io(out.join(CONFIG_FILE), e))?;
-    std::fs::write(out.join("config.toml"), crate::config::to_toml(cfg)?).map_err(|e| Error::io(out.join("config.toml"), e))?;
-
-    let task = PretrainTask { net: &net, label_dropout: cfg.label_dropout };
     let run = RunDir {
         output_dir: out,
         resume,
         run_description: serde_json::json!({ "model": m, "data": cfg.data, "label_dropout": cfg.label_dropout, "train": cfg.train }),
         quiet,
+        files: vec![
+            (CONFIG_FILE.into(), cfg_json.into_bytes()),
+            ("config.toml".into(), crate::config::to_toml(cfg)?.into_bytes()),
+        ],
     };
+    // Everything the trainer would refuse is refused before the folder is touched.
+    trainer::preflight(&data, &cfg.train, &run)?;
+    let _lock = crate::train::lock::RunLock::acquire(out)?;
+    if resume.is_none() {
+        crate::train::checkpoint::ensure_none(out)?;
+    }
+
     let samples_dir = out.join("samples");
-    let val = &cfg.validation;
-    let summary = trainer::train(&task, net.named_parameters(), &data, &net.objective, &cfg.train, &run, |step, weights| {
-        if val.num_images <= 0 {
-            return Ok(());
-        }
-        // Sample with the averaged weights without disturbing the trained ones.
-        let _guard = tch::no_grad_guard();
-        let saved: Vec<Tensor> = net.named_parameters().iter().map(|(_, p)| p.copy()).collect();
-        swap_in(&net, weights);
-        let (images, _) = net.sample_many(val.num_images, 64, &val.sampler, val.seed)?;
-        for ((_, p), s) in net.named_parameters().iter().zip(&saved) {
-            p.shallow_clone().copy_(s);
-        }
-        std::fs::create_dir_all(&samples_dir).map_err(|e| Error::io(&samples_dir, e))?;
-        let nrow = m.label_encoder.num_classes.min(val.num_images);
-        crate::eval::grid::save_grid_scaled(&images, nrow as usize, 2, 2, samples_dir.join(format!("step-{step}.png")))
-    })?;
+    let summary =
+        trainer::train(&task, net.named_parameters(), &data, &net.objective, &cfg.train, &run, |step, weights| {
+            if val.num_images <= 0 {
+                return Ok(());
+            }
+            // Sample with the averaged weights without disturbing the trained ones.
+            let _guard = tch::no_grad_guard();
+            let saved: Vec<Tensor> = net.named_parameters().iter().map(|(_, p)| p.copy()).collect();
+            swap_in(&net, weights);
+            let (images, _) = net.sample_many(val.num_images, 64, &val.sampler, val.seed)?;
+            for ((_, p), s) in net.named_parameters().iter().zip(&saved) {
+                p.shallow_clone().copy_(s);
+            }
+            std::fs::create_dir_all(&samples_dir).map_err(|e| Error::io(&samples_dir, e))?;
+            let nrow = m.label_encoder.num_classes.min(val.num_images);
+            crate::eval::grid::save_grid_scaled(
+                &images,
+                nrow as usize,
+                2,
+                2,
+                samples_dir.join(format!("step-{step}.png")),
+            )
+        })?;
     // The final model: the averaged weights when EMA is on.
     let final_dir = out.join("model");
     if let Some(ckpt) = &summary.last_checkpoint {

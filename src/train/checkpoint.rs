@@ -3,8 +3,10 @@
 //!
 //! A checkpoint holds named tensor files (`model.safetensors`, `optimizer.safetensors`, optionally
 //! `ema.safetensors`) and `state.json` (step, RNG and data position, and whatever the run adds).
-//! A folder without `state.json` is incomplete and is never picked up.
+//! A folder without `state.json` is incomplete and is never picked up. Temporary folders are hidden
+//! (`.checkpoint-N.tmp-PID`, `.old-`, `.del-`); those left by a killed run are removed by the next save.
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use tch::Tensor;
@@ -24,6 +26,7 @@ pub fn save(
     total_limit: usize,
 ) -> Result<PathBuf> {
     let final_dir = output_dir.join(format!("checkpoint-{step}"));
+    remove_leftovers(output_dir);
     let tmp_dir = output_dir.join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
     if tmp_dir.exists() {
         fs::remove_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
@@ -33,7 +36,13 @@ pub fn save(
         for (name, tensors) in files {
             let path = tmp_dir.join(name);
             let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-            Tensor::write_safetensors(&named, &path).map_err(|e| Error::format(&path, format!("cannot write tensors: {e}")))?;
+            Tensor::write_safetensors(&named, &path).map_err(|e| {
+                let e = e.to_string();
+                Error::Checkpoint {
+                    path: final_dir.clone(),
+                    msg: format!("cannot write {name}: {e}{}", crate::error::io_hint_in(&e)),
+                }
+            })?;
             sync_file(&path)?;
         }
         let path = tmp_dir.join(STATE_FILE);
@@ -61,11 +70,70 @@ pub fn save(
     }
     if total_limit > 0 {
         let all = list(output_dir)?;
-        for (_, dir) in all.iter().take(all.len().saturating_sub(total_limit)) {
-            fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        for (old_step, dir) in all.iter().take(all.len().saturating_sub(total_limit)) {
+            // Renamed away first: removing files one by one could, if killed, leave a checkpoint-N
+            // that still has its state.json but lacks a tensor file.
+            let doomed = output_dir.join(format!(".checkpoint-{old_step}.del-{}", std::process::id()));
+            fs::rename(dir, &doomed).map_err(|e| Error::io(dir, e))?;
+            fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))?;
         }
     }
     Ok(final_dir)
+}
+
+/// Removes the temporary folders of killed runs (`.checkpoint-N.tmp-PID`, `.del-PID`, and `.old-PID`
+/// once `checkpoint-N` exists again). The run lock guarantees that no other process writes here.
+fn remove_leftovers(output_dir: &Path) {
+    let Ok(entries) = fs::read_dir(output_dir) else { return };
+    let own = format!("-{}", std::process::id());
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((step, kind)) = name.strip_prefix(".checkpoint-").and_then(|r| r.split_once('.')) else { continue };
+        if name.ends_with(&own) || step.parse::<u64>().is_err() {
+            continue;
+        }
+        let stale = kind.starts_with("tmp-")
+            || kind.starts_with("del-")
+            || (kind.starts_with("old-") && output_dir.join(format!("checkpoint-{step}")).join(STATE_FILE).is_file());
+        if stale {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Writes a small file atomically: a temporary file beside it, synced, then renamed over it, so that a
+/// kill leaves either the old or the new contents, never a torn file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// Refuses to start a new run in a folder that holds another run's checkpoints: the new run would
+/// replace them one by one, prune its own newest ones in favour of their higher step numbers, and leave
+/// `--resume latest` to pick the wrong run.
+pub fn ensure_none(output_dir: &Path) -> Result<()> {
+    match list(output_dir)?.pop() {
+        None => Ok(()),
+        Some((_, newest)) => Err(Error::Checkpoint {
+            path: output_dir.to_path_buf(),
+            msg: format!(
+                "holds the checkpoints of an earlier run (newest: {}); continue that run with --resume latest, \
+                 or choose another output folder",
+                newest.display()
+            ),
+        }),
+    }
 }
 
 fn sync_file(path: &Path) -> Result<()> {
@@ -83,7 +151,8 @@ pub fn list(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(output_dir, e))?;
         let name = entry.file_name();
-        let Some(step) = name.to_str().and_then(|n| n.strip_prefix("checkpoint-")).and_then(|s| s.parse::<u64>().ok()) else {
+        let Some(step) = name.to_str().and_then(|n| n.strip_prefix("checkpoint-")).and_then(|s| s.parse::<u64>().ok())
+        else {
             continue;
         };
         if entry.path().join(STATE_FILE).is_file() {
@@ -105,7 +174,12 @@ pub fn resolve(output_dir: &Path, resume: &str) -> Result<PathBuf> {
     }
     let p = PathBuf::from(resume);
     if !p.join(STATE_FILE).is_file() {
-        return Err(Error::Checkpoint { path: p, msg: format!("not a complete checkpoint (no {STATE_FILE})") });
+        return Err(Error::Checkpoint {
+            path: p,
+            msg: format!(
+                "not a complete checkpoint (no {STATE_FILE}); give a checkpoint-N folder of this run, or latest"
+            ),
+        });
     }
     Ok(p)
 }
@@ -114,16 +188,27 @@ pub fn resolve(output_dir: &Path, resume: &str) -> Result<PathBuf> {
 pub fn read_state(dir: &Path) -> Result<serde_json::Value> {
     let path = dir.join(STATE_FILE);
     let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("malformed checkpoint state: {e}")))
+    serde_json::from_str(&text).map_err(|e| {
+        Error::format(
+            &path,
+            format!("malformed checkpoint state: {e}; the checkpoint is damaged: use another checkpoint-N"),
+        )
+    })
 }
 
 /// Reads a named tensor file of a checkpoint.
 pub fn read_tensors(dir: &Path, name: &str) -> Result<Vec<(String, Tensor)>> {
     let path = dir.join(name);
     if !path.is_file() {
-        return Err(Error::Checkpoint { path, msg: "missing file".into() });
+        return Err(Error::Checkpoint {
+            path,
+            msg: "missing file; the folder is incomplete: use another checkpoint or model folder".into(),
+        });
     }
-    Tensor::read_safetensors(&path).map_err(|e| Error::Checkpoint { path, msg: format!("unreadable tensors: {e}") })
+    Tensor::read_safetensors(&path).map_err(|e| Error::Checkpoint {
+        path,
+        msg: format!("unreadable tensors ({e}); the file is damaged: use another checkpoint or model folder"),
+    })
 }
 
 /// Copies named tensors into `params` by name, checking that names and shapes match exactly.
@@ -133,12 +218,20 @@ pub fn load_into(params: &[(String, Tensor)], tensors: Vec<(String, Tensor)>, so
     for (name, p) in params {
         let src = map.remove(name).ok_or_else(|| Error::Checkpoint {
             path: source.to_path_buf(),
-            msg: format!("lacks parameter '{name}': it was saved from a different model configuration"),
+            msg: format!(
+                "lacks parameter '{name}': it was saved from a different model configuration; load it with the \
+                 configuration it was trained with"
+            ),
         })?;
         if src.size() != p.size() {
             return Err(Error::Checkpoint {
                 path: source.to_path_buf(),
-                msg: format!("parameter '{name}' has shape {:?} but the model expects {:?}", src.size(), p.size()),
+                msg: format!(
+                    "parameter '{name}' has shape {:?} but the model expects {:?}: it was saved from a different \
+                     model configuration; load it with the configuration it was trained with",
+                    src.size(),
+                    p.size()
+                ),
             });
         }
         p.shallow_clone().copy_(&src);
@@ -146,7 +239,10 @@ pub fn load_into(params: &[(String, Tensor)], tensors: Vec<(String, Tensor)>, so
     if let Some(extra) = map.keys().next() {
         return Err(Error::Checkpoint {
             path: source.to_path_buf(),
-            msg: format!("has parameter '{extra}' that the model does not: it was saved from a different model configuration"),
+            msg: format!(
+                "has parameter '{extra}' that the model does not: it was saved from a different model \
+                 configuration; load it with the configuration it was trained with"
+            ),
         });
     }
     Ok(())
@@ -189,13 +285,44 @@ mod tests {
     }
 
     #[test]
+    fn leftovers_of_killed_runs_are_removed_and_new_runs_refuse_old_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        // What killed runs leave behind (pid u32::MAX cannot be a live process): a half-written checkpoint,
+        // a half-pruned one, and a copy moved aside while its step was rewritten.
+        for name in [".checkpoint-3.tmp-4294967295", ".checkpoint-1.del-4294967295", ".checkpoint-2.old-4294967295"] {
+            fs::create_dir_all(dir.path().join(name)).unwrap();
+            fs::write(dir.path().join(name).join("model.safetensors"), b"partial").unwrap();
+        }
+        ensure_none(dir.path()).unwrap();
+        // The moved-aside copy is kept while it may be the only complete checkpoint-2, and removed once
+        // checkpoint-2 exists again.
+        for step in [2u64, 3] {
+            save(dir.path(), step, &[("model.safetensors", &t(&[2.0]))], &serde_json::json!({ "step": step }), 0)
+                .unwrap();
+        }
+        let mut names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, vec!["checkpoint-2", "checkpoint-3"]);
+        let e = ensure_none(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("holds the checkpoints of an earlier run") && e.contains("--resume latest"), "{e}");
+
+        let f = dir.path().join("config.toml");
+        write_atomic(&f, b"a = 1\n").unwrap();
+        write_atomic(&f, b"a = 2\n").unwrap();
+        assert_eq!(fs::read_to_string(&f).unwrap(), "a = 2\n");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 3, "no temporary file is left");
+    }
+
+    #[test]
     fn load_into_rejects_mismatched_checkpoints() {
         let p = vec![("w".to_string(), Tensor::zeros([2], (tch::Kind::Float, tch::Device::Cpu)))];
         assert!(load_into(&p, t(&[1.0, 2.0]), Path::new("x")).is_ok());
         assert_eq!(p[0].1.double_value(&[1]), 2.0);
         let e = load_into(&p, t(&[1.0]), Path::new("x")).unwrap_err().to_string();
         assert!(e.contains("shape"), "{e}");
-        let e = load_into(&p, vec![("v".into(), Tensor::from_slice(&[1.0f32, 2.0]))], Path::new("x")).unwrap_err().to_string();
+        let e = load_into(&p, vec![("v".into(), Tensor::from_slice(&[1.0f32, 2.0]))], Path::new("x"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lacks parameter 'w'"), "{e}");
     }
 }

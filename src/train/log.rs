@@ -56,10 +56,16 @@ impl MetricsLog {
                 }
             }
         }
-        let mut file = fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-        for line in &kept {
-            writeln!(file, "{line}").map_err(|e| Error::io(&path, e))?;
-        }
+        let file = if resume_step.is_some() {
+            // The kept rows go to a new file renamed over the old one: truncating and rewriting in place
+            // would lose them if the run were killed in between.
+            let text: String = kept.iter().map(|l| format!("{l}\n")).collect();
+            super::checkpoint::write_atomic(&path, text.as_bytes())?;
+            fs::OpenOptions::new().append(true).open(&path)
+        } else {
+            fs::File::create(&path)
+        };
+        let file = file.map_err(|e| Error::io(&path, e))?;
         Ok(Self { path, format, columns, file })
     }
 

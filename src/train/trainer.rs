@@ -102,6 +102,22 @@ impl TrainConfig {
         if self.log_every == 0 {
             return bad("train.log_every must be ≥ 1");
         }
+        if !(self.max_grad_norm >= 0.0 && self.max_grad_norm.is_finite()) {
+            return bad("train.max_grad_norm must be a number ≥ 0 (0 = no clipping)");
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad("train.min_lr_ratio must be in [0, 1]");
+        }
+        let a = &self.adam;
+        if !((0.0..1.0).contains(&a.beta1) && (0.0..1.0).contains(&a.beta2)) {
+            return bad("train.adam.beta1 and train.adam.beta2 must be in [0, 1)");
+        }
+        if !(a.eps > 0.0 && a.eps.is_finite()) {
+            return bad("train.adam.eps must be a positive number");
+        }
+        if !(a.weight_decay >= 0.0 && a.weight_decay.is_finite()) {
+            return bad("train.adam.weight_decay must be a number ≥ 0");
+        }
         Ok(())
     }
 }
@@ -174,6 +190,52 @@ pub struct RunDir<'a> {
     pub run_description: serde_json::Value,
     /// Hide the progress bar.
     pub quiet: bool,
+    /// Files the caller keeps beside the checkpoints (name in the run folder, contents), e.g. its config.
+    /// They are written, atomically, only once the run has passed its checks and, when resuming, loaded
+    /// its checkpoint, so that a refused run leaves the folder as it was.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// Checks everything [`train`] would refuse before it writes anything: the settings, the data (enough
+/// examples, finite values) and, when resuming, that the checkpoint is complete and was written by this
+/// run. Callers that write files of their own into the run folder call it first, so that a refused run
+/// leaves the folder as it was.
+pub fn preflight(data: &Dataset, cfg: &TrainConfig, run: &RunDir) -> Result<()> {
+    cfg.validate()?;
+    if data.len() < cfg.batch_size {
+        return Err(Error::Config(format!(
+            "the dataset has {} examples, fewer than train.batch_size = {}; lower train.batch_size or add data",
+            data.len(),
+            cfg.batch_size
+        )));
+    }
+    for (what, t) in [("image", Some(&data.images)), ("condition image", data.conditioning.as_ref())] {
+        let Some(t) = t else { continue };
+        let bad = t.isfinite().logical_not().flatten(1, -1).any_dim(1, false).nonzero();
+        if bad.size()[0] > 0 {
+            return Err(Error::Config(format!(
+                "the {what} of training example {} (0-based; {} such examples) has NaN or infinite pixel values; \
+                 fix or remove it",
+                bad.int64_value(&[0, 0]),
+                bad.size()[0]
+            )));
+        }
+    }
+    if run.resume.is_some() {
+        resume_state(run)?;
+    }
+    Ok(())
+}
+
+/// The checkpoint a resumed run starts from and its state, checked against the run's description.
+fn resume_state(run: &RunDir) -> Result<(PathBuf, RunState)> {
+    let dir = checkpoint::resolve(run.output_dir, run.resume.unwrap_or("latest"))?;
+    let state: RunState = serde_json::from_value(checkpoint::read_state(&dir)?).map_err(|e| Error::Checkpoint {
+        path: dir.clone(),
+        msg: format!("malformed state.json: {e}; the checkpoint is damaged: use another checkpoint-N"),
+    })?;
+    check_same_run(&dir, &state.run, &run.run_description)?;
+    Ok((dir, state))
 }
 
 /// Trains `params` (name, tensor) on `data` with `task`'s loss; see the module doc for the order of
@@ -190,40 +252,50 @@ pub fn train(
     run: &RunDir,
     mut on_validation: impl FnMut(u64, &[(String, Tensor)]) -> Result<()>,
 ) -> Result<TrainSummary> {
-    cfg.validate()?;
+    preflight(data, cfg, run)?;
     let out = run.output_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    if data.len() < cfg.batch_size {
-        return Err(Error::Config(format!("the dataset has {} examples, fewer than train.batch_size = {}", data.len(), cfg.batch_size)));
-    }
 
     let mut opt = AdamW::new(params, cfg.adam.clone());
     let mut ema = (cfg.ema_decay > 0.0).then(|| Ema::new(opt.params(), cfg.ema_decay));
     let mut order = DataOrder::new(data.len(), cfg.seed)?;
     let (mut step, mut skipped) = (0u64, 0u64);
+    let mut last_checkpoint = None;
 
     // Resume: weights, optimizer moments, EMA, data position and counters, exactly.
-    if let Some(resume) = run.resume {
-        let dir = checkpoint::resolve(out, resume)?;
-        let state: RunState = serde_json::from_value(checkpoint::read_state(&dir)?)
-            .map_err(|e| Error::Checkpoint { path: dir.clone(), msg: format!("malformed state.json: {e}") })?;
-        check_same_run(&dir, &state.run, &run.run_description)?;
+    if run.resume.is_some() {
+        let (dir, state) = resume_state(run)?;
+        let mismatch = |file: &str| {
+            let path = dir.join(file);
+            move |e: Error| {
+                let msg = match e {
+                    Error::Config(m) => m,
+                    e => e.to_string(),
+                };
+                Error::Checkpoint { path, msg: format!("{msg}; it does not match this run: use another checkpoint-N") }
+            }
+        };
         checkpoint::load_into(opt.params(), checkpoint::read_tensors(&dir, "model.safetensors")?, &dir)?;
         opt.load_state(checkpoint::read_tensors(&dir, "optimizer.safetensors")?, state.optimizer_step)
-            .map_err(|e| Error::Checkpoint { path: dir.clone(), msg: e.to_string() })?;
+            .map_err(mismatch("optimizer.safetensors"))?;
         if let Some(ema) = ema.as_mut() {
-            ema.load(checkpoint::read_tensors(&dir, "ema.safetensors")?)
-                .map_err(|e| Error::Checkpoint { path: dir.clone(), msg: e.to_string() })?;
+            ema.load(checkpoint::read_tensors(&dir, "ema.safetensors")?).map_err(mismatch("ema.safetensors"))?;
         }
-        order.restore(state.data).map_err(|e| Error::Checkpoint { path: dir.clone(), msg: e.to_string() })?;
+        order.restore(state.data).map_err(mismatch(checkpoint::STATE_FILE))?;
         step = state.step;
         skipped = state.skipped_steps;
         eprintln!("resuming from {} at step {step}", dir.display());
+        // A run killed after its final checkpoint resumes with nothing left to train; the caller still
+        // needs that checkpoint (e.g. to write the final model).
+        last_checkpoint = Some(dir);
+    }
+    for (name, bytes) in &run.files {
+        checkpoint::write_atomic(&out.join(name), bytes)?;
     }
     let mut log = MetricsLog::open(out, cfg.log_format, run.resume.map(|_| step))?;
     let progress = Progress::new(step, cfg.steps, run.quiet);
     let (mut sums, mut count) = (Vec::<(String, f64)>::new(), 0u64);
-    let (mut consecutive_bad, mut last_checkpoint, mut final_loss) = (0u32, None, f64::NAN);
+    let (mut consecutive_bad, mut final_loss) = (0u32, f64::NAN);
     let started = Instant::now();
     let first_step = step;
 
@@ -260,9 +332,13 @@ pub fn train(
             opt.zero_grad();
             skipped += 1;
             consecutive_bad += 1;
-            progress.println(&format!("step {}: non-finite loss ({loss}) or gradient norm ({gnorm}); update skipped", step + 1));
+            progress.println(&format!(
+                "step {}: non-finite loss ({loss}) or gradient norm ({gnorm}); update skipped",
+                step + 1
+            ));
             if consecutive_bad >= cfg.max_consecutive_nonfinite {
-                let last = checkpoint::list(out)?.pop().map(|(_, p)| p.display().to_string()).unwrap_or_else(|| "none".into());
+                let last =
+                    checkpoint::list(out)?.pop().map(|(_, p)| p.display().to_string()).unwrap_or_else(|| "none".into());
                 return Err(Error::Training(format!(
                     "{consecutive_bad} consecutive steps with non-finite loss or gradients at step {}; \
                      lower train.learning_rate or check the data. Last good checkpoint: {last}",
@@ -402,7 +478,15 @@ mod tests {
     }
 
     fn cfg() -> TrainConfig {
-        TrainConfig { steps: 6, batch_size: 4, lr_warmup_steps: 0, learning_rate: 0.05, checkpointing_steps: 0, log_every: 1, ..Default::default() }
+        TrainConfig {
+            steps: 6,
+            batch_size: 4,
+            lr_warmup_steps: 0,
+            learning_rate: 0.05,
+            checkpointing_steps: 0,
+            log_every: 1,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -410,11 +494,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = Tensor::from_slice(&[0.5f32]).set_requires_grad(true);
         let task = ScaleTask { w: w.shallow_clone(), poison: true };
-        let run = RunDir { output_dir: dir.path(), resume: None, run_description: serde_json::json!({}), quiet: true };
+        let run = RunDir {
+            output_dir: dir.path(),
+            resume: None,
+            run_description: serde_json::json!({}),
+            quiet: true,
+            files: vec![],
+        };
         let c = TrainConfig { max_consecutive_nonfinite: 3, ..cfg() };
-        let e = train(&task, vec![("w".into(), w.shallow_clone())], &toy_data(), &Objective::Flow, &c, &run, |_, _| Ok(()))
-            .unwrap_err()
-            .to_string();
+        let e =
+            train(&task, vec![("w".into(), w.shallow_clone())], &toy_data(), &Objective::Flow, &c, &run, |_, _| Ok(()))
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("3 consecutive steps") && e.contains("Last good checkpoint: none"), "{e}");
         assert_eq!(w.double_value(&[0]), 0.5, "a skipped step must not move the weights");
         assert!(checkpoint::list(dir.path()).unwrap().is_empty());
@@ -425,12 +516,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = Tensor::from_slice(&[0.0f32]).set_requires_grad(true);
         let task = ScaleTask { w: w.shallow_clone(), poison: false };
-        let run = RunDir { output_dir: dir.path(), resume: None, run_description: serde_json::json!({}), quiet: true };
+        let run = RunDir {
+            output_dir: dir.path(),
+            resume: None,
+            run_description: serde_json::json!({}),
+            quiet: true,
+            files: vec![],
+        };
         let mut seen = vec![];
-        let s = train(&task, vec![("w".into(), w.shallow_clone())], &toy_data(), &Objective::Flow, &cfg(), &run, |step, _| {
-            seen.push(step);
-            Ok(())
-        })
+        let s = train(
+            &task,
+            vec![("w".into(), w.shallow_clone())],
+            &toy_data(),
+            &Objective::Flow,
+            &cfg(),
+            &run,
+            |step, _| {
+                seen.push(step);
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!((s.steps, s.skipped_steps), (6, 0));
         assert_eq!(seen, vec![6], "checkpointing_steps = 0 still writes the final checkpoint");
