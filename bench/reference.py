@@ -41,7 +41,7 @@ Modes:
                       `lisa bench` interleaves these steps with its own.
 
 Run it with the venv that scripts/setup-reference.sh prepared, e.g.
-  /work/main/.venv/bin/python bench/reference.py --dump-golden tests/golden
+  .venv/bin/python bench/reference.py --dump-golden tests/golden
 torch's Python extension needs CUDA libraries that our lean install keeps outside site-packages
 (<venv>/lisa-reference-cuda); this script puts them on LD_LIBRARY_PATH and re-executes itself once.
 """

@@ -21,7 +21,7 @@
 # Which venv: $VENV if set; else the project's .venv; else the venv that the .libtorch link points
 # into (a git worktree has no .venv of its own, but its .libtorch link resolves to
 # <venv>/lib/pythonX.Y/site-packages/torch). E.g. from a worktree:
-#   VENV=/work/main/.venv bash scripts/setup-reference.sh      (explicit)
+#   VENV=<repo>/.venv bash scripts/setup-reference.sh      (explicit)
 #   bash scripts/setup-reference.sh                            (resolved from .libtorch)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -224,7 +224,7 @@ fn training_moves_the_side_network_and_decoder_but_never_the_main_network() {
     let run = RunDir {
         output_dir: dir.path(),
         resume: None,
-        run_description: serde_json::json!({}),
+        run_description: serde_json::json!({}), description_defaults: serde_json::Value::Null,
         quiet: true,
         files: vec![],
     };

@@ -320,11 +320,8 @@ pub fn train_control(
     let run = RunDir {
         output_dir: out,
         resume,
-        run_description: serde_json::json!({
-            "main_network": cfg.main_network_dir(), "condition": cfg.condition, "data": cfg.data,
-            "conditioning_embedding_out_channels": cfg.conditioning_embedding_out_channels,
-            "lisa": cfg.lisa, "train": cfg.train, "fidelity": cfg.fidelity,
-        }),
+        run_description: run_description(cfg),
+        description_defaults: run_description(&ControlConfig::default()),
         quiet,
         files: vec![
             ("config.toml".into(), crate::config::to_toml(cfg)?.into_bytes()),
@@ -378,6 +375,15 @@ pub fn train_control(
     let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::Config(e.to_string()))?;
     std::fs::write(out.join("summary.json"), text).map_err(|e| Error::io(out.join("summary.json"), e))?;
     Ok(summary)
+}
+
+/// What a resumed side-network run must share with the run that wrote its checkpoint.
+fn run_description(cfg: &ControlConfig) -> serde_json::Value {
+    serde_json::json!({
+        "main_network": cfg.main_network_dir(), "condition": cfg.condition, "data": cfg.data,
+        "conditioning_embedding_out_channels": cfg.conditioning_embedding_out_channels,
+        "lisa": cfg.lisa, "train": cfg.train, "fidelity": cfg.fidelity,
+    })
 }
 
 /// Samples the final-evaluation set with the finished side network and scores it.

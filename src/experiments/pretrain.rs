@@ -208,6 +208,10 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
         output_dir: out,
         resume,
         run_description: serde_json::json!({ "model": m, "data": cfg.data, "label_dropout": cfg.label_dropout, "train": cfg.train }),
+        description_defaults: {
+            let d = PretrainConfig::default();
+            serde_json::json!({ "model": d.model, "data": d.data, "label_dropout": d.label_dropout, "train": d.train })
+        },
         quiet,
         files: vec![
             (CONFIG_FILE.into(), cfg_json.into_bytes()),

@@ -188,6 +188,9 @@ pub struct RunDir<'a> {
     pub resume: Option<&'a str>,
     /// Saved with every checkpoint; resuming checks that it is unchanged except for `train.steps`.
     pub run_description: serde_json::Value,
+    /// The description of a run with every setting at its default (or `Null`): a setting missing from an
+    /// older checkpoint's description is accepted when the run uses its default.
+    pub description_defaults: serde_json::Value,
     /// Hide the progress bar.
     pub quiet: bool,
     /// Files the caller keeps beside the checkpoints (name in the run folder, contents), e.g. its config.
@@ -234,7 +237,7 @@ fn resume_state(run: &RunDir) -> Result<(PathBuf, RunState)> {
         path: dir.clone(),
         msg: format!("malformed state.json: {e}; the checkpoint is damaged: use another checkpoint-N"),
     })?;
-    check_same_run(&dir, &state.run, &run.run_description)?;
+    check_same_run(&dir, &state.run, &run.run_description, &run.description_defaults)?;
     Ok((dir, state))
 }
 
@@ -423,24 +426,61 @@ fn accumulate(sums: &mut Vec<(String, f64)>, name: &str, v: f64) {
     }
 }
 
-/// A resumed run must be the same run: same configs except the step budget.
-fn check_same_run(dir: &Path, saved: &serde_json::Value, now: &serde_json::Value) -> Result<()> {
-    let strip = |v: &serde_json::Value| {
-        let mut v = v.clone();
-        if let Some(t) = v.pointer_mut("/train").and_then(|t| t.as_object_mut()) {
-            t.remove("steps");
-        }
-        v
-    };
-    if strip(saved) != strip(now) {
+/// A resumed run must be the same run: same configs except the step budget. A setting absent from the
+/// checkpoint's description (added to the program after the checkpoint was written) is accepted at its
+/// default value from `defaults`, the only behaviour the older program had.
+fn check_same_run(
+    dir: &Path,
+    saved: &serde_json::Value,
+    now: &serde_json::Value,
+    defaults: &serde_json::Value,
+) -> Result<()> {
+    let mut differ = Vec::new();
+    description_differences(saved, now, defaults, "", &mut differ);
+    differ.retain(|p| p != "/train/steps");
+    if !differ.is_empty() {
+        let shown: Vec<&str> = differ.iter().take(6).map(|p| p.trim_start_matches('/')).collect();
         return Err(Error::Checkpoint {
             path: dir.to_path_buf(),
-            msg: "was written by a run with a different configuration; resume with the same config file \
-                  (only train.steps may change) or start a new output folder"
-                .into(),
+            msg: format!(
+                "was written by a run with a different configuration ({}{}); resume with the same config file \
+                 (only train.steps may change) or start a new output folder",
+                shown.join(", ").replace('/', "."),
+                if differ.len() > shown.len() { ", …" } else { "" }
+            ),
         });
     }
     Ok(())
+}
+
+/// JSON-pointer paths at which `saved` and `now` differ; a key missing from `saved` counts only when
+/// `now`'s value is not the one in `defaults`.
+fn description_differences(
+    saved: &serde_json::Value,
+    now: &serde_json::Value,
+    defaults: &serde_json::Value,
+    path: &str,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match (saved, now) {
+        (Value::Object(s), Value::Object(n)) => {
+            let mut keys: Vec<&String> = s.keys().chain(n.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let p = format!("{path}/{k}");
+                let d = defaults.get(k).unwrap_or(&Value::Null);
+                match (s.get(k), n.get(k)) {
+                    (Some(sv), Some(nv)) => description_differences(sv, nv, d, &p, out),
+                    (None, Some(nv)) if nv == d => {}
+                    _ => out.push(p),
+                }
+            }
+        }
+        _ if saved == now => {}
+        _ => out.push(path.to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -448,6 +488,29 @@ mod tests {
     use super::*;
     use crate::diffusion::Objective;
     use tch::Device;
+
+    #[test]
+    fn resume_accepts_settings_newer_than_the_checkpoint_at_their_defaults_only() {
+        use serde_json::json;
+        let dir = Path::new("run/checkpoint-500");
+        // Written before `lisa.target` existed.
+        let saved = json!({ "lisa": { "lambda": 0.2 }, "train": { "steps": 500, "lr": 1e-3 } });
+        let defaults =
+            json!({ "lisa": { "lambda": 0.2, "target": "residual" }, "train": { "steps": 1000, "lr": 1e-3 } });
+        let now = json!({ "lisa": { "lambda": 0.2, "target": "residual" }, "train": { "steps": 1000, "lr": 1e-3 } });
+        check_same_run(dir, &saved, &now, &defaults).unwrap();
+        // A new setting away from its default is not what the checkpoint's run did.
+        let now = json!({ "lisa": { "lambda": 0.2, "target": "random" }, "train": { "steps": 1000, "lr": 1e-3 } });
+        let e = check_same_run(dir, &saved, &now, &defaults).unwrap_err().to_string();
+        assert!(e.contains("lisa.target") && e.contains("different configuration"), "{e}");
+        // Without defaults every new setting counts; changed settings are named.
+        let now = json!({ "lisa": { "lambda": 0.5, "target": "residual" }, "train": { "steps": 1000, "lr": 1e-3 } });
+        let e = check_same_run(dir, &saved, &now, &serde_json::Value::Null).unwrap_err().to_string();
+        assert!(e.contains("lisa.lambda, lisa.target"), "{e}");
+        // A setting the checkpoint has but this run lacks is a difference too.
+        let e = check_same_run(dir, &now, &saved, &defaults).unwrap_err().to_string();
+        assert!(e.contains("lisa.target"), "{e}");
+    }
 
     /// A task whose loss is a multiple of one parameter; `poison` makes it NaN.
     struct ScaleTask {
@@ -498,6 +561,7 @@ mod tests {
             output_dir: dir.path(),
             resume: None,
             run_description: serde_json::json!({}),
+            description_defaults: serde_json::Value::Null,
             quiet: true,
             files: vec![],
         };
@@ -520,6 +584,7 @@ mod tests {
             output_dir: dir.path(),
             resume: None,
             run_description: serde_json::json!({}),
+            description_defaults: serde_json::Value::Null,
             quiet: true,
             files: vec![],
         };
