@@ -17,10 +17,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use lisa::control::SideNetwork;
+use lisa::control::{ControlTask, LisaConfig, LisaHead, SideNetwork};
 use lisa::data::ConditionKind;
+use lisa::diffusion::{BetaSchedule, Prediction};
 use lisa::models::{diffusers, AutoencoderKL, ClipTextModel, ClipTokenizer, ControlNetConfig, UNetConfig};
 use lisa::pipeline::{MainNetwork, MainNetworkConfig};
+use lisa::train::optim::{AdamW, AdamWConfig};
+use lisa::train::trainer::{Batch, TrainTask};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -452,6 +455,76 @@ fn unsupported_diffusers_configs_are_errors_that_name_the_field() {
         .unwrap();
     let err = diffusers::load_unet(tmp.path(), Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("shape differs") && err.contains("proj_in.weight"), "{err}");
+}
+
+#[test]
+fn sd_folder_as_main_network_trains_a_controlnet_with_lisa_in_latent_space() {
+    let t = tokens();
+    let prompts: Vec<&str> = t["prompts"].as_array().unwrap().iter().take(3).map(|p| p.as_str().unwrap()).collect();
+    let mut main = lisa::sd::load_main_network(&root(), &prompts, Device::Cpu).unwrap();
+    main.freeze();
+    let o = &main.config.objective;
+    assert_eq!(
+        (o.beta_schedule, o.prediction, o.num_train_timesteps),
+        (BetaSchedule::ScaledLinear, Prediction::Epsilon, 1000)
+    );
+    assert_eq!((o.beta_start, o.beta_end), (0.00085, 0.012));
+    assert_eq!(main.config.label_encoder.num_classes, 3);
+
+    // Label i is prompt i: the main network on labels 0, 1 is diffusers' UNet on the text encoder's states.
+    let g = golden("unet.safetensors");
+    let mut rep = Report::default();
+    let pred = tch::no_grad(|| main.predict(&g["sample"], &g["timesteps"], &Tensor::from_slice(&[0i64, 1]))).unwrap();
+    rep.compare("main network (prompt table, labels 0, 1)", &pred, &g["out"]);
+    rep.finish();
+
+    // Latent space: VAE latents of the images; conditions at image resolution (2× the latents here,
+    // as SD's are 8×).
+    let (_vvs, vae) = lisa::sd::load_vae(&root(), Device::Cpu).unwrap();
+    tch::manual_seed(0);
+    let images = Tensor::rand([2, 3, 16, 16], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    let x0 = tch::no_grad(|| vae.encode_latents(&images)).unwrap();
+    assert_eq!(x0.size(), [2, 4, 8, 8]);
+    let condition = Tensor::rand([2, 3, 16, 16], (Kind::Float, Device::Cpu));
+    let side_cfg = ControlNetConfig {
+        conditioning_channels: 3,
+        conditioning_embedding_out_channels: vec![8, 16],
+        conditioning_downscale: 2,
+        ..ControlNetConfig::for_unet(&main.config.unet)
+    };
+    let side = SideNetwork::from_main(&main, ConditionKind::Edges, side_cfg).unwrap();
+    let head = LisaHead::new(&main, &LisaConfig::default(), 3).unwrap();
+    let task = ControlTask::new(&main, &side, Some(&head)).unwrap();
+    let batch = Batch { x0, labels: Tensor::from_slice(&[0i64, 2]), condition: Some(condition) };
+    let noise = Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let sample = main.objective.training_sample(&batch.x0, &noise, &Tensor::from_slice(&[100i64, 700])).unwrap();
+    let mut params = side.named_parameters();
+    params.extend(head.named_parameters());
+    let mut opt = AdamW::new(params, AdamWConfig::default());
+    let mut losses = Vec::new();
+    for _ in 0..8 {
+        let l = task.loss(&batch, &sample).unwrap();
+        let metric = |n: &str| l.metrics.iter().find(|(m, _)| m == n).unwrap().1.double_value(&[]);
+        losses.push((l.loss.double_value(&[]), metric("l_main"), metric("l_lisa")));
+        opt.zero_grad();
+        l.loss.backward();
+        opt.step(1e-3);
+    }
+    println!("(loss, l_main, l_lisa) per step: {losses:?}");
+    assert!(losses.iter().all(|(l, m, d)| l.is_finite() && m.is_finite() && d.is_finite()));
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    assert!(last.0 < first.0 && last.2 < first.2, "8 steps on one batch did not lower the loss: {losses:?}");
+    // The trained side network is a diffusers ControlNet (two stages: downscale 2).
+    let tmp = tempfile::tempdir().unwrap();
+    side.export_diffusers(&tmp.path().join("controlnet")).unwrap();
+}
+
+#[test]
+fn incomplete_sd_folders_are_errors_that_say_what_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("unet")).unwrap();
+    let err = lisa::sd::load_main_network(tmp.path(), &["a cat"], Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("text_encoder, tokenizer, scheduler"), "{err}");
 }
 
 #[test]
