@@ -25,7 +25,7 @@ corpus of a few sentences (deterministic), with CLIP's special tokens.
 Modes:
   make-tiny-diffusers.py OUT                       write the folder and the golden tensors (default
                                                    OUT: tests/golden-diffusers)
-  make-tiny-diffusers.py --check-controlnet DIR --inputs IN --out OUT
+  make-tiny-diffusers.py --check-controlnet DIR --inputs IN --output OUT
                                                    load DIR (e.g. a ControlNet exported by lisa) with
                                                    diffusers' ControlNetModel.from_pretrained, run it
                                                    on the tensors in IN (sample, timesteps,
@@ -268,8 +268,12 @@ def make(out):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     import transformers
 
-    if os.path.isdir(out):
-        shutil.rmtree(out)
+    # Replace what this script writes; keep anything else (the folder's README.md).
+    for name in ("unet", "unet-sd21", "controlnet", "vae", "text_encoder", "tokenizer", "scheduler", "golden"):
+        if os.path.isdir(os.path.join(out, name)):
+            shutil.rmtree(os.path.join(out, name))
+    if os.path.exists(os.path.join(out, "model_index.json")):
+        os.remove(os.path.join(out, "model_index.json"))
     gold = os.path.join(out, "golden")
     os.makedirs(gold)
 
@@ -408,13 +412,14 @@ def check_controlnet(dir, inputs, out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", nargs="?", default=os.path.join(REPO, "tests", "golden-diffusers"))
-    ap.add_argument("--check-controlnet", metavar="DIR")
-    ap.add_argument("--inputs")
+    ap.add_argument("--check-controlnet", metavar="DIR", help="run diffusers' ControlNetModel from DIR instead")
+    ap.add_argument("--inputs", help="with --check-controlnet: the input tensors (safetensors)")
+    ap.add_argument("--output", help="with --check-controlnet: where to write the residuals (safetensors)")
     args = ap.parse_args()
     if args.check_controlnet:
-        if not args.inputs:
-            ap.error("--check-controlnet needs --inputs and an output file")
-        check_controlnet(args.check_controlnet, args.inputs, args.out)
+        if not args.inputs or not args.output:
+            ap.error("--check-controlnet needs --inputs and --output")
+        check_controlnet(args.check_controlnet, args.inputs, args.output)
     else:
         make(args.out)
 

@@ -298,6 +298,7 @@ fn run_diffusers_controlnet(export: &Path, inputs: &Path, out: &Path) -> Option<
         .arg(export)
         .arg("--inputs")
         .arg(inputs)
+        .arg("--output")
         .arg(out)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
@@ -517,6 +518,27 @@ fn sd_folder_as_main_network_trains_a_controlnet_with_lisa_in_latent_space() {
     // The trained side network is a diffusers ControlNet (two stages: downscale 2).
     let tmp = tempfile::tempdir().unwrap();
     side.export_diffusers(&tmp.path().join("controlnet")).unwrap();
+}
+
+#[test]
+fn scheduler_configs_map_to_our_objective() {
+    let path = Path::new("scheduler_config.json");
+    let map = |v: Value| v.as_object().unwrap().clone();
+    let sd21 = map(serde_json::json!({"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000, "prediction_type": "v_prediction"}));
+    let o = lisa::sd::objective_from_scheduler_config(&sd21, path).unwrap();
+    assert_eq!((o.beta_schedule, o.prediction), (BetaSchedule::ScaledLinear, Prediction::VPrediction));
+    let cos = map(serde_json::json!({"beta_schedule": "squaredcos_cap_v2"}));
+    assert_eq!(lisa::sd::objective_from_scheduler_config(&cos, path).unwrap().beta_schedule, BetaSchedule::Cosine);
+    for (bad, field) in [
+        (serde_json::json!({"beta_schedule": "sigmoid"}), "beta_schedule"),
+        (serde_json::json!({"prediction_type": "sample"}), "prediction_type"),
+        (serde_json::json!({"trained_betas": [0.1, 0.2]}), "trained_betas"),
+        (serde_json::json!({"rescale_betas_zero_snr": true}), "rescale_betas_zero_snr"),
+    ] {
+        let err = lisa::sd::objective_from_scheduler_config(&map(bad), path).unwrap_err().to_string();
+        assert!(err.contains(field), "{err}");
+    }
 }
 
 #[test]

@@ -257,8 +257,8 @@ const UNET_FIELDS: [&str; 16] = [
     "use_linear_projection",
 ];
 
-/// Our [`UNetConfig`] from a diffusers `UNet2DConditionModel` (or, with `controlnet`, the UNet
-/// fields of a `ControlNetModel`) config object read from `path`.
+/// Our [`UNetConfig`] from the UNet fields of a diffusers `UNet2DConditionModel` or
+/// `ControlNetModel` config object read from `path` (`what` names the class in errors).
 fn unet_fields_from_json(cfg: &Map<String, Value>, path: &Path, what: &str) -> Result<UNetConfig> {
     let mut merged = unet_defaults();
     for (k, v) in cfg {
