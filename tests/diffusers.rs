@@ -550,6 +550,52 @@ fn incomplete_sd_folders_are_errors_that_say_what_is_missing() {
 }
 
 #[test]
+fn fp16_variants_bfloat16_weights_and_sharded_checkpoints_load() {
+    let src = root().join("unet");
+    let weights = diffusers::read_weights(&src, diffusers::WEIGHTS_FILE).unwrap();
+    let expect: HashMap<String, Tensor> = weights.iter().map(|(n, t)| (n.clone(), t.to_kind(Kind::Float))).collect();
+    let check = |dir: &Path, rounded: &dyn Fn(&Tensor) -> Tensor| {
+        let (vs, _unet) = diffusers::load_unet(dir, Device::Cpu).unwrap();
+        for (n, t) in diffusers::named_variables(&vs) {
+            assert_eq!(t.kind(), Kind::Float, "{n}");
+            assert!(t.equal(&rounded(&expect[&n])), "{n} differs after loading from {}", dir.display());
+        }
+    };
+    let write = |path: &Path, tensors: &[(String, Tensor)]| {
+        let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&named, path).unwrap();
+    };
+    let copy_config = |dir: &Path| {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    };
+    let tmp = tempfile::tempdir().unwrap();
+
+    // The `.fp16` variant, stored as bfloat16.
+    let bf16_dir = tmp.path().join("bf16");
+    copy_config(&bf16_dir);
+    let bf16: Vec<(String, Tensor)> = weights.iter().map(|(n, t)| (n.clone(), t.to_kind(Kind::BFloat16))).collect();
+    write(&bf16_dir.join("diffusion_pytorch_model.fp16.safetensors"), &bf16);
+    check(&bf16_dir, &|t: &Tensor| t.to_kind(Kind::BFloat16).to_kind(Kind::Float));
+
+    // Two shards and their index.
+    let shard_dir = tmp.path().join("sharded");
+    copy_config(&shard_dir);
+    let (a, b): (Vec<_>, Vec<_>) =
+        weights.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).partition(|(n, _)| n.starts_with("down_blocks."));
+    let mut map = serde_json::Map::new();
+    for (file, part) in [("part-1.safetensors", &a), ("part-2.safetensors", &b)] {
+        write(&shard_dir.join(file), part);
+        for (n, _) in part.iter() {
+            map.insert(n.clone(), Value::String(file.into()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(shard_dir.join("diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
+    check(&shard_dir, &|t: &Tensor| t.shallow_clone());
+}
+
+#[test]
 fn golden_folder_is_small() {
     let mut total = 0;
     for e in walk(&root()) {
