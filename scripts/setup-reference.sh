@@ -8,6 +8,8 @@
 #   - diffusers==$DIFFUSERS_VERSION with its dependencies (huggingface-hub, safetensors, regex,
 #     requests, Pillow, importlib_metadata, ...; diffusers does not depend on torch itself),
 #     under a constraint file that pins torch to the installed version;
+#   - transformers==$TRANSFORMERS_VERSION (CLIPTextModel, CLIPTokenizer; with tokenizers) under the
+#     same constraint, for scripts/make-tiny-diffusers.py;
 #   - the CUDA shared libraries that torch's PYTHON extension links (libtorch_python.so NEEDs
 #     libtorch_cuda.so, which NEEDs cuDNN, cuBLAS, cuFFT, cuSPARSE(Lt), cuRAND, cuFile, NCCL, NVRTC,
 #     NVSHMEM): without them `import torch` fails with "libcudnn.so.9: cannot open shared object
@@ -27,6 +29,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DIFFUSERS_VERSION=0.42.1
+TRANSFORMERS_VERSION=5.24.0
 TORCH_VERSION=2.13.0
 
 if [ -z "${VENV:-}" ]; then
@@ -52,12 +55,12 @@ fi
 torch_dir=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torch
 stamp_before=$(stat -c %Y "$torch_dir/lib/libtorch_cpu.so")
 
-marker="$VENV/.lisa-reference-diffusers-$DIFFUSERS_VERSION"
+marker="$VENV/.lisa-reference-diffusers-$DIFFUSERS_VERSION-transformers-$TRANSFORMERS_VERSION"
 cuda_dir="$VENV/lisa-reference-cuda"
 cuda_path() { ls -d "$cuda_dir"/nvidia/*/lib 2>/dev/null | tr '\n' ':'; }
 import_check() { LD_LIBRARY_PATH="$(cuda_path)${LD_LIBRARY_PATH:-}" "$PY" -c "$1"; }
-if [ -f "$marker" ] && import_check 'import torch, diffusers' >/dev/null 2>&1; then
-  echo "setup-reference: ok (already installed: torch $TORCH_VERSION, diffusers $DIFFUSERS_VERSION in $VENV)"
+if [ -f "$marker" ] && import_check 'import torch, diffusers, transformers' >/dev/null 2>&1; then
+  echo "setup-reference: ok (already installed: torch $TORCH_VERSION, diffusers $DIFFUSERS_VERSION, transformers $TRANSFORMERS_VERSION in $VENV)"
   exit 0
 fi
 
@@ -71,6 +74,8 @@ echo "setup-reference: installing torch's Python dependencies into $VENV"
   "fsspec>=0.8.5" filelock numpy
 echo "setup-reference: installing diffusers==$DIFFUSERS_VERSION and its dependencies into $VENV"
 "$PY" -m pip install -q -c "$constraints" "diffusers==$DIFFUSERS_VERSION"
+echo "setup-reference: installing transformers==$TRANSFORMERS_VERSION and its dependencies into $VENV"
+"$PY" -m pip install -q -c "$constraints" "transformers==$TRANSFORMERS_VERSION"
 
 # The pins torch==2.13.0 declares (directly, or through cuda-toolkit==13.0.3's extras).
 cuda_wheels=(
@@ -92,8 +97,8 @@ if [ "$after" != "$TORCH_VERSION" ] || [ "$stamp_before" != "$stamp_after" ]; th
   echo "setup-reference: error: the torch install changed (now '$after'); rerun scripts/setup.sh" >&2
   exit 1
 fi
-import_check 'import torch, diffusers; print("setup-reference: import check: torch", torch.__version__, "diffusers", diffusers.__version__)'
+import_check 'import torch, diffusers, transformers; print("setup-reference: import check: torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)'
 rm -f "$VENV"/.lisa-reference-diffusers-*
 touch "$marker"
-echo "setup-reference: ok (torch $TORCH_VERSION unchanged, diffusers $DIFFUSERS_VERSION in $VENV;"
+echo "setup-reference: ok (torch $TORCH_VERSION unchanged, diffusers $DIFFUSERS_VERSION, transformers $TRANSFORMERS_VERSION in $VENV;"
 echo "  run the reference with $VENV/bin/python bench/reference.py, which sets LD_LIBRARY_PATH itself)"

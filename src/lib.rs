@@ -13,6 +13,7 @@ pub mod eval;
 pub mod models;
 pub mod pipeline;
 pub mod rng;
+pub mod sd;
 pub mod toy;
 pub mod train;
 

@@ -7,10 +7,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
-use crate::data::conditions::ConditionKind;
 use super::sampling::{sample_controlled, sample_controlled_chunked, Control, ControlOptions};
+use crate::data::conditions::ConditionKind;
 use crate::diffusion::SamplerConfig;
-use crate::models::{ControlNetConfig, ControlNetModel, ControlNetOutput, Hook};
+use crate::models::{diffusers, ControlNetConfig, ControlNetModel, ControlNetOutput, Hook};
 use crate::pipeline::{save_model_dir, MainNetwork, CONFIG_FILE};
 use crate::train::checkpoint;
 use crate::{Error, Result};
@@ -109,6 +109,34 @@ impl SideNetwork {
         save_model_dir(dir, &self.config, &self.named_parameters())
     }
 
+    /// Writes the side network as a diffusers `ControlNetModel` folder (`config.json` +
+    /// `diffusion_pytorch_model.safetensors`) that `ControlNetModel.from_pretrained(dir)` loads and
+    /// runs to the same residuals. Errors when diffusers cannot express its conditioning embedding
+    /// (see [`diffusers::controlnet_config_to_json`]).
+    pub fn export_diffusers(&self, dir: &Path) -> Result<()> {
+        diffusers::save_controlnet(dir, &self.config.controlnet, &self.named_parameters())
+    }
+
+    /// Imports a diffusers `ControlNetModel` folder (one exported by [`SideNetwork::export_diffusers`]
+    /// or trained elsewhere) as a trainable side network of `main` for conditions of kind
+    /// `condition`, e.g. to continue training it. Its encoder must match the main UNet's.
+    pub fn import_diffusers(dir: &Path, main: &MainNetwork, condition: ConditionKind) -> Result<Self> {
+        let cfg = diffusers::read_config(dir)?;
+        let controlnet =
+            diffusers::controlnet_config_from_json(&cfg, &dir.join(diffusers::CONFIG_FILE), Some(&main.config.unet))?;
+        let vs = nn::VarStore::new(main.vs.device());
+        let model = ControlNetModel::new(vs.root(), &controlnet)?;
+        let config = SideNetworkConfig {
+            controlnet,
+            condition: condition.name().into(),
+            objective: main.objective.name().into(),
+        };
+        let side = Self { vs, model, config, condition };
+        let tensors = diffusers::read_weights(dir, diffusers::WEIGHTS_FILE)?;
+        diffusers::load_named(&side.named_parameters(), tensors, &dir.join(diffusers::WEIGHTS_FILE))?;
+        Ok(side)
+    }
+
     /// All parameters, named as in the saved files, sorted by name.
     pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
@@ -158,7 +186,14 @@ impl SideNetwork {
         seed: u64,
     ) -> Result<Tensor> {
         let options = ControlOptions { conditioning_scale: scale, ..ControlOptions::default() };
-        sample_controlled(main, &[Control { side: self, condition: condition.shallow_clone(), options }], y, sampler, 1.0, seed)
+        sample_controlled(
+            main,
+            &[Control { side: self, condition: condition.shallow_clone(), options }],
+            y,
+            sampler,
+            1.0,
+            seed,
+        )
     }
 
     /// [`SideNetwork::sample`] in chunks of `chunk` (see [`sample_controlled_chunked`]). Results on the CPU.

@@ -212,8 +212,9 @@ pub struct ResnetBlock2D {
     pub norm1: GroupNorm,
     /// First 3×3 convolution, `in → out`.
     pub conv1: Conv2d,
-    /// Projection of the time embedding added after `conv1`.
-    pub time_emb_proj: Linear,
+    /// Projection of the time embedding added after `conv1`; absent in blocks without a time
+    /// embedding (a VAE's, `temb_channels=None` in diffusers).
+    pub time_emb_proj: Option<Linear>,
     /// GroupNorm after the time embedding is added.
     pub norm2: GroupNorm,
     /// Second 3×3 convolution, `out → out`.
@@ -225,10 +226,22 @@ pub struct ResnetBlock2D {
 impl ResnetBlock2D {
     /// A residual block from `cin` to `cout` channels, conditioned on a `temb`-wide time embedding.
     pub fn new(p: nn::Path, cin: i64, cout: i64, temb: i64, groups: i64, eps: f64) -> Result<Self> {
+        Self::build(p, cin, cout, Some(temb), groups, eps)
+    }
+
+    /// A residual block without time conditioning (no `time_emb_proj`), as in a VAE.
+    pub fn new_without_time(p: nn::Path, cin: i64, cout: i64, groups: i64, eps: f64) -> Result<Self> {
+        Self::build(p, cin, cout, None, groups, eps)
+    }
+
+    fn build(p: nn::Path, cin: i64, cout: i64, temb: Option<i64>, groups: i64, eps: f64) -> Result<Self> {
         Ok(Self {
             norm1: GroupNorm::new(&p / "norm1", groups, cin, eps)?,
             conv1: Conv2d::new(&p / "conv1", cin, cout, 3, 1, 1)?,
-            time_emb_proj: Linear::new(&p / "time_emb_proj", temb, cout, true)?,
+            time_emb_proj: match temb {
+                Some(t) => Some(Linear::new(&p / "time_emb_proj", t, cout, true)?),
+                None => None,
+            },
             norm2: GroupNorm::new(&p / "norm2", groups, cout, eps)?,
             conv2: Conv2d::new(&p / "conv2", cout, cout, 3, 1, 1)?,
             conv_shortcut: if cin != cout {
@@ -242,10 +255,30 @@ impl ResnetBlock2D {
     /// Applies the block to `x` [B, in, H, W] with the (raw, not yet activated) time embedding
     /// `temb` [B, temb].
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        self.forward_opt(x, Some(temb))
+    }
+
+    /// Applies a block built with [`ResnetBlock2D::new_without_time`] to `x`.
+    pub fn forward_without_time(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_opt(x, None)
+    }
+
+    fn forward_opt(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let mut h = self.conv1.forward(&self.norm1.forward(x)?.f_silu()?)?;
-        let t = self.time_emb_proj.forward(&temb.f_silu()?)?.f_unsqueeze(-1)?.f_unsqueeze(-1)?;
-        // In place: conv2d's backward needs its input and weight, not its output.
-        let _ = h.f_add_(&t)?;
+        match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => {
+                let t = proj.forward(&temb.f_silu()?)?.f_unsqueeze(-1)?.f_unsqueeze(-1)?;
+                // In place: conv2d's backward needs its input and weight, not its output.
+                let _ = h.f_add_(&t)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(Error::Config("this resnet block has a time_emb_proj and needs a time embedding".into()))
+            }
+            (None, Some(_)) => {
+                return Err(Error::Config("this resnet block has no time_emb_proj; it takes no time embedding".into()))
+            }
+        }
         let mut h = self.conv2.forward(&self.norm2.forward(&h)?.f_silu()?)?;
         match &self.conv_shortcut {
             Some(c) => {
@@ -427,9 +460,7 @@ impl Transformer2DModel {
     pub fn new(p: nn::Path, channels: i64, groups: i64, cfg: &CrossAttnConfig) -> Result<Self> {
         let heads = cfg.num_heads;
         if heads <= 0 || channels % heads != 0 {
-            return Err(Error::Config(format!(
-                "{channels} channels cannot be split into {heads} attention heads"
-            )));
+            return Err(Error::Config(format!("{channels} channels cannot be split into {heads} attention heads")));
         }
         let inner = channels;
         let head_dim = channels / heads;
@@ -448,7 +479,13 @@ impl Transformer2DModel {
         let proj_out = make("proj_out", inner, channels)?;
         let transformer_blocks = (0..cfg.transformer_layers)
             .map(|i| {
-                BasicTransformerBlock::new(&p / "transformer_blocks" / i, inner, heads, head_dim, cfg.cross_attention_dim)
+                BasicTransformerBlock::new(
+                    &p / "transformer_blocks" / i,
+                    inner,
+                    heads,
+                    head_dim,
+                    cfg.cross_attention_dim,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { norm: GroupNorm::new(&p / "norm", groups, channels, 1e-6)?, proj_in, transformer_blocks, proj_out })
@@ -562,11 +599,8 @@ impl DownBlock2D {
                 attentions.push(Transformer2DModel::new(&p / "attentions" / i, cfg.out_channels, cfg.groups, ca)?);
             }
         }
-        let downsampler = if cfg.add_downsample {
-            Some(Downsample2D::new(&p / "downsamplers" / 0, cfg.out_channels)?)
-        } else {
-            None
-        };
+        let downsampler =
+            if cfg.add_downsample { Some(Downsample2D::new(&p / "downsamplers" / 0, cfg.out_channels)?) } else { None };
         Ok(Self { resnets, attentions, downsampler })
     }
 

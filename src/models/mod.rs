@@ -1,18 +1,26 @@
 //! The networks: diffusers-compatible UNet building blocks, the `UNet2DConditionModel`, the
 //! class-label encoder that stands in for a text encoder, the ControlNet side network and the
-//! LISA decoder.
+//! LISA decoder; and, for Stable Diffusion folders on disk, the VAE, the CLIP text encoder and
+//! tokenizer, and the diffusers-layout readers and writers.
 pub mod blocks;
+pub mod clip_text;
 pub mod controlnet;
 pub mod decoder;
+pub mod diffusers;
 pub mod label_encoder;
+pub mod tokenizer;
 pub mod unet;
+pub mod vae;
 
+pub use clip_text::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 pub use controlnet::{
     ControlNetConditioningEmbedding, ControlNetConfig, ControlNetModel, ControlNetOutput, Hook, HookableLayer,
 };
 pub use decoder::{DecoderConfig, LisaDecoder};
 pub use label_encoder::{LabelEncoder, LabelEncoderConfig};
+pub use tokenizer::ClipTokenizer;
 pub use unet::{PerBlock, UNet2DConditionModel, UNetConfig, UNetEncoded};
+pub use vae::{AutoencoderKL, DiagonalGaussian, VaeConfig};
 
 use tch::nn::VarStore;
 
