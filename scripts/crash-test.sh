@@ -31,29 +31,7 @@ else
     trap 'rm -rf "$WORK"' EXIT
 fi
 CONFIG=$WORK/tiny.toml
-cat > "$CONFIG" <<'EOF'
-threads = 1
-device = "cpu"
-[data]
-source = "embedded"
-max_examples = 96
-[model.unet]
-block_out_channels = [8, 16]
-down_block_types = ["DownBlock2D", "CrossAttnDownBlock2D"]
-up_block_types = ["CrossAttnUpBlock2D", "UpBlock2D"]
-cross_attention_dim = 16
-attention_head_dim = 2
-norm_num_groups = 4
-[train]
-batch_size = 8
-lr_warmup_steps = 2
-ema_decay = 0.9
-log_every = 1
-checkpointing_steps = 1
-checkpoints_total_limit = 3
-[validation]
-num_images = 0
-EOF
+cp tests/crash-run.toml "$CONFIG"
 
 STRAIGHT=$WORK/straight
 CRASHED=$WORK/crashed

@@ -44,20 +44,10 @@ import os
 import sys
 
 
-def _ensure_torch_libraries():
-    """Re-executes with <venv>/lisa-reference-cuda/nvidia/*/lib on LD_LIBRARY_PATH (see the docstring)."""
-    root = os.path.join(sys.prefix, "lisa-reference-cuda", "nvidia")
-    if not os.path.isdir(root) or os.environ.get("LISA_REFERENCE_REEXEC") == "1":
-        return
-    libs = sorted(os.path.join(root, d, "lib") for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "lib")))
-    current = os.environ.get("LD_LIBRARY_PATH", "")
-    if all(lib in current.split(":") for lib in libs):
-        return
-    env = dict(os.environ, LD_LIBRARY_PATH=":".join(libs + ([current] if current else [])), LISA_REFERENCE_REEXEC="1")
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+import torch_libraries  # noqa: E402
 
-
-_ensure_torch_libraries()
+torch_libraries.ensure()
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -18,29 +18,7 @@ const SEED: u64 = 20251128;
 
 /// The run: a tiny UNet on 96 embedded images, one thread, a checkpoint every step (so that kills often
 /// land inside a write), pruned to 3 (so that kills also land inside a prune).
-const CONFIG: &str = r#"
-threads = 1
-device = "cpu"
-[data]
-source = "embedded"
-max_examples = 96
-[model.unet]
-block_out_channels = [8, 16]
-down_block_types = ["DownBlock2D", "CrossAttnDownBlock2D"]
-up_block_types = ["CrossAttnUpBlock2D", "UpBlock2D"]
-cross_attention_dim = 16
-attention_head_dim = 2
-norm_num_groups = 4
-[train]
-batch_size = 8
-lr_warmup_steps = 2
-ema_decay = 0.9
-log_every = 1
-checkpointing_steps = 1
-checkpoints_total_limit = 3
-[validation]
-num_images = 0
-"#;
+const CONFIG: &str = include_str!("crash-run.toml");
 
 fn start(config: &Path, out: &Path, resume: bool, log: &Path) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lisa"));
