@@ -97,7 +97,8 @@ struct ControlArgs {
     /// Override a config key, e.g. `--set train.learning_rate=3e-4 --set lisa.hook=down_5`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// The visual condition: edges, mask, depth, lowres or skeleton (same as `--set condition=...`).
+    /// The visual condition: edges, mask, depth, lowres or skeleton, or several joined by `+` (`edges+mask`:
+    /// one side network on stacked conditions); same as `--set condition=...`.
     #[arg(long)]
     task: Option<String>,
     /// Run folder (same as `--set output_dir=...`).
@@ -352,6 +353,10 @@ struct ComposeArgs {
     /// Seed of the side networks used.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A `lisa compare` folder of a side network trained on the conditions stacked (`condition =
+    /// "edges+mask"`, with condition dropout), measured on the same images given all and each condition.
+    #[arg(long = "stacked-run")]
+    stacked_run: Option<PathBuf>,
     /// Output folder for compose.md and compose.json.
     #[arg(long, default_value = "runs/compose")]
     out: PathBuf,
@@ -502,6 +507,11 @@ fn run_sample(a: SampleArgs) -> Result<()> {
     let mut cond_rows = Vec::new();
     for (k, side) in sides.iter().enumerate() {
         let condition = match &a.condition_from {
+            None if side.condition.len() > 1 => anyhow::bail!(
+                "the side network in {} takes stacked conditions ({}); give --condition-from IMG to extract them",
+                a.controlnet[k].display(),
+                side.condition
+            ),
             None => {
                 let p = &a.condition[k];
                 lisa::data::imagefolder::load_gray(p, size as u32)
@@ -510,11 +520,13 @@ fn run_sample(a: SampleArgs) -> Result<()> {
             Some(p) => {
                 let img = lisa::data::imagefolder::load_gray(p, size as u32)
                     .with_context(|| format!("reading {}", p.display()))?;
-                lisa::data::conditions::extract_batch(side.condition, &(img * 2.0 - 1.0))?
+                side.condition.extract_batch(&(img * 2.0 - 1.0))?
             }
         };
-        let condition = condition.expand([n, 1, size, size], false).contiguous();
-        cond_rows.push(condition.narrow(0, 0, labels.len() as i64) * 2.0 - 1.0);
+        let channels = condition.size()[1];
+        let condition = condition.expand([n, channels, size, size], false).contiguous();
+        // Stacked conditions are shown overlaid (their maximum).
+        cond_rows.push(condition.narrow(0, 0, labels.len() as i64).amax([1], true) * 2.0 - 1.0);
         let options = ControlOptions {
             conditioning_scale: scales[if scales.len() == 1 { 0 } else { k }],
             start: a.control_start,
@@ -668,7 +680,13 @@ fn run_toy(a: ToyArgs) -> Result<()> {
 fn run_disentangle(a: DisentangleArgs) -> Result<()> {
     use lisa::experiments::disentangle::{disentangle, DisentangleConfig};
     let hook = a.hook.as_deref().map(str::parse).transpose()?;
-    let cfg = DisentangleConfig { hook, num_conditions: a.conditions, num_inputs: a.inputs, unit_times: a.times, ..Default::default() };
+    let cfg = DisentangleConfig {
+        hook,
+        num_conditions: a.conditions,
+        num_inputs: a.inputs,
+        unit_times: a.times,
+        ..Default::default()
+    };
     let report = disentangle(&a.run_dir, &cfg, &mut |m| eprintln!("{m}"))?;
     println!("{}", report.table());
     println!("written: {}", a.run_dir.join("disentangle.{md,json,csv,png}").display());
@@ -691,6 +709,7 @@ fn run_compose(a: ComposeArgs) -> Result<()> {
         conditioning_scales: a.scales,
         num_images: a.images,
         seed: a.seed,
+        stacked: a.stacked_run,
         ..Default::default()
     };
     let report = compose(&cfg, &a.out, &mut |m| eprintln!("{m}"))?;

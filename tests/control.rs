@@ -33,10 +33,14 @@ const TINY: [&str; 16] = [
 ];
 
 fn compare(out: &Path, extra: &[&str]) -> (bool, String, String) {
+    compare_task("mask", out, extra)
+}
+
+fn compare_task(task: &str, out: &Path, extra: &[&str]) -> (bool, String, String) {
     let mut args = vec![
         "compare",
         "--task",
-        "mask",
+        task,
         "--steps",
         "2",
         "--seeds",
@@ -103,14 +107,37 @@ fn compare_writes_curves_grids_and_a_summary_then_its_side_network_samples() {
 
     // Composition with guidance: two side networks (here the same one twice at half scale), guided on the label.
     let (ok, stdout, stderr) = lisa(&[
-        "sample", "--controlnet", side.to_str().unwrap(), "--controlnet", side.to_str().unwrap(),
-        "--condition-from", png.to_str().unwrap(), "--conditioning-scale", "0.5,0.5", "--guidance-scale", "2",
-        "--control-end", "0.5", "--labels", "6", "--per-label", "2", "--sampling-steps", "2", "--out", grid.to_str().unwrap(),
+        "sample",
+        "--controlnet",
+        side.to_str().unwrap(),
+        "--controlnet",
+        side.to_str().unwrap(),
+        "--condition-from",
+        png.to_str().unwrap(),
+        "--conditioning-scale",
+        "0.5,0.5",
+        "--guidance-scale",
+        "2",
+        "--control-end",
+        "0.5",
+        "--labels",
+        "6",
+        "--per-label",
+        "2",
+        "--sampling-steps",
+        "2",
+        "--out",
+        grid.to_str().unwrap(),
     ]);
     assert!(ok && stdout.contains("mask + mask"), "{stdout}{stderr}");
     let (ok, _, stderr) = lisa(&[
-        "sample", "--controlnet", side.to_str().unwrap(), "--controlnet", side.to_str().unwrap(),
-        "--condition", png.to_str().unwrap(),
+        "sample",
+        "--controlnet",
+        side.to_str().unwrap(),
+        "--controlnet",
+        side.to_str().unwrap(),
+        "--condition",
+        png.to_str().unwrap(),
     ]);
     assert!(!ok && stderr.contains("2 side network(s) but 1 --condition"), "{stderr}");
 
@@ -123,6 +150,88 @@ fn compare_writes_curves_grids_and_a_summary_then_its_side_network_samples() {
         !ok && stderr.lines().count() == 1 && stderr.contains("bad.png") && !stderr.contains("panicked"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_side_network_on_stacked_conditions_trains_samples_and_composes() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str| dir.path().join(name);
+    for (task, name) in [("edges", "edges"), ("mask", "mask")] {
+        let (ok, _, stderr) = compare_task(task, &run(name), &[]);
+        assert!(ok, "{task}: {stderr}");
+    }
+    let (ok, stdout, stderr) = compare_task("edges+mask", &run("stacked"), &["--set", "condition_dropout=0.3"]);
+    assert!(ok, "{stderr}");
+    // The curve scores the first condition of the stack.
+    assert!(stdout.contains("edge_f1"), "{stdout}");
+    let side_cfg = std::fs::read_to_string(run("stacked/seed-0/lisa/side-network/config.json")).unwrap();
+    assert!(side_cfg.contains("\"edges+mask\"") && side_cfg.contains("\"conditioning_channels\": 2"), "{side_cfg}");
+
+    let out = run("compose");
+    let (ok, stdout, stderr) = lisa(&[
+        "compose",
+        "--run-dir",
+        run("edges").to_str().unwrap(),
+        "--run-dir",
+        run("mask").to_str().unwrap(),
+        "--stacked-run",
+        run("stacked").to_str().unwrap(),
+        "--images",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    for row in [
+        "| lisa | edges+mask |",
+        "| lisa | stacked: edges+mask |",
+        "| lisa | stacked: edges |",
+        "| baseline | stacked: mask |",
+    ] {
+        assert!(stdout.contains(row), "no row {row}:\n{stdout}");
+    }
+    // A stacked run is not one of the composed single-condition runs.
+    let (ok, _, stderr) = lisa(&[
+        "compose",
+        "--run-dir",
+        run("edges").to_str().unwrap(),
+        "--run-dir",
+        run("stacked").to_str().unwrap(),
+        "--images",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("--stacked-run"), "{stderr}");
+
+    // Sampling extracts every condition of the stack from one image; a lone condition image is refused.
+    let png = dir.path().join("bag.png");
+    image::GrayImage::from_fn(28, 28, |x, y| {
+        image::Luma([if (5..23).contains(&x) && (8..22).contains(&y) { 180 } else { 0 }])
+    })
+    .save(&png)
+    .unwrap();
+    let side = run("stacked/seed-0/baseline/side-network");
+    let grid = dir.path().join("grid.png");
+    let (ok, stdout, stderr) = lisa(&[
+        "sample",
+        "--controlnet",
+        side.to_str().unwrap(),
+        "--condition-from",
+        png.to_str().unwrap(),
+        "--labels",
+        "8",
+        "--per-label",
+        "1",
+        "--sampling-steps",
+        "2",
+        "--out",
+        grid.to_str().unwrap(),
+    ]);
+    assert!(ok && grid.is_file() && stdout.contains("edges+mask"), "{stdout}{stderr}");
+    let (ok, _, stderr) =
+        lisa(&["sample", "--controlnet", side.to_str().unwrap(), "--condition", png.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("stacked conditions") && stderr.lines().count() == 1, "{stderr}");
 }
 
 #[test]
@@ -139,7 +248,18 @@ fn controlnet_arguments_are_checked() {
 fn ablate_runs_the_baseline_and_each_variant_into_one_table() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("abl");
-    let mut args = vec!["ablate", "--task", "edges", "--steps", "1", "--seeds", "1", "--quiet", "--output-dir", out.to_str().unwrap()];
+    let mut args = vec![
+        "ablate",
+        "--task",
+        "edges",
+        "--steps",
+        "1",
+        "--seeds",
+        "1",
+        "--quiet",
+        "--output-dir",
+        out.to_str().unwrap(),
+    ];
     args.extend(TINY);
     args.extend(["--variant", "raw-target: lisa.target=\"raw\"", "--variant", "hook-down_2: lisa.hook=\"down_2\""]);
     let (ok, stdout, stderr) = lisa(&args);

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
 use super::sampling::{sample_controlled, sample_controlled_chunked, Control, ControlOptions};
-use crate::data::conditions::ConditionKind;
+use crate::data::conditions::{ConditionKind, ConditionSet};
 use crate::diffusion::SamplerConfig;
 use crate::models::{diffusers, ControlNetConfig, ControlNetModel, ControlNetOutput, Hook};
 use crate::pipeline::{save_model_dir, MainNetwork, CONFIG_FILE};
@@ -21,7 +21,8 @@ use crate::{Error, Result};
 pub struct SideNetworkConfig {
     /// The ControlNet architecture (diffusers `ControlNetModel` config fields).
     pub controlnet: ControlNetConfig,
-    /// The condition it was trained on: `edges`, `mask`, `depth`, `lowres` or `skeleton`.
+    /// The condition it was trained on: `edges`, `mask`, `depth`, `lowres` or `skeleton`, or several
+    /// stacked as channels (`edges+mask`).
     pub condition: String,
     /// The objective of the main network it was trained with (`epsilon`, `v_prediction` or `flow`),
     /// checked when it is loaded next to a main network.
@@ -36,27 +37,30 @@ pub struct SideNetwork {
     pub model: ControlNetModel,
     /// Its configuration.
     pub config: SideNetworkConfig,
-    /// The parsed condition kind.
-    pub condition: ConditionKind,
+    /// The parsed condition(s), one per conditioning channel.
+    pub condition: ConditionSet,
 }
 
 impl SideNetwork {
     /// A new side network for `main` initialised as diffusers' `ControlNetModel.from_unet`: the
     /// encoder copied from the main UNet, fresh conditioning embedding, zero convs at zero.
-    pub fn from_main(main: &MainNetwork, condition: ConditionKind, controlnet: ControlNetConfig) -> Result<Self> {
+    pub fn from_main(
+        main: &MainNetwork,
+        condition: impl Into<ConditionSet>,
+        controlnet: ControlNetConfig,
+    ) -> Result<Self> {
+        let condition = condition.into();
         if controlnet.unet != main.config.unet {
             return Err(Error::Config(
                 "the side network's UNet config must be the main network's (it copies the main encoder)".into(),
             ));
         }
+        check_channels(&condition, &controlnet).map_err(Error::Config)?;
         let vs = nn::VarStore::new(main.vs.device());
         let params: HashMap<String, Tensor> = main.vs.variables();
         let model = ControlNetModel::from_unet(vs.root(), &params, &controlnet)?;
-        let config = SideNetworkConfig {
-            controlnet,
-            condition: condition.name().into(),
-            objective: main.objective.name().into(),
-        };
+        let config =
+            SideNetworkConfig { controlnet, condition: condition.to_string(), objective: main.objective.name().into() };
         Ok(Self { vs, model, config, condition })
     }
 
@@ -91,7 +95,9 @@ impl SideNetwork {
                 ),
             });
         }
-        let condition: ConditionKind = config.condition.parse()?;
+        let condition: ConditionSet = config.condition.parse()?;
+        check_channels(&condition, &config.controlnet)
+            .map_err(|msg| Error::Checkpoint { path: cfg_path.clone(), msg })?;
         let vs = nn::VarStore::new(main.vs.device());
         let model = ControlNetModel::new(vs.root(), &config.controlnet)?;
         let side = Self { vs, model, config, condition };
@@ -131,6 +137,7 @@ impl SideNetwork {
             condition: condition.name().into(),
             objective: main.objective.name().into(),
         };
+        let condition = ConditionSet::from(condition);
         let side = Self { vs, model, config, condition };
         let tensors = diffusers::read_weights(dir, diffusers::WEIGHTS_FILE)?;
         diffusers::load_named(&side.named_parameters(), tensors, &dir.join(diffusers::WEIGHTS_FILE))?;
@@ -211,5 +218,19 @@ impl SideNetwork {
         let options = ControlOptions { conditioning_scale: scale, ..ControlOptions::default() };
         let control = Control { side: self, condition: condition.shallow_clone(), options };
         sample_controlled_chunked(main, &[control], y, sampler, 1.0, seed, chunk)
+    }
+}
+
+/// A stacked side network takes one conditioning channel per condition (a single condition may come
+/// as a grey or an RGB image).
+fn check_channels(condition: &ConditionSet, controlnet: &ControlNetConfig) -> std::result::Result<(), String> {
+    if condition.len() == 1 || controlnet.conditioning_channels == condition.len() as i64 {
+        Ok(())
+    } else {
+        Err(format!(
+            "the side network for {condition} needs {} conditioning channels (one per condition), but its config has {}",
+            condition.len(),
+            controlnet.conditioning_channels
+        ))
     }
 }

@@ -26,6 +26,7 @@ pub struct ControlTask<'a> {
     main: &'a MainNetwork,
     side: &'a SideNetwork,
     lisa: Option<&'a LisaHead>,
+    condition_dropout: f64,
 }
 
 impl<'a> ControlTask<'a> {
@@ -35,7 +36,17 @@ impl<'a> ControlTask<'a> {
         if main.vs.variables().values().any(Tensor::requires_grad) {
             return Err(Error::Config("the main network must be frozen before training a side network".into()));
         }
-        Ok(Self { main, side, lisa })
+        Ok(Self { main, side, lisa, condition_dropout: 0.0 })
+    }
+
+    /// Zeroes each condition channel of each training sample with probability `p` (condition dropout:
+    /// a side network trained on stacked conditions then accepts any subset of them at inference).
+    pub fn with_condition_dropout(mut self, p: f64) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::Config(format!("condition_dropout must be in [0, 1), got {p}")));
+        }
+        self.condition_dropout = p;
+        Ok(self)
     }
 
     /// The forward pass of one step: side network, the frozen main encoder once, the up path with
@@ -75,6 +86,18 @@ impl TrainTask for ControlTask<'_> {
             .condition
             .as_ref()
             .ok_or_else(|| Error::Config("side-network training needs a dataset with condition images".into()))?;
+        // Drawn after the noise and timesteps, so that runs without dropout draw exactly as before.
+        let dropped;
+        let condition = if self.condition_dropout > 0.0 {
+            let size = condition.size();
+            let keep = Tensor::rand([size[0], size[1], 1, 1], (Kind::Float, condition.device()))
+                .ge(self.condition_dropout)
+                .to_kind(condition.kind());
+            dropped = condition * keep;
+            &dropped
+        } else {
+            condition
+        };
         let f = self.forward(&sample.x_t, &sample.model_t, &batch.labels, condition)?;
         let l_main = f.pred_full.f_mse_loss(&sample.target, tch::Reduction::Mean)?;
         let (Some(head), Some(decoded)) = (self.lisa, &f.decoded) else {
@@ -86,7 +109,8 @@ impl TrainTask for ControlTask<'_> {
             LisaTarget::Residual => likelihood_residual(&sample.target, reference()?),
             LisaTarget::Random => {
                 let res = likelihood_residual(&sample.target, reference()?);
-                let rms = res.square().f_flatten(1, -1)?.f_mean_dim(1, true, Kind::Float)?.sqrt().f_view([-1, 1, 1, 1])?;
+                let rms =
+                    res.square().f_flatten(1, -1)?.f_mean_dim(1, true, Kind::Float)?.sqrt().f_view([-1, 1, 1, 1])?;
                 res.randn_like() * rms
             }
             LisaTarget::Raw => sample.target.detach(),

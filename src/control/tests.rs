@@ -224,7 +224,8 @@ fn training_moves_the_side_network_and_decoder_but_never_the_main_network() {
     let run = RunDir {
         output_dir: dir.path(),
         resume: None,
-        run_description: serde_json::json!({}), description_defaults: serde_json::Value::Null,
+        run_description: serde_json::json!({}),
+        description_defaults: serde_json::Value::Null,
         quiet: true,
         files: vec![],
     };
@@ -491,4 +492,58 @@ fn decoder_capacity_multiplier_widens_every_hidden_conv() {
     // The convs grow (the first one 2×, later ones 4×); the time projection to the feature's width does not.
     let convs = |h: &LisaHead| h.decoder.blocks.iter().map(|b| b.conv.weight.numel()).sum::<usize>();
     assert!(convs(&two) >= 2 * convs(&one), "{} vs {}", convs(&two), convs(&one));
+}
+
+#[test]
+fn condition_dropout_zeroes_whole_channels_of_a_stacked_condition() {
+    let main = tiny_main(eps());
+    let cn = ControlNetConfig {
+        conditioning_channels: 2,
+        conditioning_embedding_out_channels: vec![4, 8],
+        ..ControlNetConfig::for_unet(&main.config.unet)
+    };
+    let set: crate::data::conditions::ConditionSet = "edges+mask".parse().unwrap();
+    let side = SideNetwork::from_main(&main, set, cn).unwrap();
+    // Non-zero zero convs, so that the condition reaches the prediction.
+    tch::no_grad(|| {
+        for (name, mut p) in side.named_parameters() {
+            if name.starts_with("controlnet_") {
+                let _ = p.copy_(&(p.randn_like() * 0.1));
+            }
+        }
+    });
+    let (mut b, s) = batch(&main);
+    b.condition = Some(Tensor::rand([4, 2, 8, 8], CPU) + 0.1);
+    let p = 0.5;
+    let plain = ControlTask::new(&main, &side, None).unwrap();
+    let dropping = ControlTask::new(&main, &side, None).unwrap().with_condition_dropout(p).unwrap();
+
+    // The task draws its keep mask from the global generator; draw the same one here.
+    tch::manual_seed(3);
+    let with_dropout = dropping.loss(&b, &s).unwrap().loss.double_value(&[]);
+    tch::manual_seed(3);
+    let keep = Tensor::rand([4, 2, 1, 1], CPU).ge(p).to_kind(Kind::Float);
+    let kept = i64::try_from(keep.sum(Kind::Int64)).unwrap();
+    assert!(kept > 0 && kept < 8, "the test's seed should drop some channels and keep others ({kept} of 8 kept)");
+    let by_hand = Batch {
+        x0: b.x0.shallow_clone(),
+        labels: b.labels.shallow_clone(),
+        condition: Some(b.condition.as_ref().unwrap() * &keep),
+    };
+    let expected = plain.loss(&by_hand, &s).unwrap().loss.double_value(&[]);
+    let undropped = plain.loss(&b, &s).unwrap().loss.double_value(&[]);
+    assert_eq!(with_dropout, expected);
+    assert_ne!(with_dropout, undropped);
+
+    for bad in [-0.1, 1.0, f64::NAN] {
+        assert!(ControlTask::new(&main, &side, None).unwrap().with_condition_dropout(bad).is_err(), "{bad} accepted");
+    }
+    // A stacked side network needs one conditioning channel per condition.
+    let one = ControlNetConfig { conditioning_channels: 1, ..side.config.controlnet.clone() };
+    let err =
+        SideNetwork::from_main(&main, "edges+mask".parse::<crate::data::conditions::ConditionSet>().unwrap(), one)
+            .err()
+            .unwrap()
+            .to_string();
+    assert!(err.contains("2 conditioning channels"), "{err}");
 }

@@ -225,6 +225,80 @@ pub fn extract_batch(kind: ConditionKind, images: &Tensor) -> Result<Tensor> {
         .to_device(images.device()))
 }
 
+/// One condition or several stacked as channels (`edges+mask`): what a side network is fed. A stacked
+/// side network is trained with random condition dropout (`condition_dropout`), so that at inference
+/// any subset of its conditions can be given, the others left at zero.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ConditionSet(Vec<ConditionKind>);
+
+impl ConditionSet {
+    /// The set of `kinds` (at least one, none repeated), in channel order.
+    pub fn new(kinds: Vec<ConditionKind>) -> Result<Self> {
+        if kinds.is_empty() {
+            return Err(Error::Config("a condition set needs at least one condition".into()));
+        }
+        for (i, k) in kinds.iter().enumerate() {
+            if kinds[..i].contains(k) {
+                return Err(Error::Config(format!("condition {k} appears twice in the condition set")));
+            }
+        }
+        Ok(Self(kinds))
+    }
+
+    /// The conditions, in channel order.
+    pub fn kinds(&self) -> &[ConditionKind] {
+        &self.0
+    }
+
+    /// The first condition: the one scored while training (its metric names the fidelity curve).
+    pub fn primary(&self) -> ConditionKind {
+        self.0[0]
+    }
+
+    /// How many conditions (= the side network's `conditioning_channels`).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Always false: a set has at least one condition.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The channel of `kind`, if the set has it.
+    pub fn channel(&self, kind: ConditionKind) -> Option<i64> {
+        self.0.iter().position(|k| *k == kind).map(|i| i as i64)
+    }
+
+    /// Every condition of the set extracted from `images` ([N, 1, H, W] in [-1, 1]), stacked as channels:
+    /// [N, len, H, W] in [0, 1].
+    pub fn extract_batch(&self, images: &Tensor) -> Result<Tensor> {
+        let maps: Vec<Tensor> = self.0.iter().map(|k| extract_batch(*k, images)).collect::<Result<_>>()?;
+        Ok(Tensor::cat(&maps, 1))
+    }
+}
+
+impl From<ConditionKind> for ConditionSet {
+    fn from(kind: ConditionKind) -> Self {
+        Self(vec![kind])
+    }
+}
+
+impl fmt::Display for ConditionSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.0.iter().map(|k| k.name()).collect();
+        f.write_str(&names.join("+"))
+    }
+}
+
+impl FromStr for ConditionSet {
+    type Err = Error;
+    /// `edges`, or several kinds joined by `+` (`edges+mask`).
+    fn from_str(s: &str) -> Result<Self> {
+        Self::new(s.split('+').map(|k| k.trim().parse()).collect::<Result<_>>()?)
+    }
+}
+
 /// Separable Gaussian blur with standard deviation `sigma` (borders replicate the edge pixel).
 pub fn gaussian_blur(img: &GrayImage, sigma: f32) -> GrayImage {
     if sigma <= 0.0 || img.data.is_empty() {
@@ -883,6 +957,28 @@ mod tests {
             assert_eq!(k.to_string().parse::<ConditionKind>().unwrap(), k);
         }
         assert!("sketch".parse::<ConditionKind>().is_err());
+    }
+
+    #[test]
+    fn condition_sets_parse_print_and_stack() {
+        let set: ConditionSet = "edges+mask".parse().unwrap();
+        assert_eq!(set.kinds(), &[ConditionKind::Edges, ConditionKind::Mask]);
+        assert_eq!(set.to_string(), "edges+mask");
+        assert_eq!(set.primary(), ConditionKind::Edges);
+        assert_eq!(set.channel(ConditionKind::Mask), Some(1));
+        assert_eq!(set.channel(ConditionKind::Depth), None);
+        assert_eq!("depth".parse::<ConditionSet>().unwrap(), ConditionSet::from(ConditionKind::Depth));
+        for bad in ["", "edges+", "edges+edges", "edges+fog"] {
+            assert!(bad.parse::<ConditionSet>().is_err(), "{bad:?} parsed");
+        }
+        // A bright 4×4 square on a dark 8×8 background: both edges and mask are non-trivial.
+        let px: Vec<f32> =
+            (0..64).map(|i| if (2..6).contains(&(i / 8)) && (2..6).contains(&(i % 8)) { 1.0 } else { -1.0 }).collect();
+        let img = Tensor::from_slice(&px).view([1, 1, 8, 8]);
+        let stacked = set.extract_batch(&img).unwrap();
+        assert_eq!(stacked.size(), [1, 2, 8, 8]);
+        assert!(stacked.narrow(1, 0, 1).equal(&extract_batch(ConditionKind::Edges, &img).unwrap()));
+        assert!(stacked.narrow(1, 1, 1).equal(&extract_batch(ConditionKind::Mask, &img).unwrap()));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! `lisa compose`: several side networks trained separately steer one sample together (their residuals
 //! summed, as diffusers' MultiControlNet), and each condition's fidelity is measured on the composed
 //! samples against samples steered by that condition alone, by the other conditions alone, and by none.
+//! Optionally a side network trained on the conditions stacked as channels (with condition dropout) is
+//! measured on the same images and noise: given all conditions, and given each alone (the others zero).
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -9,6 +11,7 @@ use tch::Tensor;
 use super::control::{held_out_subset, load_main, ControlConfig};
 use crate::control::sampling::{sample_controlled_chunked, Control, ControlOptions};
 use crate::control::side::SideNetwork;
+use crate::data::conditions::ConditionKind;
 use crate::eval::fidelity::{fidelity, metric_name};
 use crate::{Error, Result};
 
@@ -25,6 +28,10 @@ pub struct ComposeConfig {
     pub num_images: i64,
     /// Conditioning scale of each side network when composed (one per run, or one for all). Default 1.
     pub conditioning_scales: Vec<f64>,
+    /// A `lisa compare` folder of one side network trained on stacked conditions (`condition =
+    /// "edges+mask"`, with `condition_dropout`), measured alongside. Default none.
+    #[serde(default)]
+    pub stacked: Option<PathBuf>,
 }
 
 impl Default for ComposeConfig {
@@ -35,6 +42,7 @@ impl Default for ComposeConfig {
             seed: 0,
             num_images: 200,
             conditioning_scales: vec![1.0],
+            stacked: None,
         }
     }
 }
@@ -44,7 +52,8 @@ impl Default for ComposeConfig {
 pub struct ComposeRow {
     /// The arm whose side networks steered the samples.
     pub arm: String,
-    /// Which conditions steered them: `none`, one condition, or `a+b`.
+    /// Which conditions steered them: `none`, one condition, or `a+b`; `stacked: ...` for the
+    /// stacked side network given those conditions.
     pub steered_by: String,
     /// `(condition, metric, fidelity)` for every condition of the composition.
     pub fidelity: Vec<(String, String, f64)>,
@@ -121,7 +130,7 @@ pub fn compose(cfg: &ComposeConfig, out: &Path, log: &mut dyn FnMut(&str)) -> Re
     }
     let main = load_main(&ctls[0])?;
     let n = cfg.num_images;
-    let mut conds: Vec<(crate::data::conditions::ConditionKind, Tensor)> = Vec::new();
+    let mut conds: Vec<(ConditionKind, Tensor)> = Vec::new();
     let mut shared: Option<(Tensor, Tensor)> = None;
     for c in &ctls {
         let (images, labels, conditions) = held_out_subset(c)?;
@@ -140,9 +149,15 @@ pub fn compose(cfg: &ComposeConfig, out: &Path, log: &mut dyn FnMut(&str)) -> Re
         } else {
             shared = Some((x, y));
         }
-        conds.push((c.condition_kind()?, conditions.narrow(0, 0, n)));
+        let set = c.condition_set()?;
+        if set.len() != 1 {
+            return Err(Error::Config(format!(
+                "a run of stacked conditions ({set}) cannot be composed; pass it with --stacked-run"
+            )));
+        }
+        conds.push((set.primary(), conditions.narrow(0, 0, n)));
     }
-    let (_, y) = shared.ok_or_else(|| Error::Config("no runs".into()))?;
+    let (shared_x, y) = shared.ok_or_else(|| Error::Config("no runs".into()))?;
     let names: Vec<String> = ctls.iter().map(|c| c.condition.clone()).collect();
     let sampler = &ctls[0].fidelity.sampler;
     let seed = ctls[0].fidelity.seed;
@@ -180,6 +195,20 @@ pub fn compose(cfg: &ComposeConfig, out: &Path, log: &mut dyn FnMut(&str)) -> Re
         rows.push(ComposeRow { arm: arm.clone(), steered_by: names.join("+"), fidelity: score(&samples)? });
         log(&format!("{arm}: composed done"));
     }
+    if let Some(dir) = &cfg.stacked {
+        rows.extend(stacked_rows(
+            cfg,
+            dir,
+            &main,
+            &ctls[0].main_network_dir(),
+            &shared_x,
+            &y,
+            &conds,
+            &names,
+            &score,
+            log,
+        )?);
+    }
     let report = ComposeReport { config: cfg.clone(), conditions: names, rows };
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let write = |name: &str, text: String| {
@@ -189,6 +218,76 @@ pub fn compose(cfg: &ComposeConfig, out: &Path, log: &mut dyn FnMut(&str)) -> Re
     write("compose.md", report.table())?;
     write("compose.json", serde_json::to_string_pretty(&report).map_err(|e| Error::Config(e.to_string()))?)?;
     Ok(report)
+}
+
+/// The rows of the stacked side network in `dir` (a `lisa compare` folder), for every arm: given all the
+/// composition's conditions, and each alone (the other channels zero, as condition dropout taught it).
+#[allow(clippy::too_many_arguments)]
+fn stacked_rows(
+    cfg: &ComposeConfig,
+    dir: &Path,
+    main: &crate::pipeline::MainNetwork,
+    main_dir: &Path,
+    x: &Tensor,
+    y: &Tensor,
+    conds: &[(ConditionKind, Tensor)],
+    names: &[String],
+    score: &dyn Fn(&Tensor) -> Result<Vec<(String, String, f64)>>,
+    log: &mut dyn FnMut(&str),
+) -> Result<Vec<ComposeRow>> {
+    let p = dir.join("config.toml");
+    if !p.is_file() {
+        return Err(Error::Config(format!("{} has no config.toml: pass a `lisa compare` run folder", dir.display())));
+    }
+    let ctl = crate::config::load::<ControlConfig>(Some(&p), &[])?;
+    if ctl.main_network_dir() != main_dir {
+        return Err(Error::Config("the stacked run was trained on another main network than the composed runs".into()));
+    }
+    let set = ctl.condition_set()?;
+    let (images, _, _) = held_out_subset(&ctl)?;
+    if images.size()[0] < x.size()[0] || !images.narrow(0, 0, x.size()[0]).equal(x) {
+        return Err(Error::Config(
+            "the stacked run evaluates different held-out images (data or fidelity.seed differ)".into(),
+        ));
+    }
+    // Every channel of the stacked network must be one of the composition's conditions.
+    let channel_of: Vec<(usize, i64)> =
+        conds.iter().enumerate().filter_map(|(i, (k, _))| set.channel(*k).map(|c| (i, c))).collect();
+    if channel_of.len() != set.len() {
+        return Err(Error::Config(format!(
+            "the stacked run's conditions ({set}) must all be among the composed runs' ({})",
+            names.join(", ")
+        )));
+    }
+    let (n, size) = (x.size()[0], conds[0].1.size());
+    let stack = |given: &[usize]| -> Tensor {
+        let maps: Vec<Tensor> = (0..set.len() as i64)
+            .map(|c| match channel_of.iter().find(|(i, ch)| *ch == c && given.contains(i)) {
+                Some((i, _)) => conds[*i].1.shallow_clone(),
+                None => Tensor::zeros([n, 1, size[2], size[3]], (tch::Kind::Float, conds[0].1.device())),
+            })
+            .collect();
+        Tensor::cat(&maps, 1)
+    };
+    let (sampler, seed, chunk) = (&ctl.fidelity.sampler, ctl.fidelity.seed, ctl.final_eval.chunk);
+    let mut subsets: Vec<Vec<usize>> = vec![channel_of.iter().map(|(i, _)| *i).collect()];
+    subsets.extend(channel_of.iter().map(|(i, _)| vec![*i]));
+    let mut rows = Vec::new();
+    for arm in &cfg.arms {
+        let side = SideNetwork::load(&dir.join(format!("seed-{}", cfg.seed)).join(arm).join("side-network"), main)?;
+        for given in &subsets {
+            let control = Control { side: &side, condition: stack(given), options: ControlOptions::default() };
+            let samples = sample_controlled_chunked(main, &[control], y, sampler, 1.0, seed, chunk)?;
+            let by: Vec<&str> = given.iter().map(|i| names[*i].as_str()).collect();
+            rows.push(ComposeRow {
+                arm: arm.clone(),
+                steered_by: format!("stacked: {}", by.join("+")),
+                fidelity: score(&samples)?,
+            });
+            log(&format!("{arm}: stacked given {} done", by.join("+")));
+        }
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::pretrain::{device_from, DataConfig};
 use crate::control::{ControlTask, LisaConfig, LisaHead, SideNetwork};
-use crate::data::conditions::{extract_batch, ConditionKind};
+use crate::data::conditions::ConditionSet;
 use crate::data::Dataset;
 use crate::diffusion::{SamplerConfig, SamplerKind};
 use crate::eval::fidelity::{fidelity, higher_is_better, metric_name};
@@ -80,8 +80,14 @@ pub struct ControlConfig {
     pub device: String,
     /// The frozen main network's folder (empty = the shipped one). Default empty.
     pub main_network: PathBuf,
-    /// The visual condition: `edges`, `mask`, `depth`, `lowres` or `skeleton`. Default `edges`.
+    /// The visual condition: `edges`, `mask`, `depth`, `lowres` or `skeleton`; or several stacked as
+    /// channels of one side network, joined by `+` (`edges+mask`; the first is the one scored while
+    /// training). Default `edges`.
     pub condition: String,
+    /// Probability that a training sample's condition (each channel of a stacked set independently) is
+    /// replaced by zeros, so that the side network learns to act on any subset of its conditions.
+    /// Default 0.
+    pub condition_dropout: f64,
     /// Training data (conditions are extracted from its images); the held-out set is its test split.
     pub data: DataConfig,
     /// Widths of the conditioning embedding's stages. Default `[16, 32]`.
@@ -106,6 +112,7 @@ impl Default for ControlConfig {
             device: "auto".into(),
             main_network: PathBuf::new(),
             condition: "edges".into(),
+            condition_dropout: 0.0,
             data: DataConfig::default(),
             conditioning_embedding_out_channels: ControlNetConfig::default().conditioning_embedding_out_channels,
             lisa: LisaConfig::default(),
@@ -137,14 +144,20 @@ impl ControlConfig {
         }
     }
 
-    /// The condition kind.
-    pub fn condition_kind(&self) -> Result<ConditionKind> {
+    /// The condition(s) the side network is fed.
+    pub fn condition_set(&self) -> Result<ConditionSet> {
         self.condition.parse()
     }
 
     /// Rejects settings that cannot run.
     pub fn validate(&self) -> Result<()> {
-        self.condition_kind()?;
+        self.condition_set()?;
+        if !(0.0..1.0).contains(&self.condition_dropout) {
+            return Err(Error::Config(format!(
+                "condition_dropout must be in [0, 1) (a probability), got {}",
+                self.condition_dropout
+            )));
+        }
         self.lisa.validate()?;
         self.train.validate()?;
         if self.train.ema_decay != 0.0 {
@@ -177,34 +190,34 @@ pub struct ControlData {
     pub eval_images: Tensor,
     /// Their labels [N].
     pub eval_labels: Tensor,
-    /// Their conditions [N, 1, H, W] in [0, 1].
+    /// Their conditions [N, K, H, W] in [0, 1] (K = conditions in the set).
     pub eval_conditions: Tensor,
 }
 
 /// Loads the training split and a fixed held-out subset of the test split, and extracts the
 /// condition of every image.
 pub fn prepare_data(cfg: &ControlConfig) -> Result<ControlData> {
-    let kind = cfg.condition_kind()?;
+    let set = cfg.condition_set()?;
     let mut train = cfg.data.load(false)?;
     if train.channels() != 1 {
         return Err(Error::Config("condition extraction needs single-channel images (data.channels = 1)".into()));
     }
-    train.conditioning = Some(extract_batch(kind, &train.images)?);
+    train.conditioning = Some(set.extract_batch(&train.images)?);
     let (eval_images, eval_labels, eval_conditions) = held_out_subset(cfg)?;
     Ok(ControlData { train, eval_images, eval_labels, eval_conditions })
 }
 
 /// The fixed held-out subset of the test split that every evaluation uses: (images [N, 1, H, W] in
-/// [-1, 1], labels [N], conditions [N, 1, H, W] in [0, 1]), N = the larger of the two evaluation sizes.
+/// [-1, 1], labels [N], conditions [N, K, H, W] in [0, 1]), N = the larger of the two evaluation sizes.
 pub fn held_out_subset(cfg: &ControlConfig) -> Result<(Tensor, Tensor, Tensor)> {
-    let kind = cfg.condition_kind()?;
+    let set = cfg.condition_set()?;
     let test = cfg.data.load(true)?;
     let n = cfg.fidelity.num_images.max(cfg.final_eval.num_images).min(test.len() as i64);
     let mut idx: Vec<i64> = (0..test.len() as i64).collect();
     crate::rng::SplitMix64::new(cfg.fidelity.seed).shuffle(&mut idx);
     idx.truncate(n as usize);
     let (eval_images, eval_labels, _) = test.batch(&idx)?;
-    let eval_conditions = extract_batch(kind, &eval_images)?;
+    let eval_conditions = set.extract_batch(&eval_images)?;
     Ok((eval_images, eval_labels, eval_conditions))
 }
 
@@ -279,23 +292,25 @@ pub fn train_control(
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads);
     }
-    let kind = cfg.condition_kind()?;
+    let set = cfg.condition_set()?;
+    let kind = set.primary();
     let device = main.vs.device();
     let out = &cfg.output_dir;
 
     // The same seed gives both arms the same side-network initialisation (the decoder is built after it).
     tch::manual_seed(cfg.train.seed as i64);
     let controlnet = ControlNetConfig {
+        conditioning_channels: set.len() as i64,
         conditioning_embedding_out_channels: cfg.conditioning_embedding_out_channels.clone(),
         ..ControlNetConfig::for_unet(&main.config.unet)
     };
-    let side = SideNetwork::from_main(main, kind, controlnet)?;
+    let side = SideNetwork::from_main(main, set, controlnet)?;
     let head = if cfg.lisa.enabled {
         Some(LisaHead::new(main, &cfg.lisa, side.config.controlnet.conditioning_channels)?)
     } else {
         None
     };
-    let task = ControlTask::new(main, &side, head.as_ref())?;
+    let task = ControlTask::new(main, &side, head.as_ref())?.with_condition_dropout(cfg.condition_dropout)?;
     let mut params = side.named_parameters();
     if let Some(h) = &head {
         params.extend(h.named_parameters());
@@ -346,7 +361,8 @@ pub fn train_control(
     let mut measure = |step: u64| -> Result<()> {
         let t0 = std::time::Instant::now();
         let samples = side.sample_chunked(main, &fid_y, &fid_c, &cfg.fidelity.sampler, 1.0, cfg.fidelity.seed, 64)?;
-        let score = fidelity(kind, &samples, &fid_c)?;
+        // With stacked conditions the curve scores the first; all are given.
+        let score = fidelity(kind, &samples, &fid_c.narrow(1, 0, 1))?;
         fid_log
             .write(step, &[(metric.to_string(), score.mean), ("eval_seconds".into(), t0.elapsed().as_secs_f64())])?;
         fid_log.flush()?;
@@ -380,7 +396,8 @@ pub fn train_control(
 /// What a resumed side-network run must share with the run that wrote its checkpoint.
 fn run_description(cfg: &ControlConfig) -> serde_json::Value {
     serde_json::json!({
-        "main_network": cfg.main_network_dir(), "condition": cfg.condition, "data": cfg.data,
+        "main_network": cfg.main_network_dir(), "condition": cfg.condition,
+        "condition_dropout": cfg.condition_dropout, "data": cfg.data,
         "conditioning_embedding_out_channels": cfg.conditioning_embedding_out_channels,
         "lisa": cfg.lisa, "train": cfg.train, "fidelity": cfg.fidelity,
     })
@@ -395,7 +412,7 @@ fn final_evaluation(
     curve: Vec<(u64, f64)>,
     step_seconds: f64,
 ) -> Result<ArmSummary> {
-    let kind = side.condition;
+    let kind = side.condition.primary();
     let n = cfg.final_eval.num_images.min(data.eval_images.size()[0]);
     let (y, c, x) =
         (data.eval_labels.narrow(0, 0, n), data.eval_conditions.narrow(0, 0, n), data.eval_images.narrow(0, 0, n));
@@ -404,9 +421,10 @@ fn final_evaluation(
     let first = samples.narrow(0, 0, n.min(32)).contiguous();
     let path = cfg.output_dir.join(FINAL_SAMPLES);
     Tensor::write_safetensors(&[("samples", &first)], &path).map_err(|e| Error::format(&path, e.to_string()))?;
-    let score = fidelity(kind, &samples, &c)?;
+    let primary = c.narrow(1, 0, 1);
+    let score = fidelity(kind, &samples, &primary)?;
     // Shift by one: every sample meets another image's condition.
-    let shuffled = fidelity(kind, &samples, &c.roll([1], [0]))?;
+    let shuffled = fidelity(kind, &samples, &primary.roll([1], [0]))?;
     let (_vs, classifier, _) = load_shipped(Device::Cpu)?;
     let stats =
         |t: &Tensor| -> Result<FeatureStats> { FeatureStats::from_features(&classifier.features_batched(t, 500)?) };
@@ -431,10 +449,11 @@ fn final_evaluation(
 }
 
 /// Writes rows of [condition | samples... | ground truth] for `k` examples (images in [-1, 1],
-/// conditions in [0, 1]).
+/// conditions in [0, 1]; stacked conditions are shown overlaid, their maximum).
 pub fn save_triptych(conditions: &Tensor, samples: &[Tensor], truth: &Tensor, path: &Path) -> Result<()> {
     let k = conditions.size()[0];
-    let mut cols = vec![conditions.to_device(Device::Cpu).to_kind(Kind::Float) * 2.0 - 1.0];
+    let shown = conditions.to_device(Device::Cpu).to_kind(Kind::Float).amax([1], true);
+    let mut cols = vec![shown * 2.0 - 1.0];
     cols.extend(samples.iter().map(|s| s.to_device(Device::Cpu).to_kind(Kind::Float)));
     cols.push(truth.to_device(Device::Cpu).to_kind(Kind::Float));
     let ncol = cols.len();

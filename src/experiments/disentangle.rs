@@ -315,7 +315,7 @@ pub fn disentangle(run_dir: &Path, cfg: &DisentangleConfig, log: &mut dyn FnMut(
         tch::set_num_threads(ctl.threads);
     }
     let main = load_main(&ctl)?;
-    let kind = ctl.condition_kind()?;
+    let kind = ctl.condition_set()?;
     let hook = cfg.hook.unwrap_or(ctl.lisa.hook);
     let (images, labels, conditions) = held_out_subset(&ctl)?;
     let grid = FactorialGrid::new(&images, &labels, &conditions, cfg.num_conditions, cfg.num_inputs, cfg.noise_seed)?;
@@ -329,7 +329,7 @@ pub fn disentangle(run_dir: &Path, cfg: &DisentangleConfig, log: &mut dyn FnMut(
                 .map_err(|e| Error::format(&arm_dir, format!("not a side-network run: {e}")))?;
             let mut nets: Vec<(u64, SideNetwork)> = Vec::new();
             tch::manual_seed(seed as i64);
-            nets.push((0, SideNetwork::from_main(&main, kind, side_cfg.controlnet.clone())?));
+            nets.push((0, SideNetwork::from_main(&main, kind.clone(), side_cfg.controlnet.clone())?));
             for (step, dir) in crate::train::checkpoint::list(&arm_dir)? {
                 nets.push((step, SideNetwork::load(&dir, &main)?));
             }

@@ -139,7 +139,7 @@ pub fn guidance_sweep(run_dir: &Path, cfg: &GuidanceConfig, log: &mut dyn FnMut(
         tch::set_num_threads(ctl.threads);
     }
     let main = load_main(&ctl)?;
-    let kind = ctl.condition_kind()?;
+    let kind = ctl.condition_set()?.primary();
     let (images, labels, conditions) = held_out_subset(&ctl)?;
     let n = cfg.num_images.unwrap_or(ctl.final_eval.num_images).min(images.size()[0]);
     if n < 2 {
@@ -171,7 +171,7 @@ pub fn guidance_sweep(run_dir: &Path, cfg: &GuidanceConfig, log: &mut dyn FnMut(
                     ctl.fidelity.seed,
                     ctl.final_eval.chunk,
                 )?;
-                let score = fidelity(kind, &samples, &c)?;
+                let score = fidelity(kind, &samples, &c.narrow(1, 0, 1))?;
                 let stats = FeatureStats::from_features(&classifier.features_batched(&samples, 500)?)?;
                 let frechet = frechet_distance(&stats, &reference)?;
                 log(&format!(
