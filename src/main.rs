@@ -36,6 +36,12 @@ enum Command {
     /// Train a side network (ControlNet) for a visual condition against the frozen main network,
     /// with LISA (default) or without (`--baseline`).
     Train(TrainArgs),
+    /// Train a ControlNet (with LISA, or `--baseline` without) for a Stable Diffusion folder in diffusers
+    /// layout, in latent space, on a captioned imagefolder (image, conditioning_image, text); exports a
+    /// diffusers ControlNetModel folder.
+    TrainSd(TrainSdArgs),
+    /// Write a trained side network as a diffusers `ControlNetModel` folder.
+    ExportControlnet(ExportControlnetArgs),
     /// Train the baseline and LISA side by side (same seeds, data order, initialisation and evaluation
     /// noise) and write fidelity curves, sample grids and a summary.
     Compare(CompareArgs),
@@ -282,6 +288,57 @@ struct ExportArgs {
 }
 
 #[derive(Args)]
+struct TrainSdArgs {
+    /// TOML config file; any key not given keeps its default (see --print-config).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a config key, e.g. `--set train.learning_rate=5e-6 --set validation.every_steps=50`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// The Stable Diffusion folder (same as `--set model=...`).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The captioned imagefolder (same as `--set data=...`).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run folder (same as `--set output_dir=...`).
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    /// Number of optimizer steps (same as `--set train.steps=N`).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// `cpu`, `cuda` or `cuda:N` (same as `--set device=...`).
+    #[arg(long)]
+    device: Option<String>,
+    /// Train without LISA (same as `--set lisa.enabled=false`).
+    #[arg(long)]
+    baseline: bool,
+    /// Continue a run: `latest` (newest checkpoint in the output folder) or a checkpoint folder.
+    #[arg(long)]
+    resume: Option<String>,
+    /// Print the resolved configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct ExportControlnetArgs {
+    /// A side network folder (`side-network/` of a run, or one of its `checkpoint-N/`).
+    #[arg(long)]
+    controlnet: PathBuf,
+    /// The main network it was trained with: our model folder (default: the shipped one), or, for
+    /// a `train-sd` side network, the Stable Diffusion folder.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The folder to write (`config.json` + `diffusion_pytorch_model.safetensors`).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct DemoArgs {
     /// Folder for everything the demo writes.
     #[arg(long, default_value = "runs/demo")]
@@ -404,6 +461,8 @@ fn main() -> ExitCode {
         Command::Eval(a) => run_eval(a),
         Command::Export(a) => run_export(a),
         Command::Train(a) => run_train(a),
+        Command::TrainSd(a) => run_train_sd(a),
+        Command::ExportControlnet(a) => run_export_controlnet(a),
         Command::Compare(a) => run_compare(a),
         Command::Ablate(a) => run_ablate(a),
         Command::Demo(a) => run_demo(a),
@@ -568,6 +627,63 @@ fn run_export(a: ExportArgs) -> Result<()> {
     let net = load_model(&a.checkpoint)?;
     net.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
     println!("wrote {} ({} parameters)", a.out.display(), lisa::models::parameter_count(&net.vs));
+    Ok(())
+}
+
+fn run_train_sd(a: TrainSdArgs) -> Result<()> {
+    use lisa::experiments::latent::{train_latent, LatentControlConfig};
+    let mut overrides = a.overrides.clone();
+    let mut push = |key: &str, v: Option<String>| {
+        if let Some(v) = v {
+            overrides.push(format!("{key}={v:?}"));
+        }
+    };
+    push("model", a.model.map(|p| p.display().to_string()));
+    push("data", a.data.map(|p| p.display().to_string()));
+    push("output_dir", a.output_dir.map(|p| p.display().to_string()));
+    push("device", a.device);
+    if let Some(s) = a.steps {
+        overrides.push(format!("train.steps={s}"));
+    }
+    if a.baseline {
+        overrides.push("lisa.enabled=false".into());
+    }
+    let cfg: LatentControlConfig = lisa::config::load(a.config.as_deref(), &overrides)?;
+    if a.print_config {
+        print!("{}", lisa::config::to_toml(&cfg)?);
+        return Ok(());
+    }
+    cfg.validate()?;
+    if a.resume.is_none() {
+        lisa::train::checkpoint::ensure_none(&cfg.output_dir)?;
+    }
+    let s = train_latent(&cfg, a.resume.as_deref(), a.quiet, &mut |m| eprintln!("{m}"))?;
+    println!(
+        "{}: {} steps on {} examples ({} prompts, latents {:?}), final loss {:.4}; side network in {}{}",
+        s.arm,
+        s.steps,
+        s.examples,
+        s.prompts,
+        s.latent_shape,
+        s.final_loss,
+        s.side_network.display(),
+        s.diffusers_controlnet.map(|d| format!(", diffusers ControlNet in {}", d.display())).unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn run_export_controlnet(a: ExportControlnetArgs) -> Result<()> {
+    let model = a.model.clone().unwrap_or_else(lisa::pipeline::shipped_main_network);
+    // A Stable Diffusion folder needs prompts to load; the side network does not depend on them.
+    let main = if model.join("unet").is_dir() {
+        lisa::sd::load_main_network(&model, &[""], tch::Device::Cpu)?
+    } else {
+        lisa::pipeline::MainNetwork::load(&model, tch::Device::Cpu)?
+    };
+    let side = SideNetwork::load(&a.controlnet, &main)
+        .with_context(|| format!("loading the side network in {}", a.controlnet.display()))?;
+    side.export_diffusers(&a.out)?;
+    println!("wrote {} (diffusers ControlNetModel)", a.out.display());
     Ok(())
 }
 

@@ -137,6 +137,10 @@ pub enum ConditionKind {
     LowRes,
     /// Skeleton of the mask with keypoint dots ([`skeleton`], rendered by [`Skeleton::render`]).
     Skeleton,
+    /// A condition image supplied with the data (an imagefolder's `conditioning_image`, e.g. for a
+    /// Stable Diffusion ControlNet): nothing is extracted and there is no fidelity metric. Not in
+    /// [`ConditionKind::ALL`].
+    Given,
 }
 
 impl ConditionKind {
@@ -157,6 +161,7 @@ impl ConditionKind {
             ConditionKind::Depth => "depth",
             ConditionKind::LowRes => "lowres",
             ConditionKind::Skeleton => "skeleton",
+            ConditionKind::Given => "given",
         }
     }
 
@@ -170,6 +175,7 @@ impl ConditionKind {
             ConditionKind::Depth => depth_like(img),
             ConditionKind::LowRes => low_resolution(img, LOW_RES_FACTOR),
             ConditionKind::Skeleton => skeleton(img).render(),
+            ConditionKind::Given => img.clone(),
         }
     }
 }
@@ -183,6 +189,9 @@ impl fmt::Display for ConditionKind {
 impl FromStr for ConditionKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
+        if s == ConditionKind::Given.name() {
+            return Ok(ConditionKind::Given);
+        }
         ConditionKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
             Error::Config(format!("unknown condition kind {s:?}: expected one of edges, mask, depth, lowres, skeleton"))
         })

@@ -10,7 +10,7 @@ pub mod idx;
 pub mod imagefolder;
 pub mod loader;
 
-pub use conditions::{ConditionKind, GrayImage};
+pub use conditions::{ConditionKind, ConditionSet, GrayImage};
 pub use loader::{DataOrder, DataOrderState};
 
 use image::{DynamicImage, GenericImageView};

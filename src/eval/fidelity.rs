@@ -69,6 +69,7 @@ pub fn metric_name(kind: ConditionKind) -> &'static str {
         ConditionKind::Depth => "depth_rmse",
         ConditionKind::LowRes => "lowres_psnr",
         ConditionKind::Skeleton => "skeleton_f1",
+        ConditionKind::Given => "none",
     }
 }
 
@@ -85,6 +86,11 @@ pub fn higher_is_better(kind: ConditionKind) -> bool {
 /// Samples outside `[-1, 1]` are clamped (generated samples overshoot a little); non-finite samples, conditions
 /// outside `[0, 1]`, an empty batch and mismatched shapes are [`Error::Config`].
 pub fn fidelity(kind: ConditionKind, samples: &Tensor, conditions: &Tensor) -> Result<FidelityScore> {
+    if kind == ConditionKind::Given {
+        return Err(Error::Config(
+            "conditions given with the data cannot be recomputed from a sample: there is no fidelity metric".into(),
+        ));
+    }
     let (n, h, w) = check_shapes(samples, conditions)?;
     let s = to_cpu_vec(samples, "samples")?;
     let c = to_cpu_vec(conditions, "conditions")?;
@@ -162,6 +168,8 @@ fn score(kind: ConditionKind, w: usize, h: usize, extracted: &[f32], cond: &[f32
         ConditionKind::Mask => iou(&on(extracted), &on(cond)),
         ConditionKind::Depth => mse(extracted, cond).sqrt(),
         ConditionKind::LowRes => psnr(mse(extracted, cond)),
+        // Refused by `fidelity` before any image is scored.
+        ConditionKind::Given => f64::NAN,
     }
 }
 

@@ -9,3 +9,4 @@ pub mod control;
 pub mod disentangle;
 pub mod guidance;
 pub mod compose;
+pub mod latent;
