@@ -333,6 +333,7 @@ mod tests {
                 ConditionKind::Mask => (0.4, 0.2),
                 ConditionKind::Depth => (0.15, 0.2),
                 ConditionKind::LowRes => (15.0, 12.0),
+                ConditionKind::Given => unreachable!("Given is not in ConditionKind::ALL"),
             };
             if own.higher_is_better {
                 assert!(shuffled.per_image.iter().all(|&v| v < worst_ok), "{kind}: {:?}", shuffled.per_image);
@@ -441,5 +442,12 @@ mod tests {
         let msg = is_config(fidelity(ConditionKind::Mask, &gt, &(&cond * 2.0 - 1.0)));
         assert!(msg.contains("[0, 1]"), "{msg}");
         is_config(fidelity(ConditionKind::Mask, &gt, &cond.to_kind(Kind::Int64)));
+    }
+
+    #[test]
+    fn given_conditions_have_no_metric() {
+        let x = Tensor::zeros([1, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let err = fidelity(ConditionKind::Given, &x, &x).unwrap_err().to_string();
+        assert!(err.contains("no fidelity metric"), "{err}");
     }
 }
