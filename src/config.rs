@@ -10,13 +10,25 @@ use crate::{Error, Result};
 /// Builds a config of type `T`: its `Default`, overlaid with the TOML file at `path` (if any),
 /// overlaid with `overrides` of the form `section.key=value` (value parsed as TOML, else taken as a string).
 pub fn load<T: DeserializeOwned + Serialize + Default>(path: Option<&Path>, overrides: &[String]) -> Result<T> {
-    let mut value = toml::Value::try_from(T::default()).map_err(|e| Error::Config(format!("default config: {e}")))?;
-    if let Some(path) = path {
-        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+    let text = match path {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::InvalidData => Error::format(path, "not UTF-8 text; save the config file as UTF-8"),
             _ => Error::io(path, e),
-        })?;
-        let file: toml::Value = toml::from_str(&text)
+        })?),
+        None => None,
+    };
+    from_text(text.as_deref().zip(path), overrides)
+}
+
+/// [`load`] with the config file's contents given: `file` = (TOML text, the path it came from, for errors).
+pub fn from_text<T: DeserializeOwned + Serialize + Default>(
+    file: Option<(&str, &Path)>,
+    overrides: &[String],
+) -> Result<T> {
+    let path = file.map(|(_, p)| p);
+    let mut value = toml::Value::try_from(T::default()).map_err(|e| Error::Config(format!("default config: {e}")))?;
+    if let Some((text, path)) = file {
+        let file: toml::Value = toml::from_str(text)
             .map_err(|e| Error::format(path, format!("invalid TOML: {}", one_line(&e.to_string()))))?;
         merge(&mut value, file);
     }

@@ -8,6 +8,7 @@ pub mod control;
 pub mod data;
 pub mod diffusion;
 pub mod experiments;
+pub mod fuzzing;
 pub mod error;
 pub mod eval;
 pub mod models;

@@ -64,6 +64,13 @@ pub fn read_metadata(dir: &Path) -> Result<Vec<Record>> {
         }
         Err(e) => return Err(Error::io(&meta, e)),
     };
+    parse_metadata(bytes, dir)
+}
+
+/// Parses and validates the contents of `dir/metadata.jsonl` (see [`read_metadata`]); `dir` names the
+/// file in errors and is joined to the image paths.
+pub fn parse_metadata(bytes: Vec<u8>, dir: &Path) -> Result<Vec<Record>> {
+    let meta = dir.join(METADATA_FILE);
     let text = String::from_utf8(bytes).map_err(|e| {
         let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
         Error::format(&meta, format!("line {line}: not UTF-8 text; save the file as UTF-8"))

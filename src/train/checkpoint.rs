@@ -187,8 +187,13 @@ pub fn resolve(output_dir: &Path, resume: &str) -> Result<PathBuf> {
 /// Reads `state.json` of a checkpoint.
 pub fn read_state(dir: &Path) -> Result<serde_json::Value> {
     let path = dir.join(STATE_FILE);
-    let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_str(&text).map_err(|e| {
+    let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    parse_state(&bytes, &path)
+}
+
+/// Parses the contents of a checkpoint's `state.json` (`path` names it in errors).
+pub fn parse_state(bytes: &[u8], path: &Path) -> Result<serde_json::Value> {
+    serde_json::from_slice(bytes).map_err(|e| {
         Error::format(
             &path,
             format!("malformed checkpoint state: {e}; the checkpoint is damaged: use another checkpoint-N"),
