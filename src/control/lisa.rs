@@ -93,6 +93,15 @@ impl Default for LisaConfig {
 }
 
 impl LisaConfig {
+    /// The name of the arm this config trains: `lisa`, or `baseline` when disabled.
+    pub fn arm(&self) -> &'static str {
+        if self.enabled {
+            "lisa"
+        } else {
+            "baseline"
+        }
+    }
+
     /// Rejects settings that cannot run.
     pub fn validate(&self) -> Result<()> {
         if !(self.lambda >= 0.0 && self.lambda.is_finite()) {

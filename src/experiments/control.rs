@@ -174,11 +174,7 @@ impl ControlConfig {
 
     /// A short name of the arm: `lisa` or `baseline`.
     pub fn arm(&self) -> &'static str {
-        if self.lisa.enabled {
-            "lisa"
-        } else {
-            "baseline"
-        }
+        self.lisa.arm()
     }
 }
 
@@ -330,18 +326,13 @@ pub fn train_control(
         data.eval_images.narrow(0, 0, n_fid),
     );
     let train_cfg = TrainConfig { validation_steps: cfg.fidelity.every_steps, ..cfg.train.clone() };
-    // A side-network run folder doubles as a side-network folder for its checkpoints.
-    let side_cfg = serde_json::to_string_pretty(&side.config).map_err(|e| Error::Config(e.to_string()))?;
     let run = RunDir {
         output_dir: out,
         resume,
         run_description: run_description(cfg),
         description_defaults: run_description(&ControlConfig::default()),
         quiet,
-        files: vec![
-            ("config.toml".into(), crate::config::to_toml(cfg)?.into_bytes()),
-            (crate::pipeline::CONFIG_FILE.into(), side_cfg.into_bytes()),
-        ],
+        files: side_run_files(cfg, &side)?,
     };
     // Everything the trainer would refuse is refused before the folder is touched.
     trainer::preflight(&train_data, &train_cfg, &run)?;
@@ -391,6 +382,16 @@ pub fn train_control(
     let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::Config(e.to_string()))?;
     std::fs::write(out.join("summary.json"), text).map_err(|e| Error::io(out.join("summary.json"), e))?;
     Ok(summary)
+}
+
+/// The files a side-network run keeps beside its checkpoints: its `config.toml`, and the side network's
+/// `config.json`, so that the run folder doubles as a side-network folder for its checkpoints.
+pub fn side_run_files<C: Serialize>(cfg: &C, side: &SideNetwork) -> Result<Vec<(String, Vec<u8>)>> {
+    let side_cfg = serde_json::to_string_pretty(&side.config).map_err(|e| Error::Config(e.to_string()))?;
+    Ok(vec![
+        ("config.toml".into(), crate::config::to_toml(cfg)?.into_bytes()),
+        (crate::pipeline::CONFIG_FILE.into(), side_cfg.into_bytes()),
+    ])
 }
 
 /// What a resumed side-network run must share with the run that wrote its checkpoint.

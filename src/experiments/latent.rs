@@ -145,11 +145,7 @@ impl LatentControlConfig {
 
     /// `lisa` or `baseline`.
     pub fn arm(&self) -> &'static str {
-        if self.lisa.enabled {
-            "lisa"
-        } else {
-            "baseline"
-        }
+        self.lisa.arm()
     }
 }
 
@@ -283,17 +279,13 @@ pub fn train_latent(
         conditioning: Some(conditions.to_device(device)),
     };
     let train_cfg = TrainConfig { validation_steps: cfg.validation.every_steps, ..cfg.train.clone() };
-    let side_cfg = serde_json::to_string_pretty(&side.config).map_err(|e| Error::Config(e.to_string()))?;
     let run = RunDir {
         output_dir: out,
         resume,
         run_description: run_description(cfg),
         description_defaults: run_description(&LatentControlConfig::default()),
         quiet,
-        files: vec![
-            ("config.toml".into(), crate::config::to_toml(cfg)?.into_bytes()),
-            (crate::pipeline::CONFIG_FILE.into(), side_cfg.into_bytes()),
-        ],
+        files: super::control::side_run_files(cfg, &side)?,
     };
     trainer::preflight(&train_data, &train_cfg, &run)?;
     let _lock = crate::train::lock::RunLock::acquire(out)?;
