@@ -4,7 +4,8 @@
 //! A checkpoint holds named tensor files (`model.safetensors`, `optimizer.safetensors`, optionally
 //! `ema.safetensors`) and `state.json` (step, RNG and data position, and whatever the run adds).
 //! A folder without `state.json` is incomplete and is never picked up. Temporary folders are hidden
-//! (`.checkpoint-N.tmp-PID`, `.old-`, `.del-`); those left by a killed run are removed by the next save.
+//! (`.checkpoint-N.tmp-PID`, `.old-`, `.del-`); those left by a killed run are cleaned up when the next run
+//! takes the folder's lock, and again before each save.
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -81,9 +82,11 @@ pub fn save(
     Ok(final_dir)
 }
 
-/// Removes the temporary folders of killed runs (`.checkpoint-N.tmp-PID`, `.del-PID`, and `.old-PID`
-/// once `checkpoint-N` exists again). The run lock guarantees that no other process writes here.
-fn remove_leftovers(output_dir: &Path) {
+/// Cleans up after killed runs: removes their temporary folders (`.checkpoint-N.tmp-PID`, `.del-PID`,
+/// and `.old-PID` once `checkpoint-N` is complete again) and moves an `.old-PID` copy back to
+/// `checkpoint-N` when it is the only complete one (the run was killed between the two renames of a
+/// rewrite). The run lock guarantees that no other process writes here.
+pub fn remove_leftovers(output_dir: &Path) {
     let Ok(entries) = fs::read_dir(output_dir) else { return };
     let own = format!("-{}", std::process::id());
     for entry in entries.flatten() {
@@ -92,10 +95,14 @@ fn remove_leftovers(output_dir: &Path) {
         if name.ends_with(&own) || step.parse::<u64>().is_err() {
             continue;
         }
-        let stale = kind.starts_with("tmp-")
-            || kind.starts_with("del-")
-            || (kind.starts_with("old-") && output_dir.join(format!("checkpoint-{step}")).join(STATE_FILE).is_file());
-        if stale {
+        let current = output_dir.join(format!("checkpoint-{step}"));
+        if kind.starts_with("old-") && !current.join(STATE_FILE).is_file() {
+            if entry.path().join(STATE_FILE).is_file() && !current.exists() {
+                let _ = fs::rename(entry.path(), &current);
+            }
+            continue;
+        }
+        if kind.starts_with("tmp-") || kind.starts_with("del-") || kind.starts_with("old-") {
             let _ = fs::remove_dir_all(entry.path());
         }
     }

@@ -3,6 +3,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::train::checkpoint;
 use crate::{Error, Result};
 
 /// The lock file's name inside a run folder.
@@ -16,7 +17,9 @@ pub struct RunLock {
 
 impl RunLock {
     /// Takes the lock of `dir` (created if needed). A lock left by a process that no longer exists
-    /// (a killed run) is taken over; one held by a live process is an error naming it.
+    /// (a killed run) is taken over; one held by a live process is an error naming it. Once held, the
+    /// temporary checkpoint folders of killed runs are cleaned up ([`checkpoint::remove_leftovers`]):
+    /// a resumed run that has nothing left to save must not leave them behind.
     pub fn acquire(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let path = dir.join(LOCK_FILE);
@@ -24,6 +27,7 @@ impl RunLock {
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
                     writeln!(f, "{}", std::process::id()).map_err(|e| Error::io(&path, e))?;
+                    checkpoint::remove_leftovers(dir);
                     return Ok(Self { path });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -45,7 +49,10 @@ impl RunLock {
                 Err(e) => return Err(Error::io(&path, e)),
             }
         }
-        Err(Error::Config(format!("could not take the lock {}; remove it if no run is using the folder", path.display())))
+        Err(Error::Config(format!(
+            "could not take the lock {}; remove it if no run is using the folder",
+            path.display()
+        )))
     }
 }
 
@@ -87,5 +94,32 @@ mod tests {
         drop(_lock);
         std::fs::write(dir.path().join(LOCK_FILE), "").unwrap();
         RunLock::acquire(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn taking_the_lock_cleans_up_after_killed_runs() {
+        // A run killed while pruning checkpoint-1, writing checkpoint-4, and between the two renames that
+        // rewrite checkpoint-2 (pid u32::MAX cannot be live). The resumed run may have nothing left to save,
+        // so the lock, not the next save, must clean up.
+        let dir = tempfile::tempdir().unwrap();
+        let mk = |name: &str, complete: bool| {
+            let d = dir.path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("model.safetensors"), b"x").unwrap();
+            if complete {
+                std::fs::write(d.join(checkpoint::STATE_FILE), b"{\"step\": 0}").unwrap();
+            }
+        };
+        mk(".checkpoint-1.del-4294967295", true);
+        mk(".checkpoint-4.tmp-4294967295", false);
+        mk(".checkpoint-2.old-4294967295", true);
+        mk("checkpoint-3", true);
+        let _lock = RunLock::acquire(dir.path()).unwrap();
+        let mut names: Vec<_> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, vec![LOCK_FILE, "checkpoint-2", "checkpoint-3"]);
+        let steps: Vec<u64> = checkpoint::list(dir.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![2, 3], "the moved-aside checkpoint-2 is complete and comes back");
     }
 }
