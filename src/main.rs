@@ -539,7 +539,7 @@ fn run_sample(a: SampleArgs) -> Result<()> {
     // Column-major grid: one column per label.
     let ys: Vec<i64> = (0..a.per_label).flat_map(|_| labels.iter().copied()).collect();
     let y = Tensor::from_slice(&ys);
-    let size = net.config.unet.sample_size;
+    let size = net.config.sample_size();
     let n = ys.len() as i64;
     if a.controlnet.is_empty() && (!a.condition.is_empty() || a.condition_from.is_some()) {
         anyhow::bail!("--condition and --condition-from need --controlnet (a side network folder)");
@@ -746,7 +746,13 @@ fn run_ablate(a: AblateArgs) -> Result<()> {
     }
     let specs = if a.variants.is_empty() {
         let main = load_main(&cfg)?;
-        lisa::experiments::ablate::default_variants(main.config.unet.skip_channels().len())
+        let num_hooks = match &main.config.transformer {
+            None => main.config.unet.skip_channels().len(),
+            Some(t) => (if cfg.side_transformer_layers > 0 { cfg.side_transformer_layers } else { t.num_layers / 2 })
+                .max(1) as usize,
+        };
+        let hook = if main.config.transformer.is_some() { "block" } else { "down" };
+        lisa::experiments::ablate::default_variants(hook, num_hooks)
     } else {
         a.variants.clone()
     };

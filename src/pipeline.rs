@@ -1,4 +1,5 @@
-//! The main network as a unit: label encoder + UNet + objective, saved as a folder
+//! The main network as a unit: label encoder + backbone (a UNet or a diffusion transformer) +
+//! objective, saved as a folder
 //! (`config.json` + `model.safetensors`) that `sample`, `eval` and later side-network training load.
 use std::path::{Path, PathBuf};
 
@@ -6,7 +7,10 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::diffusion::{Objective, ObjectiveConfig, Sampler, SamplerConfig};
-use crate::models::{LabelEncoder, LabelEncoderConfig, UNet2DConditionModel, UNetConfig};
+use crate::models::dit::DiTEmbedded;
+use crate::models::{
+    DiTConfig, DiTModel, LabelEncoder, LabelEncoderConfig, UNet2DConditionModel, UNetConfig, UNetEncoded,
+};
 use crate::train::checkpoint;
 use crate::{Error, Result};
 
@@ -14,12 +18,86 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct MainNetworkConfig {
-    /// The UNet (diffusers `UNet2DConditionModel` config fields).
+    /// The UNet (diffusers `UNet2DConditionModel` config fields); unused when `transformer` is given.
     pub unet: UNetConfig,
+    /// A diffusion transformer backbone instead of the UNet. Default none (the UNet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transformer: Option<DiTConfig>,
     /// The class-label encoder that plays the text encoder's role.
     pub label_encoder: LabelEncoderConfig,
     /// The objective the network was trained for.
     pub objective: ObjectiveConfig,
+}
+
+impl MainNetworkConfig {
+    /// Channels of the samples the backbone takes.
+    pub fn in_channels(&self) -> i64 {
+        self.transformer.as_ref().map_or(self.unet.in_channels, |t| t.in_channels)
+    }
+
+    /// Channels of its prediction.
+    pub fn out_channels(&self) -> i64 {
+        self.transformer.as_ref().map_or(self.unet.out_channels, |t| t.out_channels)
+    }
+
+    /// Side of the (square) samples.
+    pub fn sample_size(&self) -> i64 {
+        self.transformer.as_ref().map_or(self.unet.sample_size, |t| t.sample_size)
+    }
+
+    /// Width of the label tokens the backbone reads (the UNet's `cross_attention_dim`, the
+    /// transformer's `pooled_projection_dim`).
+    pub fn label_dim(&self) -> i64 {
+        self.transformer.as_ref().map_or(self.unet.cross_attention_dim, |t| t.pooled_projection_dim)
+    }
+}
+
+/// The denoising network proper.
+#[derive(Debug)]
+pub enum Backbone {
+    /// diffusers' `UNet2DConditionModel`.
+    UNet(UNet2DConditionModel),
+    /// A diffusion transformer (SD3-style blocks with adaLN-Zero).
+    Transformer(DiTModel),
+}
+
+/// The part of a forward pass that side-network residuals do not change, computed once per training
+/// step and shared by the controlled pass and the reference pass (spec §6).
+pub enum SharedPass {
+    /// The UNet's encoder and mid block.
+    UNet(UNetEncoded),
+    /// The transformer's patch and conditioning embeddings.
+    Transformer(DiTEmbedded),
+}
+
+/// What side networks add to a backbone's forward pass (summed over several side networks).
+#[derive(Debug)]
+pub enum Residuals {
+    /// ControlNet: one residual per UNet skip sample and one for the mid block.
+    UNet {
+        /// `down_block_additional_residuals`.
+        down: Vec<Tensor>,
+        /// `mid_block_additional_residual`.
+        mid: Tensor,
+    },
+    /// ControlNet-Transformer: one token map per side block.
+    Blocks(Vec<Tensor>),
+}
+
+impl Residuals {
+    /// The element-wise sum of two sets of residuals of the same kind (diffusers' MultiControlNet).
+    pub fn add(self, other: Residuals) -> Result<Residuals> {
+        match (self, other) {
+            (Residuals::UNet { down, mid }, Residuals::UNet { down: d2, mid: m2 }) if down.len() == d2.len() => {
+                let down = down.iter().zip(&d2).map(|(a, b)| Ok(a.f_add(b)?)).collect::<Result<Vec<_>>>()?;
+                Ok(Residuals::UNet { down, mid: mid.f_add(&m2)? })
+            }
+            (Residuals::Blocks(a), Residuals::Blocks(b)) if a.len() == b.len() => {
+                Ok(Residuals::Blocks(a.iter().zip(&b).map(|(x, y)| Ok(x.f_add(y)?)).collect::<Result<Vec<_>>>()?))
+            }
+            _ => Err(Error::Config("side networks of different architectures cannot be summed".into())),
+        }
+    }
 }
 
 /// The main network shipped with the repository (`assets/main-network`).
@@ -32,10 +110,10 @@ pub const CONFIG_FILE: &str = "config.json";
 
 /// A main network: `predict(x_t, t, y)`.
 pub struct MainNetwork {
-    /// The variables (UNet at the root with diffusers names, the label encoder under `label_encoder`).
+    /// The variables (the backbone at the root with diffusers names, the label encoder under `label_encoder`).
     pub vs: nn::VarStore,
-    /// The UNet.
-    pub unet: UNet2DConditionModel,
+    /// The backbone.
+    pub backbone: Backbone,
     /// The label encoder.
     pub labels: LabelEncoder,
     /// The objective.
@@ -54,12 +132,14 @@ impl MainNetwork {
             }
         };
         let vs = nn::VarStore::new(device);
-        let unet = UNet2DConditionModel::new(vs.root(), &config.unet).map_err(section("unet"))?;
-        let labels =
-            LabelEncoder::new(vs.root() / "label_encoder", &config.label_encoder, config.unet.cross_attention_dim)
-                .map_err(section("label_encoder"))?;
+        let backbone = match &config.transformer {
+            None => Backbone::UNet(UNet2DConditionModel::new(vs.root(), &config.unet).map_err(section("unet"))?),
+            Some(t) => Backbone::Transformer(DiTModel::new(vs.root(), t).map_err(section("transformer"))?),
+        };
+        let labels = LabelEncoder::new(vs.root() / "label_encoder", &config.label_encoder, config.label_dim())
+            .map_err(section("label_encoder"))?;
         let objective = Objective::new(&config.objective).map_err(section("objective"))?;
-        Ok(Self { vs, unet, labels, objective, config: config.clone() })
+        Ok(Self { vs, backbone, labels, objective, config: config.clone() })
     }
 
     /// Loads a model folder or a training checkpoint: the config from `dir/config.json` (or the run
@@ -110,16 +190,62 @@ impl MainNetwork {
     /// `model_t` [B] with class labels `y` [B] (the null label = unconditional).
     pub fn predict(&self, x_t: &Tensor, model_t: &Tensor, y: &Tensor) -> Result<Tensor> {
         let ehs = self.labels.forward(y)?;
-        self.unet.forward(x_t, model_t, &ehs, None, None)
+        self.forward(x_t, model_t, &ehs, None)
+    }
+
+    /// The UNet backbone, or an error naming `what` needs it (a transformer main network).
+    pub fn unet(&self, what: &str) -> Result<&UNet2DConditionModel> {
+        match &self.backbone {
+            Backbone::UNet(u) => Ok(u),
+            Backbone::Transformer(_) => {
+                Err(Error::Config(format!("{what} needs a UNet main network; this one is a transformer")))
+            }
+        }
+    }
+
+    /// The backbone's prediction for label tokens `ehs` with the side networks' `residuals` added.
+    pub fn forward(
+        &self,
+        x_t: &Tensor,
+        model_t: &Tensor,
+        ehs: &Tensor,
+        residuals: Option<&Residuals>,
+    ) -> Result<Tensor> {
+        self.decode(&self.encode(x_t, model_t, ehs)?, residuals)
+    }
+
+    /// The part of the forward pass that residuals do not change (see [`SharedPass`]).
+    pub fn encode(&self, x_t: &Tensor, model_t: &Tensor, ehs: &Tensor) -> Result<SharedPass> {
+        Ok(match &self.backbone {
+            Backbone::UNet(u) => SharedPass::UNet(u.encode(x_t, model_t, ehs)?),
+            Backbone::Transformer(d) => SharedPass::Transformer(d.embed(x_t, model_t, ehs)?),
+        })
+    }
+
+    /// The rest of the forward pass from `shared`, with the side networks' `residuals` added.
+    pub fn decode(&self, shared: &SharedPass, residuals: Option<&Residuals>) -> Result<Tensor> {
+        match (&self.backbone, shared, residuals) {
+            (Backbone::UNet(u), SharedPass::UNet(enc), None) => u.decode(enc, None, None),
+            (Backbone::UNet(u), SharedPass::UNet(enc), Some(Residuals::UNet { down, mid })) => {
+                u.decode(enc, Some(down), Some(mid))
+            }
+            (Backbone::Transformer(d), SharedPass::Transformer(emb), None) => d.run_blocks(emb, None),
+            (Backbone::Transformer(d), SharedPass::Transformer(emb), Some(Residuals::Blocks(r))) => {
+                d.run_blocks(emb, Some(r))
+            }
+            _ => Err(Error::Config(
+                "the side network's residuals do not fit this main network's architecture (UNet vs transformer)".into(),
+            )),
+        }
     }
 
     /// Generates one sample per label from noise drawn with `seed`.
     pub fn sample(&self, y: &Tensor, sampler: &SamplerConfig, seed: u64) -> Result<Tensor> {
         let sampler = Sampler::new(&self.objective, sampler.clone())?;
-        let c = &self.config.unet;
+        let (c, s) = (self.config.in_channels(), self.config.sample_size());
         let n = y.size()[0];
         tch::manual_seed(seed as i64);
-        let x_t = Tensor::randn([n, c.in_channels, c.sample_size, c.sample_size], (Kind::Float, self.vs.device()));
+        let x_t = Tensor::randn([n, c, s, s], (Kind::Float, self.vs.device()));
         let y = y.to_device(self.vs.device());
         sampler.sample(x_t, seed, |x, t| self.predict(x, t, &y))
     }

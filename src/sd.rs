@@ -126,7 +126,7 @@ pub fn load_main_network(dir: &Path, prompts: &[&str], device: Device) -> Result
         ));
     }
     let label_encoder = LabelEncoderConfig { num_classes: prompts.len() as i64, num_tokens: tokens };
-    let config = MainNetworkConfig { unet, label_encoder, objective };
+    let config = MainNetworkConfig { unet, label_encoder, objective, transformer: None };
     let main = MainNetwork::new(&config, device)?;
     let params: Vec<(String, Tensor)> =
         main.named_parameters().into_iter().filter(|(n, _)| !n.starts_with("label_encoder.")).collect();

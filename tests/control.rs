@@ -271,3 +271,81 @@ fn ablate_runs_the_baseline_and_each_variant_into_one_table() {
     let (ok, _, stderr) = lisa(&["ablate", "--variant", "typo: lisa.lamda=1", "--output-dir", out.to_str().unwrap()]);
     assert!(!ok && stderr.contains("lamda") && stderr.lines().count() == 1, "{stderr}");
 }
+
+#[test]
+fn a_flow_matching_transformer_main_network_pretrains_and_compares_with_lisa() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dit.toml");
+    std::fs::write(
+        &config,
+        r#"
+threads = 1
+device = "cpu"
+[data]
+source = "embedded"
+max_examples = 32
+[model.objective]
+kind = "flow"
+[model.transformer]
+patch_size = 4
+num_layers = 2
+num_attention_heads = 2
+attention_head_dim = 8
+pooled_projection_dim = 16
+[train]
+steps = 2
+batch_size = 8
+lr_warmup_steps = 1
+log_every = 1
+checkpointing_steps = 0
+[validation]
+num_images = 0
+"#,
+    )
+    .unwrap();
+    let main_run = dir.path().join("main");
+    let (ok, _, stderr) = lisa(&[
+        "pretrain",
+        "--quiet",
+        "--config",
+        config.to_str().unwrap(),
+        "--output-dir",
+        main_run.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let model = main_run.join("model");
+    let saved = std::fs::read_to_string(model.join("config.json")).unwrap();
+    assert!(saved.contains("\"transformer\"") && saved.contains("\"flow\""), "{saved}");
+
+    let out = dir.path().join("cmp");
+    let set_main = format!("main_network={:?}", model.to_str().unwrap());
+    let (ok, stdout, stderr) = compare_task("edges", &out, &["--set", &set_main, "--set", "lisa.hook=\"block_0\""]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("edge_f1"), "{stdout}");
+    let side = std::fs::read_to_string(out.join("seed-0/lisa/side-network/config.json")).unwrap();
+    assert!(side.contains("\"num_layers\": 1") && !side.contains("controlnet"), "half of 2 blocks: {side}");
+    let metrics = std::fs::read_to_string(out.join("seed-0/lisa/metrics.csv")).unwrap();
+    assert!(metrics.lines().next().unwrap().contains("lisa_ratio"));
+
+    // The side network samples under `lisa sample` with its main network.
+    let png = dir.path().join("s.png");
+    let (ok, _, stderr) = lisa(&[
+        "sample",
+        "--model",
+        model.to_str().unwrap(),
+        "--controlnet",
+        out.join("seed-0/lisa/side-network").to_str().unwrap(),
+        "--condition-from",
+        out.join("samples.png").to_str().unwrap(),
+        "--labels",
+        "0",
+        "--per-label",
+        "1",
+        "--sampling-steps",
+        "2",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(png.is_file());
+}

@@ -335,6 +335,8 @@ fn controlnet_export_loads_in_diffusers_and_imports_back() {
             )
         })
         .unwrap()
+        .into_controlnet()
+        .unwrap()
     };
     let mut rep = Report::default();
 
@@ -380,6 +382,8 @@ fn controlnet_export_loads_in_diffusers_and_imports_back() {
     assert!(back.mid_block_res_sample.equal(&ours.mid_block_res_sample));
     let out = again
         .residuals(&g["sample"], &g["timesteps"], &g["encoder_hidden_states"], &g["controlnet_cond"], 1.0, None)
+        .unwrap()
+        .into_controlnet()
         .unwrap();
     let loss = out
         .down_block_res_samples
@@ -494,7 +498,7 @@ fn sd_folder_as_main_network_trains_a_controlnet_with_lisa_in_latent_space() {
         ..ControlNetConfig::for_unet(&main.config.unet)
     };
     let side = SideNetwork::from_main(&main, ConditionKind::Edges, side_cfg).unwrap();
-    let head = LisaHead::new(&main, &LisaConfig::default(), 3).unwrap();
+    let head = LisaHead::new(&main, &side, &LisaConfig::default()).unwrap();
     let task = ControlTask::new(&main, &side, Some(&head)).unwrap();
     let batch = Batch { x0, labels: Tensor::from_slice(&[0i64, 2]), condition: Some(condition) };
     let noise = Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu));
@@ -692,7 +696,8 @@ fn train_sd_trains_a_latent_controlnet_on_a_captioned_imagefolder_resumes_and_ex
     let t = Tensor::from_slice(&[10i64, 500]);
     let ehs = main.labels.forward(&Tensor::from_slice(&[0i64, 1])).unwrap();
     let (a, b) = tch::no_grad(|| {
-        (saved.residuals(&x, &t, &ehs, &c, 1.0, None).unwrap(), imported.residuals(&x, &t, &ehs, &c, 1.0, None).unwrap())
+        let run = |s: &SideNetwork| s.residuals(&x, &t, &ehs, &c, 1.0, None).unwrap().into_controlnet().unwrap();
+        (run(&saved), run(&imported))
     });
     assert!(a.mid_block_res_sample.equal(&b.mid_block_res_sample));
     assert!(a.mid_block_res_sample.abs().max().double_value(&[]) > 0.0, "trained zero convs are no longer zero");

@@ -190,7 +190,7 @@ fn build(cfg: &serde_json::Value, reference_pass: ReferencePass) -> Nets {
     load("side network", &side.named_parameters(), &read("side.safetensors"));
     let mut lisa: LisaConfig = serde_json::from_value(cfg["lisa"].clone()).unwrap();
     lisa.reference_pass = reference_pass;
-    let head = LisaHead::new(&main, &lisa, 1).unwrap();
+    let head = LisaHead::new(&main, &side, &lisa).unwrap();
     load("LISA decoder", &head.named_parameters(), &read("decoder.safetensors"));
     Nets { main, side, head }
 }
@@ -221,7 +221,8 @@ fn lisa_step_matches_the_pytorch_diffusers_reference() {
         let ehs = main.labels.forward(labels).unwrap();
         let out = side.residuals(&sample.x_t, &sample.model_t, &ehs, condition, 1.0, Some(head.hook)).unwrap();
         rep.compare("forward", "hooked (mid-block output of the side network)", out.hooked.as_ref().unwrap(), &step["hooked"]);
-        rep.compare("forward", "mid_residual (controlnet_mid_block output)", &out.mid_block_res_sample, &step["mid_residual"]);
+        let lisa::pipeline::Residuals::UNet { mid, .. } = &out.residuals else { panic!("a UNet side network") };
+        rep.compare("forward", "mid_residual (controlnet_mid_block output)", mid, &step["mid_residual"]);
     });
     let task = ControlTask::new(main, side, Some(head)).unwrap();
     let f = tch::no_grad(|| task.forward(&sample.x_t, &sample.model_t, labels, condition)).unwrap();

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
+use super::side::SideNetwork;
 use crate::models::{DecoderConfig, Hook, LisaDecoder};
 use crate::pipeline::MainNetwork;
 use crate::{Error, Result};
@@ -108,7 +109,9 @@ impl LisaConfig {
             return Err(Error::Config(format!("lisa.lambda must be a finite number ≥ 0, got {}", self.lambda)));
         }
         if self.decoder_channel_floor <= 0 || self.decoder_channel_multiplier <= 0 {
-            return Err(Error::Config("lisa.decoder_channel_floor and lisa.decoder_channel_multiplier must be ≥ 1".into()));
+            return Err(Error::Config(
+                "lisa.decoder_channel_floor and lisa.decoder_channel_multiplier must be ≥ 1".into(),
+            ));
         }
         Ok(())
     }
@@ -139,13 +142,18 @@ pub struct LisaHead {
 }
 
 impl LisaHead {
-    /// A zero-output decoder for the `hook` layer of a side network of `main` whose conditions have
-    /// `condition_channels` channels (the decoder's output when the target is the condition).
-    pub fn new(main: &MainNetwork, cfg: &LisaConfig, condition_channels: i64) -> Result<Self> {
+    /// A zero-output decoder for the hooked layer of `side`, a side network of `main` (its output has
+    /// the condition's channels when the target is the condition, the prediction's otherwise).
+    pub fn new(main: &MainNetwork, side: &SideNetwork, cfg: &LisaConfig) -> Result<Self> {
         cfg.validate()?;
-        let u = &main.config.unet;
-        let layers = crate::models::ControlNetConfig::for_unet(u).hookable_layers(u.sample_size, u.sample_size);
-        let layer = layers.iter().find(|l| l.hook == cfg.hook).ok_or_else(|| {
+        let size = main.config.sample_size();
+        let layers = side.hookable_layers(size);
+        let hook = match &side.config.transformer {
+            // `mid` of a transformer side network is its last block.
+            Some(t) => t.hooked_block(cfg.hook).map_or(cfg.hook, Hook::Block),
+            None => cfg.hook,
+        };
+        let layer = layers.iter().find(|l| l.hook == hook).ok_or_else(|| {
             let names: Vec<String> = layers.iter().map(|l| l.hook.to_string()).collect();
             Error::Config(format!("lisa.hook {} does not exist; choose one of {}", cfg.hook, names.join(", ")))
         })?;
@@ -154,9 +162,16 @@ impl LisaHead {
             vs.root() / DECODER_PREFIX.trim_end_matches('.'),
             layer.channels,
             layer.height,
-            u.sample_size,
-            if cfg.target == LisaTarget::Condition { condition_channels } else { u.out_channels },
-            &DecoderConfig { channel_floor: cfg.decoder_channel_floor, channel_multiplier: cfg.decoder_channel_multiplier },
+            size,
+            if cfg.target == LisaTarget::Condition {
+                side.config.conditioning_channels()
+            } else {
+                main.config.out_channels()
+            },
+            &DecoderConfig {
+                channel_floor: cfg.decoder_channel_floor,
+                channel_multiplier: cfg.decoder_channel_multiplier,
+            },
         )?;
         Ok(Self {
             vs,

@@ -15,8 +15,10 @@ pub mod task;
 
 pub use lisa::{likelihood_residual, LisaConfig, LisaDistance, LisaHead, LisaTarget, ReferencePass, NUM_TIME_BUCKETS};
 pub use sampling::{controlled_prediction, sample_controlled, sample_controlled_chunked, Control, ControlOptions};
-pub use side::{SideNetwork, SideNetworkConfig};
+pub use side::{SideModel, SideNetwork, SideNetworkConfig, SideOutput};
 pub use task::ControlTask;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod transformer_tests;

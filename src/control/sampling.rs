@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::side::SideNetwork;
 use crate::diffusion::{Sampler, SamplerConfig};
-use crate::pipeline::MainNetwork;
+use crate::pipeline::{MainNetwork, Residuals};
 use crate::{Error, Result};
 
 /// How one side network acts at inference.
@@ -84,21 +84,16 @@ pub fn controlled_prediction(
         (x.shallow_clone(), model_t.shallow_clone(), y.shallow_clone())
     };
     let ehs = main.labels.forward(&yy)?;
-    let mut down: Option<Vec<Tensor>> = None;
-    let mut mid: Option<Tensor> = None;
+    let mut residuals: Option<Residuals> = None;
     for c in controls.iter().filter(|c| c.options.active(i, n) && c.options.conditioning_scale != 0.0) {
         let cond = if guided { Tensor::cat(&[&c.condition, &c.condition], 0) } else { c.condition.shallow_clone() };
         let out = c.side.residuals(&xx, &tt, &ehs, &cond, c.options.conditioning_scale, None)?;
-        down = Some(match down {
-            None => out.down_block_res_samples,
-            Some(d) => d.iter().zip(&out.down_block_res_samples).map(|(a, r)| a + r).collect(),
-        });
-        mid = Some(match mid {
-            None => out.mid_block_res_sample,
-            Some(m) => m + out.mid_block_res_sample,
+        residuals = Some(match residuals {
+            None => out.residuals,
+            Some(r) => r.add(out.residuals)?,
         });
     }
-    let out = main.unet.forward(&xx, &tt, &ehs, down.as_deref(), mid.as_ref())?;
+    let out = main.forward(&xx, &tt, &ehs, residuals.as_ref())?;
     if !guided {
         return Ok(out);
     }
@@ -133,14 +128,18 @@ pub fn sample_controlled(
     }
     let controls: Vec<Control> = controls
         .iter()
-        .map(|c| Control { side: c.side, condition: c.condition.to_device(dev).to_kind(Kind::Float), options: c.options })
+        .map(|c| Control {
+            side: c.side,
+            condition: c.condition.to_device(dev).to_kind(Kind::Float),
+            options: c.options,
+        })
         .collect();
     let sampler_cfg = sampler.clone();
     let steps = sampler_cfg.steps;
     let sampler = Sampler::new(&main.objective, sampler_cfg)?;
-    let u = &main.config.unet;
+    let (c, s) = (main.config.in_channels(), main.config.sample_size());
     tch::manual_seed(seed as i64);
-    let x_t = Tensor::randn([n, u.in_channels, u.sample_size, u.sample_size], (Kind::Float, dev));
+    let x_t = Tensor::randn([n, c, s, s], (Kind::Float, dev));
     let y = y.to_device(dev);
     let mut i = 0;
     sampler.sample(x_t, seed, |x, t| {

@@ -10,8 +10,10 @@ use tch::{nn, Tensor};
 use super::sampling::{sample_controlled, sample_controlled_chunked, Control, ControlOptions};
 use crate::data::conditions::{ConditionKind, ConditionSet};
 use crate::diffusion::SamplerConfig;
-use crate::models::{diffusers, ControlNetConfig, ControlNetModel, ControlNetOutput, Hook};
-use crate::pipeline::{save_model_dir, MainNetwork, CONFIG_FILE};
+use crate::models::{
+    diffusers, ControlNetConfig, ControlNetModel, ControlNetOutput, DiTControlNetConfig, DiTControlNetModel, Hook,
+};
+use crate::pipeline::{save_model_dir, MainNetwork, Residuals, CONFIG_FILE};
 use crate::train::checkpoint;
 use crate::{Error, Result};
 
@@ -19,8 +21,12 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SideNetworkConfig {
-    /// The ControlNet architecture (diffusers `ControlNetModel` config fields).
-    pub controlnet: ControlNetConfig,
+    /// The ControlNet architecture (diffusers `ControlNetModel` config fields), for a UNet main network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controlnet: Option<ControlNetConfig>,
+    /// The ControlNet-Transformer architecture, for a transformer main network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transformer: Option<DiTControlNetConfig>,
     /// The condition it was trained on: `edges`, `mask`, `depth`, `lowres` or `skeleton`, or several
     /// stacked as channels (`edges+mask`).
     pub condition: String,
@@ -29,12 +35,61 @@ pub struct SideNetworkConfig {
     pub objective: String,
 }
 
-/// A ControlNet side network and its own variables (nothing of the main network).
+impl SideNetworkConfig {
+    /// Channels of the condition the side network takes.
+    pub fn conditioning_channels(&self) -> i64 {
+        match (&self.controlnet, &self.transformer) {
+            (Some(c), _) => c.conditioning_channels,
+            (None, Some(t)) => t.conditioning_channels,
+            (None, None) => 1,
+        }
+    }
+
+    /// The ControlNet config, or an error naming `what` needs a UNet side network.
+    pub fn controlnet(&self, what: &str) -> Result<&ControlNetConfig> {
+        self.controlnet
+            .as_ref()
+            .ok_or_else(|| Error::Config(format!("{what} needs a UNet ControlNet; this side network is a transformer")))
+    }
+}
+
+/// The side network proper.
+#[derive(Debug)]
+pub enum SideModel {
+    /// diffusers' `ControlNetModel`, for a UNet main network.
+    ControlNet(ControlNetModel),
+    /// diffusers' `SD3ControlNetModel`-style ControlNet-Transformer, for a transformer main network.
+    Transformer(DiTControlNetModel),
+}
+
+/// What a side network's forward pass gives: the residuals for the main network and, with a hook,
+/// the hooked feature as a [B, C, h, w] map.
+#[derive(Debug)]
+pub struct SideOutput {
+    /// The residuals (times the conditioning scale).
+    pub residuals: Residuals,
+    /// The input of the hooked zero layer, still attached to the graph.
+    pub hooked: Option<Tensor>,
+}
+
+impl SideOutput {
+    /// The residuals as diffusers' ControlNet returns them (a UNet side network's only).
+    pub fn into_controlnet(self) -> Result<ControlNetOutput> {
+        match self.residuals {
+            Residuals::UNet { down, mid } => {
+                Ok(ControlNetOutput { down_block_res_samples: down, mid_block_res_sample: mid, hooked: self.hooked })
+            }
+            Residuals::Blocks(_) => Err(Error::Config("a transformer side network has no ControlNet residuals".into())),
+        }
+    }
+}
+
+/// A side network and its own variables (nothing of the main network).
 pub struct SideNetwork {
     /// The side network's variables, named as diffusers' ControlNet checkpoint keys.
     pub vs: nn::VarStore,
     /// The model.
-    pub model: ControlNetModel,
+    pub model: SideModel,
     /// Its configuration.
     pub config: SideNetworkConfig,
     /// The parsed condition(s), one per conditioning channel.
@@ -50,18 +105,82 @@ impl SideNetwork {
         controlnet: ControlNetConfig,
     ) -> Result<Self> {
         let condition = condition.into();
+        main.unet("a ControlNet side network (use SideNetwork::from_main_transformer)")?;
         if controlnet.unet != main.config.unet {
             return Err(Error::Config(
                 "the side network's UNet config must be the main network's (it copies the main encoder)".into(),
             ));
         }
-        check_channels(&condition, &controlnet).map_err(Error::Config)?;
+        check_channels(&condition, controlnet.conditioning_channels).map_err(Error::Config)?;
         let vs = nn::VarStore::new(main.vs.device());
         let params: HashMap<String, Tensor> = main.vs.variables();
-        let model = ControlNetModel::from_unet(vs.root(), &params, &controlnet)?;
-        let config =
-            SideNetworkConfig { controlnet, condition: condition.to_string(), objective: main.objective.name().into() };
+        let model = SideModel::ControlNet(ControlNetModel::from_unet(vs.root(), &params, &controlnet)?);
+        let config = SideNetworkConfig {
+            controlnet: Some(controlnet),
+            transformer: None,
+            condition: condition.to_string(),
+            objective: main.objective.name().into(),
+        };
         Ok(Self { vs, model, config, condition })
+    }
+
+    /// A new ControlNet-Transformer side network for a transformer `main` (as diffusers'
+    /// `SD3ControlNetModel.from_transformer`): embeddings and the first `cfg.num_layers` blocks copied,
+    /// condition embedding and output layers at zero.
+    pub fn from_main_transformer(
+        main: &MainNetwork,
+        condition: impl Into<ConditionSet>,
+        cfg: DiTControlNetConfig,
+    ) -> Result<Self> {
+        let condition = condition.into();
+        if main.config.transformer.as_ref() != Some(&cfg.transformer) {
+            return Err(Error::Config(
+                "the side transformer's config must be the main network's transformer (it copies its blocks)".into(),
+            ));
+        }
+        check_channels(&condition, cfg.conditioning_channels).map_err(Error::Config)?;
+        let vs = nn::VarStore::new(main.vs.device());
+        let params: HashMap<String, Tensor> = main.vs.variables();
+        let model = SideModel::Transformer(DiTControlNetModel::from_transformer(vs.root(), &params, &cfg)?);
+        let config = SideNetworkConfig {
+            controlnet: None,
+            transformer: Some(cfg),
+            condition: condition.to_string(),
+            objective: main.objective.name().into(),
+        };
+        Ok(Self { vs, model, config, condition })
+    }
+
+    /// A freshly initialised side network of `main` with the architecture recorded in `config` (as a
+    /// run's step 0 when the generator is seeded as the run seeded it).
+    pub fn initial(main: &MainNetwork, condition: impl Into<ConditionSet>, config: &SideNetworkConfig) -> Result<Self> {
+        match (&config.controlnet, &config.transformer) {
+            (Some(c), _) => Self::from_main(main, condition, c.clone()),
+            (None, Some(t)) => Self::from_main_transformer(main, condition, t.clone()),
+            (None, None) => Err(Error::Config("a side network config needs `controlnet` or `transformer`".into())),
+        }
+    }
+
+    /// A new side network of the kind `main` takes: a ControlNet with `controlnet`'s settings for a UNet,
+    /// a ControlNet-Transformer of `transformer_layers` blocks (0 = half the main network's) for a transformer.
+    pub fn for_main(
+        main: &MainNetwork,
+        condition: impl Into<ConditionSet>,
+        controlnet: ControlNetConfig,
+        transformer_layers: i64,
+    ) -> Result<Self> {
+        let condition = condition.into();
+        match &main.config.transformer {
+            None => Self::from_main(main, condition, controlnet),
+            Some(t) => {
+                let layers = if transformer_layers > 0 { transformer_layers } else { (t.num_layers / 2).max(1) };
+                let cfg = DiTControlNetConfig {
+                    conditioning_channels: controlnet.conditioning_channels,
+                    ..DiTControlNetConfig::for_transformer(t, layers)
+                };
+                Self::from_main_transformer(main, condition, cfg)
+            }
+        }
     }
 
     /// Loads a side network folder (or a `checkpoint-N/` of a side-network run, whose `config.json`
@@ -77,10 +196,20 @@ impl SideNetwork {
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let config: SideNetworkConfig = serde_json::from_str(&text)
             .map_err(|e| Error::format(&cfg_path, format!("not a side network config: {e}")))?;
-        if config.controlnet.unet != main.config.unet {
+        let fits = match (&config.controlnet, &config.transformer) {
+            (Some(c), None) => main.config.transformer.is_none() && c.unet == main.config.unet,
+            (None, Some(t)) => main.config.transformer.as_ref() == Some(&t.transformer),
+            _ => {
+                return Err(Error::format(
+                    &cfg_path,
+                    "a side network config needs exactly one of `controlnet` and `transformer`",
+                ))
+            }
+        };
+        if !fits {
             return Err(Error::Checkpoint {
                 path: dir.to_path_buf(),
-                msg: "this side network was built for a main network with a different UNet config; \
+                msg: "this side network was built for a main network with a different architecture; \
                       pass the main network it was trained with (--model)"
                     .into(),
             });
@@ -96,10 +225,14 @@ impl SideNetwork {
             });
         }
         let condition: ConditionSet = config.condition.parse()?;
-        check_channels(&condition, &config.controlnet)
+        check_channels(&condition, config.conditioning_channels())
             .map_err(|msg| Error::Checkpoint { path: cfg_path.clone(), msg })?;
         let vs = nn::VarStore::new(main.vs.device());
-        let model = ControlNetModel::new(vs.root(), &config.controlnet)?;
+        let model = match (&config.controlnet, &config.transformer) {
+            (Some(c), _) => SideModel::ControlNet(ControlNetModel::new(vs.root(), c)?),
+            (None, Some(t)) => SideModel::Transformer(DiTControlNetModel::new(vs.root(), t)?),
+            (None, None) => unreachable!("checked above"),
+        };
         let side = Self { vs, model, config, condition };
         let file = "model.safetensors";
         let tensors = checkpoint::read_tensors(dir, file)?;
@@ -120,20 +253,22 @@ impl SideNetwork {
     /// runs to the same residuals. Errors when diffusers cannot express its conditioning embedding
     /// (see [`diffusers::controlnet_config_to_json`]).
     pub fn export_diffusers(&self, dir: &Path) -> Result<()> {
-        diffusers::save_controlnet(dir, &self.config.controlnet, &self.named_parameters())
+        diffusers::save_controlnet(dir, self.config.controlnet("diffusers export")?, &self.named_parameters())
     }
 
     /// Imports a diffusers `ControlNetModel` folder (one exported by [`SideNetwork::export_diffusers`]
     /// or trained elsewhere) as a trainable side network of `main` for conditions of kind
     /// `condition`, e.g. to continue training it. Its encoder must match the main UNet's.
     pub fn import_diffusers(dir: &Path, main: &MainNetwork, condition: ConditionKind) -> Result<Self> {
+        main.unet("importing a diffusers ControlNet")?;
         let cfg = diffusers::read_config(dir)?;
         let controlnet =
             diffusers::controlnet_config_from_json(&cfg, &dir.join(diffusers::CONFIG_FILE), Some(&main.config.unet))?;
         let vs = nn::VarStore::new(main.vs.device());
-        let model = ControlNetModel::new(vs.root(), &controlnet)?;
+        let model = SideModel::ControlNet(ControlNetModel::new(vs.root(), &controlnet)?);
         let config = SideNetworkConfig {
-            controlnet,
+            controlnet: Some(controlnet),
+            transformer: None,
             condition: condition.name().into(),
             objective: main.objective.name().into(),
         };
@@ -151,7 +286,7 @@ impl SideNetwork {
         v
     }
 
-    /// Runs the side network: residuals for the main UNet (times `scale`) and, with `hook`, the
+    /// Runs the side network: residuals for the main network (times `scale`) and, with `hook`, the
     /// hooked feature. `ehs` is the main network's label encoding of `y`.
     pub fn residuals(
         &self,
@@ -161,8 +296,28 @@ impl SideNetwork {
         condition: &Tensor,
         scale: f64,
         hook: Option<Hook>,
-    ) -> Result<ControlNetOutput> {
-        self.model.forward(x_t, model_t, ehs, condition, scale, hook)
+    ) -> Result<SideOutput> {
+        Ok(match &self.model {
+            SideModel::ControlNet(m) => {
+                let out = m.forward(x_t, model_t, ehs, condition, scale, hook)?;
+                SideOutput {
+                    residuals: Residuals::UNet { down: out.down_block_res_samples, mid: out.mid_block_res_sample },
+                    hooked: out.hooked,
+                }
+            }
+            SideModel::Transformer(m) => {
+                let out = m.forward(x_t, model_t, ehs, condition, scale, hook)?;
+                SideOutput { residuals: Residuals::Blocks(out.block_samples), hooked: out.hooked }
+            }
+        })
+    }
+
+    /// The layers a LISA hook can attach to, for the main network's sample size.
+    pub fn hookable_layers(&self, sample_size: i64) -> Vec<crate::models::HookableLayer> {
+        match &self.model {
+            SideModel::ControlNet(m) => m.hookable_layers(sample_size, sample_size),
+            SideModel::Transformer(m) => m.config.hookable_layers(),
+        }
     }
 
     /// The controlled prediction `main(x_t, t, y; residuals = side(x_t, t, y, c))`.
@@ -177,7 +332,7 @@ impl SideNetwork {
     ) -> Result<Tensor> {
         let ehs = main.labels.forward(y)?;
         let side = self.residuals(x_t, model_t, &ehs, condition, scale, None)?;
-        main.unet.forward(x_t, model_t, &ehs, Some(&side.down_block_res_samples), Some(&side.mid_block_res_sample))
+        main.forward(x_t, model_t, &ehs, Some(&side.residuals))
     }
 
     /// Generates one sample per (label, condition) pair from noise drawn with `seed`; `condition`
@@ -223,14 +378,14 @@ impl SideNetwork {
 
 /// A stacked side network takes one conditioning channel per condition (a single condition may come
 /// as a grey or an RGB image).
-fn check_channels(condition: &ConditionSet, controlnet: &ControlNetConfig) -> std::result::Result<(), String> {
-    if condition.len() == 1 || controlnet.conditioning_channels == condition.len() as i64 {
+fn check_channels(condition: &ConditionSet, conditioning_channels: i64) -> std::result::Result<(), String> {
+    if condition.len() == 1 || conditioning_channels == condition.len() as i64 {
         Ok(())
     } else {
         Err(format!(
             "the side network for {condition} needs {} conditioning channels (one per condition), but its config has {}",
             condition.len(),
-            controlnet.conditioning_channels
+            conditioning_channels
         ))
     }
 }

@@ -54,10 +54,10 @@ impl<'a> ControlTask<'a> {
     pub fn forward(&self, x_t: &Tensor, model_t: &Tensor, y: &Tensor, condition: &Tensor) -> Result<ControlForward> {
         let ehs = tch::no_grad(|| self.main.labels.forward(y))?;
         let side = self.side.residuals(x_t, model_t, &ehs, condition, 1.0, self.lisa.map(|h| h.hook))?;
-        // The residuals enter only the up path, so the encoder's outputs serve both passes (spec §6).
-        let enc = tch::no_grad(|| self.main.unet.encode(x_t, model_t, &ehs))?;
-        let pred_full =
-            self.main.unet.decode(&enc, Some(&side.down_block_res_samples), Some(&side.mid_block_res_sample))?;
+        // The residuals enter only after the encoder (UNet) or the embeddings (transformer), so that
+        // part serves both passes (spec §6).
+        let shared = tch::no_grad(|| self.main.encode(x_t, model_t, &ehs))?;
+        let pred_full = self.main.decode(&shared, Some(&side.residuals))?;
         let (pred_main, decoded) = match self.lisa {
             None => (None, None),
             Some(head) => {
@@ -65,7 +65,7 @@ impl<'a> ControlTask<'a> {
                 let needs_reference = matches!(head.target, LisaTarget::Residual | LisaTarget::Random);
                 let pred_main = if needs_reference {
                     Some(tch::no_grad(|| match head.reference_pass {
-                        ReferencePass::SharedEncoder => self.main.unet.decode(&enc, None, None),
+                        ReferencePass::SharedEncoder => self.main.decode(&shared, None),
                         ReferencePass::Full => self.main.predict(x_t, model_t, y),
                     })?)
                 } else {

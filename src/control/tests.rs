@@ -28,8 +28,12 @@ fn tiny_main(objective: ObjectiveConfig) -> MainNetwork {
         ..UNetConfig::default()
     };
     tch::manual_seed(7);
-    let cfg =
-        MainNetworkConfig { unet, label_encoder: LabelEncoderConfig { num_classes: 3, num_tokens: 2 }, objective };
+    let cfg = MainNetworkConfig {
+        unet,
+        label_encoder: LabelEncoderConfig { num_classes: 3, num_tokens: 2 },
+        objective,
+        ..Default::default()
+    };
     let mut main = MainNetwork::new(&cfg, Device::Cpu).unwrap();
     main.freeze();
     main
@@ -48,8 +52,8 @@ fn side_for(main: &MainNetwork) -> SideNetwork {
 }
 
 fn head_for(main: &MainNetwork, hook: Hook, reference_pass: ReferencePass) -> LisaHead {
-    LisaHead::new(main, &LisaConfig { hook, reference_pass, decoder_channel_floor: 8, ..LisaConfig::default() }, 1)
-        .unwrap()
+    let cfg = LisaConfig { hook, reference_pass, decoder_channel_floor: 8, ..LisaConfig::default() };
+    LisaHead::new(main, &side_for(main), &cfg).unwrap()
 }
 
 /// A noised batch of 4 with labels and conditions.
@@ -442,7 +446,7 @@ fn controlled_sampling_is_reproducible_and_checks_condition_counts() {
 }
 
 fn head_with(main: &MainNetwork, cfg: LisaConfig) -> LisaHead {
-    LisaHead::new(main, &LisaConfig { decoder_channel_floor: 8, ..cfg }, 1).unwrap()
+    LisaHead::new(main, &side_for(main), &LisaConfig { decoder_channel_floor: 8, ..cfg }).unwrap()
 }
 
 #[test]
@@ -539,7 +543,7 @@ fn condition_dropout_zeroes_whole_channels_of_a_stacked_condition() {
         assert!(ControlTask::new(&main, &side, None).unwrap().with_condition_dropout(bad).is_err(), "{bad} accepted");
     }
     // A stacked side network needs one conditioning channel per condition.
-    let one = ControlNetConfig { conditioning_channels: 1, ..side.config.controlnet.clone() };
+    let one = ControlNetConfig { conditioning_channels: 1, ..side.config.controlnet.clone().unwrap() };
     let err =
         SideNetwork::from_main(&main, "edges+mask".parse::<crate::data::conditions::ConditionSet>().unwrap(), one)
             .err()

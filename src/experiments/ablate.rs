@@ -37,8 +37,9 @@ impl Variant {
 }
 
 /// The default ablation arms (spec §7's controls): LISA itself, three other targets, a wider decoder,
-/// cosine distance, λ ∈ {0.05, 0.1, 0.5, 1} (0.2 is `lisa`), and every hookable layer but `mid`.
-pub fn default_variants(num_skips: usize) -> Vec<String> {
+/// cosine distance, λ ∈ {0.05, 0.1, 0.5, 1} (0.2 is `lisa`), and every hookable layer but `mid`:
+/// `{hook}_0 .. {hook}_{num_hooks−1}` (`down` for a UNet side network, `block` for a transformer one).
+pub fn default_variants(hook: &str, num_hooks: usize) -> Vec<String> {
     let mut v: Vec<String> = vec![
         "lisa".into(),
         "random-target: lisa.target=\"random\"".into(),
@@ -48,7 +49,7 @@ pub fn default_variants(num_skips: usize) -> Vec<String> {
         "cosine: lisa.distance=\"cosine\"".into(),
     ];
     v.extend(["0.05", "0.1", "0.5", "1.0"].iter().map(|l| format!("lambda-{l}: lisa.lambda={l}")));
-    v.extend((0..num_skips).map(|i| format!("hook-down_{i}: lisa.hook=\"down_{i}\"")));
+    v.extend((0..num_hooks).map(|i| format!("hook-{hook}_{i}: lisa.hook=\"{hook}_{i}\"")));
     v
 }
 
@@ -213,7 +214,7 @@ mod tests {
         assert!(Variant::parse("baseline").is_err() && Variant::parse("a b: x=1").is_err());
         let bad = Variant::parse("typo: lisa.lamda=1").unwrap();
         assert!(crate::config::with_overrides(&ControlConfig::default(), &bad.overrides).is_err());
-        for spec in default_variants(6) {
+        for spec in default_variants("down", 6) {
             let v = Variant::parse(&spec).unwrap();
             let c = crate::config::with_overrides(&ControlConfig::default(), &v.overrides).unwrap();
             c.validate().unwrap();

@@ -848,7 +848,7 @@ pub fn run_bench(cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRe
         let side = SideNetwork::from_main(&main, ConditionKind::Edges, cn.clone())?;
         let head = match pass {
             None => None,
-            Some(reference_pass) => Some(LisaHead::new(&main, &LisaConfig { reference_pass, ..ctl.lisa.clone() }, 1)?),
+            Some(reference_pass) => Some(LisaHead::new(&main, &side, &LisaConfig { reference_pass, ..ctl.lisa.clone() })?),
         };
         arms.push(OursArm { variant, side, head });
     }
@@ -1232,7 +1232,7 @@ mod tests {
         let side = SideNetwork::from_main(&main, ConditionKind::Edges, cn).unwrap();
         for hook in [Hook::Mid, Hook::Down(0)] {
             let lc = LisaConfig { hook, decoder_channel_floor: 4, ..LisaConfig::default() };
-            let head = LisaHead::new(&main, &lc, 1).unwrap();
+            let head = LisaHead::new(&main, &side, &lc).unwrap();
             let res = if hook == Hook::Mid { 2 } else { 8 };
             let ctx =
                 FlopContext { unet: unet.clone(), size: 8, label_tokens: 2, cond_stride2: 0, decoder_feature_res: res };

@@ -159,7 +159,7 @@ pub fn compose(cfg: &ComposeConfig, out: &Path, log: &mut dyn FnMut(&str)) -> Re
     }
     let (shared_x, y) = shared.ok_or_else(|| Error::Config("no runs".into()))?;
     let names: Vec<String> = ctls.iter().map(|c| c.condition.clone()).collect();
-    let sampler = &ctls[0].fidelity.sampler;
+    let sampler = &super::control::fidelity_sampler(&ctls[0], &main);
     let seed = ctls[0].fidelity.seed;
     let chunk = ctls[0].final_eval.chunk;
 
@@ -269,7 +269,8 @@ fn stacked_rows(
             .collect();
         Tensor::cat(&maps, 1)
     };
-    let (sampler, seed, chunk) = (&ctl.fidelity.sampler, ctl.fidelity.seed, ctl.final_eval.chunk);
+    let (sampler, seed, chunk) =
+        (&super::control::fidelity_sampler(&ctl, main), ctl.fidelity.seed, ctl.final_eval.chunk);
     let mut subsets: Vec<Vec<usize>> = vec![channel_of.iter().map(|(i, _)| *i).collect()];
     subsets.extend(channel_of.iter().map(|(i, _)| vec![*i]));
     let mut rows = Vec::new();

@@ -26,7 +26,8 @@ pub struct FidelityEvalConfig {
     pub every_steps: u64,
     /// Held-out test images whose conditions are sampled. Default 64.
     pub num_images: i64,
-    /// The sampler (fixed across steps, arms and seeds). Default DDIM, 10 steps, η = 0.
+    /// The sampler (fixed across steps, arms and seeds). Default DDIM, 10 steps, η = 0; with a
+    /// flow-matching main network the default DDIM becomes Euler (DDIM does not apply to flow).
     pub sampler: SamplerConfig,
     /// Seed of the held-out subset and of the sampling noise (fixed across arms and seeds). Default 4321.
     pub seed: u64,
@@ -90,8 +91,11 @@ pub struct ControlConfig {
     pub condition_dropout: f64,
     /// Training data (conditions are extracted from its images); the held-out set is its test split.
     pub data: DataConfig,
-    /// Widths of the conditioning embedding's stages. Default `[16, 32]`.
+    /// Widths of the conditioning embedding's stages (UNet main networks). Default `[16, 32]`.
     pub conditioning_embedding_out_channels: Vec<i64>,
+    /// Blocks copied into the side network when the main network is a transformer (0 = half of its
+    /// blocks). Default 0.
+    pub side_transformer_layers: i64,
     /// LISA (`lisa.enabled = false` is the baseline).
     pub lisa: LisaConfig,
     /// The training loop.
@@ -115,6 +119,7 @@ impl Default for ControlConfig {
             condition_dropout: 0.0,
             data: DataConfig::default(),
             conditioning_embedding_out_channels: ControlNetConfig::default().conditioning_embedding_out_channels,
+            side_transformer_layers: 0,
             lisa: LisaConfig::default(),
             train: TrainConfig {
                 steps: 1000,
@@ -300,12 +305,8 @@ pub fn train_control(
         conditioning_embedding_out_channels: cfg.conditioning_embedding_out_channels.clone(),
         ..ControlNetConfig::for_unet(&main.config.unet)
     };
-    let side = SideNetwork::from_main(main, set, controlnet)?;
-    let head = if cfg.lisa.enabled {
-        Some(LisaHead::new(main, &cfg.lisa, side.config.controlnet.conditioning_channels)?)
-    } else {
-        None
-    };
+    let side = SideNetwork::for_main(main, set, controlnet, cfg.side_transformer_layers)?;
+    let head = if cfg.lisa.enabled { Some(LisaHead::new(main, &side, &cfg.lisa)?) } else { None };
     let task = ControlTask::new(main, &side, head.as_ref())?.with_condition_dropout(cfg.condition_dropout)?;
     let mut params = side.named_parameters();
     if let Some(h) = &head {
@@ -351,7 +352,8 @@ pub fn train_control(
     let metric = metric_name(kind);
     let mut measure = |step: u64| -> Result<()> {
         let t0 = std::time::Instant::now();
-        let samples = side.sample_chunked(main, &fid_y, &fid_c, &cfg.fidelity.sampler, 1.0, cfg.fidelity.seed, 64)?;
+        let samples =
+            side.sample_chunked(main, &fid_y, &fid_c, &fidelity_sampler(cfg, main), 1.0, cfg.fidelity.seed, 64)?;
         // With stacked conditions the curve scores the first; all are given.
         let score = fidelity(kind, &samples, &fid_c.narrow(1, 0, 1))?;
         fid_log
@@ -418,7 +420,7 @@ fn final_evaluation(
     let (y, c, x) =
         (data.eval_labels.narrow(0, 0, n), data.eval_conditions.narrow(0, 0, n), data.eval_images.narrow(0, 0, n));
     let samples =
-        side.sample_chunked(main, &y, &c, &cfg.fidelity.sampler, 1.0, cfg.fidelity.seed, cfg.final_eval.chunk)?;
+        side.sample_chunked(main, &y, &c, &fidelity_sampler(cfg, main), 1.0, cfg.fidelity.seed, cfg.final_eval.chunk)?;
     let first = samples.narrow(0, 0, n.min(32)).contiguous();
     let path = cfg.output_dir.join(FINAL_SAMPLES);
     Tensor::write_safetensors(&[("samples", &first)], &path).map_err(|e| Error::format(&path, e.to_string()))?;
@@ -485,6 +487,16 @@ pub fn read_curve(path: &Path, name: &str) -> Result<Vec<(u64, f64)>> {
 fn mean_column(path: &Path, name: &str) -> Result<f64> {
     let c = read_curve(path, name)?;
     Ok(c.iter().map(|p| p.1).sum::<f64>() / c.len().max(1) as f64)
+}
+
+/// The sampler of the fidelity and final evaluations: the configured one, except that the default
+/// DDIM becomes Euler for a flow-matching main network.
+pub fn fidelity_sampler(cfg: &ControlConfig, main: &MainNetwork) -> SamplerConfig {
+    let mut s = cfg.fidelity.sampler.clone();
+    if s.kind == SamplerKind::Ddim {
+        s.kind = default_sampler_kind(main);
+    }
+    s
 }
 
 /// The default sampler for a main network's objective (DDIM, or Euler for flow).

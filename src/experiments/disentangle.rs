@@ -329,7 +329,7 @@ pub fn disentangle(run_dir: &Path, cfg: &DisentangleConfig, log: &mut dyn FnMut(
                 .map_err(|e| Error::format(&arm_dir, format!("not a side-network run: {e}")))?;
             let mut nets: Vec<(u64, SideNetwork)> = Vec::new();
             tch::manual_seed(seed as i64);
-            nets.push((0, SideNetwork::from_main(&main, kind.clone(), side_cfg.controlnet.clone())?));
+            nets.push((0, SideNetwork::initial(&main, kind.clone(), &side_cfg)?));
             for (step, dir) in crate::train::checkpoint::list(&arm_dir)? {
                 nets.push((step, SideNetwork::load(&dir, &main)?));
             }
@@ -426,6 +426,7 @@ mod tests {
             unet,
             label_encoder: LabelEncoderConfig { num_classes: 3, num_tokens: 1 },
             objective: ObjectiveConfig::default(),
+            transformer: None,
         };
         let mut main = MainNetwork::new(&cfg, Device::Cpu).unwrap();
         main.freeze();

@@ -166,7 +166,7 @@ pub fn guidance_sweep(run_dir: &Path, cfg: &GuidanceConfig, log: &mut dyn FnMut(
                     &main,
                     &[control],
                     &y,
-                    &ctl.fidelity.sampler,
+                    &super::control::fidelity_sampler(&ctl, &main),
                     g,
                     ctl.fidelity.seed,
                     ctl.final_eval.chunk,

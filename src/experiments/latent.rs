@@ -262,7 +262,7 @@ pub fn train_latent(
         SideNetwork::import_diffusers(&cfg.init_controlnet, &main, ConditionKind::Given)?
     };
     let head = if cfg.lisa.enabled {
-        Some(LisaHead::new(&main, &cfg.lisa, side.config.controlnet.conditioning_channels)?)
+        Some(LisaHead::new(&main, &side, &cfg.lisa)?)
     } else {
         None
     };

@@ -42,9 +42,11 @@ impl DataConfig {
                 "embedded" => fashion_mnist::Source::Embedded,
                 "debian" => fashion_mnist::Source::Debian(PathBuf::from(fashion_mnist::DEBIAN_DIR)),
                 folder if std::path::Path::new(folder).is_dir() => fashion_mnist::Source::Debian(PathBuf::from(folder)),
-                other => return Err(Error::Config(format!(
+                other => {
+                    return Err(Error::Config(format!(
                     "data.source '{other}': use auto, embedded, debian or a folder holding the Fashion-MNIST IDX files"
-                ))),
+                )))
+                }
             };
             let split = if test { fashion_mnist::Split::Test } else { fashion_mnist::Split::Train };
             fashion_mnist::load(&source, split)?
@@ -162,10 +164,12 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
     cfg.train.validate()?;
     let device = device_from(&cfg.device)?;
     let m = &cfg.model;
-    if cfg.data.dataset != "fashion-mnist" && i64::from(cfg.data.image_size) != m.unet.sample_size {
+    let section = if m.transformer.is_some() { "model.transformer" } else { "model.unet" };
+    if cfg.data.dataset != "fashion-mnist" && i64::from(cfg.data.image_size) != m.sample_size() {
         return Err(Error::Config(format!(
-            "data.image_size = {} but model.unet.sample_size = {}; set them to the same size",
-            cfg.data.image_size, m.unet.sample_size
+            "data.image_size = {} but {section}.sample_size = {}; set them to the same size",
+            cfg.data.image_size,
+            m.sample_size()
         )));
     }
     let data = cfg.data.load(false)?;
@@ -175,15 +179,15 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
             data.num_classes, m.label_encoder.num_classes, data.num_classes
         )));
     }
-    if data.channels() != m.unet.in_channels || data.image_size() != m.unet.sample_size {
+    if data.channels() != m.in_channels() || data.image_size() != m.sample_size() {
         return Err(Error::Config(format!(
-            "the dataset's images are {}×{}×{} but model.unet.in_channels = {} and model.unet.sample_size = {}; \
+            "the dataset's images are {}×{}×{} but {section}.in_channels = {} and {section}.sample_size = {}; \
              make data.channels and the image size (data.image_size; 32 for Fashion-MNIST) agree with them",
             data.channels(),
             data.image_size(),
             data.image_size(),
-            m.unet.in_channels,
-            m.unet.sample_size
+            m.in_channels(),
+            m.sample_size()
         )));
     }
     let data = data.to_device(device);

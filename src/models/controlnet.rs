@@ -122,23 +122,29 @@ impl ControlNetConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum Hook {
-    /// The mid-block output, input of `controlnet_mid_block` (the authors' default).
+    /// The mid-block output, input of `controlnet_mid_block` (the authors' default). For a transformer
+    /// side network: its last block (`block_{N−1}`), the deepest side feature.
     Mid,
     /// Skip sample `i`, input of `controlnet_down_blocks.i` (the authors' recipe: `down_5`).
     Down(usize),
+    /// Transformer side networks: the output tokens of side block `i`, input of `controlnet_blocks.i`.
+    Block(usize),
 }
 
 impl FromStr for Hook {
     type Err = Error;
-    /// Parses `"mid"` or `"down_<i>"`.
+    /// Parses `"mid"`, `"down_<i>"` or `"block_<i>"`.
     fn from_str(s: &str) -> Result<Self> {
         if s == "mid" {
             return Ok(Hook::Mid);
         }
-        s.strip_prefix("down_")
-            .and_then(|i| i.parse::<usize>().ok())
-            .map(Hook::Down)
-            .ok_or_else(|| Error::Config(format!("hook {s:?} is not \"mid\" or \"down_<i>\" (e.g. \"down_5\")")))
+        let index = |prefix: &str| s.strip_prefix(prefix).and_then(|i| i.parse::<usize>().ok());
+        index("down_").map(Hook::Down).or_else(|| index("block_").map(Hook::Block)).ok_or_else(|| {
+            Error::Config(format!(
+                "hook {s:?} is not \"mid\" or \"down_<i>\" (UNet side networks, e.g. \"down_5\") or \"block_<i>\" \
+                 (transformer side networks)"
+            ))
+        })
     }
 }
 
@@ -147,6 +153,7 @@ impl fmt::Display for Hook {
         match self {
             Hook::Mid => write!(f, "mid"),
             Hook::Down(i) => write!(f, "down_{i}"),
+            Hook::Block(i) => write!(f, "block_{i}"),
         }
     }
 }
@@ -395,13 +402,17 @@ impl ControlNetModel {
         conditioning_scale: f64,
         hook: Option<Hook>,
     ) -> Result<ControlNetOutput> {
-        if let Some(Hook::Down(i)) = hook {
-            if i >= self.num_skips() {
-                return Err(Error::Config(format!(
-                    "hook down_{i} does not exist: the side network has down_0 .. down_{} and mid",
-                    self.num_skips() - 1
-                )));
-            }
+        let exists = match hook {
+            None | Some(Hook::Mid) => true,
+            Some(Hook::Down(i)) => i < self.num_skips(),
+            Some(Hook::Block(_)) => false,
+        };
+        if !exists {
+            return Err(Error::Config(format!(
+                "hook {} does not exist: the side network has down_0 .. down_{} and mid",
+                hook.map(|h| h.to_string()).unwrap_or_default(),
+                self.num_skips() - 1
+            )));
         }
         let t = expand_timesteps(timesteps, sample.size4()?.0)?;
         let emb = self.time_proj.forward(&t)?;
@@ -434,6 +445,7 @@ impl ControlNetModel {
             None => None,
             Some(Hook::Mid) => Some(mid.shallow_clone()),
             Some(Hook::Down(i)) => Some(skips[i].shallow_clone()),
+            Some(Hook::Block(_)) => None, // rejected above
         };
         let down_block_res_samples = skips
             .iter()

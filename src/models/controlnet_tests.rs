@@ -235,6 +235,7 @@ fn side_network_encoder_equals_the_unet_encoder_at_init() {
             let want = match l.hook {
                 Hook::Mid => &enc.mid,
                 Hook::Down(i) => &enc.down_block_res_samples[i],
+                Hook::Block(_) => unreachable!("a UNet ControlNet lists no transformer blocks"),
             };
             assert!(h.equal(want), "{} differs from the UNet's feature", l.hook);
         }
@@ -313,7 +314,8 @@ fn hooked_feature_has_the_reported_shape_and_trains_the_side_network_only_up_to_
 
 fn decoder(cin: i64, r: i64, out: i64, floor: i64) -> (nn::VarStore, LisaDecoder) {
     let vs = nn::VarStore::new(Device::Cpu);
-    let d = LisaDecoder::new(vs.root(), cin, r, out, 1, &DecoderConfig { channel_floor: floor, ..Default::default() }).unwrap();
+    let d = LisaDecoder::new(vs.root(), cin, r, out, 1, &DecoderConfig { channel_floor: floor, ..Default::default() })
+        .unwrap();
     (vs, d)
 }
 
@@ -416,8 +418,15 @@ fn default_side_network_and_decoder_parameter_counts() {
     }
     for floor in [32, 16] {
         let v = nn::VarStore::new(Device::Cpu);
-        let _d = LisaDecoder::new(v.root(), mid.channels, mid.height, 32, 1, &DecoderConfig { channel_floor: floor, ..Default::default() })
-            .unwrap();
+        let _d = LisaDecoder::new(
+            v.root(),
+            mid.channels,
+            mid.height,
+            32,
+            1,
+            &DecoderConfig { channel_floor: floor, ..Default::default() },
+        )
+        .unwrap();
         println!("  decoder with channel_floor {floor}: {} parameters", parameter_count(&v));
     }
     assert_eq!(dec.num_blocks(), 2);

@@ -1,12 +1,15 @@
 //! The networks: diffusers-compatible UNet building blocks, the `UNet2DConditionModel`, the
-//! class-label encoder that stands in for a text encoder, the ControlNet side network and the
-//! LISA decoder; and, for Stable Diffusion folders on disk, the VAE, the CLIP text encoder and
+//! class-label encoder that stands in for a text encoder, the ControlNet side network, the
+//! transformer pair (a DiT main network and its ControlNet-Transformer side network) and the LISA
+//! decoder; and, for Stable Diffusion folders on disk, the VAE, the CLIP text encoder and
 //! tokenizer, and the diffusers-layout readers and writers.
 pub mod blocks;
 pub mod clip_text;
 pub mod controlnet;
+pub mod controlnet_dit;
 pub mod decoder;
 pub mod diffusers;
+pub mod dit;
 pub mod label_encoder;
 pub mod tokenizer;
 pub mod unet;
@@ -16,7 +19,9 @@ pub use clip_text::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 pub use controlnet::{
     ControlNetConditioningEmbedding, ControlNetConfig, ControlNetModel, ControlNetOutput, Hook, HookableLayer,
 };
+pub use controlnet_dit::{DiTControlNetConfig, DiTControlNetModel, DiTControlNetOutput};
 pub use decoder::{DecoderConfig, LisaDecoder};
+pub use dit::{DiTConfig, DiTModel};
 pub use label_encoder::{LabelEncoder, LabelEncoderConfig};
 pub use tokenizer::ClipTokenizer;
 pub use unet::{PerBlock, UNet2DConditionModel, UNetConfig, UNetEncoded};
