@@ -32,28 +32,50 @@ pub fn from_text<T: DeserializeOwned + Serialize + Default>(
             .map_err(|e| Error::format(path, format!("invalid TOML: {}", one_line(&e.to_string()))))?;
         merge(&mut value, file);
     }
+    let mut created = Vec::new();
     for item in overrides {
         let (key, raw) = item.split_once('=').ok_or_else(|| {
             Error::Config(format!("override '{item}' is not of the form key=value (e.g. train.steps=100)"))
         })?;
         let parsed = parse_value(raw.trim());
-        set_path(&mut value, key.trim(), parsed).map_err(|m| Error::Config(format!("override '{item}': {m}")))?;
+        set_path(&mut value, key.trim(), parsed, &mut created)
+            .map_err(|m| Error::Config(format!("override '{item}': {m}")))?;
     }
     let origin = path.map_or("configuration".to_string(), |p| p.display().to_string());
-    T::deserialize(value).map_err(|e| Error::Config(format!("{origin}: {}", one_line(&e.to_string()))))
+    T::deserialize(value).map_err(|e| {
+        unknown_created_section(&e.to_string(), &created, overrides)
+            .unwrap_or_else(|| Error::Config(format!("{origin}: {}", one_line(&e.to_string()))))
+    })
+}
+
+/// When parsing failed on a section that an override created (a misspelt section), the error that
+/// names the override, as for a misspelt key.
+fn unknown_created_section(err: &str, created: &[String], overrides: &[String]) -> Option<Error> {
+    created.iter().find_map(|section| {
+        let name = section.rsplit('.').next()?;
+        if !err.contains(&format!("unknown field `{name}`")) {
+            return None;
+        }
+        let item = overrides.iter().find(|o| o.trim_start().starts_with(&format!("{section}.")))?;
+        Some(Error::Config(format!("override '{item}': unknown section '{section}' (see --print-config for the keys)")))
+    })
 }
 
 /// `cfg` with `overrides` (`section.key=value`, as for [`load`]) applied; unknown keys are errors.
 pub fn with_overrides<T: DeserializeOwned + Serialize>(cfg: &T, overrides: &[String]) -> Result<T> {
     let mut value = toml::Value::try_from(cfg).map_err(|e| Error::Config(format!("config: {e}")))?;
+    let mut created = Vec::new();
     for item in overrides {
         let (key, raw) = item.split_once('=').ok_or_else(|| {
             Error::Config(format!("override '{item}' is not of the form key=value (e.g. lisa.lambda=0.5)"))
         })?;
-        set_path(&mut value, key.trim(), parse_value(raw.trim()))
+        set_path(&mut value, key.trim(), parse_value(raw.trim()), &mut created)
             .map_err(|m| Error::Config(format!("override '{item}': {m}")))?;
     }
-    T::deserialize(value).map_err(|e| Error::Config(one_line(&e.to_string())))
+    T::deserialize(value).map_err(|e| {
+        unknown_created_section(&e.to_string(), &created, overrides)
+            .unwrap_or_else(|| Error::Config(one_line(&e.to_string())))
+    })
 }
 
 /// Renders a config as TOML (what `--print-config` shows and runs save beside their outputs).
@@ -89,17 +111,33 @@ fn merge(base: &mut toml::Value, over: toml::Value) {
     }
 }
 
-fn set_path(root: &mut toml::Value, key: &str, v: toml::Value) -> std::result::Result<(), String> {
+/// Sets `key` (dotted) to `v`. A key must exist in the defaults, except inside a section that the
+/// defaults leave out (an optional one, such as `data.video`): that section is created, and the
+/// config's own parsing then rejects whatever it does not know.
+/// `created_sections` collects the sections created so far, so that later overrides may add keys to them too.
+fn set_path(
+    root: &mut toml::Value,
+    key: &str,
+    v: toml::Value,
+    created_sections: &mut Vec<String>,
+) -> std::result::Result<(), String> {
     let mut cur = root;
     let parts: Vec<&str> = key.split('.').collect();
+    let mut created = false;
     for (i, part) in parts.iter().enumerate() {
+        created |= i > 0 && created_sections.iter().any(|s| *s == parts[..i].join("."));
         let table = cur.as_table_mut().ok_or_else(|| format!("'{}' is not a section", parts[..i].join(".")))?;
         if i + 1 == parts.len() {
-            if !table.contains_key(*part) {
+            if !created && !table.contains_key(*part) {
                 return Err(format!("unknown key '{key}' (see --print-config for the keys)"));
             }
             table.insert((*part).to_owned(), v);
             return Ok(());
+        }
+        if !table.contains_key(*part) {
+            table.insert((*part).to_owned(), toml::Value::Table(toml::Table::new()));
+            created_sections.push(parts[..=i].join("."));
+            created = true;
         }
         cur = table.get_mut(*part).ok_or_else(|| format!("unknown section '{}'", parts[..=i].join(".")))?;
     }
@@ -128,6 +166,8 @@ mod tests {
     struct Outer {
         train: Inner,
         seed: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        extra: Option<Inner>,
     }
 
     #[test]
@@ -136,7 +176,21 @@ mod tests {
         let f = dir.path().join("c.toml");
         std::fs::write(&f, "seed = 3\n[train]\nlr = 0.5\n").unwrap();
         let c: Outer = load(Some(&f), &["train.steps=7".into(), "train.name=bee".into()]).unwrap();
-        assert_eq!(c, Outer { train: Inner { steps: 7, lr: 0.5, name: "bee".into() }, seed: 3 });
+        assert_eq!(c, Outer { train: Inner { steps: 7, lr: 0.5, name: "bee".into() }, seed: 3, extra: None });
+    }
+
+    #[test]
+    fn overrides_create_optional_sections_and_still_reject_unknown_keys() {
+        let c: Outer = load(None, &["extra.steps=4".into(), "extra.lr=0.25".into()]).unwrap();
+        assert_eq!(c.extra, Some(Inner { steps: 4, lr: 0.25, ..Inner::default() }));
+        assert!(
+            load::<Outer>(None, &["seed=1".into(), "train.lrr=1".into()]).is_err(),
+            "existing sections stay strict"
+        );
+        let e = load::<Outer>(None, &["extra.stepz=4".into()]).unwrap_err().to_string();
+        assert!(e.contains("stepz"), "{e}");
+        let e = load::<Outer>(None, &["extrra.steps=4".into()]).unwrap_err().to_string();
+        assert!(e.contains("override 'extrra.steps=4': unknown section 'extrra'"), "{e}");
     }
 
     #[test]

@@ -30,19 +30,24 @@ pub struct MainNetworkConfig {
 }
 
 impl MainNetworkConfig {
-    /// Channels of the samples the backbone takes.
+    /// Channels of the samples the backbone takes (a clip's frames count as channels).
     pub fn in_channels(&self) -> i64 {
-        self.transformer.as_ref().map_or(self.unet.in_channels, |t| t.in_channels)
+        self.transformer.as_ref().map_or(self.unet.in_channels, |t| t.sample_channels())
     }
 
-    /// Channels of its prediction.
+    /// Channels of its prediction (a clip's frames count as channels).
     pub fn out_channels(&self) -> i64 {
-        self.transformer.as_ref().map_or(self.unet.out_channels, |t| t.out_channels)
+        self.transformer.as_ref().map_or(self.unet.out_channels, |t| t.prediction_channels())
     }
 
     /// Side of the (square) samples.
     pub fn sample_size(&self) -> i64 {
         self.transformer.as_ref().map_or(self.unet.sample_size, |t| t.sample_size)
+    }
+
+    /// Frames per sample (1 unless the backbone is a video transformer).
+    pub fn num_frames(&self) -> i64 {
+        self.transformer.as_ref().map_or(1, |t| t.num_frames)
     }
 
     /// Width of the label tokens the backbone reads (the UNet's `cross_attention_dim`, the

@@ -349,3 +349,80 @@ num_images = 0
     assert!(ok, "{stderr}");
     assert!(png.is_file());
 }
+
+#[test]
+fn a_video_transformer_pretrains_on_moving_fashion_mnist_and_compares_trajectory_control() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("video.toml");
+    std::fs::write(
+        &config,
+        r#"
+threads = 1
+device = "cpu"
+[data]
+source = "embedded"
+max_examples = 32
+[data.video]
+frames = 4
+clips = 24
+[model.objective]
+kind = "flow"
+[model.transformer]
+patch_size = 4
+num_layers = 2
+num_attention_heads = 2
+attention_head_dim = 8
+pooled_projection_dim = 16
+num_frames = 4
+[train]
+steps = 2
+batch_size = 4
+lr_warmup_steps = 1
+log_every = 1
+checkpointing_steps = 0
+[validation]
+num_images = 2
+[validation.sampler]
+kind = "euler"
+steps = 2
+"#,
+    )
+    .unwrap();
+    let main_run = dir.path().join("main");
+    let (ok, _, stderr) = lisa(&[
+        "pretrain",
+        "--quiet",
+        "--config",
+        config.to_str().unwrap(),
+        "--output-dir",
+        main_run.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let model = main_run.join("model");
+
+    let out = dir.path().join("cmp");
+    let set_main = format!("main_network={:?}", model.to_str().unwrap());
+    let (ok, stdout, stderr) = compare_task(
+        "trajectory",
+        &out,
+        &[
+            "--set",
+            &set_main,
+            "--set",
+            "data.video.frames=4",
+            "--set",
+            "data.video.clips=24",
+            "--set",
+            "data.max_examples=32",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("trajectory_error") && stdout.contains("temporal flicker"), "{stdout}");
+    let summary = std::fs::read_to_string(out.join("seed-0/lisa/summary.json")).unwrap();
+    assert!(summary.contains("temporal_flicker"), "{summary}");
+    assert!(out.join("samples.png").is_file());
+    // A video side network next to an image main network is refused with a reason.
+    let (ok, _, stderr) = compare_task("trajectory", &dir.path().join("bad"), &["--set", "data.video.frames=4"]);
+    assert!(!ok && stderr.contains("clips of 4 frames") && stderr.contains("1-channel images"), "{stderr}");
+    assert!(!stderr.contains("extracted"), "refused before any data is prepared: {stderr}");
+}

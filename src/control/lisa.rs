@@ -139,6 +139,8 @@ pub struct LisaHead {
     pub target: LisaTarget,
     /// The regression distance.
     pub distance: LisaDistance,
+    /// Frames per sample: a clip's hooked feature comes with its frames folded into the batch.
+    pub frames: i64,
 }
 
 impl LisaHead {
@@ -147,6 +149,7 @@ impl LisaHead {
     pub fn new(main: &MainNetwork, side: &SideNetwork, cfg: &LisaConfig) -> Result<Self> {
         cfg.validate()?;
         let size = main.config.sample_size();
+        let frames = main.config.num_frames();
         let layers = side.hookable_layers(size);
         let hook = match &side.config.transformer {
             // `mid` of a transformer side network is its last block.
@@ -163,10 +166,11 @@ impl LisaHead {
             layer.channels,
             layer.height,
             size,
+            // Per frame: the decoder works on one frame at a time.
             if cfg.target == LisaTarget::Condition {
                 side.config.conditioning_channels()
             } else {
-                main.config.out_channels()
+                main.config.out_channels() / frames
             },
             &DecoderConfig {
                 channel_floor: cfg.decoder_channel_floor,
@@ -181,7 +185,21 @@ impl LisaHead {
             reference_pass: cfg.reference_pass,
             target: cfg.target,
             distance: cfg.distance,
+            frames,
         })
+    }
+
+    /// `D(h, t)` for the hooked feature `h` ([B·F, C, h, w], frames folded into the batch) at network
+    /// timesteps `model_t` [B]: [B, F·out, S, S], frames back as channels, shaped like the target.
+    pub fn decode(&self, hooked: &Tensor, model_t: &Tensor) -> Result<Tensor> {
+        if self.frames == 1 {
+            return self.decoder.forward(hooked, model_t);
+        }
+        let b = model_t.size1()?;
+        let t = model_t.f_repeat_interleave_self_int(self.frames, 0, None)?;
+        let y = self.decoder.forward(hooked, &t)?;
+        let s = y.size();
+        Ok(y.f_reshape([b, self.frames * s[1], s[2], s[3]])?)
     }
 
     /// The decoder's parameters, sorted by name.

@@ -73,7 +73,7 @@ impl<'a> ControlTask<'a> {
                 };
                 let hooked =
                     side.hooked.ok_or_else(|| Error::Training("the side network returned no hooked feature".into()))?;
-                (pred_main, Some(head.decoder.forward(&hooked, model_t)?))
+                (pred_main, Some(head.decode(&hooked, model_t)?))
             }
         };
         Ok(ControlForward { pred_full, pred_main, decoded })

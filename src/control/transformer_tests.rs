@@ -306,3 +306,56 @@ fn a_transformer_side_network_trains_saves_loads_and_samples() {
     assert!(!bitwise_equal(&a, &off));
     assert_eq!(a.size(), [2, 1, 8, 8]);
 }
+
+#[test]
+fn a_video_transformer_attends_across_frames_and_lisa_decodes_frame_by_frame() {
+    tch::manual_seed(5);
+    let cfg = MainNetworkConfig {
+        transformer: Some(DiTConfig { num_frames: 4, ..tiny_dit() }),
+        label_encoder: LabelEncoderConfig { num_classes: 3, num_tokens: 1 },
+        objective: flow(),
+        ..Default::default()
+    };
+    let mut main = MainNetwork::new(&cfg, Device::Cpu).unwrap();
+    tch::no_grad(|| {
+        for (_, p) in main.named_parameters() {
+            let _ = p.shallow_clone().copy_(&(p.randn_like() * 0.2));
+        }
+    });
+    main.freeze();
+    assert_eq!((main.config.in_channels(), main.config.num_frames()), (4, 4));
+    let x = Tensor::randn([2, 4, 8, 8], CPU);
+    let t = Tensor::from_slice(&[100i64, 800]);
+    let y = Tensor::from_slice(&[0i64, 2]);
+    let out = main.predict(&x, &t, &y).unwrap();
+    assert_eq!(out.size(), [2, 4, 8, 8]);
+    // Space-time attention: changing frame 3 changes the prediction of frame 0.
+    let x2 = Tensor::cat(&[x.narrow(1, 0, 3), x.narrow(1, 3, 1) + 1.0], 1);
+    let out2 = main.predict(&x2, &t, &y).unwrap();
+    assert!(!out.narrow(1, 0, 1).equal(&out2.narrow(1, 0, 1)), "frames must see each other");
+    // The frames' positions differ: the same frame content in every slot gives different outputs per slot.
+    let same = x.narrow(1, 0, 1).repeat([1, 4, 1, 1]);
+    let o = main.predict(&same, &t, &y).unwrap();
+    assert!(!o.narrow(1, 0, 1).equal(&o.narrow(1, 1, 1)), "frames need a temporal position");
+
+    let side = dit_side(&main, 1);
+    let h = head(&main, &side, Hook::Mid, ReferencePass::SharedEncoder);
+    assert_eq!(h.frames, 4);
+    let c = Tensor::rand([2, 4, 8, 8], CPU);
+    let task = ControlTask::new(&main, &side, Some(&h)).unwrap();
+    let f = task.forward(&x, &t, &y, &c).unwrap();
+    assert!(f.pred_full.equal(&out), "zero layers leave the clip's prediction untouched");
+    assert_eq!(f.decoded.as_ref().unwrap().size(), [2, 4, 8, 8], "frames back as channels");
+    // The decoder sees each frame with its clip's timestep: frame-folded decoding equals decoding each clip alone.
+    tch::no_grad(|| {
+        let _ = h.decoder.conv_out.weight.shallow_clone().copy_(&(h.decoder.conv_out.weight.randn_like() * 0.1));
+    });
+    let f = tch::no_grad(|| task.forward(&x, &t, &y, &c)).unwrap();
+    let one =
+        tch::no_grad(|| task.forward(&x.narrow(0, 1, 1), &t.narrow(0, 1, 1), &y.narrow(0, 1, 1), &c.narrow(0, 1, 1)))
+            .unwrap();
+    let diff = (f.decoded.unwrap().narrow(0, 1, 1) - one.decoded.unwrap()).abs().max().double_value(&[]);
+    assert!(diff < 1e-5, "{diff}");
+    // A condition with the wrong number of frames is refused.
+    assert!(task.forward(&x, &t, &y, &c.narrow(1, 0, 1)).is_err());
+}

@@ -24,6 +24,8 @@ pub const MASK_THRESHOLD: f32 = 0.05;
 pub const MAX_HOLE_AREA: usize = 16;
 /// Default downsampling factor of [`ConditionKind::LowRes`].
 pub const LOW_RES_FACTOR: usize = 4;
+/// Width (Gaussian σ, pixels) of the centre heatmap of [`ConditionKind::Trajectory`].
+pub const TRAJECTORY_SIGMA: f32 = 1.5;
 
 /// A grey image with `f32` values in `[0, 1]`, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,6 +139,11 @@ pub enum ConditionKind {
     LowRes,
     /// Skeleton of the mask with keypoint dots ([`skeleton`], rendered by [`Skeleton::render`]).
     Skeleton,
+    /// The object's position: a Gaussian heatmap ([`TRAJECTORY_SIGMA`]) at the centre of brightness
+    /// ([`trajectory_heatmap`]). Made for Moving Fashion-MNIST clips (one item on a black canvas), where
+    /// per-frame heatmaps trace the item's trajectory; not in [`ConditionKind::ALL`] (on centred
+    /// still images every position is the same).
+    Trajectory,
     /// A condition image supplied with the data (an imagefolder's `conditioning_image`, e.g. for a
     /// Stable Diffusion ControlNet): nothing is extracted and there is no fidelity metric. Not in
     /// [`ConditionKind::ALL`].
@@ -161,6 +168,7 @@ impl ConditionKind {
             ConditionKind::Depth => "depth",
             ConditionKind::LowRes => "lowres",
             ConditionKind::Skeleton => "skeleton",
+            ConditionKind::Trajectory => "trajectory",
             ConditionKind::Given => "given",
         }
     }
@@ -175,6 +183,7 @@ impl ConditionKind {
             ConditionKind::Depth => depth_like(img),
             ConditionKind::LowRes => low_resolution(img, LOW_RES_FACTOR),
             ConditionKind::Skeleton => skeleton(img).render(),
+            ConditionKind::Trajectory => trajectory_heatmap(img, TRAJECTORY_SIGMA),
             ConditionKind::Given => img.clone(),
         }
     }
@@ -189,25 +198,30 @@ impl fmt::Display for ConditionKind {
 impl FromStr for ConditionKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        if s == ConditionKind::Given.name() {
-            return Ok(ConditionKind::Given);
+        for k in [ConditionKind::Given, ConditionKind::Trajectory] {
+            if s == k.name() {
+                return Ok(k);
+            }
         }
         ConditionKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
-            Error::Config(format!("unknown condition kind {s:?}: expected one of edges, mask, depth, lowres, skeleton"))
+            Error::Config(format!(
+                "unknown condition kind {s:?}: expected one of edges, mask, depth, lowres, skeleton, trajectory"
+            ))
         })
     }
 }
 
-/// Extracts `kind` from every image of a batch `[N, 1, H, W]` in `[-1, 1]`; returns `f32
-/// [N, 1, H, W]` in `[0, 1]` on the input's device.
+/// Extracts `kind` from every image of a batch `[N, C, H, W]` in `[-1, 1]`, each channel on its own
+/// (grey images have one; a Moving Fashion-MNIST clip has one per frame); returns `f32 [N, C, H, W]`
+/// in `[0, 1]` on the input's device.
 pub fn extract_batch(kind: ConditionKind, images: &Tensor) -> Result<Tensor> {
     let size = images.size();
-    let [n, 1, h, w] = size.as_slice() else {
+    let [n, c, h, w] = size.as_slice() else {
         return Err(Error::Config(format!(
-            "expected a [N, 1, H, W] image batch, got {size:?}"
+            "expected a [N, C, H, W] image batch, got {size:?}"
         )));
     };
-    let (n, h, w) = (*n as usize, *h as usize, *w as usize);
+    let (frames, n, h, w) = (*c, (*n * *c) as usize, *h as usize, *w as usize);
     let flat: Vec<f32> = Vec::try_from(
         &images
             .f_to_device(tch::Device::Cpu)?
@@ -230,7 +244,7 @@ pub fn extract_batch(kind: ConditionKind, images: &Tensor) -> Result<Tensor> {
         );
     }
     Ok(Tensor::from_slice(&out)
-        .view([n as i64, 1, h as i64, w as i64])
+        .view([n as i64 / frames.max(1), frames, h as i64, w as i64])
         .to_device(images.device()))
 }
 
@@ -279,11 +293,25 @@ impl ConditionSet {
         self.0.iter().position(|k| *k == kind).map(|i| i as i64)
     }
 
-    /// Every condition of the set extracted from `images` ([N, 1, H, W] in [-1, 1]), stacked as channels:
-    /// [N, len, H, W] in [0, 1].
+    /// Every condition of the set extracted from `images` ([N, F, H, W] in [-1, 1]: F = 1 for a grey
+    /// image, one channel per frame for a clip), frame-major: channel `f·len + k` holds condition `k` of
+    /// frame `f`; [N, F·len, H, W] in [0, 1]. (For an image: the conditions in set order.)
     pub fn extract_batch(&self, images: &Tensor) -> Result<Tensor> {
         let maps: Vec<Tensor> = self.0.iter().map(|k| extract_batch(*k, images)).collect::<Result<_>>()?;
-        Ok(Tensor::cat(&maps, 1))
+        let s = maps[0].size();
+        Ok(Tensor::f_stack(&maps, 2)?.f_reshape([s[0], s[1] * self.0.len() as i64, s[2], s[3]])?)
+    }
+
+    /// The channels of condition `kind` in `conditions` laid out as [`ConditionSet::extract_batch`]
+    /// returns them: [N, F, H, W], one per frame.
+    pub fn channels_of(&self, conditions: &Tensor, kind: ConditionKind) -> Result<Tensor> {
+        let k = self.channel(kind).ok_or_else(|| Error::Config(format!("the condition set {self} has no {kind}")))?;
+        let s = conditions.size();
+        let len = self.0.len() as i64;
+        if s.len() != 4 || s[1] % len != 0 {
+            return Err(Error::Config(format!("{s:?} is not a batch of {self} conditions")));
+        }
+        Ok(conditions.f_reshape([s[0], s[1] / len, len, s[2], s[3]])?.f_select(2, k)?)
     }
 }
 
@@ -604,6 +632,33 @@ pub fn low_resolution(img: &GrayImage, factor: usize) -> GrayImage {
         }
     }
     GrayImage::from_fn(w, h, |x, y| blocks[(y / factor) * bw + x / factor])
+}
+
+/// The centre of brightness `(x, y)` of `img` in pixels (pixel `i` spans `[i, i+1)`); the image
+/// centre for a black image.
+pub fn brightness_centre(img: &GrayImage) -> (f32, f32) {
+    let (mut total, mut mx, mut my) = (0f64, 0f64, 0f64);
+    for y in 0..img.height {
+        for x in 0..img.width {
+            let v = img.get(x, y) as f64;
+            total += v;
+            mx += v * (x as f64 + 0.5);
+            my += v * (y as f64 + 0.5);
+        }
+    }
+    if total <= 1e-6 {
+        return (img.width as f32 / 2.0, img.height as f32 / 2.0);
+    }
+    ((mx / total) as f32, (my / total) as f32)
+}
+
+/// A unit-peak Gaussian heatmap of width `sigma` at the [`brightness_centre`] of `img`.
+pub fn trajectory_heatmap(img: &GrayImage, sigma: f32) -> GrayImage {
+    let (cx, cy) = brightness_centre(img);
+    GrayImage::from_fn(img.width, img.height, |x, y| {
+        let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
+        (-(dx * dx + dy * dy) / (2.0 * sigma * sigma)).exp()
+    })
 }
 
 /// Whether a skeleton point ends a line or joins several.

@@ -9,6 +9,7 @@ pub mod fashion_mnist;
 pub mod idx;
 pub mod imagefolder;
 pub mod loader;
+pub mod video;
 
 pub use conditions::{ConditionKind, ConditionSet, GrayImage};
 pub use loader::{DataOrder, DataOrderState};

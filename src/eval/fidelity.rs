@@ -13,6 +13,7 @@
 //! | `depth`    | `depth_rmse`  | RMSE of the sample's depth-like map vs the condition, `[0, 1]` units | 0     |
 //! | `lowres`   | `lowres_psnr` | PSNR (peak 1) of the sample's low-resolution copy vs the condition   | 60 dB |
 //! | `skeleton` | `skeleton_f1` | tolerant F1 of the sample's rendered skeleton vs the condition       | 1     |
+//! | `trajectory` | `trajectory_error` | distance (px) between the centres of the sample's and the condition's heatmaps | 0 |
 //!
 //! - **Binary maps** (edges, mask, skeleton): condition pixels above [`BINARY_THRESHOLD`] are "on".
 //! - **Tolerant F1** (`edge_f1`, `skeleton_f1`): a predicted pixel (from the sample) is a true positive when a
@@ -31,11 +32,17 @@
 //!   [`LOW_RES_FACTOR`](crate::data::conditions::LOW_RES_FACTOR)) and the condition, capped at
 //!   [`PSNR_CAP_DB`] (60 dB) so that identical maps give a finite score.
 //!
+//! - **Trajectory error** (`trajectory_error`): the Euclidean distance in pixels between the
+//!   [`brightness_centre`](crate::data::conditions::brightness_centre)s of the heatmap re-extracted from the sample
+//!   and of the condition heatmap (the centre of a heatmap is its peak's position). Lower is better.
+//!
 //! Each metric is computed per image; [`FidelityScore::mean`] is the plain mean of the per-image scores (so for
-//! PSNR it is the mean of per-image decibels, not the PSNR of the pooled MSE).
+//! PSNR it is the mean of per-image decibels, not the PSNR of the pooled MSE). A sample with several channels (a
+//! Moving Fashion-MNIST clip: one per frame) is scored channel by channel against the condition's channels, and
+//! its score is the mean over them (the per-frame metric averaged over frames).
 use tch::{Device, Kind, Tensor};
 
-use crate::data::conditions::{ConditionKind, GrayImage};
+use crate::data::conditions::{brightness_centre, ConditionKind, GrayImage};
 use crate::{Error, Result};
 
 /// Condition pixels strictly above this value are "on" in the binary maps (edges, mask, skeleton). The maps are
@@ -69,17 +76,18 @@ pub fn metric_name(kind: ConditionKind) -> &'static str {
         ConditionKind::Depth => "depth_rmse",
         ConditionKind::LowRes => "lowres_psnr",
         ConditionKind::Skeleton => "skeleton_f1",
+        ConditionKind::Trajectory => "trajectory_error",
         ConditionKind::Given => "none",
     }
 }
 
-/// Whether a larger score of `kind`'s metric is better (false only for `depth_rmse`).
+/// Whether a larger score of `kind`'s metric is better (false for `depth_rmse` and `trajectory_error`).
 pub fn higher_is_better(kind: ConditionKind) -> bool {
-    !matches!(kind, ConditionKind::Depth)
+    !matches!(kind, ConditionKind::Depth | ConditionKind::Trajectory)
 }
 
-/// Scores `samples` (`[N, 1, H, W]`, values in `[-1, 1]`, any device, floating point) against the `conditions`
-/// they were generated from (`[N, 1, H, W]` in `[0, 1]`, as
+/// Scores `samples` (`[N, C, H, W]`, values in `[-1, 1]`, any device, floating point) against the `conditions`
+/// they were generated from (`[N, C, H, W]` in `[0, 1]`, as
 /// [`extract_batch`](crate::data::conditions::extract_batch)`(kind, ground_truth)` returns them). See the module
 /// documentation for the metric of each kind.
 ///
@@ -91,13 +99,13 @@ pub fn fidelity(kind: ConditionKind, samples: &Tensor, conditions: &Tensor) -> R
             "conditions given with the data cannot be recomputed from a sample: there is no fidelity metric".into(),
         ));
     }
-    let (n, h, w) = check_shapes(samples, conditions)?;
+    let (n, channels, h, w) = check_shapes(samples, conditions)?;
     let s = to_cpu_vec(samples, "samples")?;
     let c = to_cpu_vec(conditions, "conditions")?;
     if let Some(i) = s.iter().position(|v| !v.is_finite()) {
         return Err(Error::Config(format!(
             "fidelity: samples must be finite, but sample {} has value {} at pixel {}",
-            i / (h * w),
+            i / (channels * h * w),
             s[i],
             i % (h * w)
         )));
@@ -106,12 +114,12 @@ pub fn fidelity(kind: ConditionKind, samples: &Tensor, conditions: &Tensor) -> R
         return Err(Error::Config(format!(
             "fidelity: conditions must lie in [0, 1] (as extract_batch returns them), but condition {} has value {} \
              at pixel {}; pass the condition maps, not images in [-1, 1]",
-            i / (h * w),
+            i / (channels * h * w),
             c[i],
             i % (h * w)
         )));
     }
-    let per_image: Vec<f64> = s
+    let per_channel: Vec<f64> = s
         .chunks_exact(h * w)
         .zip(c.chunks_exact(h * w))
         .map(|(sample, cond)| {
@@ -124,18 +132,18 @@ pub fn fidelity(kind: ConditionKind, samples: &Tensor, conditions: &Tensor) -> R
             score(kind, w, h, &extracted, cond)
         })
         .collect();
+    let per_image: Vec<f64> =
+        per_channel.chunks_exact(channels).map(|c| c.iter().sum::<f64>() / channels as f64).collect();
     let mean = per_image.iter().sum::<f64>() / n as f64;
     Ok(FidelityScore { metric: metric_name(kind), mean, per_image, higher_is_better: higher_is_better(kind) })
 }
 
-/// Checks that both tensors are floating-point `[N, 1, H, W]` with the same, non-zero `N`, `H`, `W`.
-fn check_shapes(samples: &Tensor, conditions: &Tensor) -> Result<(usize, usize, usize)> {
+/// Checks that both tensors are floating-point `[N, C, H, W]` with the same, non-zero `N`, `C`, `H`, `W`.
+fn check_shapes(samples: &Tensor, conditions: &Tensor) -> Result<(usize, usize, usize, usize)> {
     for (t, what) in [(samples, "samples"), (conditions, "conditions")] {
         let size = t.size();
-        if !matches!(size.as_slice(), [_, 1, _, _]) {
-            return Err(Error::Config(format!(
-                "fidelity: expected {what} of shape [N, 1, H, W] (one channel), got {size:?}"
-            )));
+        if size.len() != 4 {
+            return Err(Error::Config(format!("fidelity: expected {what} of shape [N, C, H, W], got {size:?}")));
         }
         if !matches!(t.kind(), Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16) {
             return Err(Error::Config(format!("fidelity: expected floating-point {what}, got {:?}", t.kind())));
@@ -144,14 +152,14 @@ fn check_shapes(samples: &Tensor, conditions: &Tensor) -> Result<(usize, usize, 
     let (ss, cs) = (samples.size(), conditions.size());
     if ss != cs {
         return Err(Error::Config(format!(
-            "fidelity: conditions must have the samples' shape [N, 1, H, W] = {ss:?}, got {cs:?}"
+            "fidelity: conditions must have the samples' shape [N, C, H, W] = {ss:?}, got {cs:?}"
         )));
     }
-    let (n, h, w) = (ss[0] as usize, ss[2] as usize, ss[3] as usize);
-    if n == 0 || h == 0 || w == 0 {
+    let (n, c, h, w) = (ss[0] as usize, ss[1] as usize, ss[2] as usize, ss[3] as usize);
+    if n == 0 || c == 0 || h == 0 || w == 0 {
         return Err(Error::Config(format!("fidelity: need at least one non-empty image, got shape {ss:?}")));
     }
-    Ok((n, h, w))
+    Ok((n, c, h, w))
 }
 
 /// The tensor's values as one CPU `f32` vector, copied out once so that the per-image work is plain Rust.
@@ -168,6 +176,11 @@ fn score(kind: ConditionKind, w: usize, h: usize, extracted: &[f32], cond: &[f32
         ConditionKind::Mask => iou(&on(extracted), &on(cond)),
         ConditionKind::Depth => mse(extracted, cond).sqrt(),
         ConditionKind::LowRes => psnr(mse(extracted, cond)),
+        ConditionKind::Trajectory => {
+            let centre = |m: &[f32]| brightness_centre(&GrayImage { width: w, height: h, data: m.to_vec() });
+            let ((ax, ay), (bx, by)) = (centre(extracted), centre(cond));
+            (((ax - bx) as f64).powi(2) + ((ay - by) as f64).powi(2)).sqrt()
+        }
         // Refused by `fidelity` before any image is scored.
         ConditionKind::Given => f64::NAN,
     }
@@ -333,7 +346,7 @@ mod tests {
                 ConditionKind::Mask => (0.4, 0.2),
                 ConditionKind::Depth => (0.15, 0.2),
                 ConditionKind::LowRes => (15.0, 12.0),
-                ConditionKind::Given => unreachable!("Given is not in ConditionKind::ALL"),
+                ConditionKind::Given | ConditionKind::Trajectory => unreachable!("not in ConditionKind::ALL"),
             };
             if own.higher_is_better {
                 assert!(shuffled.per_image.iter().all(|&v| v < worst_ok), "{kind}: {:?}", shuffled.per_image);
@@ -429,12 +442,11 @@ mod tests {
         };
         // Different N, H, W.
         let msg = is_config(fidelity(ConditionKind::Mask, &gt, &cond.narrow(0, 0, 3)));
-        assert!(msg.contains("[N, 1, H, W]"), "{msg}");
+        assert!(msg.contains("[N, C, H, W]"), "{msg}");
         is_config(fidelity(ConditionKind::Mask, &gt, &cond.narrow(2, 0, 16)));
         is_config(fidelity(ConditionKind::Mask, &gt, &cond.narrow(3, 0, 16)));
-        // Three channels, or no channel axis.
-        let msg = is_config(fidelity(ConditionKind::Mask, &gt.repeat([1, 3, 1, 1]), &cond.repeat([1, 3, 1, 1])));
-        assert!(msg.contains("one channel"), "{msg}");
+        // Channel counts that differ, or no channel axis.
+        is_config(fidelity(ConditionKind::Mask, &gt.repeat([1, 3, 1, 1]), &cond));
         is_config(fidelity(ConditionKind::Mask, &gt.squeeze_dim(1), &cond.squeeze_dim(1)));
         // Empty batch, non-finite samples, conditions given in [-1, 1], integer tensors.
         is_config(fidelity(ConditionKind::Mask, &gt.narrow(0, 0, 0), &cond.narrow(0, 0, 0)));
@@ -442,6 +454,43 @@ mod tests {
         let msg = is_config(fidelity(ConditionKind::Mask, &gt, &(&cond * 2.0 - 1.0)));
         assert!(msg.contains("[0, 1]"), "{msg}");
         is_config(fidelity(ConditionKind::Mask, &gt, &cond.to_kind(Kind::Int64)));
+    }
+
+    #[test]
+    fn several_channels_score_channel_by_channel_and_average() {
+        // Two "frames": the ground truth, then the ground truth rolled by one image (every pair mismatched).
+        let gt = ground_truth();
+        let cond = extract_batch(ConditionKind::Edges, &gt).unwrap();
+        let frames = Tensor::cat(&[&gt, &gt], 1);
+        let conds = Tensor::cat(&[&cond, &rolled(&cond)], 1);
+        let both = fidelity(ConditionKind::Edges, &frames, &conds).unwrap();
+        let first = fidelity(ConditionKind::Edges, &gt, &cond).unwrap();
+        let second = fidelity(ConditionKind::Edges, &gt, &rolled(&cond)).unwrap();
+        for i in 0..both.per_image.len() {
+            let want = (first.per_image[i] + second.per_image[i]) / 2.0;
+            assert!((both.per_image[i] - want).abs() < 1e-12, "clip {i}: {} vs {want}", both.per_image[i]);
+        }
+        // And extract_batch extracts each channel on its own.
+        let per_frame = extract_batch(ConditionKind::Edges, &frames).unwrap();
+        assert!(per_frame.equal(&Tensor::cat(&[&cond, &cond], 1)));
+    }
+
+    #[test]
+    fn trajectory_error_is_the_distance_between_heatmap_centres() {
+        // A bright 4×4 square at x 4..8, y 10..14 (centre (6, 12)); the sample's square is 3 px right, 4 px down.
+        let square = |x0: i64, y0: i64| {
+            let t = Tensor::full([1, 1, 32, 32], -1.0, (Kind::Float, Device::Cpu));
+            let _ = t.narrow(2, y0, 4).narrow(3, x0, 4).fill_(1.0);
+            t
+        };
+        let cond = extract_batch(ConditionKind::Trajectory, &square(4, 10)).unwrap();
+        assert!((cond.double_value(&[0, 0, 11, 5]) - (-0.5f64 / 4.5).exp()).abs() < 1e-5, "beside the peak at (6, 12)");
+        let own = fidelity(ConditionKind::Trajectory, &square(4, 10), &cond).unwrap();
+        assert!(own.mean < 1e-4, "{own:?}");
+        assert!(!own.higher_is_better && own.metric == "trajectory_error");
+        let moved = fidelity(ConditionKind::Trajectory, &square(7, 14), &cond).unwrap();
+        assert!((moved.mean - 5.0).abs() < 1e-3, "a 3-4-5 displacement: {moved:?}");
+        assert_eq!("trajectory".parse::<ConditionKind>().unwrap(), ConditionKind::Trajectory);
     }
 
     #[test]

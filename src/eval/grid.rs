@@ -16,13 +16,14 @@ const PAD_VALUE: f64 = 1.0;
 /// Tiles `images` (`[N, C, H, W]`, values in [-1, 1], `C` = 1 or 3) into one `[C, H', W']` `u8`
 /// image with `nrow` tiles per row, `padding` pixels between and around tiles, and each image
 /// upscaled `scale`× by nearest neighbour (so that 32×32 samples are viewable). Values outside
-/// [-1, 1] are clamped.
+/// [-1, 1] are clamped. Any other channel count is a clip (frames as channels): each becomes a strip
+/// of its grey frames, so a grid of clips has `nrow · C` tiles per row.
 pub fn make_grid(images: &Tensor, nrow: usize, padding: usize, scale: usize) -> Result<Tensor> {
     let (n, c, h, w) = images.size4().map_err(|_| {
         Error::Config(format!("make_grid: expected images [N, C, H, W], got shape {:?}", images.size()))
     })?;
-    if c != 1 && c != 3 {
-        return Err(Error::Config(format!("make_grid: expected 1 or 3 channels, got {c}")));
+    if c != 1 && c != 3 && c > 0 {
+        return make_grid(&images.f_reshape([n * c, 1, h, w])?, nrow * c as usize, padding, scale);
     }
     if n == 0 || nrow == 0 || scale == 0 {
         return Err(Error::Config(format!(
@@ -197,8 +198,19 @@ mod tests {
     fn bad_shapes_are_rejected() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.png");
-        assert!(save_grid(&Tensor::zeros([2, 2, 4, 4], (Kind::Float, Device::Cpu)), 1, 0, &path).is_err());
+        assert!(save_grid(&Tensor::zeros([0, 1, 4, 4], (Kind::Float, Device::Cpu)), 1, 0, &path).is_err());
         assert!(save_grid(&Tensor::zeros([4, 4], (Kind::Float, Device::Cpu)), 1, 0, &path).is_err());
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn clips_become_strips_of_frames() {
+        // Two clips of two 4×4 frames, one clip per row: frame f of clip i is filled with i·2 + f (scaled).
+        let clips =
+            Tensor::arange(4, (Kind::Float, Device::Cpu)).view([2, 2, 1, 1]).expand([2, 2, 4, 4], false) / 2.0 - 1.0;
+        let g = make_grid(&clips, 1, 1, 1).unwrap();
+        assert_eq!(g.size(), [1, 1 + 2 * 5, 1 + 2 * 5]);
+        let at = |r: i64, c: i64| g.int64_value(&[0, 1 + 5 * r, 1 + 5 * c]);
+        assert_eq!([at(0, 0), at(0, 1), at(1, 0), at(1, 1)], [0, 64, 128, 191]);
     }
 }

@@ -2,13 +2,14 @@
 //! feature space, the Fréchet distance between Gaussian fits of two feature sets (the
 //! "Fréchet distance on the Fashion-MNIST classifier's features" — deliberately not called FID,
 //! since the feature network is ours, not Inception), control-fidelity metrics (how well samples obey
-//! their condition), PNG image grids for inspection, and PNG line plots.
+//! their condition), video metrics, PNG image grids for inspection, and PNG line plots.
 pub mod classifier;
 pub mod disentangle;
 pub mod fidelity;
 pub mod frechet;
 pub mod grid;
 pub mod plot;
+pub mod video;
 
 pub use classifier::{
     load_classifier, load_shipped, save_classifier, train_classifier, Classifier, ClassifierConfig,

@@ -113,6 +113,9 @@ impl CompareReport {
         s += &row("fidelity at step 0 (no control)", &|r| r.curve[0].1, 4);
         s += &row("final samples vs shuffled conditions", &|r| r.final_fidelity_shuffled, 4);
         s += &row("Fréchet distance to held-out images", &|r| r.frechet, 2);
+        if b.runs.iter().chain(&l.runs).all(|r| r.temporal_flicker.is_some()) {
+            s += &row("temporal flicker (0 = rigid motion)", &|r| r.temporal_flicker.unwrap_or(f64::NAN), 4);
+        }
         s += &row("training step (s)", &|r| r.step_seconds, 3);
         s += &format!(
             "\nLISA reaches the baseline's final fidelity ({:.4}) at step {}{}; the baseline reaches LISA's final \
@@ -339,6 +342,7 @@ mod tests {
             final_fidelity_shuffled: 0.4,
             frechet: 10.0,
             final_eval_images: 10,
+            temporal_flicker: None,
             side_parameters: 1,
             decoder_parameters: 0,
         }

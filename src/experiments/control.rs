@@ -200,7 +200,7 @@ pub struct ControlData {
 pub fn prepare_data(cfg: &ControlConfig) -> Result<ControlData> {
     let set = cfg.condition_set()?;
     let mut train = cfg.data.load(false)?;
-    if train.channels() != 1 {
+    if train.channels() != 1 && cfg.data.video.is_none() {
         return Err(Error::Config("condition extraction needs single-channel images (data.channels = 1)".into()));
     }
     train.conditioning = Some(set.extract_batch(&train.images)?);
@@ -254,6 +254,9 @@ pub struct ArmSummary {
     pub frechet: f64,
     /// Images in the final evaluation.
     pub final_eval_images: i64,
+    /// Clips only: the final samples' mean temporal flicker (see [`crate::eval::video`]; 0 for real clips).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temporal_flicker: Option<f64>,
     /// Trainable parameters of the side network (what is saved).
     pub side_parameters: i64,
     /// Parameters of the LISA decoder (training only; 0 for the baseline).
@@ -272,12 +275,30 @@ pub fn mean_aucc(curve: &[(u64, f64)]) -> f64 {
     }
 }
 
-/// Loads the main network named by `cfg` and freezes it.
+/// Loads the main network named by `cfg`, checks that it takes the configured data, and freezes it.
 pub fn load_main(cfg: &ControlConfig) -> Result<MainNetwork> {
     let device = device_from(&cfg.device)?;
     let mut main = MainNetwork::load(&cfg.main_network_dir(), device)?;
+    check_data_fits(cfg, &main)?;
     main.freeze();
     Ok(main)
+}
+
+/// The configured data's samples must have the channels (a clip's frames) the main network takes.
+pub fn check_data_fits(cfg: &ControlConfig, main: &MainNetwork) -> Result<()> {
+    let channels = cfg.data.video.as_ref().map_or(cfg.data.channels, |v| v.frames);
+    if channels != main.config.in_channels() {
+        let what =
+            |c: i64, frames: bool| if frames { format!("clips of {c} frames") } else { format!("{c}-channel images") };
+        return Err(Error::Config(format!(
+            "the data are {} but the main network {} takes {}; use a main network trained on this data (data.video.frames \
+             = its num_frames)",
+            what(channels, cfg.data.video.is_some()),
+            cfg.main_network_dir().display(),
+            what(main.config.in_channels(), main.config.num_frames() > 1)
+        )));
+    }
+    Ok(())
 }
 
 /// Trains one arm as configured into `cfg.output_dir`: checkpoints, `metrics.csv`, `fidelity.csv`,
@@ -293,6 +314,7 @@ pub fn train_control(
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads);
     }
+    check_data_fits(cfg, main)?;
     let set = cfg.condition_set()?;
     let kind = set.primary();
     let device = main.vs.device();
@@ -305,7 +327,7 @@ pub fn train_control(
         conditioning_embedding_out_channels: cfg.conditioning_embedding_out_channels.clone(),
         ..ControlNetConfig::for_unet(&main.config.unet)
     };
-    let side = SideNetwork::for_main(main, set, controlnet, cfg.side_transformer_layers)?;
+    let side = SideNetwork::for_main(main, set.clone(), controlnet, cfg.side_transformer_layers)?;
     let head = if cfg.lisa.enabled { Some(LisaHead::new(main, &side, &cfg.lisa)?) } else { None };
     let task = ControlTask::new(main, &side, head.as_ref())?.with_condition_dropout(cfg.condition_dropout)?;
     let mut params = side.named_parameters();
@@ -355,7 +377,7 @@ pub fn train_control(
         let samples =
             side.sample_chunked(main, &fid_y, &fid_c, &fidelity_sampler(cfg, main), 1.0, cfg.fidelity.seed, 64)?;
         // With stacked conditions the curve scores the first; all are given.
-        let score = fidelity(kind, &samples, &fid_c.narrow(1, 0, 1))?;
+        let score = fidelity(kind, &samples, &set.channels_of(&fid_c, kind)?)?;
         fid_log
             .write(step, &[(metric.to_string(), score.mean), ("eval_seconds".into(), t0.elapsed().as_secs_f64())])?;
         fid_log.flush()?;
@@ -424,14 +446,19 @@ fn final_evaluation(
     let first = samples.narrow(0, 0, n.min(32)).contiguous();
     let path = cfg.output_dir.join(FINAL_SAMPLES);
     Tensor::write_safetensors(&[("samples", &first)], &path).map_err(|e| Error::format(&path, e.to_string()))?;
-    let primary = c.narrow(1, 0, 1);
+    let primary = side.condition.channels_of(&c, kind)?;
     let score = fidelity(kind, &samples, &primary)?;
     // Shift by one: every sample meets another image's condition.
     let shuffled = fidelity(kind, &samples, &primary.roll([1], [0]))?;
     let (_vs, classifier, _) = load_shipped(Device::Cpu)?;
     let stats =
         |t: &Tensor| -> Result<FeatureStats> { FeatureStats::from_features(&classifier.features_batched(t, 500)?) };
-    let frechet = frechet_distance(&stats(&samples)?, &stats(&x.to_device(Device::Cpu))?)?;
+    // Clips are scored frame by frame (frames folded into the batch).
+    let frames = |t: &Tensor| -> Result<Tensor> {
+        let s = t.size();
+        Ok(t.f_reshape([-1, 1, s[2], s[3]])?)
+    };
+    let frechet = frechet_distance(&stats(&frames(&samples)?)?, &stats(&frames(&x.to_device(Device::Cpu))?)?)?;
     Ok(ArmSummary {
         arm: cfg.arm().into(),
         seed: cfg.train.seed,
@@ -446,16 +473,29 @@ fn final_evaluation(
         final_fidelity_shuffled: shuffled.mean,
         frechet,
         final_eval_images: n,
+        temporal_flicker: match &cfg.data.video {
+            Some(v) if samples.size()[1] > 1 => {
+                let f = crate::eval::video::temporal_flicker(&samples, v.item_size)?;
+                Some(f.iter().sum::<f64>() / f.len().max(1) as f64)
+            }
+            _ => None,
+        },
         side_parameters: crate::models::parameter_count(&side.vs),
         decoder_parameters: 0,
     })
 }
 
 /// Writes rows of [condition | samples... | ground truth] for `k` examples (images in [-1, 1],
-/// conditions in [0, 1]; stacked conditions are shown overlaid, their maximum).
+/// conditions in [0, 1]; stacked conditions are shown overlaid, their maximum; clips as strips of frames).
 pub fn save_triptych(conditions: &Tensor, samples: &[Tensor], truth: &Tensor, path: &Path) -> Result<()> {
     let k = conditions.size()[0];
-    let shown = conditions.to_device(Device::Cpu).to_kind(Kind::Float).amax([1], true);
+    let (frames, cs) = (truth.size()[1], conditions.size());
+    // Frame-major condition channels [k, F·K, H, W] → per frame the maximum over the K conditions.
+    let shown = conditions
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .f_reshape([k, frames, cs[1] / frames.max(1), cs[2], cs[3]])?
+        .amax([2], false);
     let mut cols = vec![shown * 2.0 - 1.0];
     cols.extend(samples.iter().map(|s| s.to_device(Device::Cpu).to_kind(Kind::Float)));
     cols.push(truth.to_device(Device::Cpu).to_kind(Kind::Float));

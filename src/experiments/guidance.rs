@@ -171,7 +171,7 @@ pub fn guidance_sweep(run_dir: &Path, cfg: &GuidanceConfig, log: &mut dyn FnMut(
                     ctl.fidelity.seed,
                     ctl.final_eval.chunk,
                 )?;
-                let score = fidelity(kind, &samples, &c.narrow(1, 0, 1))?;
+                let score = fidelity(kind, &samples, &side.condition.channels_of(&c, kind)?)?;
                 let stats = FeatureStats::from_features(&classifier.features_batched(&samples, 500)?)?;
                 let frechet = frechet_distance(&stats, &reference)?;
                 log(&format!(

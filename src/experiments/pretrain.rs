@@ -25,11 +25,21 @@ pub struct DataConfig {
     pub channels: i64,
     /// Imagefolder only: images are resized and padded to this square size. Default 32.
     pub image_size: u32,
+    /// Moving Fashion-MNIST: clips made of the dataset's images (frames as channels). Default none (images).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub video: Option<crate::data::video::MovingConfig>,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { dataset: "fashion-mnist".into(), source: "auto".into(), max_examples: 0, channels: 1, image_size: 32 }
+        Self {
+            dataset: "fashion-mnist".into(),
+            source: "auto".into(),
+            max_examples: 0,
+            channels: 1,
+            image_size: 32,
+            video: None,
+        }
     }
 }
 
@@ -53,11 +63,16 @@ impl DataConfig {
         } else {
             imagefolder::load(std::path::Path::new(&self.dataset), self.image_size, self.channels)?
         };
-        if self.max_examples > 0 && data.len() > self.max_examples {
+        let data = if self.max_examples > 0 && data.len() > self.max_examples {
             let idx: Vec<i64> = (0..self.max_examples as i64).collect();
-            return data.subset(&idx);
+            data.subset(&idx)?
+        } else {
+            data
+        };
+        match &self.video {
+            None => Ok(data),
+            Some(v) => crate::data::video::clips_dataset(&data, v, test),
         }
-        Ok(data)
     }
 }
 

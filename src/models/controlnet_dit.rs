@@ -14,7 +14,7 @@ use tch::{nn, Device, Tensor};
 
 use super::blocks::Linear;
 use super::controlnet::{Hook, HookableLayer};
-use super::dit::{fold_tokens, zero_linear, DiTBlock, DiTConfig, PatchEmbed, TimeLabelEmbedding};
+use super::dit::{fold_tokens, patchify_frames, zero_linear, DiTBlock, DiTConfig, PatchEmbed, TimeLabelEmbedding};
 use crate::{Error, Result};
 
 /// Prefixes of the parameters the side network copies from its main transformer (blocks: the first
@@ -30,7 +30,7 @@ pub struct DiTControlNetConfig {
     /// Number of copied blocks, each giving one residual (diffusers' `num_layers`); the main blocks
     /// share them in groups of `ceil(main layers / num_layers)`.
     pub num_layers: i64,
-    /// Channels of the visual condition, at the sample's resolution.
+    /// Channels of the visual condition per frame, at the sample's resolution.
     pub conditioning_channels: i64,
 }
 
@@ -78,7 +78,7 @@ impl DiTControlNetConfig {
     }
 
     /// The layers a LISA hook can attach to: `block_0 .. block_{num_layers−1}`, each the folded
-    /// token map [D, H/p, W/p].
+    /// token map [D, H/p, W/p] (per frame: a clip's frames are folded into the batch).
     pub fn hookable_layers(&self) -> Vec<HookableLayer> {
         let (d, g) = (self.transformer.inner_dim(), self.transformer.grid());
         (0..self.num_layers as usize)
@@ -92,7 +92,7 @@ impl DiTControlNetConfig {
 pub struct DiTControlNetOutput {
     /// One residual token map [B, N, D] per side block (`controlnet_block_samples`).
     pub block_samples: Vec<Tensor>,
-    /// The hooked tokens folded to [B, D, H/p, W/p], when a hook was given (still attached to the graph).
+    /// The hooked tokens folded to [B·F, D, H/p, W/p] (F = frames), when a hook was given (still attached to the graph).
     pub hooked: Option<Tensor>,
 }
 
@@ -122,7 +122,7 @@ impl DiTControlNetModel {
         let t = &cfg.transformer;
         let d = t.inner_dim();
         let pos_embed = PatchEmbed::new(&p / "pos_embed", t.in_channels, d, t.patch_size)?;
-        let positions = super::dit::sincos_positions(t.grid(), d, p.device())?;
+        let positions = super::dit::space_time_positions(t, p.device())?;
         let pos_embed_input = PatchEmbed::new(&p / "pos_embed_input", cfg.conditioning_channels, d, t.patch_size)?;
         tch::no_grad(|| -> Result<()> {
             let _ = pos_embed_input.proj.weight.shallow_clone().f_zero_()?;
@@ -220,33 +220,33 @@ impl DiTControlNetModel {
         };
         let t = &self.config.transformer;
         let (cs, ss) = (controlnet_cond.size(), sample.size());
-        if cs.len() != 4 || ss.len() != 4 || cs[1] != self.config.conditioning_channels || cs[2..] != ss[2..] {
+        let want = t.num_frames * self.config.conditioning_channels;
+        if cs.len() != 4 || ss.len() != 4 || cs[1] != want || cs[2..] != ss[2..] {
             return Err(Error::Config(format!(
-                "controlnet_cond {cs:?} must have conditioning_channels ({}) channels at the sample's size {:?}",
-                self.config.conditioning_channels,
+                "controlnet_cond {cs:?} must have num_frames · conditioning_channels ({want}) channels at the sample's \
+                 size {:?}",
                 &ss[2.min(ss.len())..]
             )));
         }
-        if ss[2] != t.sample_size || ss[3] != t.sample_size {
+        if ss[1] != t.sample_channels() || ss[2] != t.sample_size || ss[3] != t.sample_size {
             return Err(Error::Config(format!(
-                "the side transformer is built for {s}×{s} samples, got {}×{}",
-                ss[2],
-                ss[3],
+                "the side transformer is built for {}×{s}×{s} samples, got {:?}",
+                t.sample_channels(),
+                &ss[1..],
                 s = t.sample_size
             )));
         }
-        let mut x = self
-            .pos_embed
-            .forward(sample)?
+        let f = t.num_frames;
+        let mut x = patchify_frames(&self.pos_embed, sample, f)?
             .f_add(&self.positions.f_unsqueeze(0)?)?
-            .f_add(&self.pos_embed_input.forward(controlnet_cond)?)?;
+            .f_add(&patchify_frames(&self.pos_embed_input, controlnet_cond, f)?)?;
         let c = self.time_text_embed.forward(timesteps, encoder_hidden_states)?;
         let mut block_samples = Vec::with_capacity(self.transformer_blocks.len());
         let mut hooked = None;
         for (i, (block, zero)) in self.transformer_blocks.iter().zip(&self.controlnet_blocks).enumerate() {
             x = block.forward(&x, &c)?;
             if hooked_block == Some(i) {
-                hooked = Some(fold_tokens(&x, t.grid())?);
+                hooked = Some(fold_tokens(&x, t.grid(), f)?);
             }
             block_samples.push(zero.forward(&x)?.f_mul_scalar(conditioning_scale)?);
         }

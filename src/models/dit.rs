@@ -39,6 +39,10 @@ pub struct DiTConfig {
     pub pooled_projection_dim: i64,
     /// Hidden width of the MLP over the token width.
     pub mlp_ratio: i64,
+    /// Frames per sample (1 = images). A clip stacks its frames as channels, `[B, num_frames ·
+    /// in_channels, S, S]`; every frame is patchified alike, a temporal sin-cos code is added to the
+    /// positions, and attention runs over the tokens of all frames (space-time attention).
+    pub num_frames: i64,
 }
 
 impl Default for DiTConfig {
@@ -55,6 +59,7 @@ impl Default for DiTConfig {
             attention_head_dim: 32,
             pooled_projection_dim: 64,
             mlp_ratio: 4,
+            num_frames: 1,
         }
     }
 }
@@ -63,6 +68,16 @@ impl DiTConfig {
     /// The token width.
     pub fn inner_dim(&self) -> i64 {
         self.num_attention_heads * self.attention_head_dim
+    }
+
+    /// Channels of a whole sample: `num_frames · in_channels`.
+    pub fn sample_channels(&self) -> i64 {
+        self.num_frames * self.in_channels
+    }
+
+    /// Channels of a whole prediction: `num_frames · out_channels`.
+    pub fn prediction_channels(&self) -> i64 {
+        self.num_frames * self.out_channels
     }
 
     /// Tokens per side (`sample_size / patch_size`).
@@ -82,6 +97,7 @@ impl DiTConfig {
             ("attention_head_dim", self.attention_head_dim),
             ("pooled_projection_dim", self.pooled_projection_dim),
             ("mlp_ratio", self.mlp_ratio),
+            ("num_frames", self.num_frames),
         ];
         if let Some((name, v)) = positive.iter().find(|(_, v)| *v <= 0) {
             return Err(Error::Config(format!("{name} must be positive, got {v}")));
@@ -122,6 +138,34 @@ pub fn sincos_positions(grid: i64, dim: i64, device: tch::Device) -> Result<Tens
     let idx = Tensor::f_arange(grid * grid, (Kind::Double, device))?;
     let (row, col) = (idx.f_div_scalar_mode(grid as f64, "floor")?, idx.f_remainder(grid as f64)?);
     Ok(Tensor::f_cat(&[one_d(&col)?, one_d(&row)?], 1)?.f_to_kind(Kind::Float)?)
+}
+
+/// The position table of all tokens of a sample [F·N, D]: the spatial table of every frame, plus,
+/// for clips (F > 1), a 1-D sin-cos code of the frame index over the whole width.
+pub fn space_time_positions(cfg: &DiTConfig, device: tch::Device) -> Result<Tensor> {
+    let d = cfg.inner_dim();
+    let space = sincos_positions(cfg.grid(), d, device)?;
+    if cfg.num_frames == 1 {
+        return Ok(space);
+    }
+    let half = d / 2;
+    let omega = Tensor::f_arange(half, (Kind::Double, device))?
+        .f_div_scalar(half as f64)?
+        .f_mul_scalar(-(10000f64).ln())?
+        .f_exp()?;
+    let frames = Tensor::f_arange(cfg.num_frames, (Kind::Double, device))?;
+    let a = frames.f_unsqueeze(1)?.f_mul(&omega.f_unsqueeze(0)?)?;
+    let time = Tensor::f_cat(&[a.f_sin()?, a.f_cos()?], 1)?.f_to_kind(Kind::Float)?; // [F, D]
+    let n = space.size()[0];
+    Ok(space.f_unsqueeze(0)?.f_add(&time.f_unsqueeze(1)?)?.f_reshape([cfg.num_frames * n, d])?)
+}
+
+/// Patch tokens of every frame of `sample` [B, F·C, H, W], frame after frame: [B, F·N, D].
+pub fn patchify_frames(embed: &PatchEmbed, sample: &Tensor, frames: i64) -> Result<Tensor> {
+    let (b, c, h, w) = sample.size4()?;
+    let tokens = embed.forward(&sample.f_reshape([b * frames, c / frames, h, w])?)?;
+    let (_, n, d) = tokens.size3()?;
+    Ok(tokens.f_reshape([b, frames * n, d])?)
 }
 
 /// Layer normalisation over the last dimension without affine parameters (adaLN supplies them).
@@ -311,7 +355,7 @@ impl DiTModel {
         cfg.validate()?;
         let d = cfg.inner_dim();
         let pos_embed = PatchEmbed::new(&p / "pos_embed", cfg.in_channels, d, cfg.patch_size)?;
-        let positions = sincos_positions(cfg.grid(), d, p.device())?;
+        let positions = space_time_positions(cfg, p.device())?;
         let time_text_embed = TimeLabelEmbedding::new(&p / "time_text_embed", cfg)?;
         let transformer_blocks = (0..cfg.num_layers)
             .map(|i| DiTBlock::new(&p / "transformer_blocks" / i, d, cfg.num_attention_heads, cfg.mlp_ratio))
@@ -324,12 +368,16 @@ impl DiTModel {
     /// Patchify + positions and the conditioning vector: the part of the forward pass that a side
     /// network's residuals never touch.
     pub fn embed(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Result<DiTEmbedded> {
-        let (_, _, h, w) = sample.size4()?;
+        let (_, c, h, w) = sample.size4()?;
         let s = self.config.sample_size;
-        if h != s || w != s {
-            return Err(Error::Config(format!("the transformer is built for {s}×{s} samples, got {h}×{w}")));
+        if h != s || w != s || c != self.config.sample_channels() {
+            return Err(Error::Config(format!(
+                "the transformer is built for {}×{s}×{s} samples, got {c}×{h}×{w}",
+                self.config.sample_channels()
+            )));
         }
-        let tokens = self.pos_embed.forward(sample)?.f_add(&self.positions.f_unsqueeze(0)?)?;
+        let tokens =
+            patchify_frames(&self.pos_embed, sample, self.config.num_frames)?.f_add(&self.positions.f_unsqueeze(0)?)?;
         let c = self.time_text_embed.forward(timesteps, encoder_hidden_states)?;
         Ok(DiTEmbedded { tokens, c })
     }
@@ -376,22 +424,23 @@ impl DiTModel {
         self.run_blocks(&self.embed(sample, timesteps, encoder_hidden_states)?, block_residuals)
     }
 
-    /// Tokens [B, N, p²·C] back to images [B, C, H, W] (SD3's `nhwpqc → nchpwq`).
+    /// Tokens [B, F·N, p²·C] back to samples [B, F·C, H, W], frame by frame (SD3's `nhwpqc → nchpwq`).
     pub fn unpatchify(&self, x: &Tensor) -> Result<Tensor> {
         let (b, _, _) = x.size3()?;
-        let (g, p, c) = (self.config.grid(), self.config.patch_size, self.config.out_channels);
-        Ok(x.f_reshape([b, g, g, p, p, c])?.f_permute([0, 5, 1, 3, 2, 4])?.f_reshape([b, c, g * p, g * p])?)
+        let (g, p, c, f) =
+            (self.config.grid(), self.config.patch_size, self.config.out_channels, self.config.num_frames);
+        Ok(x.f_reshape([b * f, g, g, p, p, c])?.f_permute([0, 5, 1, 3, 2, 4])?.f_reshape([b, f * c, g * p, g * p])?)
     }
 }
 
-/// Tokens [B, N, D] of a `grid`×`grid` map folded back to a feature map [B, D, grid, grid] (spec §4:
-/// how the LISA decoder reads a transformer's tokens).
-pub fn fold_tokens(tokens: &Tensor, grid: i64) -> Result<Tensor> {
+/// Tokens [B, F·N, D] of `frames` `grid`×`grid` maps folded back to feature maps [B·F, D, grid, grid],
+/// frames into the batch (spec §4: how the LISA decoder reads a transformer's tokens, and a video's).
+pub fn fold_tokens(tokens: &Tensor, grid: i64, frames: i64) -> Result<Tensor> {
     let (b, n, d) = tokens.size3()?;
-    if n != grid * grid {
-        return Err(Error::Config(format!("{n} tokens do not fold into a {grid}×{grid} grid")));
+    if n != frames * grid * grid {
+        return Err(Error::Config(format!("{n} tokens do not fold into {frames} frame(s) of {grid}×{grid}")));
     }
-    Ok(tokens.f_transpose(1, 2)?.f_reshape([b, d, grid, grid])?)
+    Ok(tokens.f_reshape([b * frames, grid * grid, d])?.f_transpose(1, 2)?.f_reshape([b * frames, d, grid, grid])?)
 }
 
 #[cfg(test)]
@@ -434,6 +483,7 @@ mod tests {
             attention_head_dim: 12,
             pooled_projection_dim: 4,
             mlp_ratio: 1,
+            num_frames: 1,
         };
         let vs = nn::VarStore::new(Device::Cpu);
         let m = DiTModel::new(vs.root(), &cfg).unwrap();
@@ -443,9 +493,9 @@ mod tests {
         assert!(m.unpatchify(&tokens).unwrap().equal(&x));
         // Token k of patchify is the patch at row k / 4, column k % 4.
         let conv = m.pos_embed.proj.forward(&x).unwrap();
-        let folded = fold_tokens(&m.pos_embed.forward(&x).unwrap(), 4).unwrap();
+        let folded = fold_tokens(&m.pos_embed.forward(&x).unwrap(), 4, 1).unwrap();
         assert!(folded.equal(&conv));
-        assert!(fold_tokens(&tokens, 3).is_err());
+        assert!(fold_tokens(&tokens, 3, 1).is_err());
     }
 
     #[test]
