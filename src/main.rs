@@ -103,8 +103,8 @@ struct ControlArgs {
     /// Override a config key, e.g. `--set train.learning_rate=3e-4 --set lisa.hook=down_5`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// The visual condition: edges, mask, depth, lowres or skeleton, or several joined by `+` (`edges+mask`:
-    /// one side network on stacked conditions); same as `--set condition=...`.
+    /// The visual condition: edges, mask, depth, lowres, skeleton, or trajectory (clips), or several joined by
+    /// `+` (`edges+mask`: one side network on stacked conditions); same as `--set condition=...`.
     #[arg(long)]
     task: Option<String>,
     /// Run folder (same as `--set output_dir=...`).

@@ -27,7 +27,7 @@ pub struct FidelityEvalConfig {
     /// Held-out test images whose conditions are sampled. Default 64.
     pub num_images: i64,
     /// The sampler (fixed across steps, arms and seeds). Default DDIM, 10 steps, η = 0; with a
-    /// flow-matching main network the default DDIM becomes Euler (DDIM does not apply to flow).
+    /// flow-matching main network DDIM becomes Euler (DDIM does not apply to flow; the steps are kept).
     pub sampler: SamplerConfig,
     /// Seed of the held-out subset and of the sampling noise (fixed across arms and seeds). Default 4321.
     pub seed: u64,
@@ -79,11 +79,12 @@ pub struct ControlConfig {
     pub threads: i32,
     /// `auto`, `cpu`, `cuda` or `cuda:N`. Default `auto`.
     pub device: String,
-    /// The frozen main network's folder (empty = the shipped one). Default empty.
+    /// The frozen main network's folder (empty = the shipped one): a UNet or a transformer, ε/v-prediction
+    /// or flow matching, images or clips (`data.video`). Default empty.
     pub main_network: PathBuf,
-    /// The visual condition: `edges`, `mask`, `depth`, `lowres` or `skeleton`; or several stacked as
-    /// channels of one side network, joined by `+` (`edges+mask`; the first is the one scored while
-    /// training). Default `edges`.
+    /// The visual condition: `edges`, `mask`, `depth`, `lowres`, `skeleton` or `trajectory` (for
+    /// clips: per-frame centre heatmaps); or several stacked as channels of one side network, joined
+    /// by `+` (`edges+mask`; the first is the one scored while training). Default `edges`.
     pub condition: String,
     /// Probability that a training sample's condition (each channel of a stacked set independently) is
     /// replaced by zeros, so that the side network learns to act on any subset of its conditions.
@@ -529,8 +530,8 @@ fn mean_column(path: &Path, name: &str) -> Result<f64> {
     Ok(c.iter().map(|p| p.1).sum::<f64>() / c.len().max(1) as f64)
 }
 
-/// The sampler of the fidelity and final evaluations: the configured one, except that the default
-/// DDIM becomes Euler for a flow-matching main network.
+/// The sampler of the fidelity and final evaluations: the configured one, except that DDIM becomes
+/// Euler (same steps) for a flow-matching main network, so one comparison config serves both objectives.
 pub fn fidelity_sampler(cfg: &ControlConfig, main: &MainNetwork) -> SamplerConfig {
     let mut s = cfg.fidelity.sampler.clone();
     if s.kind == SamplerKind::Ddim {
