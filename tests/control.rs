@@ -78,6 +78,7 @@ fn compare_writes_curves_grids_and_a_summary_then_its_side_network_samples() {
     // Resuming a finished comparison retrains nothing.
     let (ok, _, stderr) = compare(&out, &["--resume"]);
     assert!(ok && stderr.matches("finished earlier").count() == 2, "{stderr}");
+    assert!(!stderr.contains("extracted"), "nothing to train, so no training conditions are extracted: {stderr}");
 
     // The trained side network, conditioned on a mask drawn from an image.
     let png = dir.path().join("shirt.png");

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::compare::{first_reaching, paired_difference, ArmAggregate};
-use super::control::{load_main, prepare_data, train_control, ArmSummary, ControlConfig};
+use super::control::{load_main, train_control, ArmSummary, ControlConfig, LazyData};
 use crate::{Error, Result};
 
 /// One ablation arm: a name and the config overrides that make it (applied on top of LISA enabled).
@@ -135,7 +135,7 @@ pub fn ablate(cfg: &ControlConfig, variants: &[Variant], resume: bool, quiet: bo
     std::fs::write(out.join("ablation-config.toml"), crate::config::to_toml(cfg)?)
         .map_err(|e| Error::io(out.join("ablation-config.toml"), e))?;
     let main = load_main(cfg)?;
-    let data = prepare_data(cfg)?;
+    let mut data = LazyData::new(cfg);
     let mut arms: Vec<(String, Vec<String>, ControlConfig)> = vec![(
         "baseline".into(),
         vec![],
@@ -164,7 +164,7 @@ pub fn ablate(cfg: &ControlConfig, variants: &[Variant], resume: bool, quiet: bo
                 None => {
                     let has_ckpt = !crate::train::checkpoint::list(&c.output_dir).unwrap_or_default().is_empty();
                     eprintln!("== {name} (seed {})", c.train.seed);
-                    train_control(&c, &main, &data, (resume && has_ckpt).then_some("latest"), quiet)?
+                    train_control(&c, &main, data.get()?, (resume && has_ckpt).then_some("latest"), quiet)?
                 }
             };
             results[k].push(summary);

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::control::{
-    load_main, prepare_data, read_curve, save_triptych, train_control, ArmSummary, ControlConfig, FINAL_SAMPLES,
+    load_main, read_curve, save_triptych, train_control, ArmSummary, ControlConfig, LazyData, FINAL_SAMPLES,
 };
 use crate::control::NUM_TIME_BUCKETS;
 use crate::eval::plot::{line_plot, PlotSpec, Series};
@@ -173,14 +173,7 @@ pub fn compare(cfg: &ControlConfig, resume: bool, quiet: bool) -> Result<Compare
     std::fs::write(out.join("config.toml"), crate::config::to_toml(cfg)?)
         .map_err(|e| Error::io(out.join("config.toml"), e))?;
     let main = load_main(cfg)?;
-    let t0 = std::time::Instant::now();
-    let data = prepare_data(cfg)?;
-    eprintln!(
-        "{} conditions of {} training images extracted in {:.1} s",
-        cfg.condition,
-        data.train.len(),
-        t0.elapsed().as_secs_f64()
-    );
+    let mut data = LazyData::new(cfg);
 
     let (mut baseline, mut lisa) = (Vec::new(), Vec::new());
     for i in 0..cfg.compare.seeds {
@@ -200,7 +193,7 @@ pub fn compare(cfg: &ControlConfig, resume: bool, quiet: bool) -> Result<Compare
                     let has_ckpt = !crate::train::checkpoint::list(&arm.output_dir).unwrap_or_default().is_empty();
                     let from = (resume && has_ckpt).then_some("latest");
                     eprintln!("== {} (seed {})", arm.arm(), arm.train.seed);
-                    train_control(&arm, &main, &data, from, quiet)?
+                    train_control(&arm, &main, data.get()?, from, quiet)?
                 }
             };
             if enabled {
@@ -237,7 +230,8 @@ pub fn compare(cfg: &ControlConfig, resume: bool, quiet: bool) -> Result<Compare
         },
         &[Series { label: "LISA".into(), color: [220, 90, 40], x, mean: report.lisa_ratio_by_bucket.clone(), band }],
     )?;
-    write_outputs(cfg, &report, &data.eval_conditions, &data.eval_images)?;
+    let (eval_images, _, eval_conditions) = data.held_out()?;
+    write_outputs(cfg, &report, &eval_conditions, &eval_images)?;
     Ok(report)
 }
 

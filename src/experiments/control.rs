@@ -209,6 +209,47 @@ pub fn prepare_data(cfg: &ControlConfig) -> Result<ControlData> {
     Ok(ControlData { train, eval_images, eval_labels, eval_conditions })
 }
 
+/// The training data of a comparison, prepared on first use: a resumed comparison whose arms all
+/// finished needs only the small held-out subset, not the conditions of every training image.
+pub struct LazyData<'a> {
+    cfg: &'a ControlConfig,
+    data: Option<ControlData>,
+}
+
+impl<'a> LazyData<'a> {
+    /// Nothing prepared yet.
+    pub fn new(cfg: &'a ControlConfig) -> Self {
+        Self { cfg, data: None }
+    }
+
+    /// The prepared data (extracted now if needed, with a line on stderr saying how long it took).
+    pub fn get(&mut self) -> Result<&ControlData> {
+        if self.data.is_none() {
+            let t0 = std::time::Instant::now();
+            let data = prepare_data(self.cfg)?;
+            eprintln!(
+                "{} conditions of {} training images extracted in {:.1} s",
+                self.cfg.condition,
+                data.train.len(),
+                t0.elapsed().as_secs_f64()
+            );
+            self.data = Some(data);
+        }
+        Ok(self.data.as_ref().expect("prepared above"))
+    }
+
+    /// The held-out images, labels and conditions (see [`held_out_subset`]), without preparing the
+    /// training data.
+    pub fn held_out(&self) -> Result<(Tensor, Tensor, Tensor)> {
+        match &self.data {
+            Some(d) => {
+                Ok((d.eval_images.shallow_clone(), d.eval_labels.shallow_clone(), d.eval_conditions.shallow_clone()))
+            }
+            None => held_out_subset(self.cfg),
+        }
+    }
+}
+
 /// The fixed held-out subset of the test split that every evaluation uses: (images [N, 1, H, W] in
 /// [-1, 1], labels [N], conditions [N, K, H, W] in [0, 1]), N = the larger of the two evaluation sizes.
 pub fn held_out_subset(cfg: &ControlConfig) -> Result<(Tensor, Tensor, Tensor)> {
