@@ -9,7 +9,7 @@ for run in "$@"; do
   dest=docs/results/$task
   mkdir -p "$dest"
   for f in summary.md summary.json fidelity.png lisa-ratio.png samples.png config.toml \
-           disentangle.md disentangle.json disentangle.csv disentangle.png ablation.md ablation.json; do
+           disentangle.md disentangle.json disentangle.csv disentangle.png ablation.md ablation.json ablation-config.toml; do
     [ -f "$run/$f" ] && cp "$run/$f" "$dest/"
   done
   for armdir in "$run"/seed-*/*/; do
