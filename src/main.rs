@@ -451,6 +451,13 @@ struct BenchArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Instead of training steps, time sampling with the baseline- and LISA-trained side networks of this
+    /// `lisa compare` folder (its first seed), alternating, `--reps` times each.
+    #[arg(long)]
+    sampling_run: Option<PathBuf>,
+    /// Images per sampling timing (with --sampling-run).
+    #[arg(long, default_value_t = 64)]
+    sampling_images: i64,
 }
 
 fn main() -> ExitCode {
@@ -842,6 +849,16 @@ fn run_compose(a: ComposeArgs) -> Result<()> {
 
 fn run_bench(a: BenchArgs) -> Result<()> {
     use lisa::experiments::bench::{repo_root, BenchConfig, ReferenceCommand};
+    if let Some(dir) = &a.sampling_run {
+        let report = lisa::experiments::bench::bench_sampling(dir, a.sampling_images, a.reps, a.threads)?;
+        println!("{}", report.table());
+        if let Some(out) = &a.out {
+            std::fs::write(out, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("results: {}", out.display());
+        }
+        return Ok(());
+    }
     let reference = (!a.no_reference).then(|| {
         let mut cmd = ReferenceCommand::in_repo(&repo_root());
         if let Some(p) = &a.python {

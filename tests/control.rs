@@ -80,6 +80,21 @@ fn compare_writes_curves_grids_and_a_summary_then_its_side_network_samples() {
     assert!(ok && stderr.matches("finished earlier").count() == 2, "{stderr}");
     assert!(!stderr.contains("extracted"), "nothing to train, so no training conditions are extracted: {stderr}");
 
+    // Sampling with the LISA-trained side network: the baseline's architecture, timed side by side.
+    let (ok, stdout, stderr) = lisa(&[
+        "bench",
+        "--sampling-run",
+        out.to_str().unwrap(),
+        "--reps",
+        "2",
+        "--sampling-images",
+        "2",
+        "--threads",
+        "1",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("same architecture: yes") && stdout.contains("LISA / baseline: median ×"), "{stdout}");
+
     // The trained side network, conditioned on a mask drawn from an image.
     let png = dir.path().join("shirt.png");
     let img = image::GrayImage::from_fn(28, 28, |x, y| {
