@@ -26,7 +26,8 @@ pub fn from_text<T: DeserializeOwned + Serialize + Default>(
     overrides: &[String],
 ) -> Result<T> {
     let path = file.map(|(_, p)| p);
-    let mut value = toml::Value::try_from(T::default()).map_err(|e| Error::Config(format!("default config: {e}")))?;
+    let defaults = toml::Value::try_from(T::default()).map_err(|e| Error::Config(format!("default config: {e}")))?;
+    let mut value = defaults.clone();
     if let Some((text, path)) = file {
         let file: toml::Value = toml::from_str(text)
             .map_err(|e| Error::format(path, format!("invalid TOML: {}", one_line(&e.to_string()))))?;
@@ -38,7 +39,7 @@ pub fn from_text<T: DeserializeOwned + Serialize + Default>(
             Error::Config(format!("override '{item}' is not of the form key=value (e.g. train.steps=100)"))
         })?;
         let parsed = parse_value(raw.trim());
-        set_path(&mut value, key.trim(), parsed, &mut created)
+        set_path(&mut value, &defaults, key.trim(), parsed, &mut created)
             .map_err(|m| Error::Config(format!("override '{item}': {m}")))?;
     }
     let origin = path.map_or("configuration".to_string(), |p| p.display().to_string());
@@ -64,12 +65,13 @@ fn unknown_created_section(err: &str, created: &[String], overrides: &[String]) 
 /// `cfg` with `overrides` (`section.key=value`, as for [`load`]) applied; unknown keys are errors.
 pub fn with_overrides<T: DeserializeOwned + Serialize>(cfg: &T, overrides: &[String]) -> Result<T> {
     let mut value = toml::Value::try_from(cfg).map_err(|e| Error::Config(format!("config: {e}")))?;
+    let defaults = value.clone();
     let mut created = Vec::new();
     for item in overrides {
         let (key, raw) = item.split_once('=').ok_or_else(|| {
             Error::Config(format!("override '{item}' is not of the form key=value (e.g. lisa.lambda=0.5)"))
         })?;
-        set_path(&mut value, key.trim(), parse_value(raw.trim()), &mut created)
+        set_path(&mut value, &defaults, key.trim(), parse_value(raw.trim()), &mut created)
             .map_err(|m| Error::Config(format!("override '{item}': {m}")))?;
     }
     T::deserialize(value).map_err(|e| {
@@ -111,24 +113,25 @@ fn merge(base: &mut toml::Value, over: toml::Value) {
     }
 }
 
-/// Sets `key` (dotted) to `v`. A key must exist in the defaults, except inside a section that the
-/// defaults leave out (an optional one, such as `data.video`): that section is created, and the
-/// config's own parsing then rejects whatever it does not know.
-/// `created_sections` collects the sections created so far, so that later overrides may add keys to them too.
+/// Sets `key` (dotted) to `v`. Where `defaults` (the config's own defaults) define the section, the key
+/// must exist there; a section they leave out (an optional one, such as `data.video`, absent or given
+/// only in part by the file) takes any key, and the config's own parsing then rejects what it does not
+/// know. Sections created here are added to `created_sections`, for the error message.
 fn set_path(
     root: &mut toml::Value,
+    defaults: &toml::Value,
     key: &str,
     v: toml::Value,
     created_sections: &mut Vec<String>,
 ) -> std::result::Result<(), String> {
     let mut cur = root;
+    let mut def = Some(defaults);
     let parts: Vec<&str> = key.split('.').collect();
-    let mut created = false;
     for (i, part) in parts.iter().enumerate() {
-        created |= i > 0 && created_sections.iter().any(|s| *s == parts[..i].join("."));
         let table = cur.as_table_mut().ok_or_else(|| format!("'{}' is not a section", parts[..i].join(".")))?;
+        let def_table = def.and_then(toml::Value::as_table);
         if i + 1 == parts.len() {
-            if !created && !table.contains_key(*part) {
+            if def_table.is_some_and(|d| !d.contains_key(*part)) && !table.contains_key(*part) {
                 return Err(format!("unknown key '{key}' (see --print-config for the keys)"));
             }
             table.insert((*part).to_owned(), v);
@@ -137,8 +140,8 @@ fn set_path(
         if !table.contains_key(*part) {
             table.insert((*part).to_owned(), toml::Value::Table(toml::Table::new()));
             created_sections.push(parts[..=i].join("."));
-            created = true;
         }
+        def = def_table.and_then(|d| d.get(*part));
         cur = table.get_mut(*part).ok_or_else(|| format!("unknown section '{}'", parts[..=i].join(".")))?;
     }
     Ok(())
@@ -187,6 +190,12 @@ mod tests {
             load::<Outer>(None, &["seed=1".into(), "train.lrr=1".into()]).is_err(),
             "existing sections stay strict"
         );
+        // An optional section given in part by the file takes its other keys from overrides.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "[extra]\nlr = 0.5\n").unwrap();
+        let c: Outer = load(Some(&f), &["extra.steps=2".into()]).unwrap();
+        assert_eq!(c.extra, Some(Inner { steps: 2, lr: 0.5, ..Inner::default() }));
         let e = load::<Outer>(None, &["extra.stepz=4".into()]).unwrap_err().to_string();
         assert!(e.contains("stepz"), "{e}");
         let e = load::<Outer>(None, &["extrra.steps=4".into()]).unwrap_err().to_string();

@@ -288,10 +288,10 @@ fn ablate_runs_the_baseline_and_each_variant_into_one_table() {
     assert!(!ok && stderr.contains("lamda") && stderr.lines().count() == 1, "{stderr}");
 }
 
-#[test]
-fn a_flow_matching_transformer_main_network_pretrains_and_compares_with_lisa() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("dit.toml");
+/// Pretrains a tiny flow-matching transformer main network (2 steps on 32 embedded images, with
+/// `extra` arguments) under `dir/main`; returns its model folder.
+fn pretrain_tiny_transformer(dir: &Path, extra: &[&str]) -> std::path::PathBuf {
+    let config = dir.join("dit.toml");
     std::fs::write(
         &config,
         r#"
@@ -310,26 +310,31 @@ attention_head_dim = 8
 pooled_projection_dim = 16
 [train]
 steps = 2
-batch_size = 8
+batch_size = 4
 lr_warmup_steps = 1
 log_every = 1
 checkpointing_steps = 0
 [validation]
-num_images = 0
+num_images = 2
+[validation.sampler]
+kind = "euler"
+steps = 2
 "#,
     )
     .unwrap();
-    let main_run = dir.path().join("main");
-    let (ok, _, stderr) = lisa(&[
-        "pretrain",
-        "--quiet",
-        "--config",
-        config.to_str().unwrap(),
-        "--output-dir",
-        main_run.to_str().unwrap(),
-    ]);
+    let main_run = dir.join("main");
+    let mut args =
+        vec!["pretrain", "--quiet", "--config", config.to_str().unwrap(), "--output-dir", main_run.to_str().unwrap()];
+    args.extend(extra);
+    let (ok, _, stderr) = lisa(&args);
     assert!(ok, "{stderr}");
-    let model = main_run.join("model");
+    main_run.join("model")
+}
+
+#[test]
+fn a_flow_matching_transformer_main_network_pretrains_and_compares_with_lisa() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = pretrain_tiny_transformer(dir.path(), &[]);
     let saved = std::fs::read_to_string(model.join("config.json")).unwrap();
     assert!(saved.contains("\"transformer\"") && saved.contains("\"flow\""), "{saved}");
 
@@ -369,52 +374,10 @@ num_images = 0
 #[test]
 fn a_video_transformer_pretrains_on_moving_fashion_mnist_and_compares_trajectory_control() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("video.toml");
-    std::fs::write(
-        &config,
-        r#"
-threads = 1
-device = "cpu"
-[data]
-source = "embedded"
-max_examples = 32
-[data.video]
-frames = 4
-clips = 24
-[model.objective]
-kind = "flow"
-[model.transformer]
-patch_size = 4
-num_layers = 2
-num_attention_heads = 2
-attention_head_dim = 8
-pooled_projection_dim = 16
-num_frames = 4
-[train]
-steps = 2
-batch_size = 4
-lr_warmup_steps = 1
-log_every = 1
-checkpointing_steps = 0
-[validation]
-num_images = 2
-[validation.sampler]
-kind = "euler"
-steps = 2
-"#,
-    )
-    .unwrap();
-    let main_run = dir.path().join("main");
-    let (ok, _, stderr) = lisa(&[
-        "pretrain",
-        "--quiet",
-        "--config",
-        config.to_str().unwrap(),
-        "--output-dir",
-        main_run.to_str().unwrap(),
-    ]);
-    assert!(ok, "{stderr}");
-    let model = main_run.join("model");
+    let model = pretrain_tiny_transformer(
+        dir.path(),
+        &["--set", "data.video.frames=4", "--set", "data.video.clips=24", "--set", "model.transformer.num_frames=4"],
+    );
 
     let out = dir.path().join("cmp");
     let set_main = format!("main_network={:?}", model.to_str().unwrap());

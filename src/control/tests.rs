@@ -56,6 +56,39 @@ fn head_for(main: &MainNetwork, hook: Hook, reference_pass: ReferencePass) -> Li
     LisaHead::new(main, &side_for(main), &cfg).unwrap()
 }
 
+/// Trains `side` and `head` for three steps (batch 4, lr 1e-2) on 8 random 8×8 single-channel images
+/// with random conditions, logging every step into `dir`.
+pub(super) fn train_three_steps(main: &MainNetwork, side: &SideNetwork, head: &LisaHead, dir: &std::path::Path) {
+    let data = Dataset {
+        images: Tensor::rand([8, 1, 8, 8], CPU) * 2.0 - 1.0,
+        labels: Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2, 0, 1]),
+        num_classes: 3,
+        class_names: vec!["a".into(), "b".into(), "c".into()],
+        conditioning: Some(Tensor::rand([8, 1, 8, 8], CPU)),
+    };
+    let cfg = TrainConfig {
+        steps: 3,
+        batch_size: 4,
+        lr_warmup_steps: 0,
+        learning_rate: 1e-2,
+        checkpointing_steps: 0,
+        log_every: 1,
+        ..Default::default()
+    };
+    let run = RunDir {
+        output_dir: dir,
+        resume: None,
+        run_description: serde_json::json!({}),
+        description_defaults: serde_json::Value::Null,
+        quiet: true,
+        files: vec![],
+    };
+    let task = ControlTask::new(main, side, Some(head)).unwrap();
+    let mut params = side.named_parameters();
+    params.extend(head.named_parameters());
+    trainer::train(&task, params, &data, &main.objective, &cfg, &run, |_, _| Ok(())).unwrap();
+}
+
 /// A noised batch of 4 with labels and conditions.
 fn batch(main: &MainNetwork) -> (Batch, crate::diffusion::TrainingSample) {
     tch::manual_seed(11);
@@ -208,35 +241,8 @@ fn training_moves_the_side_network_and_decoder_but_never_the_main_network() {
     let head = head_for(&main, Hook::Mid, ReferencePass::SharedEncoder);
     let before: Vec<Tensor> = main.named_parameters().iter().map(|(_, p)| p.copy()).collect();
     let side_before: Vec<Tensor> = side.named_parameters().iter().map(|(_, p)| p.copy()).collect();
-    let data = Dataset {
-        images: Tensor::rand([8, 1, 8, 8], CPU) * 2.0 - 1.0,
-        labels: Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2, 0, 1]),
-        num_classes: 3,
-        class_names: vec!["a".into(), "b".into(), "c".into()],
-        conditioning: Some(Tensor::rand([8, 1, 8, 8], CPU)),
-    };
     let dir = tempfile::tempdir().unwrap();
-    let cfg = TrainConfig {
-        steps: 3,
-        batch_size: 4,
-        lr_warmup_steps: 0,
-        learning_rate: 1e-2,
-        checkpointing_steps: 0,
-        log_every: 1,
-        ..Default::default()
-    };
-    let run = RunDir {
-        output_dir: dir.path(),
-        resume: None,
-        run_description: serde_json::json!({}),
-        description_defaults: serde_json::Value::Null,
-        quiet: true,
-        files: vec![],
-    };
-    let task = ControlTask::new(&main, &side, Some(&head)).unwrap();
-    let mut params = side.named_parameters();
-    params.extend(head.named_parameters());
-    trainer::train(&task, params, &data, &main.objective, &cfg, &run, |_, _| Ok(())).unwrap();
+    train_three_steps(&main, &side, &head, dir.path());
     for ((n, p), b) in main.named_parameters().iter().zip(&before) {
         assert!(bitwise_equal(p, b), "main parameter {n} changed");
         assert!(!p.grad().defined(), "main parameter {n} has a gradient");

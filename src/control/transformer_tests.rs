@@ -8,12 +8,11 @@ use tch::{Device, Kind, Tensor};
 
 use super::*;
 use crate::data::conditions::ConditionKind;
-use crate::data::Dataset;
 use crate::diffusion::objective::ObjectiveKind;
 use crate::diffusion::{ObjectiveConfig, SamplerConfig, SamplerKind};
 use crate::models::{ControlNetConfig, DiTConfig, Hook, LabelEncoderConfig};
 use crate::pipeline::{Backbone, MainNetwork, MainNetworkConfig};
-use crate::train::trainer::{self, Batch, RunDir, TrainConfig, TrainTask};
+use crate::train::trainer::{Batch, TrainTask};
 
 const CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
 
@@ -43,7 +42,11 @@ fn dit_main(objective: ObjectiveConfig) -> MainNetwork {
         objective,
         ..Default::default()
     };
-    let mut main = MainNetwork::new(&cfg, Device::Cpu).unwrap();
+    randomized(MainNetwork::new(&cfg, Device::Cpu).unwrap())
+}
+
+/// `main` with every parameter drawn from N(0, 0.2²) (no layer left at zero), frozen.
+fn randomized(mut main: MainNetwork) -> MainNetwork {
     tch::no_grad(|| {
         for (_, p) in main.named_parameters() {
             let _ = p.shallow_clone().copy_(&(p.randn_like() * 0.2));
@@ -240,35 +243,8 @@ fn a_transformer_side_network_trains_saves_loads_and_samples() {
     let h = head(&main, &side, Hook::Mid, ReferencePass::SharedEncoder);
     let before: Vec<Tensor> = main.named_parameters().iter().map(|(_, p)| p.copy()).collect();
     let side_before: Vec<Tensor> = side.named_parameters().iter().map(|(_, p)| p.copy()).collect();
-    let data = Dataset {
-        images: Tensor::rand([8, 1, 8, 8], CPU) * 2.0 - 1.0,
-        labels: Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2, 0, 1]),
-        num_classes: 3,
-        class_names: vec!["a".into(), "b".into(), "c".into()],
-        conditioning: Some(Tensor::rand([8, 1, 8, 8], CPU)),
-    };
     let dir = tempfile::tempdir().unwrap();
-    let cfg = TrainConfig {
-        steps: 3,
-        batch_size: 4,
-        lr_warmup_steps: 0,
-        learning_rate: 1e-2,
-        checkpointing_steps: 0,
-        log_every: 1,
-        ..Default::default()
-    };
-    let run = RunDir {
-        output_dir: dir.path(),
-        resume: None,
-        run_description: serde_json::json!({}),
-        description_defaults: serde_json::Value::Null,
-        quiet: true,
-        files: vec![],
-    };
-    let task = ControlTask::new(&main, &side, Some(&h)).unwrap();
-    let mut params = side.named_parameters();
-    params.extend(h.named_parameters());
-    trainer::train(&task, params, &data, &main.objective, &cfg, &run, |_, _| Ok(())).unwrap();
+    super::tests::train_three_steps(&main, &side, &h, dir.path());
     for ((n, p), b) in main.named_parameters().iter().zip(&before) {
         assert!(bitwise_equal(p, b), "main parameter {n} changed");
     }
@@ -316,13 +292,7 @@ fn a_video_transformer_attends_across_frames_and_lisa_decodes_frame_by_frame() {
         objective: flow(),
         ..Default::default()
     };
-    let mut main = MainNetwork::new(&cfg, Device::Cpu).unwrap();
-    tch::no_grad(|| {
-        for (_, p) in main.named_parameters() {
-            let _ = p.shallow_clone().copy_(&(p.randn_like() * 0.2));
-        }
-    });
-    main.freeze();
+    let main = randomized(MainNetwork::new(&cfg, Device::Cpu).unwrap());
     assert_eq!((main.config.in_channels(), main.config.num_frames()), (4, 4));
     let x = Tensor::randn([2, 4, 8, 8], CPU);
     let t = Tensor::from_slice(&[100i64, 800]);
