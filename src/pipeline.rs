@@ -30,6 +30,18 @@ pub struct MainNetworkConfig {
 }
 
 impl MainNetworkConfig {
+    /// The config as saved in `config.json`: without the unused `unet` section when the backbone is a
+    /// transformer.
+    pub fn to_json(&self) -> Result<serde_json::Value> {
+        let mut v = serde_json::to_value(self).map_err(|e| Error::Config(e.to_string()))?;
+        if self.transformer.is_some() {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("unet");
+            }
+        }
+        Ok(v)
+    }
+
     /// Channels of the samples the backbone takes (a clip's frames count as channels).
     pub fn in_channels(&self) -> i64 {
         self.transformer.as_ref().map_or(self.unet.in_channels, |t| t.sample_channels())
@@ -181,7 +193,7 @@ impl MainNetwork {
 
     /// Saves `config.json` and `model.safetensors` into `dir` (created), each written atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        save_model_dir(dir, &self.config, &self.named_parameters())
+        save_model_dir(dir, &self.config.to_json()?, &self.named_parameters())
     }
 
     /// All parameters, named as in the saved files, sorted by name.

@@ -256,6 +256,12 @@ fn a_transformer_side_network_trains_saves_loads_and_samples() {
     side.save(&saved).unwrap();
     let text = std::fs::read_to_string(saved.join("config.json")).unwrap();
     assert!(text.contains("\"transformer\"") && !text.contains("\"controlnet\""), "{text}");
+    // The main network's folder holds no unused UNet section either, and loads back identical.
+    main.save(&dir.path().join("main")).unwrap();
+    let text = std::fs::read_to_string(dir.path().join("main/config.json")).unwrap();
+    assert!(text.contains("\"transformer\"") && !text.contains("\"unet\""), "{text}");
+    let again = MainNetwork::load(&dir.path().join("main"), Device::Cpu).unwrap();
+    assert_eq!(again.config, main.config);
     let loaded = SideNetwork::load(&saved, &main).unwrap();
     for ((n, a), (_, b)) in side.named_parameters().iter().zip(loaded.named_parameters()) {
         assert!(bitwise_equal(a, &b), "{n} differs after loading");

@@ -222,7 +222,7 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
     let out = &cfg.output_dir;
     let task = PretrainTask { net: &net, label_dropout: cfg.label_dropout };
     // The run folder doubles as a model folder for its checkpoints.
-    let cfg_json = serde_json::to_string_pretty(m).map_err(|e| Error::Config(e.to_string()))?;
+    let cfg_json = serde_json::to_string_pretty(&m.to_json()?).map_err(|e| Error::Config(e.to_string()))?;
     let run = RunDir {
         output_dir: out,
         resume,
