@@ -15,6 +15,18 @@ fn torch_default_init(fan_in: i64) -> nn::Init {
     nn::Init::Uniform { lo: -bound, up: bound }
 }
 
+/// Sets a layer's weight and bias to exactly zero, outside autograd ("zero module": zero convs,
+/// adaLN-Zero modulations, output layers that must start silent).
+pub(crate) fn zero_init(weight: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+    tch::no_grad(|| -> Result<()> {
+        let _ = weight.shallow_clone().f_zero_()?;
+        if let Some(b) = bias {
+            let _ = b.shallow_clone().f_zero_()?;
+        }
+        Ok(())
+    })
+}
+
 /// A 2-D convolution (`weight` [out, in, k, k], optional `bias` [out]).
 #[derive(Debug)]
 pub struct Conv2d {

@@ -187,13 +187,7 @@ pub struct HookableLayer {
 /// A convolution whose weight and bias start at exactly zero ("zero module").
 fn zero_conv(p: nn::Path, cin: i64, cout: i64, k: i64, padding: i64) -> Result<Conv2d> {
     let c = Conv2d::new(p, cin, cout, k, 1, padding)?;
-    tch::no_grad(|| -> Result<()> {
-        let _ = c.weight.shallow_clone().f_zero_()?;
-        if let Some(b) = &c.bias {
-            let _ = b.shallow_clone().f_zero_()?;
-        }
-        Ok(())
-    })?;
+    super::blocks::zero_init(&c.weight, c.bias.as_ref())?;
     Ok(c)
 }
 

@@ -124,13 +124,7 @@ impl DiTControlNetModel {
         let pos_embed = PatchEmbed::new(&p / "pos_embed", t.in_channels, d, t.patch_size)?;
         let positions = super::dit::space_time_positions(t, p.device())?;
         let pos_embed_input = PatchEmbed::new(&p / "pos_embed_input", cfg.conditioning_channels, d, t.patch_size)?;
-        tch::no_grad(|| -> Result<()> {
-            let _ = pos_embed_input.proj.weight.shallow_clone().f_zero_()?;
-            if let Some(b) = &pos_embed_input.proj.bias {
-                let _ = b.shallow_clone().f_zero_()?;
-            }
-            Ok(())
-        })?;
+        super::blocks::zero_init(&pos_embed_input.proj.weight, pos_embed_input.proj.bias.as_ref())?;
         let time_text_embed = TimeLabelEmbedding::new(&p / "time_text_embed", t)?;
         let transformer_blocks = (0..cfg.num_layers)
             .map(|i| DiTBlock::new(&p / "transformer_blocks" / i, d, t.num_attention_heads, t.mlp_ratio))

@@ -79,8 +79,7 @@ impl LisaDecoder {
             return Err(Error::Config(format!(
                 "LISA decoder: in_channels ({in_channels}), out_channels ({out_channels}), channel_floor ({}) and \
                  channel_multiplier ({}) must be positive",
-                cfg.channel_floor,
-                cfg.channel_multiplier
+                cfg.channel_floor, cfg.channel_multiplier
             )));
         }
         let ratio = if feature_res > 0 && out_res % feature_res == 0 { out_res / feature_res } else { 0 };
@@ -120,13 +119,7 @@ impl LisaDecoder {
         };
         let conv_out = Conv2d::new(&p / "conv_out", c, out_channels, 3, 1, 1)?;
         // Zero output: the decoder starts by predicting r = 0, as the authors initialise it.
-        tch::no_grad(|| -> Result<()> {
-            let _ = conv_out.weight.shallow_clone().f_zero_()?;
-            if let Some(b) = &conv_out.bias {
-                let _ = b.shallow_clone().f_zero_()?;
-            }
-            Ok(())
-        })?;
+        super::blocks::zero_init(&conv_out.weight, conv_out.bias.as_ref())?;
         Ok(Self { time_proj, time_linear, blocks, conv_refine, conv_out, feature_res, out_res })
     }
 

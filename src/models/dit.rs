@@ -126,18 +126,20 @@ impl DiTConfig {
 /// half of the features encodes the column, the second the row, each `[sin, cos]` over `dim/4`
 /// frequencies `10000^(−i/(dim/4))`. Row-major token order, as patchify produces.
 pub fn sincos_positions(grid: i64, dim: i64, device: tch::Device) -> Result<Tensor> {
-    let quarter = dim / 4;
-    let omega = Tensor::f_arange(quarter, (Kind::Double, device))?
-        .f_div_scalar(quarter as f64)?
-        .f_mul_scalar(-(10000f64).ln())?
-        .f_exp()?;
-    let one_d = |pos: &Tensor| -> Result<Tensor> {
-        let a = pos.f_unsqueeze(1)?.f_mul(&omega.f_unsqueeze(0)?)?;
-        Ok(Tensor::f_cat(&[a.f_sin()?, a.f_cos()?], 1)?)
-    };
     let idx = Tensor::f_arange(grid * grid, (Kind::Double, device))?;
     let (row, col) = (idx.f_div_scalar_mode(grid as f64, "floor")?, idx.f_remainder(grid as f64)?);
-    Ok(Tensor::f_cat(&[one_d(&col)?, one_d(&row)?], 1)?.f_to_kind(Kind::Float)?)
+    Ok(Tensor::f_cat(&[sincos_1d(&col, dim / 2)?, sincos_1d(&row, dim / 2)?], 1)?.f_to_kind(Kind::Float)?)
+}
+
+/// `[sin, cos]` of positions `pos` [P] (f64) times `width / 2` frequencies `10000^(−i/(width/2))`: [P, width].
+fn sincos_1d(pos: &Tensor, width: i64) -> Result<Tensor> {
+    let half = width / 2;
+    let omega = Tensor::f_arange(half, (Kind::Double, pos.device()))?
+        .f_div_scalar(half as f64)?
+        .f_mul_scalar(-(10000f64).ln())?
+        .f_exp()?;
+    let a = pos.f_unsqueeze(1)?.f_mul(&omega.f_unsqueeze(0)?)?;
+    Ok(Tensor::f_cat(&[a.f_sin()?, a.f_cos()?], 1)?)
 }
 
 /// The position table of all tokens of a sample [F·N, D]: the spatial table of every frame, plus,
@@ -148,14 +150,8 @@ pub fn space_time_positions(cfg: &DiTConfig, device: tch::Device) -> Result<Tens
     if cfg.num_frames == 1 {
         return Ok(space);
     }
-    let half = d / 2;
-    let omega = Tensor::f_arange(half, (Kind::Double, device))?
-        .f_div_scalar(half as f64)?
-        .f_mul_scalar(-(10000f64).ln())?
-        .f_exp()?;
     let frames = Tensor::f_arange(cfg.num_frames, (Kind::Double, device))?;
-    let a = frames.f_unsqueeze(1)?.f_mul(&omega.f_unsqueeze(0)?)?;
-    let time = Tensor::f_cat(&[a.f_sin()?, a.f_cos()?], 1)?.f_to_kind(Kind::Float)?; // [F, D]
+    let time = sincos_1d(&frames, d)?.f_to_kind(Kind::Float)?; // [F, D]
     let n = space.size()[0];
     Ok(space.f_unsqueeze(0)?.f_add(&time.f_unsqueeze(1)?)?.f_reshape([cfg.num_frames * n, d])?)
 }
@@ -182,13 +178,7 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
 /// A `Linear` whose weight and bias start at exactly zero (adaLN-Zero modulations, output layers).
 pub(crate) fn zero_linear(p: nn::Path, din: i64, dout: i64) -> Result<Linear> {
     let l = Linear::new(p, din, dout, true)?;
-    tch::no_grad(|| -> Result<()> {
-        let _ = l.weight.shallow_clone().f_zero_()?;
-        if let Some(b) = &l.bias {
-            let _ = b.shallow_clone().f_zero_()?;
-        }
-        Ok(())
-    })?;
+    super::blocks::zero_init(&l.weight, l.bias.as_ref())?;
     Ok(l)
 }
 
