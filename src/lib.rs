@@ -3,14 +3,15 @@
 //!
 //! The modules follow the pipeline: data → models → diffusion objectives → side networks and LISA → training → sampling →
 //! evaluation → CLI.
+pub mod allocator;
 pub mod config;
 pub mod control;
 pub mod data;
 pub mod diffusion;
-pub mod experiments;
-pub mod fuzzing;
 pub mod error;
 pub mod eval;
+pub mod experiments;
+pub mod fuzzing;
 pub mod models;
 pub mod pipeline;
 pub mod rng;

@@ -448,6 +448,10 @@ struct BenchArgs {
     /// Side n of the n×n×n f32 matmul timed for the machine's GEMM rate.
     #[arg(long, default_value_t = 2048)]
     gemm_size: i64,
+    /// Examples per step that get the LISA term in the sub-batch variant (`lisa.sub_batch`), 1 to --batch;
+    /// default a quarter of the batch.
+    #[arg(long)]
+    lisa_sub_batch: Option<i64>,
     /// Also write the results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -462,6 +466,8 @@ struct BenchArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Freed tensor memory stays in the heap for the next step instead of being unmapped and faulted back in.
+    lisa::allocator::keep_freed_memory_for_reuse();
     let result = match cli.command {
         Command::Pretrain(a) => run_pretrain(a),
         Command::Sample(a) => run_sample(a),
@@ -874,6 +880,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         warmup: a.warmup,
         seed: a.seed,
         gemm_size: a.gemm_size,
+        lisa_sub_batch: a.lisa_sub_batch.unwrap_or((a.batch / 4).max(1)),
         reference,
     };
     let report = lisa::experiments::bench::run_bench(&cfg, &mut |m| eprintln!("{m}"))?;

@@ -87,6 +87,27 @@ pub enum SharedPass {
     Transformer(DiTEmbedded),
 }
 
+impl SharedPass {
+    /// The first `n` examples of the batch (the LISA term on a sub-batch reuses the shared pass).
+    pub fn narrow(&self, n: i64) -> Result<SharedPass> {
+        Ok(match self {
+            SharedPass::UNet(e) => SharedPass::UNet(UNetEncoded {
+                temb: e.temb.f_narrow(0, 0, n)?,
+                encoder_hidden_states: e.encoder_hidden_states.f_narrow(0, 0, n)?,
+                down_block_res_samples: e
+                    .down_block_res_samples
+                    .iter()
+                    .map(|t| Ok(t.f_narrow(0, 0, n)?))
+                    .collect::<Result<Vec<_>>>()?,
+                mid: e.mid.f_narrow(0, 0, n)?,
+            }),
+            SharedPass::Transformer(e) => {
+                SharedPass::Transformer(DiTEmbedded { tokens: e.tokens.f_narrow(0, 0, n)?, c: e.c.f_narrow(0, 0, n)? })
+            }
+        })
+    }
+}
+
 /// What side networks add to a backbone's forward pass (summed over several side networks).
 #[derive(Debug)]
 pub enum Residuals {

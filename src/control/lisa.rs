@@ -76,6 +76,11 @@ pub struct LisaConfig {
     pub distance: LisaDistance,
     /// Width multiplier of the decoder's hidden convs (ablation: 2 ≈ 4× the parameters). Default 1.
     pub decoder_channel_multiplier: i64,
+    /// Examples per step that get the LISA term: the first `sub_batch` of the batch, which the loader
+    /// shuffled and whose noise and timesteps are drawn per example, so a uniformly random subset. The
+    /// reference pass and the decoder then run on those alone: an unbiased estimate of the same loss,
+    /// with more variance, at a fraction of LISA's cost. 0 = the whole batch (the authors'). Default 0.
+    pub sub_batch: i64,
 }
 
 impl Default for LisaConfig {
@@ -89,6 +94,7 @@ impl Default for LisaConfig {
             target: LisaTarget::Residual,
             distance: LisaDistance::Mse,
             decoder_channel_multiplier: 1,
+            sub_batch: 0,
         }
     }
 }
@@ -112,6 +118,12 @@ impl LisaConfig {
             return Err(Error::Config(
                 "lisa.decoder_channel_floor and lisa.decoder_channel_multiplier must be ≥ 1".into(),
             ));
+        }
+        if self.sub_batch < 0 {
+            return Err(Error::Config(format!(
+                "lisa.sub_batch must be ≥ 0 (0 = the whole batch), got {}",
+                self.sub_batch
+            )));
         }
         Ok(())
     }
@@ -141,6 +153,8 @@ pub struct LisaHead {
     pub distance: LisaDistance,
     /// Frames per sample: a clip's hooked feature comes with its frames folded into the batch.
     pub frames: i64,
+    /// Examples per step that get the LISA term (0 = all; see [`LisaConfig::sub_batch`]).
+    pub sub_batch: i64,
 }
 
 impl LisaHead {
@@ -186,6 +200,7 @@ impl LisaHead {
             target: cfg.target,
             distance: cfg.distance,
             frames,
+            sub_batch: cfg.sub_batch,
         })
     }
 
@@ -200,6 +215,15 @@ impl LisaHead {
         let y = self.decoder.forward(hooked, &t)?;
         let s = y.size();
         Ok(y.f_reshape([b, self.frames * s[1], s[2], s[3]])?)
+    }
+
+    /// How many of a batch of `batch` examples get the LISA term.
+    pub fn lisa_examples(&self, batch: i64) -> i64 {
+        if self.sub_batch > 0 {
+            self.sub_batch.min(batch)
+        } else {
+            batch
+        }
     }
 
     /// The decoder's parameters, sorted by name.

@@ -63,17 +63,22 @@ impl<'a> ControlTask<'a> {
             Some(head) => {
                 // Only the residual and its random control need the frozen network's own prediction.
                 let needs_reference = matches!(head.target, LisaTarget::Residual | LisaTarget::Random);
+                // The LISA term covers the first `n` examples (all unless `lisa.sub_batch` is set).
+                let n = head.lisa_examples(x_t.size()[0]);
+                let first = |t: &Tensor| t.f_narrow(0, 0, n);
                 let pred_main = if needs_reference {
                     Some(tch::no_grad(|| match head.reference_pass {
-                        ReferencePass::SharedEncoder => self.main.decode(&shared, None),
-                        ReferencePass::Full => self.main.predict(x_t, model_t, y),
+                        ReferencePass::SharedEncoder => self.main.decode(&shared.narrow(n)?, None),
+                        ReferencePass::Full => self.main.predict(&first(x_t)?, &first(model_t)?, &first(y)?),
                     })?)
                 } else {
                     None
                 };
                 let hooked =
                     side.hooked.ok_or_else(|| Error::Training("the side network returned no hooked feature".into()))?;
-                (pred_main, Some(head.decode(&hooked, model_t)?))
+                // A clip's hooked feature has its frames folded into the batch, example-major.
+                let hooked = hooked.f_narrow(0, 0, n * head.frames)?;
+                (pred_main, Some(head.decode(&hooked, &first(model_t)?)?))
             }
         };
         Ok(ControlForward { pred_full, pred_main, decoded })
@@ -104,22 +109,25 @@ impl TrainTask for ControlTask<'_> {
             return Ok(TaskLoss { metrics: vec![("l_main".into(), l_main.detach())], loss: l_main });
         };
         let reference = || f.pred_main.as_ref().ok_or_else(|| Error::Training("no reference prediction".into()));
+        // The examples the LISA term covers (the whole batch unless `lisa.sub_batch` is set).
+        let n = decoded.size()[0];
+        let target = sample.target.f_narrow(0, 0, n)?;
         // `r` names whatever the decoder regresses onto; it is the likelihood residual for LISA proper.
         let r = match head.target {
-            LisaTarget::Residual => likelihood_residual(&sample.target, reference()?),
+            LisaTarget::Residual => likelihood_residual(&target, reference()?),
             LisaTarget::Random => {
-                let res = likelihood_residual(&sample.target, reference()?);
+                let res = likelihood_residual(&target, reference()?);
                 let rms =
                     res.square().f_flatten(1, -1)?.f_mean_dim(1, true, Kind::Float)?.sqrt().f_view([-1, 1, 1, 1])?;
                 res.randn_like() * rms
             }
-            LisaTarget::Raw => sample.target.detach(),
-            LisaTarget::Condition => condition.detach() * 2.0 - 1.0,
+            LisaTarget::Raw => target.detach(),
+            LisaTarget::Condition => condition.f_narrow(0, 0, n)?.detach() * 2.0 - 1.0,
         };
         let l_lisa = regression_loss(decoded, &r, head.distance)?;
         let r_sq = r.square().mean(Kind::Float);
         let loss = &l_main + &l_lisa * head.lambda;
-        let (err_b, rsq_b) = bucket_sums(&decoded.detach(), &r, &sample.unit_t)?;
+        let (err_b, rsq_b) = bucket_sums(&decoded.detach(), &r, &sample.unit_t.f_narrow(0, 0, n)?)?;
         let mut metrics =
             vec![("l_main".into(), l_main.detach()), ("l_lisa".into(), l_lisa.detach()), ("r_sq".into(), r_sq)];
         for b in 0..NUM_TIME_BUCKETS {

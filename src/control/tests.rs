@@ -557,3 +557,47 @@ fn condition_dropout_zeroes_whole_channels_of_a_stacked_condition() {
             .to_string();
     assert!(err.contains("2 conditioning channels"), "{err}");
 }
+
+#[test]
+fn lisa_term_on_a_sub_batch_is_the_whole_batch_term_over_those_examples() {
+    let main = tiny_main(eps());
+    let side = side_for(&main);
+    let mut head = head_with(&main, LisaConfig::default());
+    // Non-zero zero convs and decoder, so that every output carries the side network's feature.
+    tch::no_grad(|| {
+        for (n, p) in side.named_parameters().into_iter().chain(head.named_parameters()) {
+            if n.starts_with("controlnet_") || n.starts_with(lisa::DECODER_PREFIX) {
+                let _ = p.shallow_clone().copy_(&(p.randn_like() * 0.1));
+            }
+        }
+    });
+    let (b, s) = batch(&main);
+    let c = b.condition.as_ref().unwrap();
+    let whole = ControlTask::new(&main, &side, Some(&head)).unwrap().forward(&s.x_t, &s.model_t, &b.labels, c).unwrap();
+    let whole_loss = ControlTask::new(&main, &side, Some(&head)).unwrap().loss(&b, &s).unwrap();
+    head.sub_batch = 2;
+    let task = ControlTask::new(&main, &side, Some(&head)).unwrap();
+    let sub = task.forward(&s.x_t, &s.model_t, &b.labels, c).unwrap();
+    let (pred_main, decoded) = (sub.pred_main.as_ref().unwrap(), sub.decoded.as_ref().unwrap());
+    assert_eq!((pred_main.size()[0], decoded.size()[0]), (2, 2), "reference pass and decoder on 2 of 4 examples");
+    assert!(bitwise_equal(&sub.pred_full, &whole.pred_full), "the diffusion term still covers the whole batch");
+    let close = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]) < 1e-5;
+    assert!(close(pred_main, &whole.pred_main.as_ref().unwrap().narrow(0, 0, 2)));
+    assert!(close(decoded, &whole.decoded.as_ref().unwrap().narrow(0, 0, 2)));
+    let out = task.loss(&b, &s).unwrap();
+    assert_eq!(metric(&out, "l_main"), metric(&whole_loss, "l_main"));
+    let r = likelihood_residual(&s.target.narrow(0, 0, 2), &whole.pred_main.as_ref().unwrap().narrow(0, 0, 2));
+    let expected = (whole.decoded.as_ref().unwrap().narrow(0, 0, 2) - r).square().mean(Kind::Float).double_value(&[]);
+    assert!(
+        (metric(&out, "l_lisa") - expected).abs() < 1e-6 * expected.max(1.0),
+        "{} vs {expected}",
+        metric(&out, "l_lisa")
+    );
+    assert!(metric(&out, "l_lisa") != metric(&whole_loss, "l_lisa"), "a different estimate of the same loss");
+    // A sub-batch larger than the batch is the whole batch; a negative one is refused.
+    head.sub_batch = 64;
+    let all = ControlTask::new(&main, &side, Some(&head)).unwrap().loss(&b, &s).unwrap();
+    assert_eq!(metric(&all, "l_lisa"), metric(&whole_loss, "l_lisa"));
+    let e = LisaConfig { sub_batch: -1, ..LisaConfig::default() }.validate().unwrap_err().to_string();
+    assert!(e.contains("lisa.sub_batch"), "{e}");
+}

@@ -72,6 +72,8 @@ pub struct BenchConfig {
     pub seed: u64,
     /// Side of the square f32 matmul timed for the machine's GEMM rate.
     pub gemm_size: i64,
+    /// Examples per step that get the LISA term in the sub-batch variant (`lisa.sub_batch`).
+    pub lisa_sub_batch: i64,
     /// The reference to compare against; `None` = ours only.
     pub reference: Option<ReferenceCommand>,
 }
@@ -81,6 +83,12 @@ impl BenchConfig {
     pub fn validate(&self) -> Result<()> {
         if self.batch < 1 || self.threads < 1 || self.reps < 1 || self.gemm_size < 1 {
             return Err(Error::Config("bench: --batch, --threads, --reps and --gemm-size must be ≥ 1".into()));
+        }
+        if !(1..=self.batch).contains(&self.lisa_sub_batch) {
+            return Err(Error::Config(format!(
+                "bench: --lisa-sub-batch must be between 1 and --batch ({}), got {}",
+                self.batch, self.lisa_sub_batch
+            )));
         }
         Ok(())
     }
@@ -96,6 +104,9 @@ pub enum Variant {
     OursLisaShared,
     /// Our LISA, `pred_main` from a full second forward (as the authors).
     OursLisaFull,
+    /// Our LISA (shared encoder) with the LISA term on a sub-batch (`lisa.sub_batch`): an unbiased
+    /// estimate of the same loss, with more variance; not the authors' algorithm.
+    OursLisaSubBatch,
     /// The reference's baseline.
     ReferenceBaseline,
     /// The reference's (authors') LISA, with its full second forward.
@@ -104,10 +115,11 @@ pub enum Variant {
 
 impl Variant {
     /// Every variant, in table order.
-    pub const ALL: [Variant; 5] = [
+    pub const ALL: [Variant; 6] = [
         Variant::OursBaseline,
         Variant::OursLisaShared,
         Variant::OursLisaFull,
+        Variant::OursLisaSubBatch,
         Variant::ReferenceBaseline,
         Variant::ReferenceLisa,
     ];
@@ -118,6 +130,7 @@ impl Variant {
             Variant::OursBaseline => "ours, baseline",
             Variant::OursLisaShared => "ours, LISA (shared encoder)",
             Variant::OursLisaFull => "ours, LISA (full 2nd forward)",
+            Variant::OursLisaSubBatch => "ours, LISA (shared encoder, LISA term on a sub-batch)",
             Variant::ReferenceBaseline => "reference, baseline",
             Variant::ReferenceLisa => "reference, LISA (full 2nd forward)",
         }
@@ -125,7 +138,10 @@ impl Variant {
 
     /// Whether this runs in our process.
     pub fn is_ours(self) -> bool {
-        matches!(self, Variant::OursBaseline | Variant::OursLisaShared | Variant::OursLisaFull)
+        matches!(
+            self,
+            Variant::OursBaseline | Variant::OursLisaShared | Variant::OursLisaFull | Variant::OursLisaSubBatch
+        )
     }
 
     /// The reference script's arm name (`baseline` or `lisa`), for the reference's variants.
@@ -240,6 +256,12 @@ pub struct Comparisons {
     pub lisa_overhead_ours_shared: Option<Ratio>,
     /// Our LISA (full second forward) / our baseline − 1.
     pub lisa_overhead_ours_full: Option<Ratio>,
+    /// Our LISA with the term on a sub-batch / the reference's LISA step.
+    #[serde(default)]
+    pub ours_sub_batch_over_reference_lisa: Option<Ratio>,
+    /// Our LISA with the term on a sub-batch / our baseline − 1.
+    #[serde(default)]
+    pub lisa_overhead_ours_sub_batch: Option<Ratio>,
     /// The reference's LISA / its baseline − 1.
     pub lisa_overhead_reference: Option<Ratio>,
 }
@@ -261,6 +283,8 @@ impl Comparisons {
             ours_full_over_reference_lisa: ratio(OursLisaFull, ReferenceLisa),
             lisa_overhead_ours_shared: overhead(OursLisaShared, OursBaseline),
             lisa_overhead_ours_full: overhead(OursLisaFull, OursBaseline),
+            ours_sub_batch_over_reference_lisa: ratio(OursLisaSubBatch, ReferenceLisa),
+            lisa_overhead_ours_sub_batch: overhead(OursLisaSubBatch, OursBaseline),
             lisa_overhead_reference: overhead(ReferenceLisa, ReferenceBaseline),
         }
     }
@@ -319,17 +343,19 @@ impl StepFlops {
         Self { side, main_encoder, main_up, decoder, unrecognised }
     }
 
-    /// FLOPs of one training step of `variant` at `batch`.
-    pub fn per_step(&self, variant: Variant, batch: i64) -> f64 {
-        let baseline = 3.0 * self.side + self.main_encoder + 2.0 * self.main_up;
-        let per_sample = match variant {
+    /// FLOPs of one training step of `variant` at `batch`, `lisa_examples` of which get the LISA term in
+    /// the sub-batch variant.
+    pub fn per_step(&self, variant: Variant, batch: i64, lisa_examples: i64) -> f64 {
+        let baseline = (3.0 * self.side + self.main_encoder + 2.0 * self.main_up) * batch as f64;
+        let shared_lisa = self.main_up + 3.0 * self.decoder;
+        match variant {
             Variant::OursBaseline | Variant::ReferenceBaseline => baseline,
-            Variant::OursLisaShared => baseline + self.main_up + 3.0 * self.decoder,
+            Variant::OursLisaShared => baseline + shared_lisa * batch as f64,
+            Variant::OursLisaSubBatch => baseline + shared_lisa * lisa_examples as f64,
             Variant::OursLisaFull | Variant::ReferenceLisa => {
-                baseline + self.main_encoder + self.main_up + 3.0 * self.decoder
+                baseline + (self.main_encoder + shared_lisa) * batch as f64
             }
-        };
-        per_sample * batch as f64
+        }
     }
 }
 
@@ -540,6 +566,12 @@ impl ReferenceProcess {
             .args(["--bench", "--serve", "--batch", &batch.to_string(), "--threads", &threads.to_string()])
             .args(["--seed", &seed.to_string(), "--config"])
             .arg(&config)
+            // The allocator settings our binary uses (crate::allocator), so that both sides differ in
+            // compute alone; a GLIBC_TUNABLES the user set is passed on as it is.
+            .env(
+                "GLIBC_TUNABLES",
+                std::env::var("GLIBC_TUNABLES").unwrap_or_else(|_| crate::allocator::glibc_tunables()),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -656,6 +688,9 @@ pub struct BenchReport {
     pub decoder_parameters: i64,
     /// Examples per step.
     pub batch: i64,
+    /// Examples per step that get the LISA term in the sub-batch variant.
+    #[serde(default)]
+    pub lisa_sub_batch: i64,
     /// libtorch threads (both processes).
     pub threads: i32,
     /// Timed steps per variant.
@@ -666,6 +701,9 @@ pub struct BenchReport {
     pub inputs: String,
     /// How the variants' steps were ordered.
     pub interleaving: String,
+    /// The malloc settings both processes ran under (see [`crate::allocator`]).
+    #[serde(default)]
+    pub allocator: String,
     /// One row per variant that ran.
     pub variants: Vec<VariantResult>,
     /// Ratios between them.
@@ -676,7 +714,7 @@ pub struct BenchReport {
     pub flop_note: String,
     /// The GEMM rate.
     pub gemm: GemmResult,
-    /// Peak RSS of our process (all three of our variants live in it), KiB.
+    /// Peak RSS of our process (all four of our variants live in it), KiB.
     pub peak_rss_kib: Option<u64>,
     /// The reference.
     pub reference: ReferenceInfo,
@@ -693,7 +731,7 @@ impl BenchReport {
         let mut s = format!(
             "lisa bench: batch {}, {} thread(s), {} timed step(s) per variant after {} warm-up round(s)\n\
              main network {} ({} parameters, frozen); side network {} trainable parameters, LISA decoder {}\n\
-             inputs: {}\nordering: {}\n",
+             inputs: {}\nordering: {}\nallocator: {}\n",
             self.batch,
             self.threads,
             self.reps,
@@ -704,6 +742,7 @@ impl BenchReport {
             self.decoder_parameters,
             self.inputs,
             self.interleaving,
+            self.allocator,
         );
         match self.reference.status.as_str() {
             "skipped" => {
@@ -748,9 +787,21 @@ impl BenchReport {
             &format!("| LISA overhead over baseline, ours (shared encoder) | {} |\n", pct(c.lisa_overhead_ours_shared));
         s +=
             &format!("| LISA overhead over baseline, ours (full 2nd forward) | {} |\n", pct(c.lisa_overhead_ours_full));
+        s += &format!(
+            "| ours / reference, LISA step (ours: LISA term on {} of {}) | {} |\n",
+            self.lisa_sub_batch,
+            self.batch,
+            ratio(c.ours_sub_batch_over_reference_lisa)
+        );
+        s += &format!(
+            "| LISA overhead over baseline, ours (LISA term on {} of {}) | {} |\n",
+            self.lisa_sub_batch,
+            self.batch,
+            pct(c.lisa_overhead_ours_sub_batch)
+        );
         s += &format!("| LISA overhead over baseline, reference | {} |\n", pct(c.lisa_overhead_reference));
         s += &format!(
-            "\npeak RSS: ours {} (one process holding all three of our variants), reference {} (one process, \
+            "\npeak RSS: ours {} (one process holding all four of our variants), reference {} (one process, \
              both its arms)\n",
             fmt_kib(self.peak_rss_kib),
             fmt_kib(self.reference.peak_rss_kib)
@@ -823,12 +874,29 @@ enum Slot {
     Gemm,
 }
 
-/// Runs the benchmark: builds our three variants on the frozen main network (and starts the reference
+/// What the report says of the malloc settings: ours (`tuned` = glibc took them) and what the reference got.
+fn allocator_settings(tuned: bool) -> String {
+    let ours = if tuned {
+        format!(
+            "ours glibc malloc with mmap threshold {} MiB and trim threshold {} MiB",
+            crate::allocator::MMAP_THRESHOLD_BYTES >> 20,
+            crate::allocator::TRIM_THRESHOLD_BYTES >> 20
+        )
+    } else {
+        "ours the platform's default malloc".to_string()
+    };
+    let theirs = std::env::var("GLIBC_TUNABLES").unwrap_or_else(|_| crate::allocator::glibc_tunables());
+    format!("{ours}; the reference GLIBC_TUNABLES={theirs}")
+}
+
+/// Runs the benchmark: builds our four variants on the frozen main network (and starts the reference
 /// unless disabled), then runs `warmup + reps` rounds in each of which every variant takes one step
 /// and one GEMM is timed, the order rotated by one slot per round. `log` receives progress lines.
 pub fn run_bench(cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchReport> {
     cfg.validate()?;
     tch::set_num_threads(cfg.threads);
+    // Ours as the CLI runs it; the reference gets the same settings through GLIBC_TUNABLES.
+    let tuned_allocator = crate::allocator::keep_freed_memory_for_reuse();
     let mut main = MainNetwork::load(&cfg.main_network, Device::Cpu)?;
     main.freeze();
     let ctl = ControlConfig::default();
@@ -838,10 +906,11 @@ pub fn run_bench(cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRe
         ..ControlNetConfig::for_unet(&u)
     };
     let mut arms = Vec::new();
-    for (variant, pass) in [
-        (Variant::OursBaseline, None),
-        (Variant::OursLisaShared, Some(ReferencePass::SharedEncoder)),
-        (Variant::OursLisaFull, Some(ReferencePass::Full)),
+    for (variant, pass, sub_batch) in [
+        (Variant::OursBaseline, None, 0),
+        (Variant::OursLisaShared, Some(ReferencePass::SharedEncoder), 0),
+        (Variant::OursLisaFull, Some(ReferencePass::Full), 0),
+        (Variant::OursLisaSubBatch, Some(ReferencePass::SharedEncoder), cfg.lisa_sub_batch),
     ] {
         // The same seed: every variant starts from the same side network (and decoder).
         tch::manual_seed(cfg.seed as i64);
@@ -849,7 +918,7 @@ pub fn run_bench(cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRe
         let head = match pass {
             None => None,
             Some(reference_pass) => {
-                Some(LisaHead::new(&main, &side, &LisaConfig { reference_pass, ..ctl.lisa.clone() })?)
+                Some(LisaHead::new(&main, &side, &LisaConfig { reference_pass, sub_batch, ..ctl.lisa.clone() })?)
             }
         };
         arms.push(OursArm { variant, side, head });
@@ -976,11 +1045,13 @@ pub fn run_bench(cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRe
     let mut variants: Vec<VariantResult> = arms
         .iter()
         .zip(times)
-        .map(|(a, t)| VariantResult::new(a.variant, t, cfg.batch, flops.per_step(a.variant, cfg.batch) / 1e9))
+        .map(|(a, t)| {
+            VariantResult::new(a.variant, t, cfg.batch, flops.per_step(a.variant, cfg.batch, cfg.lisa_sub_batch) / 1e9)
+        })
         .collect();
     if reference_info.status == "ran" {
         for (v, t) in [(Variant::ReferenceBaseline, ref_times.0), (Variant::ReferenceLisa, ref_times.1)] {
-            variants.push(VariantResult::new(v, t, cfg.batch, flops.per_step(v, cfg.batch) / 1e9));
+            variants.push(VariantResult::new(v, t, cfg.batch, flops.per_step(v, cfg.batch, cfg.lisa_sub_batch) / 1e9));
         }
     }
     let gemm_flop = 2.0 * (n as f64).powi(3) / 1e9;
@@ -1005,11 +1076,13 @@ pub fn run_bench(cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRe
         side_parameters: crate::models::parameter_count(&arms[0].side.vs),
         decoder_parameters: arms[1].head.as_ref().map_or(0, |h| crate::models::parameter_count(&h.vs)),
         batch: cfg.batch,
+        lisa_sub_batch: cfg.lisa_sub_batch,
         threads: cfg.threads,
         reps: cfg.reps,
         warmup: cfg.warmup,
         inputs: INPUTS.into(),
         interleaving: interleaving.into(),
+        allocator: allocator_settings(tuned_allocator),
         comparisons: Comparisons::from_results(&variants),
         variants,
         flops,
@@ -1161,11 +1234,13 @@ mod tests {
             side_parameters: 5,
             decoder_parameters: 1,
             batch: 32,
+            lisa_sub_batch: 8,
             threads: 1,
             reps: 3,
             warmup: 1,
             inputs: INPUTS.into(),
             interleaving: "round-robin".into(),
+            allocator: allocator_settings(true),
             comparisons: Comparisons::from_results(&variants),
             variants,
             flops: StepFlops { side: 1.0, main_encoder: 1.0, main_up: 1.0, decoder: 1.0, unrecognised: vec![] },
@@ -1359,8 +1434,10 @@ mod tests {
             );
             assert!(f.unrecognised.is_empty(), "{:?}", f.unrecognised);
             assert!(f.side > 0.0 && f.main_encoder > 0.0 && f.main_up > 0.0 && f.decoder > 0.0, "{f:?}");
-            let step = |v| f.per_step(v, 4);
-            assert!(step(Variant::OursBaseline) < step(Variant::OursLisaShared));
+            let step = |v| f.per_step(v, 4, 1);
+            assert!(step(Variant::OursBaseline) < step(Variant::OursLisaSubBatch));
+            assert!(step(Variant::OursLisaSubBatch) < step(Variant::OursLisaShared));
+            assert_eq!(f.per_step(Variant::OursLisaSubBatch, 4, 4), step(Variant::OursLisaShared));
             assert!(step(Variant::OursLisaShared) < step(Variant::OursLisaFull));
             assert_eq!(step(Variant::OursLisaFull), step(Variant::ReferenceLisa));
             assert_eq!(step(Variant::OursBaseline), step(Variant::ReferenceBaseline));
