@@ -37,7 +37,7 @@ fn tiny_main(dir: &Path) {
 const TINY: [&str; 10] = ["--batch", "2", "--reps", "1", "--threads", "1", "--gemm-size", "64", "--warmup", "1"];
 
 #[test]
-fn bench_times_our_three_variants_and_writes_json() {
+fn bench_times_our_four_variants_and_writes_json() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("main");
     tiny_main(&model);
@@ -48,13 +48,16 @@ fn bench_times_our_three_variants_and_writes_json() {
     assert!(ok, "{err}");
     for row in
         ["| ours, baseline |", "| ours, LISA (shared encoder) |", "| ours, LISA (full 2nd forward) |", "GEMM 64×64×64"]
+            .into_iter()
+            .chain(["| ours, LISA (shared encoder, LISA term on a sub-batch) |", "(LISA term on 1 of 2) |"])
     {
         assert!(out.contains(row), "{row:?} missing from\n{out}");
     }
     assert!(out.contains("reference not run (--no-reference)") && !out.contains("| reference, baseline |"), "{out}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let variants = report["variants"].as_array().unwrap();
-    assert_eq!(variants.len(), 3);
+    assert_eq!(variants.len(), 4);
+    assert_eq!(report["lisa_sub_batch"], 1, "the default is a quarter of the batch, at least 1");
     for v in variants {
         assert_eq!(v["stats"]["times_s"].as_array().unwrap().len(), 1, "{v}");
         assert!(v["stats"]["median_s"].as_f64().unwrap() > 0.0 && v["gflop_per_step"].as_f64().unwrap() > 0.0);
@@ -62,6 +65,8 @@ fn bench_times_our_three_variants_and_writes_json() {
     assert!(report["flops"]["unrecognised"].as_array().unwrap().is_empty());
     assert!(report["peak_rss_kib"].as_u64().unwrap() > 0);
     assert!(report["comparisons"]["lisa_overhead_ours_full"]["median"].is_number());
+    assert!(report["comparisons"]["lisa_overhead_ours_sub_batch"]["median"].is_number());
+    assert!(report["allocator"].as_str().unwrap().contains("GLIBC_TUNABLES="), "{}", report["allocator"]);
     assert!(report["comparisons"]["ours_over_reference_baseline"].is_null());
 }
 
