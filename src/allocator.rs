@@ -18,6 +18,11 @@ pub fn glibc_tunables() -> String {
     format!("glibc.malloc.mmap_threshold={MMAP_THRESHOLD_BYTES}:glibc.malloc.trim_threshold={TRIM_THRESHOLD_BYTES}")
 }
 
+/// The `GLIBC_TUNABLES` a child process should run under: the user's own if they set one, else ours.
+pub fn glibc_tunables_for_children() -> String {
+    std::env::var("GLIBC_TUNABLES").unwrap_or_else(|_| glibc_tunables())
+}
+
 /// Applies the thresholds to this process; `true` when the allocator took them (glibc), `false` where
 /// there is no glibc malloc to tune (the settings are then the platform's own).
 pub fn keep_freed_memory_for_reuse() -> bool {

@@ -568,10 +568,7 @@ impl ReferenceProcess {
             .arg(&config)
             // The allocator settings our binary uses (crate::allocator), so that both sides differ in
             // compute alone; a GLIBC_TUNABLES the user set is passed on as it is.
-            .env(
-                "GLIBC_TUNABLES",
-                std::env::var("GLIBC_TUNABLES").unwrap_or_else(|_| crate::allocator::glibc_tunables()),
-            )
+            .env("GLIBC_TUNABLES", crate::allocator::glibc_tunables_for_children())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -885,7 +882,7 @@ fn allocator_settings(tuned: bool) -> String {
     } else {
         "ours the platform's default malloc".to_string()
     };
-    let theirs = std::env::var("GLIBC_TUNABLES").unwrap_or_else(|_| crate::allocator::glibc_tunables());
+    let theirs = crate::allocator::glibc_tunables_for_children();
     format!("{ours}; the reference GLIBC_TUNABLES={theirs}")
 }
 
