@@ -10,6 +10,16 @@ use crate::{Error, Result};
 /// Builds a config of type `T`: its `Default`, overlaid with the TOML file at `path` (if any),
 /// overlaid with `overrides` of the form `section.key=value` (value parsed as TOML, else taken as a string).
 pub fn load<T: DeserializeOwned + Serialize + Default>(path: Option<&Path>, overrides: &[String]) -> Result<T> {
+    load_with_defaults(path, &[], overrides)
+}
+
+/// [`load`] with a command's own defaults: `defaults` (overrides in `key=value` form) are applied to
+/// `T::default()` before the config file and `overrides`, so both still win over them.
+pub fn load_with_defaults<T: DeserializeOwned + Serialize + Default>(
+    path: Option<&Path>,
+    defaults: &[String],
+    overrides: &[String],
+) -> Result<T> {
     let text = match path {
         Some(path) => Some(std::fs::read_to_string(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::InvalidData => Error::format(path, "not UTF-8 text; save the config file as UTF-8"),
@@ -17,7 +27,7 @@ pub fn load<T: DeserializeOwned + Serialize + Default>(path: Option<&Path>, over
         })?),
         None => None,
     };
-    from_text(text.as_deref().zip(path), overrides)
+    from_text_with_defaults(text.as_deref().zip(path), defaults, overrides)
 }
 
 /// [`load`] with the config file's contents given: `file` = (TOML text, the path it came from, for errors).
@@ -25,9 +35,23 @@ pub fn from_text<T: DeserializeOwned + Serialize + Default>(
     file: Option<(&str, &Path)>,
     overrides: &[String],
 ) -> Result<T> {
+    from_text_with_defaults(file, &[], overrides)
+}
+
+fn from_text_with_defaults<T: DeserializeOwned + Serialize + Default>(
+    file: Option<(&str, &Path)>,
+    command_defaults: &[String],
+    overrides: &[String],
+) -> Result<T> {
     let path = file.map(|(_, p)| p);
     let defaults = toml::Value::try_from(T::default()).map_err(|e| Error::Config(format!("default config: {e}")))?;
     let mut value = defaults.clone();
+    for item in command_defaults {
+        let (key, raw) =
+            item.split_once('=').ok_or_else(|| Error::Config(format!("default '{item}' is not key=value")))?;
+        set_path(&mut value, &defaults, key.trim(), parse_value(raw.trim()), &mut Vec::new())
+            .map_err(|m| Error::Config(format!("default '{item}': {m}")))?;
+    }
     if let Some((text, path)) = file {
         let file: toml::Value = toml::from_str(text)
             .map_err(|e| Error::format(path, format!("invalid TOML: {}", one_line(&e.to_string()))))?;

@@ -65,6 +65,9 @@ enum Command {
     /// Time full side-network training steps (forward, backward, clip, AdamW, zero_grad) of our baseline
     /// and LISA against the authors' PyTorch + diffusers step (bench/reference.py), interleaved.
     Bench(BenchArgs),
+    /// Check an accelerator: is CUDA seen, and does a short LISA run on it agree with the same run on
+    /// the CPU (f32) and with itself in bf16 and fp16? Prints losses, step times and verdicts.
+    DeviceCheck(DeviceCheckArgs),
 }
 
 #[derive(Args)]
@@ -126,6 +129,13 @@ struct ControlArgs {
 
 impl ControlArgs {
     fn load(&self, extra: &[String]) -> Result<ControlConfig> {
+        let mut overrides = self.overrides();
+        overrides.extend(extra.iter().cloned());
+        self.load_with(&[], &overrides)
+    }
+
+    /// `--set` items and the flags that stand for config keys, as overrides.
+    fn overrides(&self) -> Vec<String> {
         let mut overrides = self.overrides.clone();
         if let Some(t) = &self.task {
             overrides.push(format!("condition={t:?}"));
@@ -139,8 +149,13 @@ impl ControlArgs {
         if let Some(t) = self.threads {
             overrides.push(format!("threads={t}"));
         }
-        overrides.extend(extra.iter().cloned());
-        let cfg: ControlConfig = lisa::config::load(self.config.as_deref(), &overrides)?;
+        overrides
+    }
+
+    /// The config from `defaults` (overrides of the built-in defaults), then the config file, then
+    /// `overrides`.
+    fn load_with(&self, defaults: &[String], overrides: &[String]) -> Result<ControlConfig> {
+        let cfg: ControlConfig = lisa::config::load_with_defaults(self.config.as_deref(), defaults, overrides)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -420,6 +435,18 @@ struct ComposeArgs {
 }
 
 #[derive(Args)]
+struct DeviceCheckArgs {
+    #[command(flatten)]
+    common: ControlArgs,
+    /// The device to check: `cuda` or `cuda:N` (`cpu` runs the same comparisons on the CPU).
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Examples per step (same as `--set train.batch_size=N`).
+    #[arg(long)]
+    batch: Option<usize>,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     /// Main network folder (frozen); default: the shipped one in `assets/main-network`.
     #[arg(long)]
@@ -484,6 +511,7 @@ fn main() -> ExitCode {
         Command::Guidance(a) => run_guidance(a),
         Command::Compose(a) => run_compose(a),
         Command::Bench(a) => run_bench(a),
+        Command::DeviceCheck(a) => run_device_check(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -850,6 +878,33 @@ fn run_compose(a: ComposeArgs) -> Result<()> {
     let report = compose(&cfg, &a.out, &mut |m| eprintln!("{m}"))?;
     println!("{}", report.table());
     println!("written: {}", a.out.join("compose.{md,json}").display());
+    Ok(())
+}
+
+fn run_device_check(a: DeviceCheckArgs) -> Result<()> {
+    use lisa::experiments::device_check::{device_check, DEFAULT_OVERRIDES};
+    use lisa::models::MixedPrecision;
+    let defaults: Vec<String> = DEFAULT_OVERRIDES.iter().map(|s| s.to_string()).collect();
+    let mut extra = vec![format!("device={:?}", a.device)];
+    if let Some(b) = a.batch {
+        extra.push(format!("train.batch_size={b}"));
+    }
+    let mut overrides = a.common.overrides();
+    overrides.extend(extra);
+    let cfg = a.common.load_with(&defaults, &overrides)?;
+    if a.common.print_config {
+        print!("{}", lisa::config::to_toml(&cfg)?);
+        return Ok(());
+    }
+    if cfg.threads > 0 {
+        tch::set_num_threads(cfg.threads);
+    }
+    let report = device_check(&cfg, &[MixedPrecision::Bf16, MixedPrecision::Fp16], a.common.quiet)?;
+    println!("{}", report.table());
+    println!("report: {}", cfg.output_dir.join("device-check.json").display());
+    if !report.passed() {
+        anyhow::bail!("device-check: a comparison exceeded its tolerance (see the table above)");
+    }
     Ok(())
 }
 

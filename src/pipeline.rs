@@ -283,7 +283,7 @@ impl MainNetwork {
         let (c, s) = (self.config.in_channels(), self.config.sample_size());
         let n = y.size()[0];
         tch::manual_seed(seed as i64);
-        let x_t = Tensor::randn([n, c, s, s], (Kind::Float, self.vs.device()));
+        let x_t = crate::rng::randn_on_host(&[n, c, s, s], Kind::Float, self.vs.device())?;
         let y = y.to_device(self.vs.device());
         sampler.sample(x_t, seed, |x, t| self.predict(x, t, &y))
     }

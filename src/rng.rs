@@ -36,6 +36,18 @@ impl SplitMix64 {
     }
 }
 
+/// Standard normal noise of `shape` and `kind`, drawn on the CPU from libtorch's global generator
+/// and moved to `device`: the same numbers on every device (CUDA's generator draws others), so a
+/// run's noise, and with it its result up to rounding, does not depend on where it runs.
+pub fn randn_on_host(shape: &[i64], kind: tch::Kind, device: tch::Device) -> crate::Result<tch::Tensor> {
+    Ok(tch::Tensor::f_randn(shape, (kind, tch::Device::Cpu))?.f_to_device(device)?)
+}
+
+/// [`randn_on_host`] shaped, typed and placed like `like`.
+pub fn randn_like_on_host(like: &tch::Tensor) -> crate::Result<tch::Tensor> {
+    randn_on_host(&like.size(), like.kind(), like.device())
+}
+
 /// Mixes a seed and a counter into an independent seed (used to reseed libtorch each step).
 pub fn derive_seed(seed: u64, counter: u64) -> u64 {
     let mut g = SplitMix64::new(seed ^ counter.wrapping_mul(0xD1B5_4A32_D192_ED03));
@@ -45,6 +57,19 @@ pub fn derive_seed(seed: u64, counter: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On the CPU the host draw is the draw the runs made before it existed (`randn_like`), so
+    /// earlier results reproduce bit for bit.
+    #[test]
+    fn host_noise_on_the_cpu_is_randn_like() {
+        let x = tch::Tensor::zeros([3, 1, 4, 4], (tch::Kind::Float, tch::Device::Cpu));
+        tch::manual_seed(11);
+        let a = x.randn_like();
+        tch::manual_seed(11);
+        let b = randn_like_on_host(&x).unwrap();
+        assert!(a.equal(&b));
+        assert_eq!(b.size(), x.size());
+    }
 
     #[test]
     fn shuffle_is_a_deterministic_permutation() {

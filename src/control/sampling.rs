@@ -139,7 +139,7 @@ pub fn sample_controlled(
     let sampler = Sampler::new(&main.objective, sampler_cfg)?;
     let (c, s) = (main.config.in_channels(), main.config.sample_size());
     tch::manual_seed(seed as i64);
-    let x_t = Tensor::randn([n, c, s, s], (Kind::Float, dev));
+    let x_t = crate::rng::randn_on_host(&[n, c, s, s], Kind::Float, dev)?;
     let y = y.to_device(dev);
     let mut i = 0;
     sampler.sample(x_t, seed, |x, t| {

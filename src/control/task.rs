@@ -119,7 +119,7 @@ impl TrainTask for ControlTask<'_> {
                 let res = likelihood_residual(&target, reference()?);
                 let rms =
                     res.square().f_flatten(1, -1)?.f_mean_dim(1, true, Kind::Float)?.sqrt().f_view([-1, 1, 1, 1])?;
-                res.randn_like() * rms
+                crate::rng::randn_like_on_host(&res)? * rms
             }
             LisaTarget::Raw => target.detach(),
             LisaTarget::Condition => condition.f_narrow(0, 0, n)?.detach() * 2.0 - 1.0,

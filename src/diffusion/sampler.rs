@@ -65,7 +65,8 @@ impl<'a> Sampler<'a> {
     pub fn new(objective: &'a Objective, cfg: SamplerConfig) -> Result<Self> {
         let ok = matches!(
             (objective, cfg.kind),
-            (Objective::Flow, SamplerKind::Euler) | (Objective::Diffusion { .. }, SamplerKind::Ddim | SamplerKind::Ddpm)
+            (Objective::Flow, SamplerKind::Euler)
+                | (Objective::Diffusion { .. }, SamplerKind::Ddim | SamplerKind::Ddpm)
         );
         if !ok {
             return Err(Error::Config(format!(
@@ -79,7 +80,11 @@ impl<'a> Sampler<'a> {
         }
         if let Objective::Diffusion { schedule, .. } = objective {
             if cfg.steps > schedule.len() {
-                return Err(Error::Config(format!("sampler steps {} exceed the {} training timesteps", cfg.steps, schedule.len())));
+                return Err(Error::Config(format!(
+                    "sampler steps {} exceed the {} training timesteps",
+                    cfg.steps,
+                    schedule.len()
+                )));
             }
         }
         Ok(Self { objective, cfg })
@@ -98,7 +103,12 @@ impl<'a> Sampler<'a> {
 
     /// Denoises `x_t` (pure noise, e.g. from a fixed seed) into samples. `model(x, model_t)` returns the
     /// network's prediction; `seed` drives the fresh noise of stochastic steps (DDPM, DDIM with η > 0).
-    pub fn sample(&self, mut x: Tensor, seed: u64, mut model: impl FnMut(&Tensor, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    pub fn sample(
+        &self,
+        mut x: Tensor,
+        seed: u64,
+        mut model: impl FnMut(&Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let b = x.size()[0];
         let dev = x.device();
@@ -131,11 +141,12 @@ impl<'a> Sampler<'a> {
                     let last = t_prev < 0;
                     x = match self.cfg.kind {
                         SamplerKind::Ddim => {
-                            let var = self.cfg.eta.powi(2) * (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev);
+                            let var =
+                                self.cfg.eta.powi(2) * (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev);
                             let dir = (1.0 - abar_prev - var).max(0.0).sqrt();
                             let mean = &x0 * abar_prev.sqrt() + eps * dir;
                             if var > 0.0 && !last {
-                                mean + noise_like(&x, seed, i) * var.sqrt()
+                                mean + noise_like(&x, seed, i)? * var.sqrt()
                             } else {
                                 mean
                             }
@@ -149,7 +160,7 @@ impl<'a> Sampler<'a> {
                                 mean
                             } else {
                                 let var = (1.0 - abar_prev) / (1.0 - abar) * beta;
-                                mean + noise_like(&x, seed, i) * var.max(1e-20).sqrt()
+                                mean + noise_like(&x, seed, i)? * var.max(1e-20).sqrt()
                             }
                         }
                         SamplerKind::Euler => unreachable!("rejected in Sampler::new"),
@@ -161,10 +172,10 @@ impl<'a> Sampler<'a> {
     }
 }
 
-/// Fresh Gaussian noise for step `i`, reproducible from `(seed, i)`.
-fn noise_like(x: &Tensor, seed: u64, i: usize) -> Tensor {
+/// Fresh Gaussian noise for step `i`, reproducible from `(seed, i)` on any device.
+fn noise_like(x: &Tensor, seed: u64, i: usize) -> Result<Tensor> {
     tch::manual_seed(derive_seed(seed, i as u64) as i64);
-    x.randn_like()
+    crate::rng::randn_like_on_host(x)
 }
 
 #[cfg(test)]
@@ -210,7 +221,9 @@ mod tests {
     fn euler_follows_the_exact_flow_to_a_point_mass() {
         // For data x*, the exact velocity at (x_t, t) is (x_t − x*)/t; Euler on this linear ODE is exact.
         let target = -0.6f64;
-        let sampler = Sampler::new(&Objective::Flow, SamplerConfig { kind: SamplerKind::Euler, steps: 10, ..Default::default() }).unwrap();
+        let sampler =
+            Sampler::new(&Objective::Flow, SamplerConfig { kind: SamplerKind::Euler, steps: 10, ..Default::default() })
+                .unwrap();
         let x = Tensor::randn([3, 1, 2, 2], (Kind::Double, Device::Cpu));
         let out = sampler.sample(x, 0, |x, t| Ok((x - target) / (t.view([-1, 1, 1, 1]) / FLOW_TIME_SCALE))).unwrap();
         // Exact up to the f32 rounding of the timestep input.

@@ -6,6 +6,7 @@ pub mod ablate;
 pub mod bench;
 pub mod compare;
 pub mod control;
+pub mod device_check;
 pub mod disentangle;
 pub mod guidance;
 pub mod compose;

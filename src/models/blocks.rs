@@ -6,6 +6,7 @@
 //! forward are fallible and return `crate::Result` instead of panicking.
 use tch::{nn, Kind, Tensor};
 
+use super::precision;
 use crate::{Error, Result};
 
 /// PyTorch's default initialisation of `Linear`/`Conv2d`: `U(-1/sqrt(fan_in), 1/sqrt(fan_in))` for
@@ -47,16 +48,20 @@ impl Conv2d {
         Ok(Self { weight, bias, stride, padding })
     }
 
-    /// Applies the convolution to `x` [B, in, H, W].
+    /// Applies the convolution to `x` [B, in, H, W] (in the reduced dtype inside a mixed-precision
+    /// region; see [`precision`](super::precision)).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_conv2d(
-            &self.weight,
-            self.bias.as_ref(),
-            [self.stride, self.stride],
-            [self.padding, self.padding],
-            [1, 1],
-            1,
-        )?)
+        let conv = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| {
+            x.f_conv2d(w, b, [self.stride, self.stride], [self.padding, self.padding], [1, 1], 1)
+        };
+        match precision::lowered(x) {
+            Some(k) => {
+                let b = self.bias.as_ref().map(|b| precision::cast(b, k)).transpose()?;
+                Ok(conv(&precision::cast(x, k)?, &precision::cast(&self.weight, k)?, b.as_ref())?
+                    .f_to_kind(Kind::Float)?)
+            }
+            None => Ok(conv(x, &self.weight, self.bias.as_ref())?),
+        }
     }
 }
 
@@ -78,16 +83,29 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    /// Applies the layer to the last dimension of `x`. A [out, in, 1, 1] weight (a 1×1
-    /// convolution's) is applied as the equivalent matmul; the view is taken here rather than
-    /// stored so that it always follows the variable (loading may replace its storage).
+    /// Applies the layer to the last dimension of `x` (in the reduced dtype inside a mixed-precision
+    /// region). A [out, in, 1, 1] weight (a 1×1 convolution's) is applied as the equivalent matmul;
+    /// the view is taken here rather than stored so that it always follows the variable (loading may
+    /// replace its storage).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.weight.dim() == 4 {
+        let w = if self.weight.dim() == 4 {
             let s = self.weight.size();
-            let w = self.weight.f_view([s[0], s[1]])?;
-            return Ok(x.f_linear(&w, self.bias.as_ref())?);
+            self.weight.f_view([s[0], s[1]])?
+        } else {
+            self.weight.shallow_clone()
+        };
+        linear(x, &w, self.bias.as_ref())
+    }
+}
+
+/// `x · wᵀ + b`, in the reduced dtype inside a mixed-precision region (f32 out).
+pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    match precision::lowered(x) {
+        Some(k) => {
+            let b = b.map(|b| precision::cast(b, k)).transpose()?;
+            Ok(precision::cast(x, k)?.f_linear(&precision::cast(w, k)?, b.as_ref())?.f_to_kind(Kind::Float)?)
         }
-        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+        None => Ok(x.f_linear(w, b)?),
     }
 }
 
@@ -352,7 +370,7 @@ impl Attention {
             let w = Tensor::f_cat(&[&self.to_q.weight, &self.to_k.weight, &self.to_v.weight], 0)?;
             // [B, N, 3·heads·dh] → three [B, heads, N, dh] views; SDPA handles the strides. A
             // chunk (not indexing) so the backward concatenates instead of scattering into zeros.
-            let qkv = x.f_linear::<Tensor>(&w, None)?.f_chunk(3, -1)?;
+            let qkv = linear(x, &w, None)?.f_chunk(3, -1)?;
             let split = |t: &Tensor| -> Result<Tensor> { Ok(t.f_view([b, n, self.heads, -1])?.f_transpose(1, 2)?) };
             (split(&qkv[0])?, split(&qkv[1])?, split(&qkv[2])?)
         } else {
@@ -362,7 +380,7 @@ impl Attention {
             };
             (split(self.to_q.forward(x)?)?, split(self.to_k.forward(ctx)?)?, split(self.to_v.forward(ctx)?)?)
         };
-        let o = Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, None, false)?;
+        let o = precision::attention(&q, &k, &v, false)?;
         self.to_out.forward(&o.f_transpose(1, 2)?.f_reshape([b, n, -1])?)
     }
 }

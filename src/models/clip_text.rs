@@ -138,7 +138,7 @@ impl ClipEncoderLayer {
         let split = |t: Tensor| -> Result<Tensor> { Ok(t.f_view([b, n, self.heads, -1])?.f_transpose(1, 2)?) };
         let (q, k, v) =
             (split(self.q_proj.forward(&h)?)?, split(self.k_proj.forward(&h)?)?, split(self.v_proj.forward(&h)?)?);
-        let o = Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false)?;
+        let o = super::precision::attention(&q, &k, &v, true)?;
         let o = self.out_proj.forward(&o.f_transpose(1, 2)?.f_reshape([b, n, -1])?)?;
         let x = x.f_add(&o)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;

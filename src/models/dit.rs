@@ -233,7 +233,7 @@ impl SelfAttention {
         let (b, n, _) = x.size3()?;
         let split = |t: Tensor| -> Result<Tensor> { Ok(t.f_view([b, n, self.heads, -1])?.f_transpose(1, 2)?) };
         let (q, k, v) = (split(self.to_q.forward(x)?)?, split(self.to_k.forward(x)?)?, split(self.to_v.forward(x)?)?);
-        let o = Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, None, false)?;
+        let o = super::precision::attention(&q, &k, &v, false)?;
         self.to_out.forward(&o.f_transpose(1, 2)?.f_reshape([b, n, -1])?)
     }
 }

@@ -11,6 +11,7 @@ pub mod decoder;
 pub mod diffusers;
 pub mod dit;
 pub mod label_encoder;
+pub mod precision;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
@@ -23,6 +24,7 @@ pub use controlnet_dit::{DiTControlNetConfig, DiTControlNetModel, DiTControlNetO
 pub use decoder::{DecoderConfig, LisaDecoder};
 pub use dit::{DiTConfig, DiTModel};
 pub use label_encoder::{LabelEncoder, LabelEncoderConfig};
+pub use precision::{autocast, MixedPrecision};
 pub use tokenizer::ClipTokenizer;
 pub use unet::{PerBlock, UNet2DConditionModel, UNetConfig, UNetEncoded};
 pub use vae::{AutoencoderKL, DiagonalGaussian, VaeConfig};

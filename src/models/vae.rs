@@ -155,7 +155,7 @@ impl VaeAttention {
         // One head: [B, 1, HW, C].
         let head = |l: &Linear| -> Result<Tensor> { Ok(l.forward(&tokens)?.f_unsqueeze(1)?) };
         let (q, k, v) = (head(&self.to_q)?, head(&self.to_k)?, head(&self.to_v)?);
-        let o = Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, None, false)?;
+        let o = super::precision::attention(&q, &k, &v, false)?;
         let o = self.to_out.forward(&o.f_squeeze_dim(1)?)?;
         let o = o.f_transpose(1, 2)?.f_reshape([b, c, h, w])?;
         Ok(x.f_add(&o)?)

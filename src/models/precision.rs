@@ -1,0 +1,212 @@
+//! Mixed precision: convolutions, matmuls and attention in bf16 or f16, everything else in f32.
+//!
+//! libtorch's autocast is reachable from tch only as an on/off switch for CUDA's f16 (the dtype
+//! setter is not exported), so we cast where it matters ourselves: inside an [`autocast`] region
+//! [`Conv2d`](super::blocks::Conv2d), [`Linear`](super::blocks::Linear) and [`attention`] cast
+//! their f32 inputs and weights to the compute dtype, run the kernel there (tensor cores on a GPU)
+//! and return f32. Norms, softmax outside attention, residual sums, the loss, the gradients of the
+//! f32 master weights and the optimizer stay in f32. The casts are differentiable, so each
+//! parameter's gradient arrives in f32 exactly as with autocast. The same code runs on the CPU
+//! (slowly: these CPUs have no bf16 units), which is how the tests check it.
+use std::cell::Cell;
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::Result;
+
+/// The compute precision of the training forward and backward (accelerate's `--mixed_precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedPrecision {
+    /// Everything in f32.
+    #[default]
+    No,
+    /// Convolutions, matmuls and attention in bfloat16 (f32's range: no loss scaling).
+    Bf16,
+    /// Convolutions, matmuls and attention in float16, with dynamic loss scaling in the trainer.
+    Fp16,
+}
+
+impl MixedPrecision {
+    /// The reduced dtype, or `None` for f32.
+    pub fn kind(self) -> Option<Kind> {
+        match self {
+            MixedPrecision::No => None,
+            MixedPrecision::Bf16 => Some(Kind::BFloat16),
+            MixedPrecision::Fp16 => Some(Kind::Half),
+        }
+    }
+}
+
+thread_local! {
+    static COMPUTE_KIND: Cell<Option<Kind>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with convolutions, matmuls and attention in `precision` (restored afterwards, also when
+/// `f` panics or returns an error). Regions nest; the innermost wins.
+pub fn autocast<T>(precision: MixedPrecision, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<Kind>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            COMPUTE_KIND.with(|k| k.set(self.0));
+        }
+    }
+    let _restore = Restore(COMPUTE_KIND.with(|k| k.replace(precision.kind())));
+    f()
+}
+
+/// The reduced dtype of the current [`autocast`] region, if any.
+pub fn compute_kind() -> Option<Kind> {
+    COMPUTE_KIND.with(|k| k.get())
+}
+
+/// The dtype to run a kernel on f32 input `x` in: the region's reduced dtype, or `None` (run as is)
+/// outside a region or for inputs that are not f32 (f64 tests, integer indices).
+pub(crate) fn lowered(x: &Tensor) -> Option<Kind> {
+    compute_kind().filter(|_| x.kind() == Kind::Float)
+}
+
+/// `t` in `kind` (a no-op cast when it already is).
+pub(crate) fn cast(t: &Tensor, kind: Kind) -> Result<Tensor> {
+    Ok(t.f_to_kind(kind)?)
+}
+
+/// Scaled dot-product attention of `q`, `k`, `v` [B, heads, N, dh] (causal or not), in the
+/// region's reduced dtype when there is one (where fused flash kernels apply on a GPU); returns the
+/// dtype of `q`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
+    match lowered(q) {
+        Some(kind) => {
+            let o = Tensor::f_scaled_dot_product_attention::<Tensor>(
+                &cast(q, kind)?,
+                &cast(k, kind)?,
+                &cast(v, kind)?,
+                None,
+                0.0,
+                causal,
+                None,
+                false,
+            )?;
+            Ok(o.f_to_kind(Kind::Float)?)
+        }
+        None => Ok(Tensor::f_scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, causal, None, false)?),
+    }
+}
+
+/// Dynamic loss scaling for f16 (PyTorch's `GradScaler` rule): the loss is multiplied by `scale`
+/// before backward so small gradients survive f16; the gradients are divided by it before
+/// clipping. A step whose gradients overflow is skipped and halves the scale; `growth_interval`
+/// good steps in a row double it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossScaler {
+    /// The current scale.
+    pub scale: f64,
+    /// Good steps since the last change of scale.
+    pub good_steps: u64,
+}
+
+impl LossScaler {
+    /// PyTorch's initial scale, 2^16.
+    pub const INITIAL_SCALE: f64 = 65536.0;
+    /// Good steps before the scale doubles (PyTorch's default).
+    pub const GROWTH_INTERVAL: u64 = 2000;
+
+    /// A scaler at the initial scale.
+    pub fn new() -> Self {
+        Self { scale: Self::INITIAL_SCALE, good_steps: 0 }
+    }
+
+    /// Records the outcome of a step: `finite` = its unscaled gradients were all finite. Returns
+    /// whether the step may be applied.
+    pub fn update(&mut self, finite: bool) -> bool {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps >= Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            // 2^-24 is the smallest f16 subnormal: below it no scale can help.
+            self.scale = (self.scale * 0.5).max(f64::powi(2.0, -24));
+            self.good_steps = 0;
+        }
+        finite
+    }
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{nn, Device};
+
+    use super::*;
+    use crate::models::blocks::{Conv2d, Linear};
+
+    #[test]
+    fn autocast_runs_kernels_in_the_reduced_dtype_and_returns_f32_with_f32_gradients() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let conv = Conv2d::new(vs.root() / "conv", 3, 4, 3, 1, 1).unwrap();
+        let lin = Linear::new(vs.root() / "lin", 4, 5, true).unwrap();
+        tch::manual_seed(0);
+        let x = Tensor::randn([2, 3, 6, 6], (Kind::Float, Device::Cpu));
+        let run = |p: MixedPrecision| {
+            autocast(p, || {
+                let h = conv.forward(&x).unwrap();
+                assert_eq!(h.kind(), Kind::Float, "{p:?}: conv returns f32");
+                let h = lin.forward(&h.permute([0, 2, 3, 1])).unwrap();
+                assert_eq!(h.kind(), Kind::Float, "{p:?}: linear returns f32");
+                let q = h.reshape([2, 1, 36, 5]);
+                let o = attention(&q, &q, &q, false).unwrap();
+                assert_eq!(o.kind(), Kind::Float, "{p:?}: attention returns f32");
+                o
+            })
+        };
+        let full = run(MixedPrecision::No);
+        for (p, tol) in [(MixedPrecision::Bf16, 3e-2), (MixedPrecision::Fp16, 4e-3)] {
+            let low = run(p);
+            let rel = (&low - &full).abs().max().double_value(&[]) / full.abs().max().double_value(&[]);
+            // The reduced dtype really was used: the result is close to f32's but not equal to it.
+            assert!(rel < tol && rel > 0.0, "{p:?}: relative deviation {rel}");
+            let g = Tensor::run_backward(&[low.square().sum(Kind::Float)], &[&conv.weight], false, false).remove(0);
+            assert_eq!(g.kind(), Kind::Float, "{p:?}: master gradient in f32");
+            assert!(g.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        }
+        assert_eq!(compute_kind(), None, "the region is left");
+    }
+
+    #[test]
+    fn autocast_restores_the_outer_region_and_leaves_f64_alone() {
+        autocast(MixedPrecision::Bf16, || {
+            autocast(MixedPrecision::No, || assert_eq!(compute_kind(), None));
+            assert_eq!(compute_kind(), Some(Kind::BFloat16));
+            let x = Tensor::ones([2], (Kind::Double, Device::Cpu));
+            assert_eq!(lowered(&x), None);
+        });
+        let r: std::result::Result<(), ()> = autocast(MixedPrecision::Fp16, || Err(()));
+        assert!(r.is_err());
+        assert_eq!(compute_kind(), None);
+    }
+
+    #[test]
+    fn loss_scaler_halves_on_overflow_and_doubles_after_the_growth_interval() {
+        let mut s = LossScaler::new();
+        assert!(!s.update(false));
+        assert_eq!(s.scale, LossScaler::INITIAL_SCALE / 2.0);
+        for _ in 0..LossScaler::GROWTH_INTERVAL - 1 {
+            assert!(s.update(true));
+        }
+        assert_eq!(s.scale, LossScaler::INITIAL_SCALE / 2.0);
+        assert!(s.update(true));
+        assert_eq!((s.scale, s.good_steps), (LossScaler::INITIAL_SCALE, 0));
+        for _ in 0..100 {
+            s.update(false);
+        }
+        assert_eq!(s.scale, f64::powi(2.0, -24), "the scale has a floor");
+    }
+}
