@@ -385,9 +385,15 @@ pub fn train(
             if consecutive_bad >= cfg.max_consecutive_nonfinite {
                 let last =
                     checkpoint::list(out)?.pop().map(|(_, p)| p.display().to_string()).unwrap_or_else(|| "none".into());
+                let fp16 = if cfg.mixed_precision == MixedPrecision::Fp16 && !loss.is_finite() {
+                    " With train.mixed_precision = \"fp16\" a non-finite loss can be an activation beyond f16's \
+                     ±65504, which no loss scale prevents: try \"bf16\"."
+                } else {
+                    ""
+                };
                 return Err(Error::Training(format!(
                     "{consecutive_bad} consecutive steps with non-finite loss or gradients at step {}; \
-                     lower train.learning_rate or check the data. Last good checkpoint: {last}",
+                     lower train.learning_rate or check the data.{fp16} Last good checkpoint: {last}",
                     step + 1
                 )));
             }
@@ -615,8 +621,16 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(e.contains("3 consecutive steps") && e.contains("Last good checkpoint: none"), "{e}");
+        assert!(!e.contains("bf16"), "{e}");
         assert_eq!(w.double_value(&[0]), 0.5, "a skipped step must not move the weights");
         assert!(checkpoint::list(dir.path()).unwrap().is_empty());
+        // Under fp16 a non-finite loss is not a loss-scale overflow: it stops the run too, and says bf16.
+        let c = TrainConfig { mixed_precision: MixedPrecision::Fp16, ..c };
+        let e =
+            train(&task, vec![("w".into(), w.shallow_clone())], &toy_data(), &Objective::Flow, &c, &run, |_, _| Ok(()))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("3 consecutive steps") && e.contains("try \"bf16\""), "{e}");
     }
 
     #[test]
