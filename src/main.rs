@@ -87,6 +87,9 @@ struct PretrainArgs {
     /// libtorch CPU threads (same as `--set threads=N`; 0 = default).
     #[arg(long)]
     threads: Option<i32>,
+    /// `auto`, `cpu`, `cuda` or `cuda:N` (same as `--set device=...`).
+    #[arg(long)]
+    device: Option<String>,
     /// Continue a run: `latest` (newest checkpoint in the output folder) or a checkpoint folder.
     #[arg(long)]
     resume: Option<String>,
@@ -119,6 +122,9 @@ struct ControlArgs {
     /// libtorch CPU threads (same as `--set threads=N`; 0 = default).
     #[arg(long)]
     threads: Option<i32>,
+    /// `auto`, `cpu`, `cuda` or `cuda:N` (same as `--set device=...`).
+    #[arg(long)]
+    device: Option<String>,
     /// Print the resolved configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -148,6 +154,9 @@ impl ControlArgs {
         }
         if let Some(t) = self.threads {
             overrides.push(format!("threads={t}"));
+        }
+        if let Some(d) = &self.device {
+            overrides.push(format!("device={d:?}"));
         }
         overrides
     }
@@ -438,9 +447,6 @@ struct ComposeArgs {
 struct DeviceCheckArgs {
     #[command(flatten)]
     common: ControlArgs,
-    /// The device to check: `cuda` or `cuda:N` (`cpu` runs the same comparisons on the CPU).
-    #[arg(long, default_value = "cuda")]
-    device: String,
     /// Examples per step (same as `--set train.batch_size=N`).
     #[arg(long)]
     batch: Option<usize>,
@@ -540,6 +546,9 @@ fn run_pretrain(a: PretrainArgs) -> Result<()> {
     }
     if let Some(t) = a.threads {
         overrides.push(format!("threads={t}"));
+    }
+    if let Some(d) = &a.device {
+        overrides.push(format!("device={d:?}"));
     }
     let cfg: PretrainConfig = lisa::config::load(a.config.as_deref(), &overrides)?;
     if a.print_config {
@@ -885,7 +894,8 @@ fn run_device_check(a: DeviceCheckArgs) -> Result<()> {
     use lisa::experiments::device_check::{device_check, DEFAULT_OVERRIDES};
     use lisa::models::MixedPrecision;
     let defaults: Vec<String> = DEFAULT_OVERRIDES.iter().map(|s| s.to_string()).collect();
-    let mut extra = vec![format!("device={:?}", a.device)];
+    // The device checked: `--device` (`cuda`, `cuda:N`; `cpu` runs the same comparisons on the CPU), else CUDA.
+    let mut extra = if a.common.device.is_none() { vec!["device=\"cuda\"".to_string()] } else { vec![] };
     if let Some(b) = a.batch {
         extra.push(format!("train.batch_size={b}"));
     }
