@@ -261,6 +261,24 @@ fn controlnet_arguments_are_checked() {
 }
 
 #[test]
+fn device_and_mixed_precision_are_config_keys_with_flags() {
+    for cmd in ["train", "compare", "ablate", "device-check", "pretrain"] {
+        let (ok, stdout, stderr) = lisa(&[cmd, "--device", "cuda:3", "--print-config"]);
+        assert!(
+            ok && stdout.contains("device = \"cuda:3\"") && stdout.contains("mixed_precision = \"no\""),
+            "{cmd}: {stdout}{stderr}"
+        );
+    }
+    // device-check checks CUDA unless told otherwise, with its own short run.
+    let (ok, stdout, _) = lisa(&["device-check", "--print-config"]);
+    assert!(ok && stdout.contains("device = \"cuda\"") && stdout.contains("steps = 20"), "{stdout}");
+    let (ok, stdout, _) = lisa(&["train", "--set", "train.mixed_precision=\"bf16\"", "--print-config"]);
+    assert!(ok && stdout.contains("mixed_precision = \"bf16\""), "{stdout}");
+    let (ok, _, stderr) = lisa(&["train", "--set", "train.mixed_precision=\"fp8\"", "--print-config"]);
+    assert!(!ok && stderr.contains("mixed_precision") && stderr.lines().count() == 1, "{stderr}");
+}
+
+#[test]
 fn ablate_runs_the_baseline_and_each_variant_into_one_table() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("abl");
