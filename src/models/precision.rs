@@ -39,6 +39,17 @@ impl MixedPrecision {
     }
 }
 
+impl std::fmt::Display for MixedPrecision {
+    /// The config spelling: `no`, `bf16`, `fp16`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MixedPrecision::No => "no",
+            MixedPrecision::Bf16 => "bf16",
+            MixedPrecision::Fp16 => "fp16",
+        })
+    }
+}
+
 thread_local! {
     static COMPUTE_KIND: Cell<Option<Kind>> = const { Cell::new(None) };
 }

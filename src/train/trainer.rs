@@ -280,6 +280,14 @@ pub fn train(
     let out = run.output_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
 
+    let on_cpu = params.first().is_some_and(|(_, p)| p.device() == tch::Device::Cpu);
+    if on_cpu && !run.quiet && cfg.mixed_precision != MixedPrecision::No {
+        eprintln!(
+            "note: train.mixed_precision = \"{}\" on the CPU: without bf16/f16 units the casts make every step \
+             several times slower; it is meant for GPUs",
+            cfg.mixed_precision
+        );
+    }
     let mut opt = AdamW::new(params, cfg.adam.clone());
     let mut ema = (cfg.ema_decay > 0.0).then(|| Ema::new(opt.params(), cfg.ema_decay));
     let mut order = DataOrder::new(data.len(), cfg.seed)?;
