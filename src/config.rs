@@ -47,10 +47,7 @@ fn from_text_with_defaults<T: DeserializeOwned + Serialize + Default>(
     let defaults = toml::Value::try_from(T::default()).map_err(|e| Error::Config(format!("default config: {e}")))?;
     let mut value = defaults.clone();
     for item in command_defaults {
-        let (key, raw) =
-            item.split_once('=').ok_or_else(|| Error::Config(format!("default '{item}' is not key=value")))?;
-        set_path(&mut value, &defaults, key.trim(), parse_value(raw.trim()), &mut Vec::new())
-            .map_err(|m| Error::Config(format!("default '{item}': {m}")))?;
+        apply_override(&mut value, &defaults, item, &mut Vec::new())?;
     }
     if let Some((text, path)) = file {
         let file: toml::Value = toml::from_str(text)
@@ -59,18 +56,27 @@ fn from_text_with_defaults<T: DeserializeOwned + Serialize + Default>(
     }
     let mut created = Vec::new();
     for item in overrides {
-        let (key, raw) = item.split_once('=').ok_or_else(|| {
-            Error::Config(format!("override '{item}' is not of the form key=value (e.g. train.steps=100)"))
-        })?;
-        let parsed = parse_value(raw.trim());
-        set_path(&mut value, &defaults, key.trim(), parsed, &mut created)
-            .map_err(|m| Error::Config(format!("override '{item}': {m}")))?;
+        apply_override(&mut value, &defaults, item, &mut created)?;
     }
     let origin = path.map_or("configuration".to_string(), |p| p.display().to_string());
     T::deserialize(value).map_err(|e| {
         unknown_created_section(&e.to_string(), &created, overrides)
             .unwrap_or_else(|| Error::Config(format!("{origin}: {}", one_line(&e.to_string()))))
     })
+}
+
+/// Sets one `key=value` item in `value` (the value parsed as TOML, else taken as a string).
+fn apply_override(
+    value: &mut toml::Value,
+    defaults: &toml::Value,
+    item: &str,
+    created: &mut Vec<String>,
+) -> Result<()> {
+    let (key, raw) = item.split_once('=').ok_or_else(|| {
+        Error::Config(format!("override '{item}' is not of the form key=value (e.g. train.steps=100)"))
+    })?;
+    set_path(value, defaults, key.trim(), parse_value(raw.trim()), created)
+        .map_err(|m| Error::Config(format!("override '{item}': {m}")))
 }
 
 /// When parsing failed on a section that an override created (a misspelt section), the error that

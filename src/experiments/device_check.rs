@@ -129,14 +129,6 @@ pub fn device_check(cfg: &ControlConfig, precisions: &[MixedPrecision], quiet: b
         "auto" => "cuda".to_string(),
         d => d.to_string(),
     };
-    let report_base = |runs, comparisons| DeviceCheckReport {
-        cuda_available: tch::Cuda::is_available(),
-        cuda_devices: tch::Cuda::device_count(),
-        cudnn_available: tch::Cuda::cudnn_is_available(),
-        device: device.clone(),
-        runs,
-        comparisons,
-    };
     let resolved = device_from(&device)?;
     if device.starts_with("cuda") && !matches!(resolved, Device::Cuda(_)) {
         return Err(Error::Config(format!("device-check: '{device}' is not available")));
@@ -147,7 +139,10 @@ pub fn device_check(cfg: &ControlConfig, precisions: &[MixedPrecision], quiet: b
     plan.push((device.clone(), MixedPrecision::No));
     plan.extend(precisions.iter().filter(|p| **p != MixedPrecision::No).map(|p| (device.clone(), *p)));
     for (dev, precision) in plan {
-        let label = format!("{dev} {}", precision_name(precision));
+        let label = match precision {
+            MixedPrecision::No => format!("{dev} f32"),
+            p => format!("{dev} {p}"),
+        };
         let dir = cfg.output_dir.join(label.replace([' ', ':'], "-"));
         let run_cfg = ControlConfig {
             device: dev.clone(),
@@ -179,19 +174,18 @@ pub fn device_check(cfg: &ControlConfig, precisions: &[MixedPrecision], quiet: b
     for r in &runs[2..] {
         comparisons.push(compare(format!("{} vs {}", r.label, runs[1].label), r, &runs[1], MIXED_LOSS_TOLERANCE));
     }
-    let report = report_base(runs, comparisons);
+    let report = DeviceCheckReport {
+        cuda_available: tch::Cuda::is_available(),
+        cuda_devices: tch::Cuda::device_count(),
+        cudnn_available: tch::Cuda::cudnn_is_available(),
+        device,
+        runs,
+        comparisons,
+    };
     let path = cfg.output_dir.join("device-check.json");
     let text = serde_json::to_string_pretty(&report).map_err(|e| Error::Config(e.to_string()))?;
     std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
     Ok(report)
-}
-
-fn precision_name(p: MixedPrecision) -> &'static str {
-    match p {
-        MixedPrecision::No => "f32",
-        MixedPrecision::Bf16 => "bf16",
-        MixedPrecision::Fp16 => "fp16",
-    }
 }
 
 /// The per-step training losses of a run folder (`metrics.csv` logged every step).
