@@ -79,6 +79,12 @@ fn compare_writes_curves_grids_and_a_summary_then_its_side_network_samples() {
     let (ok, _, stderr) = compare(&out, &["--resume"]);
     assert!(ok && stderr.matches("finished earlier").count() == 2, "{stderr}");
     assert!(!stderr.contains("extracted"), "nothing to train, so no training conditions are extracted: {stderr}");
+    // Arms aggregated from their logs alone (no final samples kept): the summary, no grid, a note.
+    std::fs::remove_file(out.join("samples.png")).unwrap();
+    std::fs::remove_file(out.join("seed-0/lisa/final-samples.safetensors")).unwrap();
+    let (ok, stdout, stderr) = compare(&out, &["--resume"]);
+    assert!(ok && stdout.contains("| final fidelity |"), "{stderr}");
+    assert!(stderr.contains("samples.png not written") && !out.join("samples.png").exists(), "{stderr}");
 
     // Sampling with the LISA-trained side network: the baseline's architecture, timed side by side.
     let (ok, stdout, stderr) = lisa(&[

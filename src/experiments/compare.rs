@@ -294,21 +294,35 @@ fn write_outputs(cfg: &ControlConfig, report: &CompareReport, conditions: &Tenso
         &PlotSpec { title: &title, x_label: "training step", y_label: &report.metric, width: 720, height: 440 },
         &[series(&report.baseline, "baseline", [60, 110, 200]), series(&report.lisa, "LISA", [220, 90, 40])],
     )?;
-    // condition | baseline | LISA | ground truth, from the first seed's final samples.
-    let load = |arm: &ArmAggregate| -> Result<Tensor> {
-        let dir = out.join(format!("seed-{}", arm.runs[0].seed)).join(&arm.arm);
-        let path = dir.join(FINAL_SAMPLES);
+    // condition | baseline | LISA | ground truth, from the first seed whose arms both kept their final
+    // samples (an arm aggregated from its collected logs alone has none).
+    let load = |arm: &str, seed: u64| -> Result<Option<Tensor>> {
+        let path = out.join(format!("seed-{seed}")).join(arm).join(FINAL_SAMPLES);
+        if !path.is_file() {
+            return Ok(None);
+        }
         let t = Tensor::read_safetensors(&path).map_err(|e| Error::format(&path, e.to_string()))?;
-        t.into_iter().next().map(|(_, t)| t).ok_or_else(|| Error::format(&path, "empty"))
+        t.into_iter().next().map(|(_, t)| Some(t)).ok_or_else(|| Error::format(&path, "empty"))
     };
-    let (bs, ls) = (load(&report.baseline)?, load(&report.lisa)?);
-    let k = bs.size()[0].min(ls.size()[0]).min(12);
-    save_triptych(
-        &conditions.narrow(0, 0, k),
-        &[bs.narrow(0, 0, k), ls.narrow(0, 0, k)],
-        &truth.narrow(0, 0, k),
-        &out.join("samples.png"),
-    )?;
+    let mut pair = None;
+    for run in &report.baseline.runs {
+        if let (Some(bs), Some(ls)) = (load(&report.baseline.arm, run.seed)?, load(&report.lisa.arm, run.seed)?) {
+            pair = Some((bs, ls));
+            break;
+        }
+    }
+    match pair {
+        Some((bs, ls)) => {
+            let k = bs.size()[0].min(ls.size()[0]).min(12);
+            save_triptych(
+                &conditions.narrow(0, 0, k),
+                &[bs.narrow(0, 0, k), ls.narrow(0, 0, k)],
+                &truth.narrow(0, 0, k),
+                &out.join("samples.png"),
+            )?;
+        }
+        None => eprintln!("note: no seed kept both arms' {FINAL_SAMPLES}; samples.png not written"),
+    }
     let table = report.table();
     std::fs::write(out.join("summary.md"), &table).map_err(|e| Error::io(out.join("summary.md"), e))?;
     let json = serde_json::to_string_pretty(report).map_err(|e| Error::Config(e.to_string()))?;
