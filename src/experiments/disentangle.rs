@@ -91,7 +91,9 @@ pub fn side_feature_shares(
         let out = side.residuals(&x_t, &model_t, &ehs, &c, 1.0, Some(hook))?;
         out.hooked.ok_or_else(|| Error::Training("the side network returned no hooked feature".into()))
     })?;
-    factorial_shares(&hooked.view([n_c, n_x, -1]))
+    // Clips come with their frames folded into the batch, example-major, as a strided view of the tokens: the
+    // pair's frames join its feature vector (reshape, not view).
+    factorial_shares(&hooked.f_reshape([n_c, n_x, -1])?)
 }
 
 fn times_at(objective: &Objective, unit_t: f64, n: i64) -> Tensor {
@@ -500,6 +502,40 @@ mod tests {
         assert!(table.contains("| lisa | 500 | -0.050 ± 0.212 (higher in 1 of 2) |"), "{table}");
         assert_eq!(report.steps("baseline"), vec![0, 500]);
         assert_eq!(report.over_seeds("lisa", 500, None, |v| v.condition), vec![0.4, 0.4, 0.9]);
+    }
+
+    #[test]
+    fn a_video_side_networks_hooked_feature_is_split_per_pair_with_its_frames() {
+        use crate::models::DiTConfig;
+        tch::manual_seed(3);
+        let dit = DiTConfig {
+            sample_size: 8,
+            patch_size: 2,
+            num_layers: 2,
+            num_attention_heads: 2,
+            attention_head_dim: 4,
+            pooled_projection_dim: 8,
+            mlp_ratio: 2,
+            num_frames: 3,
+            ..DiTConfig::default()
+        };
+        let cfg = MainNetworkConfig {
+            transformer: Some(dit),
+            label_encoder: LabelEncoderConfig { num_classes: 3, num_tokens: 1 },
+            ..Default::default()
+        };
+        let mut main = MainNetwork::new(&cfg, Device::Cpu).unwrap();
+        main.freeze();
+        let side = SideNetwork::for_main(&main, ConditionKind::Trajectory, ControlNetConfig::default(), 1).unwrap();
+        // Clips of 3 frames, stored as channels.
+        let images = Tensor::rand([10, 3, 8, 8], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+        let conditions = Tensor::rand([10, 3, 8, 8], (Kind::Float, Device::Cpu));
+        let labels = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2, 0, 1, 2, 0]);
+        let g = FactorialGrid::new(&images, &labels, &conditions, 4, 5, 9).unwrap();
+        let s = side_feature_shares(&main, &side, Hook::Mid, &g, 0.5).unwrap();
+        // As initialised, the condition path ends in zero layers: the inputs explain everything.
+        assert_eq!(s.condition, 0.0, "{s:?}");
+        assert!((s.input - 1.0).abs() < 1e-9, "{s:?}");
     }
 
     #[test]
