@@ -390,7 +390,8 @@ struct ToyArgs {
 
 #[derive(Args)]
 struct DisentangleArgs {
-    /// A `lisa compare` or `lisa ablate` run folder (with config.toml and seed-S/<arm>/).
+    /// A `lisa compare` or `lisa ablate` run folder (with config.toml and seed-S/<arm>/). An earlier
+    /// disentangle.json there, measured with the same settings, keeps its points for runs no longer on disk.
     #[arg(long)]
     run_dir: PathBuf,
     /// The side feature: `mid` or `down_<i>`; default: the run's LISA hook.

@@ -148,6 +148,33 @@ impl DisentangleReport {
         v
     }
 
+    /// Adds the points of `earlier` whose (seed, arm) run is not in `measured`, when `earlier` was measured
+    /// with the same condition, feature and settings (otherwise its points are not comparable and none are
+    /// kept); points end ordered by seed, each seed's arms in their order. Returns the (seed, arm) runs kept.
+    pub fn keep_unmeasured(&mut self, earlier: &DisentangleReport, measured: &[(u64, String)]) -> Vec<(u64, String)> {
+        if earlier.condition != self.condition || earlier.hook != self.hook || earlier.config != self.config {
+            return Vec::new();
+        }
+        let mut kept: Vec<(u64, String)> = Vec::new();
+        for p in &earlier.points {
+            let run = (p.seed, p.arm.clone());
+            if !measured.contains(&run) {
+                if !kept.contains(&run) {
+                    kept.push(run);
+                }
+                self.points.push(p.clone());
+            }
+        }
+        let rank = |a: &str| match a {
+            "baseline" => 0,
+            "lisa" => 1,
+            _ => 2,
+        };
+        // Stable: steps and times keep their measured order.
+        self.points.sort_by(|a, b| (a.seed, rank(&a.arm), &a.arm).cmp(&(b.seed, rank(&b.arm), &b.arm)));
+        kept
+    }
+
     /// Values of `f` over the seeds of `arm` at `step` and time `unit_t` (every time when `None`:
     /// then one value per seed, the mean over times).
     pub fn over_seeds(
@@ -304,6 +331,10 @@ fn arm_dirs(seed_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
 /// Measures every side network saved in `run_dir` (a `lisa compare` or `lisa ablate` folder: its
 /// `config.toml` and `seed-S/<arm>/` with `checkpoint-N/` and the final `side-network/`), writes
 /// `disentangle.{md,json,csv,png}` there, and returns the report.
+///
+/// An earlier `disentangle.json` in `run_dir`, measured with the same settings, keeps its points for the
+/// arm runs no longer on disk (side networks deleted after measuring, or a seed kept only as collected
+/// logs), so seeds added later join the seeds measured before; every run still on disk is measured anew.
 pub fn disentangle(run_dir: &Path, cfg: &DisentangleConfig, log: &mut dyn FnMut(&str)) -> Result<DisentangleReport> {
     let cfg_path = run_dir.join("config.toml");
     if !cfg_path.is_file() {
@@ -322,9 +353,12 @@ pub fn disentangle(run_dir: &Path, cfg: &DisentangleConfig, log: &mut dyn FnMut(
     let (images, labels, conditions) = held_out_subset(&ctl)?;
     let grid = FactorialGrid::new(&images, &labels, &conditions, cfg.num_conditions, cfg.num_inputs, cfg.noise_seed)?;
 
+    let earlier = read_report(&run_dir.join("disentangle.json"));
     let mut points = Vec::new();
+    let mut measured: Vec<(u64, String)> = Vec::new();
     for (seed, seed_dir) in seed_dirs(run_dir)? {
         for (arm, arm_dir) in arm_dirs(&seed_dir)? {
+            measured.push((seed, arm.clone()));
             let cfg_text = std::fs::read_to_string(arm_dir.join(crate::pipeline::CONFIG_FILE))
                 .map_err(|e| Error::io(arm_dir.join(crate::pipeline::CONFIG_FILE), e))?;
             let side_cfg: SideNetworkConfig = serde_json::from_str(&cfg_text)
@@ -349,12 +383,22 @@ pub fn disentangle(run_dir: &Path, cfg: &DisentangleConfig, log: &mut dyn FnMut(
             log(&format!("seed {seed} {arm}: steps {:?}", nets.iter().map(|n| n.0).collect::<Vec<_>>()));
         }
     }
-    if points.is_empty() {
+    let mut report = DisentangleReport { condition: ctl.condition.clone(), hook, config: cfg.clone(), points };
+    if let Some(earlier) = earlier {
+        let kept = report.keep_unmeasured(&earlier, &measured);
+        if !kept.is_empty() {
+            log(&format!("kept from the earlier disentangle.json (side networks no longer on disk): {kept:?}"));
+        }
+    }
+    if report.points.is_empty() {
         return Err(Error::Config(format!("no seed-S/<arm>/ side-network runs under {}", run_dir.display())));
     }
-    let report = DisentangleReport { condition: ctl.condition.clone(), hook, config: cfg.clone(), points };
     write_outputs(run_dir, &report)?;
     Ok(report)
+}
+
+fn read_report(path: &Path) -> Option<DisentangleReport> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
 fn read_steps(summary: &Path) -> Option<u64> {
@@ -502,6 +546,62 @@ mod tests {
         assert!(table.contains("| lisa | 500 | -0.050 ± 0.212 (higher in 1 of 2) |"), "{table}");
         assert_eq!(report.steps("baseline"), vec![0, 500]);
         assert_eq!(report.over_seeds("lisa", 500, None, |v| v.condition), vec![0.4, 0.4, 0.9]);
+    }
+
+    #[test]
+    fn earlier_points_are_kept_only_for_runs_not_measured_again_and_only_with_the_same_settings() {
+        let point = |arm: &str, seed: u64, step: u64, c: f64| DisentanglePoint {
+            arm: arm.into(),
+            seed,
+            step,
+            unit_t: 0.5,
+            shares: VarianceShares { condition: c, input: 1.0 - c, interaction: 0.0, total_sum_of_squares: 1.0 },
+        };
+        let report = |points| DisentangleReport {
+            condition: "trajectory".into(),
+            hook: Hook::Mid,
+            config: DisentangleConfig { unit_times: vec![0.5], ..Default::default() },
+            points,
+        };
+        // Seed 0 was measured before and its side networks are gone; seed 1 is on disk again and is re-measured.
+        let earlier = report(vec![
+            point("baseline", 0, 0, 0.0),
+            point("baseline", 0, 500, 0.2),
+            point("lisa", 0, 0, 0.0),
+            point("lisa", 0, 500, 0.3),
+            point("baseline", 1, 500, 0.9),
+        ]);
+        let measured = vec![(1, "baseline".to_string()), (1, "lisa".to_string())];
+        let mut now = report(vec![point("baseline", 1, 500, 0.25), point("lisa", 1, 500, 0.35)]);
+        let kept = now.keep_unmeasured(&earlier, &measured);
+        assert_eq!(kept, vec![(0, "baseline".to_string()), (0, "lisa".to_string())]);
+        let order: Vec<(u64, &str, u64, f64)> =
+            now.points.iter().map(|p| (p.seed, p.arm.as_str(), p.step, p.shares.condition)).collect();
+        assert_eq!(
+            order,
+            vec![
+                (0, "baseline", 0, 0.0),
+                (0, "baseline", 500, 0.2),
+                (0, "lisa", 0, 0.0),
+                (0, "lisa", 500, 0.3),
+                (1, "baseline", 500, 0.25), // the new measurement, not the earlier 0.9
+                (1, "lisa", 500, 0.35),
+            ]
+        );
+        assert_eq!(now.paired_condition_difference("lisa", 500, 0.5).len(), 2);
+
+        // Measured with other settings (another grid time, another feature): nothing is kept.
+        for other in [
+            DisentangleReport {
+                config: DisentangleConfig { unit_times: vec![0.1], ..Default::default() },
+                ..earlier.clone()
+            },
+            DisentangleReport { hook: Hook::Down(0), ..earlier.clone() },
+        ] {
+            let mut now = report(vec![point("baseline", 1, 500, 0.25)]);
+            assert!(now.keep_unmeasured(&other, &measured).is_empty());
+            assert_eq!(now.points.len(), 1);
+        }
     }
 
     #[test]
