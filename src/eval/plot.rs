@@ -563,12 +563,9 @@ fn render(spec: &PlotSpec, series: &[Series], l: &Layout) -> Canvas {
         let tw = text_width(label, s);
         draw_text(&mut c, p.x0 - 1 - tick - pad / 2 - tw, y - glyph_h / 2, label, s, TEXT);
     }
-    // Texts too long for their space are cut rather than drawn off the image; a long title first drops to the
-    // label size.
+    // Texts too long for their space are cut rather than drawn off the image; a long title first shrinks.
     if !spec.title.is_empty() {
-        let room = w - 2 * pad;
-        let ts = if text_width(spec.title, s + 1) <= room { s + 1 } else { s };
-        let title = fit(spec.title, ts, room);
+        let (ts, title) = fit_title(spec.title, s, w - 2 * pad);
         let tw = text_width(&title, ts);
         draw_text(&mut c, ((w - tw) / 2).max(pad), pad, &title, ts, TEXT);
     }
@@ -761,6 +758,14 @@ fn fit(text: &str, scale: i64, max_width: i64) -> String {
     text.chars().take(n).collect()
 }
 
+/// The title at the largest scale from `label_scale + 1` down to 1, but not below `label_scale − 1`, at which it
+/// fits in `room` pixels; cut to `room` at the smallest of those scales when it fits at none.
+fn fit_title(title: &str, label_scale: i64, room: i64) -> (i64, String) {
+    let smallest = (label_scale - 1).max(1);
+    let scale = (smallest..=label_scale + 1).rev().find(|&ts| text_width(title, ts) <= room).unwrap_or(smallest);
+    (scale, fit(title, scale, room))
+}
+
 /// Calls `ink(column, row)` for every ink pixel of `text`, in font pixels from the top left of its first cell.
 fn for_each_ink(text: &str, mut ink: impl FnMut(i64, i64)) {
     for (i, ch) in text.chars().enumerate() {
@@ -825,6 +830,22 @@ mod tests {
     /// The colour of `c` blended at [`BAND_ALPHA`] over white, as the band is drawn where no gridline lies.
     fn light(c: [u8; 3]) -> [u8; 3] {
         c.map(|v| ((1.0 - BAND_ALPHA) * 255.0 + BAND_ALPHA * v as f64).round() as u8)
+    }
+
+    #[test]
+    fn a_title_too_long_for_the_label_size_shrinks_once_before_it_is_cut() {
+        // The multi-seed fidelity title of `lisa compare` on trajectories, on its 720-pixel plot (label scale 2):
+        // once cut after "band = min-".
+        let title = "trajectory: control fidelity vs step (3 seeds, band = min-max)";
+        let room = 720 - 2 * 8;
+        assert!(text_width(title, 2) > room);
+        assert_eq!(fit_title(title, 2, room), (1, title.to_string()));
+        // A title that fits one size up keeps it; one that fits at no allowed size is cut at the smallest.
+        assert_eq!(fit_title("edges", 2, room), (3, "edges".to_string()));
+        let (scale, cut) = fit_title(&"x".repeat(200), 2, room);
+        assert_eq!(scale, 1);
+        assert!(text_width(&cut, 1) <= room && cut.len() < 200, "{}", cut.len());
+        assert_eq!(fit_title(&"x".repeat(200), 3, room).0, 2);
     }
 
     #[test]

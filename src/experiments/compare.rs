@@ -285,7 +285,7 @@ fn write_outputs(cfg: &ControlConfig, report: &CompareReport, conditions: &Tenso
     };
     let seeds = report.baseline.runs.len();
     let title = format!(
-        "{}: control fidelity vs step ({seeds} seed{})",
+        "{}: fidelity vs step ({seeds} seed{})",
         cfg.condition,
         if seeds > 1 { "s, band = min-max" } else { "" }
     );
