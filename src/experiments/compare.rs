@@ -77,7 +77,8 @@ pub struct CompareReport {
     pub speedup: Option<f64>,
     /// First evaluated step at which the baseline's mean curve reaches LISA's final mean fidelity.
     pub baseline_reaches_lisa_final_at: Option<u64>,
-    /// LISA's training-step time over the baseline's, minus one, in percent.
+    /// LISA's training-step time over the baseline's, minus one, in percent: the mean over seeds of each
+    /// seed's ratio (a seed's two arms share a machine; seeds may not).
     pub step_overhead_percent: f64,
     /// `L_lisa / mean(r²)` per timestep bucket (t/T in tenths) over the last fifth of training, mean over
     /// seeds: the fraction of the likelihood residual the decoder leaves unexplained.
@@ -117,6 +118,12 @@ impl CompareReport {
             s += &row("temporal flicker (0 = rigid motion)", &|r| r.temporal_flicker.unwrap_or(f64::NAN), 4);
         }
         s += &row("training step (s)", &|r| r.step_seconds, 3);
+        let (om, os) = paired_step_overhead_percent(&b.runs, &l.runs);
+        s += &if seeds == 1 {
+            format!("| training step, LISA over baseline | | | {om:+.1}% |\n")
+        } else {
+            format!("| training step, LISA over baseline | | | {om:+.1}% ± {os:.1}% |\n")
+        };
         s += &format!(
             "\nLISA reaches the baseline's final fidelity ({:.4}) at step {}{}; the baseline reaches LISA's final \
              fidelity ({:.4}) at step {}. LISA's step costs {:+.1}% vs the baseline's (decoder: {} parameters, \
@@ -143,8 +150,22 @@ impl CompareReport {
 /// Mean and sample standard deviation over seeds of `f(lisa) − f(baseline)`, pairing runs by seed (both
 /// arms of a seed share initialisation, data order and evaluation noise, so the pairing removes their variance).
 pub fn paired_difference(baseline: &[ArmSummary], lisa: &[ArmSummary], f: impl Fn(&ArmSummary) -> f64) -> (f64, f64) {
-    let d: Vec<f64> =
-        baseline.iter().filter_map(|b| lisa.iter().find(|l| l.seed == b.seed).map(|l| f(l) - f(b))).collect();
+    paired_by_seed(baseline, lisa, |b, l| f(l) - f(b))
+}
+
+/// Mean and sample standard deviation over seeds of LISA's step time over the baseline's, minus one, in
+/// percent, paired by seed: both arms of a seed ran side by side on one machine, while seeds may not have.
+pub fn paired_step_overhead_percent(baseline: &[ArmSummary], lisa: &[ArmSummary]) -> (f64, f64) {
+    paired_by_seed(baseline, lisa, |b, l| 100.0 * (l.step_seconds / b.step_seconds - 1.0))
+}
+
+/// Mean and sample standard deviation over seeds of `g(baseline run, lisa run)` for the seeds both arms ran.
+fn paired_by_seed(
+    baseline: &[ArmSummary],
+    lisa: &[ArmSummary],
+    g: impl Fn(&ArmSummary, &ArmSummary) -> f64,
+) -> (f64, f64) {
+    let d: Vec<f64> = baseline.iter().filter_map(|b| lisa.iter().find(|l| l.seed == b.seed).map(|l| g(b, l))).collect();
     if d.is_empty() {
         return (f64::NAN, f64::NAN);
     }
@@ -258,8 +279,6 @@ fn aggregate(cfg: &ControlConfig, baseline: Vec<ArmSummary>, lisa: Vec<ArmSummar
     let l_final = *l.mean.last().unwrap_or(&f64::NAN);
     let reach = first_reaching(&l.steps, &l.mean, b_final, hib);
     let last = *b.steps.last().unwrap_or(&0) as f64;
-    let (bt, _) = b.mean_sd(|r| r.step_seconds);
-    let (lt, _) = l.mean_sd(|r| r.step_seconds);
     Ok(CompareReport {
         condition: cfg.condition.clone(),
         metric: b.runs[0].metric.clone(),
@@ -267,7 +286,7 @@ fn aggregate(cfg: &ControlConfig, baseline: Vec<ArmSummary>, lisa: Vec<ArmSummar
         speedup: reach.filter(|&s| s > 0).map(|s| last / s as f64),
         lisa_reaches_baseline_final_at: reach,
         baseline_reaches_lisa_final_at: first_reaching(&b.steps, &b.mean, l_final, hib),
-        step_overhead_percent: 100.0 * (lt / bt - 1.0),
+        step_overhead_percent: paired_step_overhead_percent(&b.runs, &l.runs).0,
         lisa_ratio_by_bucket: vec![],
         baseline: b,
         lisa: l,
@@ -367,6 +386,22 @@ mod tests {
         // Paired by seed, whatever the order: differences 0.1, 0.3 → mean 0.2, sd √0.02.
         let (m, s) = paired_difference(&[run(0, 0.5), run(1, 0.6)], &[run(1, 0.9), run(0, 0.6)], |r| r.final_fidelity);
         assert!((m - 0.2).abs() < 1e-12 && (s - 0.02f64.sqrt()).abs() < 1e-12, "{m} {s}");
+        // Step overhead paired by seed: seed 0 ran 1.0 → 1.2 s (+20%), seed 1 on a slower machine 4.0 → 6.0 s
+        // (+50%): +35% ± 21.2%, where the ratio of mean step times would say +44%.
+        let timed = |seed: u64, secs: f64| ArmSummary { step_seconds: secs, ..run(seed, 0.5) };
+        let (b, l) = (vec![timed(0, 1.0), timed(1, 4.0)], vec![timed(1, 6.0), timed(0, 1.2)]);
+        let (m, s) = paired_step_overhead_percent(&b, &l);
+        assert!((m - 35.0).abs() < 1e-9 && (s - 450f64.sqrt()).abs() < 1e-9, "{m} {s}");
+        let report = aggregate(
+            &ControlConfig::default(),
+            b.into_iter().map(|r| ArmSummary { arm: "baseline".into(), ..r }).collect(),
+            l.into_iter().map(|r| ArmSummary { arm: "lisa".into(), ..r }).collect(),
+        )
+        .unwrap();
+        assert!((report.step_overhead_percent - 35.0).abs() < 1e-9);
+        let table = report.table();
+        assert!(table.contains("| training step, LISA over baseline | | | +35.0% ± 21.2% |"), "{table}");
+        assert!(table.contains("LISA's step costs +35.0% vs the baseline's"), "{table}");
         let agg = ArmAggregate::new("baseline", vec![run(0, 0.5), run(1, 0.6)]).unwrap();
         assert_eq!(agg.mean, vec![0.5, 0.7, 0.8]);
         let mut odd = run(2, 0.1);
