@@ -165,13 +165,8 @@ impl DisentangleReport {
                 self.points.push(p.clone());
             }
         }
-        let rank = |a: &str| match a {
-            "baseline" => 0,
-            "lisa" => 1,
-            _ => 2,
-        };
         // Stable: steps and times keep their measured order.
-        self.points.sort_by(|a, b| (a.seed, rank(&a.arm), &a.arm).cmp(&(b.seed, rank(&b.arm), &b.arm)));
+        self.points.sort_by(|a, b| (a.seed, arm_rank(&a.arm), &a.arm).cmp(&(b.seed, arm_rank(&b.arm), &b.arm)));
         kept
     }
 
@@ -309,6 +304,15 @@ fn seed_dirs(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(v)
 }
 
+/// Order of arms in reports: `baseline`, `lisa`, then the rest (by name, the caller's second key).
+fn arm_rank(arm: &str) -> u8 {
+    match arm {
+        "baseline" => 0,
+        "lisa" => 1,
+        _ => 2,
+    }
+}
+
 /// Arm folders of a seed folder (those holding a side network's `config.json`): `baseline`, `lisa`,
 /// then the rest by name.
 fn arm_dirs(seed_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
@@ -319,12 +323,7 @@ fn arm_dirs(seed_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
             v.push((e.file_name().to_string_lossy().into_owned(), e.path()));
         }
     }
-    let rank = |n: &str| match n {
-        "baseline" => 0,
-        "lisa" => 1,
-        _ => 2,
-    };
-    v.sort_by(|a, b| (rank(&a.0), &a.0).cmp(&(rank(&b.0), &b.0)));
+    v.sort_by(|a, b| (arm_rank(&a.0), &a.0).cmp(&(arm_rank(&b.0), &b.0)));
     Ok(v)
 }
 
@@ -516,15 +515,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_report_pairs_arms_by_seed_at_their_last_common_step() {
-        let point = |arm: &str, seed: u64, step: u64, c: f64| DisentanglePoint {
+    /// A measurement at t/T = 0.5 with condition share `c` and the rest input.
+    fn point(arm: &str, seed: u64, step: u64, c: f64) -> DisentanglePoint {
+        DisentanglePoint {
             arm: arm.into(),
             seed,
             step,
             unit_t: 0.5,
             shares: VarianceShares { condition: c, input: 1.0 - c, interaction: 0.0, total_sum_of_squares: 1.0 },
-        };
+        }
+    }
+
+    #[test]
+    fn the_report_pairs_arms_by_seed_at_their_last_common_step() {
         let report = DisentangleReport {
             condition: "edges".into(),
             hook: Hook::Mid,
@@ -550,13 +553,6 @@ mod tests {
 
     #[test]
     fn earlier_points_are_kept_only_for_runs_not_measured_again_and_only_with_the_same_settings() {
-        let point = |arm: &str, seed: u64, step: u64, c: f64| DisentanglePoint {
-            arm: arm.into(),
-            seed,
-            step,
-            unit_t: 0.5,
-            shares: VarianceShares { condition: c, input: 1.0 - c, interaction: 0.0, total_sum_of_squares: 1.0 },
-        };
         let report = |points| DisentangleReport {
             condition: "trajectory".into(),
             hook: Hook::Mid,
