@@ -45,6 +45,9 @@ enum Command {
     /// Train the baseline and LISA side by side (same seeds, data order, initialisation and evaluation
     /// noise) and write fidelity curves, sample grids and a summary.
     Compare(CompareArgs),
+    /// Where the baseline's convergence event happens against the learning rate: reads the baseline runs
+    /// (`lisa train --baseline`, one per learning rate) in the sub-folders of a folder; writes a table and plots.
+    LrSweep(LrSweepArgs),
     /// Train the baseline, LISA and LISA's controls (other targets, decoder width, distance, λ, hook
     /// position) on one task with the same seeds, and write one table.
     Ablate(AblateArgs),
@@ -192,6 +195,12 @@ struct CompareArgs {
     /// Keep finished arms and resume unfinished ones from their latest checkpoint.
     #[arg(long)]
     resume: bool,
+}
+
+#[derive(Args)]
+struct LrSweepArgs {
+    /// The folder whose sub-folders are the baseline runs; lr-sweep.md, lr-sweep.json and the plots go here.
+    dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -511,6 +520,7 @@ fn main() -> ExitCode {
         Command::TrainSd(a) => run_train_sd(a),
         Command::ExportControlnet(a) => run_export_controlnet(a),
         Command::Compare(a) => run_compare(a),
+        Command::LrSweep(a) => run_lr_sweep(a),
         Command::Ablate(a) => run_ablate(a),
         Command::Demo(a) => run_demo(a),
         Command::Toy(a) => run_toy(a),
@@ -785,6 +795,13 @@ fn run_compare(a: CompareArgs) -> Result<()> {
         out.join("fidelity.png").display(),
         out.join("samples.png").display()
     );
+    Ok(())
+}
+
+fn run_lr_sweep(a: LrSweepArgs) -> Result<()> {
+    let points = lisa::experiments::lr_sweep::lr_sweep(&a.dir)?;
+    print!("{}", lisa::experiments::lr_sweep::sweep_table(&points));
+    println!("plots: {}  {}", a.dir.join("lr-sweep-events.png").display(), a.dir.join("lr-sweep-curves.png").display());
     Ok(())
 }
 

@@ -114,8 +114,21 @@ impl Objective {
     /// DDPM: integer timesteps uniform in `{0, …, T−1}` (i64); flow: t uniform in [0, 1) (f32).
     pub fn sample_times(&self, batch: i64, device: Device) -> Tensor {
         match self {
-            Objective::Diffusion { schedule, .. } => Tensor::randint(schedule.len() as i64, [batch], (Kind::Int64, device)),
+            Objective::Diffusion { schedule, .. } => {
+                Tensor::randint(schedule.len() as i64, [batch], (Kind::Int64, device))
+            }
             Objective::Flow => Tensor::rand([batch], (Kind::Float, device)),
+        }
+    }
+
+    /// `n` times evenly spread over the whole noise range, for evaluations that must see every noise
+    /// level equally and identically each time: example `i` gets the unit time `(i + ½)/n`
+    /// (DDPM: the integer timestep `⌊(i + ½)/n · T⌋`; flow: that fraction).
+    pub fn stratified_times(&self, n: i64, device: Device) -> Tensor {
+        let unit = (Tensor::arange(n, (Kind::Double, device)) + 0.5) / n as f64;
+        match self {
+            Objective::Diffusion { schedule, .. } => (unit * schedule.len() as f64).floor().to_kind(Kind::Int64),
+            Objective::Flow => unit.to_kind(Kind::Float),
         }
     }
 

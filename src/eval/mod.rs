@@ -4,16 +4,18 @@
 //! since the feature network is ours, not Inception), control-fidelity metrics (how well samples obey
 //! their condition), video metrics, PNG image grids for inspection, and PNG line plots.
 pub mod classifier;
+pub mod curves;
 pub mod disentangle;
 pub mod fidelity;
 pub mod frechet;
 pub mod grid;
+pub mod loss_gain;
 pub mod plot;
 pub mod video;
 
 pub use classifier::{
-    load_classifier, load_shipped, save_classifier, train_classifier, Classifier, ClassifierConfig,
-    ClassifierInfo, ClassifierReport, ClassifierTrainConfig,
+    load_classifier, load_shipped, save_classifier, train_classifier, Classifier, ClassifierConfig, ClassifierInfo,
+    ClassifierReport, ClassifierTrainConfig,
 };
 pub use fidelity::{fidelity, higher_is_better, metric_name, FidelityScore};
 pub use frechet::{frechet_distance, frechet_distance_of, FeatureStats};

@@ -4,8 +4,9 @@
 //! capacity, hook position, weight or distance.
 use serde::{Deserialize, Serialize};
 
-use super::compare::{first_reaching, paired_difference, ArmAggregate};
+use super::compare::{paired_difference, ArmAggregate};
 use super::control::{load_main, train_control, ArmSummary, ControlConfig, LazyData};
+use crate::eval::curves::first_reaching;
 use crate::{Error, Result};
 
 /// One ablation arm: a name and the config overrides that make it (applied on top of LISA enabled).

@@ -10,6 +10,7 @@ use super::control::{
     load_main, read_curve, save_triptych, train_control, ArmSummary, ControlConfig, LazyData, FINAL_SAMPLES,
 };
 use crate::control::NUM_TIME_BUCKETS;
+use crate::eval::curves::{first_reaching, speedups, SeedCurves, SpeedUp};
 use crate::eval::plot::{line_plot, PlotSpec, Series};
 use crate::{Error, Result};
 
@@ -28,6 +29,40 @@ pub struct ArmAggregate {
     pub min: Vec<f64>,
     /// Maximum over seeds.
     pub max: Vec<f64>,
+    /// The held-out diffusion-loss gain over seeds, when every run measured it at the same steps.
+    #[serde(default)]
+    pub loss_gain: Option<CurveBand>,
+}
+
+/// Mean, minimum and maximum over seeds of curves measured at the same steps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CurveBand {
+    /// The steps.
+    pub steps: Vec<u64>,
+    /// Mean over seeds at each step.
+    pub mean: Vec<f64>,
+    /// Minimum over seeds.
+    pub min: Vec<f64>,
+    /// Maximum over seeds.
+    pub max: Vec<f64>,
+}
+
+impl CurveBand {
+    /// The band of `curves`; `None` when they are empty or were measured at different steps.
+    pub fn new(curves: &[&[(u64, f64)]]) -> Option<Self> {
+        let steps: Vec<u64> = curves.first()?.iter().map(|p| p.0).collect();
+        if steps.is_empty() || curves.iter().any(|c| c.iter().map(|p| p.0).ne(steps.iter().copied())) {
+            return None;
+        }
+        let at = |i: usize| curves.iter().map(move |c| c[i].1);
+        let n = curves.len() as f64;
+        Some(Self {
+            mean: (0..steps.len()).map(|i| at(i).sum::<f64>() / n).collect(),
+            min: (0..steps.len()).map(|i| at(i).fold(f64::INFINITY, f64::min)).collect(),
+            max: (0..steps.len()).map(|i| at(i).fold(f64::NEG_INFINITY, f64::max)).collect(),
+            steps,
+        })
+    }
 }
 
 impl ArmAggregate {
@@ -37,14 +72,17 @@ impl ArmAggregate {
         if runs.iter().any(|r| r.curve.iter().map(|p| p.0).ne(steps.iter().copied())) {
             return Err(Error::Training(format!("the {arm} runs were evaluated at different steps; rerun them")));
         }
-        let at = |i: usize| runs.iter().map(move |r| r.curve[i].1);
-        let n = runs.len() as f64;
+        let curves: Vec<&[(u64, f64)]> = runs.iter().map(|r| r.curve.as_slice()).collect();
+        let band = CurveBand::new(&curves)
+            .ok_or_else(|| Error::Training(format!("the {arm} runs have no fidelity curve; rerun them")))?;
+        let gains: Vec<&[(u64, f64)]> = runs.iter().map(|r| r.loss_gain_curve.as_slice()).collect();
         Ok(Self {
             arm: arm.into(),
-            mean: (0..steps.len()).map(|i| at(i).sum::<f64>() / n).collect(),
-            min: (0..steps.len()).map(|i| at(i).fold(f64::INFINITY, f64::min)).collect(),
-            max: (0..steps.len()).map(|i| at(i).fold(f64::NEG_INFINITY, f64::max)).collect(),
-            steps,
+            steps: band.steps,
+            mean: band.mean,
+            min: band.min,
+            max: band.max,
+            loss_gain: CurveBand::new(&gains),
             runs,
         })
     }
@@ -83,6 +121,10 @@ pub struct CompareReport {
     /// `L_lisa / mean(r²)` per timestep bucket (t/T in tenths) over the last fifth of training, mean over
     /// seeds: the fraction of the likelihood residual the decoder leaves unexplained.
     pub lisa_ratio_by_bucket: Vec<f64>,
+    /// LISA's speed-up over the baseline per seed and over seeds (with 95% bootstrap intervals), on the
+    /// sampled fidelity and, where measured, the held-out loss gain (see [`crate::eval::curves`]).
+    #[serde(default)]
+    pub speedups: Vec<SpeedUp>,
 }
 
 impl CompareReport {
@@ -138,6 +180,17 @@ impl CompareReport {
             l.runs[0].side_parameters,
             if seeds > 1 { "(± = standard deviation over seeds.)\n" } else { "" },
         );
+        if !self.speedups.is_empty() {
+            s += "\nSpeed-up of LISA over the baseline (steps the baseline needs / steps LISA needs to reach a level, \
+                  interpolated between evaluations; levels are fractions of the baseline's gain from step 0 to its \
+                  plateau, the mean of its last fifth of evaluations; over seeds: geometric mean [95% bootstrap \
+                  interval over seeds]):\n\n| level | curve | per seed | over seeds | seeds where both arms reach it |\n\
+                  |---|---|---|---|---|\n";
+            for su in &self.speedups {
+                s += &su.row();
+            }
+            s += "\n";
+        }
         let ratios: Vec<String> = self.lisa_ratio_by_bucket.iter().map(|r| format!("{r:.3}")).collect();
         s += &format!(
             "L_lisa / mean(r²) over the last fifth of training, by t/T bucket 0–0.1 … 0.9–1: {}\n",
@@ -172,11 +225,6 @@ fn paired_by_seed(
     let m = d.iter().sum::<f64>() / d.len() as f64;
     let var = if d.len() > 1 { d.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (d.len() - 1) as f64 } else { 0.0 };
     (m, var.sqrt())
-}
-
-/// First step of `steps` at which `curve` is at least as good as `target`.
-pub fn first_reaching(steps: &[u64], curve: &[f64], target: f64, higher_is_better: bool) -> Option<u64> {
-    steps.iter().zip(curve).find(|(_, &v)| if higher_is_better { v >= target } else { v <= target }).map(|(s, _)| *s)
 }
 
 /// Runs (or, with `resume`, completes) the comparison in `cfg.output_dir`: `seed-S/{baseline,lisa}/`
@@ -288,9 +336,32 @@ fn aggregate(cfg: &ControlConfig, baseline: Vec<ArmSummary>, lisa: Vec<ArmSummar
         baseline_reaches_lisa_final_at: first_reaching(&b.steps, &b.mean, l_final, hib),
         step_overhead_percent: paired_step_overhead_percent(&b.runs, &l.runs).0,
         lisa_ratio_by_bucket: vec![],
+        speedups: arm_speedups(&b.runs, &l.runs, hib),
         baseline: b,
         lisa: l,
     })
+}
+
+/// Speed-ups of LISA over the baseline on the sampled fidelity and on the held-out loss gain (where both
+/// arms of a seed measured it), pairing runs by seed.
+pub fn arm_speedups(baseline: &[ArmSummary], lisa: &[ArmSummary], higher_is_better: bool) -> Vec<SpeedUp> {
+    let paired: Vec<(&ArmSummary, &ArmSummary)> =
+        baseline.iter().filter_map(|b| lisa.iter().find(|l| l.seed == b.seed).map(|l| (b, l))).collect();
+    let Some((first, _)) = paired.first() else {
+        return vec![];
+    };
+    let fid: Vec<SeedCurves> =
+        paired.iter().map(|(b, l)| (b.seed, b.curve.as_slice(), l.curve.as_slice())).collect();
+    let mut out = speedups(&first.metric, &fid, higher_is_better);
+    let gain: Vec<SeedCurves> = paired
+        .iter()
+        .filter(|(b, l)| !b.loss_gain_curve.is_empty() && !l.loss_gain_curve.is_empty())
+        .map(|(b, l)| (b.seed, b.loss_gain_curve.as_slice(), l.loss_gain_curve.as_slice()))
+        .collect();
+    if !gain.is_empty() {
+        out.extend(speedups("loss_gain", &gain, true));
+    }
+    out
 }
 
 fn write_outputs(cfg: &ControlConfig, report: &CompareReport, conditions: &Tensor, truth: &Tensor) -> Result<()> {
@@ -313,6 +384,31 @@ fn write_outputs(cfg: &ControlConfig, report: &CompareReport, conditions: &Tenso
         &PlotSpec { title: &title, x_label: "training step", y_label: &report.metric, width: 720, height: 440 },
         &[series(&report.baseline, "baseline", [60, 110, 200]), series(&report.lisa, "LISA", [220, 90, 40])],
     )?;
+    if let (Some(bg), Some(lg)) = (&report.baseline.loss_gain, &report.lisa.loss_gain) {
+        let gain_series = |g: &CurveBand, label: &str, color: [u8; 3]| Series {
+            label: label.into(),
+            color,
+            x: g.steps.iter().map(|&s| s as f64).collect(),
+            mean: g.mean.clone(),
+            band: (seeds > 1).then(|| (g.min.clone(), g.max.clone())),
+        };
+        let title = format!(
+            "{}: held-out loss gain vs step ({seeds} seed{})",
+            cfg.condition,
+            if seeds > 1 { "s, band = min-max" } else { "" }
+        );
+        line_plot(
+            &out.join("loss-gain.png"),
+            &PlotSpec {
+                title: &title,
+                x_label: "training step",
+                y_label: "1 - L(ctrl)/L(main)",
+                width: 720,
+                height: 440,
+            },
+            &[gain_series(bg, "baseline", [60, 110, 200]), gain_series(lg, "LISA", [220, 90, 40])],
+        )?;
+    }
     // condition | baseline | LISA | ground truth, from the first seed whose arms both kept their final
     // samples (an arm aggregated from its collected logs alone has none).
     let load = |arm: &str, seed: u64| -> Result<Option<Tensor>> {
@@ -351,8 +447,8 @@ fn write_outputs(cfg: &ControlConfig, report: &CompareReport, conditions: &Tenso
 
 #[cfg(test)]
 mod tests {
-    use super::super::control::mean_aucc;
     use super::*;
+    use crate::eval::curves::{first_reaching, mean_aucc};
 
     fn run(seed: u64, final_fidelity: f64) -> ArmSummary {
         ArmSummary {
@@ -372,6 +468,7 @@ mod tests {
             temporal_flicker: None,
             side_parameters: 1,
             decoder_parameters: 0,
+            loss_gain_curve: vec![],
         }
     }
 

@@ -6,11 +6,13 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::pretrain::{device_from, DataConfig};
-use crate::control::{ControlTask, LisaConfig, LisaHead, SideNetwork};
+use crate::control::{ControlTask, LisaConfig, LisaHead, SideNetwork, NUM_TIME_BUCKETS};
 use crate::data::conditions::ConditionSet;
 use crate::data::Dataset;
 use crate::diffusion::{SamplerConfig, SamplerKind};
+use crate::eval::curves::mean_aucc;
 use crate::eval::fidelity::{fidelity, higher_is_better, metric_name};
+use crate::eval::loss_gain::{HeldOutLoss, LossGain};
 use crate::eval::{frechet_distance, load_shipped, FeatureStats};
 use crate::models::ControlNetConfig;
 use crate::pipeline::{shipped_main_network, MainNetwork};
@@ -31,12 +33,83 @@ pub struct FidelityEvalConfig {
     pub sampler: SamplerConfig,
     /// Seed of the held-out subset and of the sampling noise (fixed across arms and seeds). Default 4321.
     pub seed: u64,
+    /// Denser windows before `every_steps` applies, in order: up to step `until` (inclusive) measure
+    /// every `every` steps, e.g. `phases = [{ until = 800, every = 20 }]` to resolve a convergence
+    /// event early in training. Default none.
+    pub phases: Vec<EvalPhase>,
+    /// Measure the held-out diffusion-loss gain ([`crate::eval::loss_gain`]) every this many steps
+    /// (and at step 0 and the last step); 0 = never. A forward pass, no sampling. Default 20.
+    pub loss_gain_every: u64,
+    /// Held-out images in the loss gain's fixed batch (timesteps spread evenly over them). Default 64.
+    pub loss_gain_images: i64,
+}
+
+/// A window of denser fidelity measurements (see [`FidelityEvalConfig::phases`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalPhase {
+    /// Last step of the window.
+    pub until: u64,
+    /// Measure every this many steps within it.
+    pub every: u64,
 }
 
 impl Default for FidelityEvalConfig {
     fn default() -> Self {
-        Self { every_steps: 50, num_images: 64, sampler: SamplerConfig { steps: 10, ..Default::default() }, seed: 4321 }
+        Self {
+            every_steps: 50,
+            num_images: 64,
+            sampler: SamplerConfig { steps: 10, ..Default::default() },
+            seed: 4321,
+            phases: vec![],
+            loss_gain_every: 20,
+            loss_gain_images: 64,
+        }
     }
+}
+
+impl FidelityEvalConfig {
+    /// Whether sampled fidelity is measured after step `step` of a run of `last` steps: at 0, at
+    /// `last`, every `every` steps within the first phase that has not ended, else every `every_steps`.
+    pub fn fidelity_due(&self, step: u64, last: u64) -> bool {
+        let every = self.phases.iter().find(|p| step <= p.until).map_or(self.every_steps, |p| p.every);
+        step == 0 || step == last || step % every == 0
+    }
+
+    /// Whether the held-out loss gain is measured after step `step` of a run of `last` steps.
+    pub fn loss_gain_due(&self, step: u64, last: u64) -> bool {
+        self.loss_gain_every > 0 && (step == 0 || step == last || step % self.loss_gain_every == 0)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.num_images < 1 || self.every_steps == 0 {
+            return Err(Error::Config("fidelity.num_images and fidelity.every_steps must be ≥ 1".into()));
+        }
+        if self.phases.iter().any(|p| p.every == 0) || self.phases.windows(2).any(|w| w[1].until <= w[0].until) {
+            return Err(Error::Config(
+                "fidelity.phases: each phase needs every ≥ 1, and their `until` steps must increase".into(),
+            ));
+        }
+        if self.loss_gain_every > 0 && self.loss_gain_images < NUM_TIME_BUCKETS as i64 {
+            return Err(Error::Config(format!(
+                "fidelity.loss_gain_images must be ≥ {NUM_TIME_BUCKETS} (one per timestep bucket), got {}",
+                self.loss_gain_images
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The class label the frozen main network is given while the side network trains and samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LabelInput {
+    /// Each image's class.
+    #[default]
+    Class,
+    /// The null label (the unconditional branch the main network learned with label dropout): the
+    /// condition must then supply class as well as shape.
+    Null,
 }
 
 /// The evaluation of the finished side network.
@@ -97,6 +170,8 @@ pub struct ControlConfig {
     /// Blocks copied into the side network when the main network is a transformer (0 = half of its
     /// blocks). Default 0.
     pub side_transformer_layers: i64,
+    /// The label the main network sees: `class` or `null`. Default `class`.
+    pub label: LabelInput,
     /// LISA (`lisa.enabled = false` is the baseline).
     pub lisa: LisaConfig,
     /// The training loop.
@@ -121,6 +196,7 @@ impl Default for ControlConfig {
             data: DataConfig::default(),
             conditioning_embedding_out_channels: ControlNetConfig::default().conditioning_embedding_out_channels,
             side_transformer_layers: 0,
+            label: LabelInput::Class,
             lisa: LisaConfig::default(),
             train: TrainConfig {
                 steps: 1000,
@@ -169,9 +245,7 @@ impl ControlConfig {
         if self.train.ema_decay != 0.0 {
             return Err(Error::Config("train.ema_decay: side networks are trained without EMA; set it to 0".into()));
         }
-        if self.fidelity.num_images < 1 || self.fidelity.every_steps == 0 {
-            return Err(Error::Config("fidelity.num_images and fidelity.every_steps must be ≥ 1".into()));
-        }
+        self.fidelity.validate()?;
         if self.final_eval.num_images < 2 || self.final_eval.chunk < 1 {
             return Err(Error::Config("final_eval.num_images must be ≥ 2 and final_eval.chunk ≥ 1".into()));
         }
@@ -181,6 +255,14 @@ impl ControlConfig {
     /// A short name of the arm: `lisa` or `baseline`.
     pub fn arm(&self) -> &'static str {
         self.lisa.arm()
+    }
+
+    /// The labels the main network is given for examples of classes `labels` (see [`LabelInput`]).
+    pub fn main_labels(&self, main: &MainNetwork, labels: &Tensor) -> Result<Tensor> {
+        match self.label {
+            LabelInput::Class => Ok(labels.shallow_clone()),
+            LabelInput::Null => main.labels.null_labels(labels.size()[0], labels.device()),
+        }
     }
 }
 
@@ -303,18 +385,9 @@ pub struct ArmSummary {
     pub side_parameters: i64,
     /// Parameters of the LISA decoder (training only; 0 for the baseline).
     pub decoder_parameters: i64,
-}
-
-/// The area under `curve` (trapezoids) divided by its step range; the single value for one point.
-pub fn mean_aucc(curve: &[(u64, f64)]) -> f64 {
-    match curve {
-        [] => f64::NAN,
-        [(_, v)] => *v,
-        _ => {
-            let area: f64 = curve.windows(2).map(|w| (w[1].0 - w[0].0) as f64 * (w[0].1 + w[1].1) / 2.0).sum();
-            area / (curve[curve.len() - 1].0 - curve[0].0) as f64
-        }
-    }
+    /// `(step, held-out diffusion-loss gain)` during training (empty when it was not measured).
+    #[serde(default)]
+    pub loss_gain_curve: Vec<(u64, f64)>,
 }
 
 /// Loads the main network named by `cfg`, checks that it takes the configured data, and freezes it.
@@ -330,8 +403,13 @@ pub fn load_main(cfg: &ControlConfig) -> Result<MainNetwork> {
 pub fn check_data_fits(cfg: &ControlConfig, main: &MainNetwork) -> Result<()> {
     let channels = cfg.data.video.as_ref().map_or(cfg.data.channels, |v| v.frames);
     if channels != main.config.in_channels() {
-        let what =
-            |c: i64, frames: bool| if frames { format!("clips of {c} frames") } else { format!("{c}-channel images") };
+        let what = |c: i64, frames: bool| {
+            if frames {
+                format!("clips of {c} frames")
+            } else {
+                format!("{c}-channel images")
+            }
+        };
         return Err(Error::Config(format!(
             "the data are {} but the main network {} takes {}; use a main network trained on this data (data.video.frames \
              = its num_frames)",
@@ -379,18 +457,20 @@ pub fn train_control(
 
     let train_data = Dataset {
         images: data.train.images.to_device(device),
-        labels: data.train.labels.to_device(device),
+        labels: cfg.main_labels(main, &data.train.labels)?.to_device(device),
         num_classes: data.train.num_classes,
         class_names: data.train.class_names.clone(),
         conditioning: data.train.conditioning.as_ref().map(|c| c.to_device(device)),
     };
+    let eval_labels = cfg.main_labels(main, &data.eval_labels)?;
     let n_fid = cfg.fidelity.num_images.min(data.eval_images.size()[0]);
     let (fid_y, fid_c, fid_x) = (
-        data.eval_labels.narrow(0, 0, n_fid),
+        eval_labels.narrow(0, 0, n_fid),
         data.eval_conditions.narrow(0, 0, n_fid),
         data.eval_images.narrow(0, 0, n_fid),
     );
-    let train_cfg = TrainConfig { validation_steps: cfg.fidelity.every_steps, ..cfg.train.clone() };
+    // The trainer calls back after every step; `measure` decides what is due.
+    let train_cfg = TrainConfig { validation_steps: 1, ..cfg.train.clone() };
     let run = RunDir {
         output_dir: out,
         resume,
@@ -410,26 +490,59 @@ pub fn train_control(
         }
         None => None,
     };
+    // Built after the side network and decoder, whose initialisation follows the seed set above.
+    let held_out_loss = if cfg.fidelity.loss_gain_every > 0 {
+        let n = cfg.fidelity.loss_gain_images.min(data.eval_images.size()[0]);
+        Some(HeldOutLoss::new(
+            main,
+            &main.objective,
+            &data.eval_images.narrow(0, 0, n),
+            &eval_labels.narrow(0, 0, n),
+            &data.eval_conditions.narrow(0, 0, n),
+            crate::rng::derive_seed(cfg.fidelity.seed, 1),
+        )?)
+    } else {
+        None
+    };
     let mut fid_log = MetricsLog::open_file(out.join("fidelity.csv"), LogFormat::Csv, resume_step)?;
     let samples_dir = out.join("samples");
     std::fs::create_dir_all(&samples_dir).map_err(|e| Error::io(&samples_dir, e))?;
     let metric = metric_name(kind);
+    let last = cfg.train.steps;
     let mut measure = |step: u64| -> Result<()> {
-        let t0 = std::time::Instant::now();
-        let samples =
-            side.sample_chunked(main, &fid_y, &fid_c, &fidelity_sampler(cfg, main), 1.0, cfg.fidelity.seed, 64)?;
-        // With stacked conditions the curve scores the first; all are given.
-        let score = fidelity(kind, &samples, &set.channels_of(&fid_c, kind)?)?;
-        fid_log
-            .write(step, &[(metric.to_string(), score.mean), ("eval_seconds".into(), t0.elapsed().as_secs_f64())])?;
-        fid_log.flush()?;
-        let k = n_fid.min(8);
-        save_triptych(
-            &fid_c.narrow(0, 0, k),
-            &[samples.narrow(0, 0, k)],
-            &fid_x.narrow(0, 0, k),
-            &samples_dir.join(format!("step-{step}.png")),
-        )
+        let sampled = cfg.fidelity.fidelity_due(step, last);
+        let gain_due = held_out_loss.is_some() && cfg.fidelity.loss_gain_due(step, last);
+        if !sampled && !gain_due {
+            return Ok(());
+        }
+        let mut row = vec![(metric.to_string(), f64::NAN), ("eval_seconds".to_string(), f64::NAN)];
+        if sampled {
+            let t0 = std::time::Instant::now();
+            let samples =
+                side.sample_chunked(main, &fid_y, &fid_c, &fidelity_sampler(cfg, main), 1.0, cfg.fidelity.seed, 64)?;
+            // With stacked conditions the curve scores the first; all are given.
+            let score = fidelity(kind, &samples, &set.channels_of(&fid_c, kind)?)?;
+            row = vec![(metric.to_string(), score.mean), ("eval_seconds".into(), t0.elapsed().as_secs_f64())];
+            let k = n_fid.min(8);
+            save_triptych(
+                &fid_c.narrow(0, 0, k),
+                &[samples.narrow(0, 0, k)],
+                &fid_x.narrow(0, 0, k),
+                &samples_dir.join(format!("step-{step}.png")),
+            )?;
+        }
+        if let Some(h) = held_out_loss.as_ref() {
+            if gain_due {
+                let t0 = std::time::Instant::now();
+                row.extend(h.gain(main, &side)?.columns());
+                row.push(("loss_gain_seconds".into(), t0.elapsed().as_secs_f64()));
+            } else {
+                row.extend(LossGain::missing_columns());
+                row.push(("loss_gain_seconds".into(), f64::NAN));
+            }
+        }
+        fid_log.write(step, &row)?;
+        fid_log.flush()
     };
     if resume.is_none() {
         measure(0)?;
@@ -443,6 +556,11 @@ pub fn train_control(
     let summary = final_evaluation(cfg, main, &side, data, curve, step_seconds)?;
     let summary = ArmSummary {
         decoder_parameters: head.as_ref().map_or(0, |h| crate::models::parameter_count(&h.vs)),
+        loss_gain_curve: if held_out_loss.is_some() {
+            read_curve(&out.join("fidelity.csv"), "loss_gain")?
+        } else {
+            vec![]
+        },
         ..summary
     };
     let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::Config(e.to_string()))?;
@@ -466,7 +584,7 @@ fn run_description(cfg: &ControlConfig) -> serde_json::Value {
         "main_network": cfg.main_network_dir(), "condition": cfg.condition,
         "condition_dropout": cfg.condition_dropout, "data": cfg.data,
         "conditioning_embedding_out_channels": cfg.conditioning_embedding_out_channels,
-        "lisa": cfg.lisa, "train": cfg.train, "fidelity": cfg.fidelity,
+        "lisa": cfg.lisa, "train": cfg.train, "fidelity": cfg.fidelity, "label": cfg.label,
     })
 }
 
@@ -481,8 +599,8 @@ fn final_evaluation(
 ) -> Result<ArmSummary> {
     let kind = side.condition.primary();
     let n = cfg.final_eval.num_images.min(data.eval_images.size()[0]);
-    let (y, c, x) =
-        (data.eval_labels.narrow(0, 0, n), data.eval_conditions.narrow(0, 0, n), data.eval_images.narrow(0, 0, n));
+    let y = cfg.main_labels(main, &data.eval_labels.narrow(0, 0, n))?;
+    let (c, x) = (data.eval_conditions.narrow(0, 0, n), data.eval_images.narrow(0, 0, n));
     let samples =
         side.sample_chunked(main, &y, &c, &fidelity_sampler(cfg, main), 1.0, cfg.fidelity.seed, cfg.final_eval.chunk)?;
     let first = samples.narrow(0, 0, n.min(32)).contiguous();
@@ -524,6 +642,7 @@ fn final_evaluation(
         },
         side_parameters: crate::models::parameter_count(&side.vs),
         decoder_parameters: 0,
+        loss_gain_curve: vec![],
     })
 }
 
@@ -548,7 +667,8 @@ pub fn save_triptych(conditions: &Tensor, samples: &[Tensor], truth: &Tensor, pa
     crate::eval::grid::save_grid_scaled(&stacked, ncol, 2, 2, path)
 }
 
-/// Reads `(step, value)` pairs of column `name` from a CSV log.
+/// Reads `(step, value)` pairs of column `name` from a CSV log; rows in which the column was not
+/// measured (NaN, e.g. a loss-gain-only row of `fidelity.csv`) are skipped.
 pub fn read_curve(path: &Path, name: &str) -> Result<Vec<(u64, f64)>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut lines = text.lines();
@@ -559,9 +679,11 @@ pub fn read_curve(path: &Path, name: &str) -> Result<Vec<(u64, f64)>> {
         let f: Vec<&str> = line.split(',').collect();
         let step =
             f.first().and_then(|s| s.parse().ok()).ok_or_else(|| Error::format(path, format!("bad row {line:?}")))?;
-        let v =
+        let v: f64 =
             f.get(col).and_then(|s| s.parse().ok()).ok_or_else(|| Error::format(path, format!("bad row {line:?}")))?;
-        out.push((step, v));
+        if !v.is_nan() {
+            out.push((step, v));
+        }
     }
     Ok(out)
 }
@@ -586,5 +708,42 @@ pub fn default_sampler_kind(main: &MainNetwork) -> SamplerKind {
     match main.objective {
         crate::diffusion::Objective::Flow => SamplerKind::Euler,
         _ => SamplerKind::Ddim,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evaluations_follow_their_phases_then_every_steps() {
+        let f = FidelityEvalConfig {
+            every_steps: 100,
+            phases: vec![EvalPhase { until: 50, every: 10 }, EvalPhase { until: 200, every: 25 }],
+            loss_gain_every: 7,
+            ..Default::default()
+        };
+        let due: Vec<u64> = (0..=330).filter(|&s| f.fidelity_due(s, 330)).collect();
+        assert_eq!(due, vec![0, 10, 20, 30, 40, 50, 75, 100, 125, 150, 175, 200, 300, 330]);
+        let gain: Vec<u64> = (0..=30).filter(|&s| f.loss_gain_due(s, 30)).collect();
+        assert_eq!(gain, vec![0, 7, 14, 21, 28, 30]);
+        assert!(!FidelityEvalConfig { loss_gain_every: 0, ..f.clone() }.loss_gain_due(0, 30), "0 = never");
+        f.validate().unwrap();
+        let unordered = FidelityEvalConfig { phases: vec![EvalPhase { until: 50, every: 10 }; 2], ..f.clone() };
+        assert!(unordered.validate().unwrap_err().to_string().contains("must increase"));
+        let few = FidelityEvalConfig { loss_gain_images: 5, ..f };
+        assert!(few.validate().unwrap_err().to_string().contains("loss_gain_images"));
+    }
+
+    #[test]
+    fn the_null_label_replaces_every_class_and_parses_from_toml() {
+        let cfg: ControlConfig =
+            crate::config::from_text(Some(("label = \"null\"\n", Path::new("x.toml"))), &[]).unwrap();
+        assert_eq!(cfg.label, LabelInput::Null);
+        let main = MainNetwork::load(&cfg.main_network_dir(), Device::Cpu).unwrap();
+        let y = Tensor::from_slice(&[0i64, 3, 9]);
+        assert_eq!(Vec::<i64>::try_from(cfg.main_labels(&main, &y).unwrap()).unwrap(), vec![10, 10, 10]);
+        let class = ControlConfig::default();
+        assert_eq!(Vec::<i64>::try_from(class.main_labels(&main, &y).unwrap()).unwrap(), vec![0, 3, 9]);
     }
 }

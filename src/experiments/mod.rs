@@ -1,13 +1,14 @@
 //! Experiments: orchestration only (load data, build networks, call the trainer, sample, evaluate).
 //! No model or loss code lives here except the one-line task that says what is regressed onto what.
-pub mod evaluate;
-pub mod pretrain;
 pub mod ablate;
 pub mod bench;
 pub mod compare;
+pub mod compose;
 pub mod control;
 pub mod device_check;
 pub mod disentangle;
+pub mod evaluate;
 pub mod guidance;
-pub mod compose;
 pub mod latent;
+pub mod lr_sweep;
+pub mod pretrain;
