@@ -1,0 +1,77 @@
+#!/bin/bash
+# The runs behind docs/results/converge-*: baseline vs LISA where ControlNet converges slowly, and the
+# baseline's learning-rate sweep. Every run is resumable: rerun the same command after an interruption.
+#
+#   scripts/converge.sh lane EXP SEED...      train seeds of one experiment, one after another (one core)
+#   scripts/converge.sh sweep LR...           baseline-only runs of the learning-rate sweep (one core)
+#   scripts/converge.sh aggregate EXP N       summary over seeds 0..N-1 of EXP (each must be finished)
+#   scripts/converge.sh report-sweep          the sweep's table and plots
+#
+# Two lanes side by side use the two cores, e.g.
+#   scripts/converge.sh lane i 0 2 4 &  scripts/converge.sh lane i 1 3 &  wait
+# Runs use a copy of the binary (runs/bin/lisa) so that rebuilding the project cannot disturb them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=runs/bin/lisa
+if [ ! -x "$BIN" ]; then
+  cargo build --release
+  mkdir -p runs/bin && cp target/release/lisa "$BIN"
+fi
+CFG=configs/converge-edges.toml
+
+# An experiment's run-folder name and its overrides of configs/converge-edges.toml.
+experiment() {
+  case "$1" in
+    i)            NAME=converge-edges;             SET=() ;;
+    ii)           NAME=converge-edges-null;        SET=(--set 'label="null"') ;;
+    iii-mid)      NAME=converge-edges-mid;         SET=(--set 'lisa.hook="mid"') ;;
+    iii-down5)    NAME=converge-edges-down5;       SET=(--set 'lisa.hook="down_5"') ;;
+    iv-skeleton)  NAME=converge-skeleton;          SET=(--task skeleton) ;;
+    iv-mask)      NAME=converge-mask;              SET=(--task mask) ;;
+    v)            NAME=converge-edges-3e-5;        SET=(--set train.learning_rate=3e-5 --steps 4500
+                                                        --set 'fidelity.phases=[{ until = 2400, every = 120 }]'
+                                                        --set fidelity.every_steps=300 --set fidelity.loss_gain_every=30) ;;
+    *) echo "unknown experiment $1 (i, ii, iii-mid, iii-down5, iv-skeleton, iv-mask, v)" >&2; exit 2 ;;
+  esac
+}
+
+case "${1:-}" in
+  lane)
+    experiment "$2"; shift 2
+    for s in "$@"; do
+      "$BIN" compare --config "$CFG" "${SET[@]}" --set train.seed="$s" --seeds 1 \
+        --output-dir "runs/$NAME-s$s" --resume --quiet
+    done ;;
+  sweep)
+    shift
+    for lr in "$@"; do
+      case "$lr" in   # steps until the curve has flattened, and a schedule dense through the event
+        1e-3) X=(--steps 500 --set fidelity.loss_gain_every=5 --set 'fidelity.phases=[{until=300, every=10}]' --set fidelity.every_steps=50) ;;
+        3e-4) X=(--steps 1000 --set fidelity.loss_gain_every=5 --set 'fidelity.phases=[{until=600, every=20}]' --set fidelity.every_steps=50) ;;
+        1e-4) X=() ;;   # the configuration's own schedule (1,500 steps); report-sweep reuses experiment i's seed-0 baseline
+        3e-5) X=(--steps 4500 --set fidelity.loss_gain_every=30 --set 'fidelity.phases=[{until=2400, every=120}]' --set fidelity.every_steps=300) ;;
+        1e-5) X=(--steps 12000 --set fidelity.loss_gain_every=60 --set 'fidelity.phases=[{until=7000, every=300}]' --set fidelity.every_steps=1000) ;;
+        *) echo "no schedule for lr $lr" >&2; exit 2 ;;
+      esac
+      d=runs/lr-sweep/lr-$lr
+      [ -f "$d/summary.json" ] && continue
+      resume=(); ls "$d"/checkpoint-* >/dev/null 2>&1 && resume=(--resume latest)
+      "$BIN" train --baseline --config "$CFG" --set train.learning_rate="$lr" "${X[@]}" --output-dir "$d" "${resume[@]}" --quiet
+    done ;;
+  aggregate)
+    experiment "$2"; n=$3; out=runs/$NAME
+    mkdir -p "$out"
+    for ((s = 0; s < n; s++)); do
+      for arm in baseline lisa; do
+        [ -f "runs/$NAME-s$s/seed-$s/$arm/summary.json" ] || { echo "seed $s ($arm) of $NAME is not finished" >&2; exit 1; }
+      done
+      [ -e "$out/seed-$s" ] || ln -s "../$NAME-s$s/seed-$s" "$out/seed-$s"
+    done
+    "$BIN" compare --config "$CFG" "${SET[@]}" --seeds "$n" --output-dir "$out" --resume --quiet ;;
+  report-sweep)
+    # lr 1e-4 is the baseline of experiment i, seed 0 (the hook does not touch the baseline).
+    b=runs/converge-edges-s0/seed-0/baseline
+    if [ ! -e runs/lr-sweep/lr-1e-4 ] && [ -f "$b/summary.json" ]; then ln -s "../../$b" runs/lr-sweep/lr-1e-4; fi
+    "$BIN" lr-sweep runs/lr-sweep ;;
+  *) sed -n '2,13p' "$0"; exit 2 ;;
+esac
