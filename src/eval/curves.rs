@@ -82,8 +82,8 @@ pub fn gain_level(baseline: &[(u64, f64)], fraction: f64, higher_is_better: bool
 pub struct SeedTimes {
     /// The seed.
     pub seed: u64,
-    /// The level both arms are timed to.
-    pub level: f64,
+    /// The level both arms are timed to (`None` when the baseline did not improve, so there is none).
+    pub level: Option<f64>,
     /// The baseline's step at that level (`None`: not reached).
     pub baseline_step: Option<f64>,
     /// LISA's step at that level (`None`: not reached).
@@ -94,7 +94,7 @@ pub struct SeedTimes {
 
 impl SeedTimes {
     /// Times both arms to `level`.
-    pub fn new(seed: u64, level: f64, baseline_step: Option<f64>, lisa_step: Option<f64>) -> Self {
+    pub fn new(seed: u64, level: Option<f64>, baseline_step: Option<f64>, lisa_step: Option<f64>) -> Self {
         let ratio = match (baseline_step, lisa_step) {
             (Some(b), Some(l)) if l > 0.0 => Some(b / l),
             _ => None,
@@ -167,16 +167,17 @@ pub fn speedups(signal: &str, pairs: &[SeedCurves], higher_is_better: bool) -> V
     let mut out: Vec<SpeedUp> = GAIN_FRACTIONS
         .iter()
         .map(|&f| {
+            // A seed whose baseline did not improve has no level and so no ratio.
             let seeds = pairs
                 .iter()
-                .filter_map(|&(seed, b, l)| {
-                    let level = gain_level(b, f, higher_is_better)?;
-                    Some(SeedTimes::new(
+                .map(|&(seed, b, l)| match gain_level(b, f, higher_is_better) {
+                    Some(level) => SeedTimes::new(
                         seed,
-                        level,
+                        Some(level),
                         crossing_step(b, level, higher_is_better),
                         crossing_step(l, level, higher_is_better),
-                    ))
+                    ),
+                    None => SeedTimes::new(seed, None, None, None),
                 })
                 .collect();
             SpeedUp::new(&format!("{:.0}% of the baseline's gain", f * 100.0), signal, seeds)
@@ -186,7 +187,7 @@ pub fn speedups(signal: &str, pairs: &[SeedCurves], higher_is_better: bool) -> V
         .iter()
         .filter_map(|&(seed, b, l)| {
             let &(last, level) = b.last()?;
-            Some(SeedTimes::new(seed, level, Some(last as f64), crossing_step(l, level, higher_is_better)))
+            Some(SeedTimes::new(seed, Some(level), Some(last as f64), crossing_step(l, level, higher_is_better)))
         })
         .collect();
     out.push(SpeedUp::new("the baseline's final value (its last step)", signal, seeds));
@@ -315,5 +316,10 @@ mod tests {
         // One seed: an estimate, no interval.
         let s = speedups("x", &[(0, &b, &b)], true);
         assert_eq!((s[0].estimate, s[0].interval), (Some(1.0), None));
+        // A baseline that did not improve gives its seed no level, still listed.
+        let flat = [(0, 0.5), (10, 0.4), (20, 0.45)];
+        let s = speedups("x", &[(0, &flat, &b)], true);
+        assert!(s[0].seeds[0].level.is_none() && s[0].seeds[0].ratio.is_none());
+        assert!(s[0].row().contains("| — | — | 0 of 1 |"), "{}", s[0].row());
     }
 }
