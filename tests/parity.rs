@@ -7,8 +7,9 @@
 //! (under our names), the inputs, every intermediate, the losses, named gradients, the gradient
 //! norm and the parameters after the step. This test builds OUR networks from the same config
 //! through the crate's API (`MainNetwork`, `SideNetwork::from_main`, `LisaHead`), copies the golden
-//! weights in by name, runs OUR step (`ControlTask::forward` and `ControlTask::loss`, then
-//! `clip_grad_norm` and `AdamW`) and compares every golden tensor. No Python is needed here.
+//! weights in by name, runs OUR forward (`ControlTask::forward`, `ControlTask::loss`) and then the
+//! training step itself (`lisa::train::step`: backward, clip, AdamW — what the training loop and
+//! `lisa bench` run) and compares every golden tensor. No Python is needed here.
 //!
 //! Tolerance: a tensor matches when `max |ours − ref| ≤ 1e-5 · (1 + max |ref|)` (TOL below), and,
 //! because that bound is loose for small-magnitude tensors (gradients), also
@@ -28,7 +29,9 @@ use lisa::data::ConditionKind;
 use lisa::diffusion::TrainingSample;
 use lisa::models::ControlNetConfig;
 use lisa::pipeline::{MainNetwork, MainNetworkConfig};
-use lisa::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use lisa::models::precision::MixedPrecision;
+use lisa::train::optim::{AdamW, AdamWConfig};
+use lisa::train::step::{Noise, StepOutcome, StepSettings};
 use lisa::train::trainer::{Batch, TrainTask};
 use tch::{Device, Kind, Tensor};
 
@@ -257,19 +260,25 @@ fn lisa_step_matches_the_pytorch_diffusers_reference() {
     let untouched: Vec<&String> = params.iter().filter(|(_, p)| !p.grad().defined()).map(|(n, _)| n).collect();
     assert!(untouched.is_empty(), "parameters without a gradient (the reference has one for each): {untouched:?}");
 
-    // One optimizer step: clip, AdamW.
+    // The whole update as training runs it (lisa::train::step: loss, backward, clip, AdamW), on the golden
+    // sample: gradients from zero again, then the clipped gradients and the weights after AdamW.
     let o = &cfg["optimizer"];
     let f64_of = |k: &str| o[k].as_f64().unwrap();
     let mut opt = AdamW::new(
         params,
         AdamWConfig { beta1: f64_of("beta1"), beta2: f64_of("beta2"), eps: f64_of("eps"), weight_decay: f64_of("weight_decay") },
     );
-    let norm = clip_grad_norm(opt.params(), f64_of("max_grad_norm"));
-    rep.compare("grad", "global grad norm (before clipping)", &norm, &step["grad_norm"]);
+    opt.zero_grad();
+    let settings = StepSettings { max_grad_norm: f64_of("max_grad_norm"), mixed_precision: MixedPrecision::No };
+    let given = [sample];
+    let grads = lisa::train::step::backward(&task, &opt, &main.objective, std::slice::from_ref(&batch), Noise::Given(&given), settings, None)
+        .unwrap();
+    rep.compare("grad", "global grad norm (before clipping)", &Tensor::from(grads.grad_norm() as f32), &step["grad_norm"]);
     for n in &named {
         rep.compare("grad", &format!("clipped grad {n}"), &by_name[n].grad(), &step[&format!("clipped_grad.{n}")]);
     }
-    opt.step(f64_of("lr"));
+    let r = lisa::train::step::apply(grads, &mut opt, f64_of("lr"), None);
+    assert_eq!(r.outcome, StepOutcome::Applied);
     for n in &named {
         rep.compare("after_step", &format!("after AdamW {n}"), &by_name[n], &step[&format!("after_step.{n}")]);
     }

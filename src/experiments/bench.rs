@@ -25,8 +25,9 @@ use crate::data::conditions::ConditionKind;
 use crate::diffusion::Objective;
 use crate::models::{ControlNetConfig, UNetConfig};
 use crate::pipeline::MainNetwork;
-use crate::train::optim::{clip_grad_norm, AdamW};
-use crate::train::trainer::{Batch, TrainTask};
+use crate::train::optim::AdamW;
+use crate::train::step::{train_step, Noise, StepOutcome, StepSettings};
+use crate::train::trainer::Batch;
 use crate::{Error, Result};
 
 /// What the benchmark feeds every step (stated in the output).
@@ -833,33 +834,28 @@ struct OursArm {
     head: Option<LisaHead>,
 }
 
-/// One full training step of ours, as the trainer runs it (noise and timesteps, loss with the task's
-/// metrics, backward, clip, the host reads of loss and gradient norm, AdamW, zero_grad); its seconds.
+/// One training step of ours: the trainer's own [`train_step`] (host-drawn noise reseeded from the
+/// step, autocast, backward, clip, the host reads, AdamW, zero_grad); its seconds.
+#[allow(clippy::too_many_arguments)]
 fn ours_step(
     task: &ControlTask,
     opt: &mut AdamW,
     objective: &Objective,
     batch: &Batch,
+    seed: u64,
+    round: u64,
     lr: f64,
-    max_grad_norm: f64,
+    settings: StepSettings,
 ) -> Result<f64> {
     let t0 = Instant::now();
-    let noise = batch.x0.randn_like();
-    let t = objective.sample_times(batch.x0.size()[0], batch.x0.device());
-    let sample = objective.training_sample(&batch.x0, &noise, &t)?;
-    let out = task.loss(batch, &sample)?;
-    out.loss.backward();
-    let grad_norm = clip_grad_norm(opt.params(), max_grad_norm);
-    let (loss, gnorm) = (out.loss.double_value(&[]), grad_norm.double_value(&[]));
-    for (_, m) in &out.metrics {
-        let _ = m.double_value(&[]);
+    let noise = Noise::Seeded { seed, first_counter: round };
+    let r = train_step(task, opt, objective, std::slice::from_ref(batch), noise, lr, settings, None)?;
+    if r.outcome != StepOutcome::Applied {
+        return Err(Error::Training(format!(
+            "bench: non-finite loss ({}) or gradient norm ({})",
+            r.loss, r.grad_norm
+        )));
     }
-    if !loss.is_finite() || !gnorm.is_finite() {
-        return Err(Error::Training(format!("bench: non-finite loss ({loss}) or gradient norm ({gnorm})")));
-    }
-    opt.step(lr);
-    opt.zero_grad();
-    drop((out, sample, noise, t));
     Ok(t0.elapsed().as_secs_f64())
 }
 
@@ -1002,14 +998,12 @@ pub fn run_bench(cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRe
         for j in 0..slots.len() {
             match slots[(round + j) % slots.len()] {
                 Slot::Ours(i) => {
-                    let dt = ours_step(
-                        &tasks[i],
-                        &mut opts[i],
-                        &main.objective,
-                        &batch,
-                        ctl.train.learning_rate,
-                        ctl.train.max_grad_norm,
-                    )?;
+                    let settings = StepSettings {
+                        max_grad_norm: ctl.train.max_grad_norm,
+                        mixed_precision: ctl.train.mixed_precision,
+                    };
+                    let lr = ctl.train.learning_rate;
+                    let dt = ours_step(&tasks[i], &mut opts[i], &main.objective, &batch, cfg.seed, round as u64, lr, settings)?;
                     if timed {
                         times[i].push(dt);
                     }

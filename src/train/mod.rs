@@ -1,9 +1,11 @@
-//! Training: the loop (`trainer`), AdamW with saved state, the LR schedule, EMA, atomic checkpoints
+//! Training: the loop (`trainer`), the one optimizer update it runs (`step`), fp16 loss scaling, AdamW with saved state, the LR schedule, EMA, atomic checkpoints
 //! and metric logs.
 pub mod checkpoint;
 pub mod ema;
 pub mod lr;
 pub mod lock;
 pub mod log;
+pub mod loss_scaler;
 pub mod optim;
+pub mod step;
 pub mod trainer;

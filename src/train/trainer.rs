@@ -5,18 +5,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::checkpoint;
 use super::ema::Ema;
 use super::log::{LogFormat, MetricsLog, Progress};
 use super::lr::{lr_at, LrSchedule};
-use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::loss_scaler::LossScaler;
+use super::optim::{AdamW, AdamWConfig};
+use super::step::{train_step, Noise, StepOutcome, StepSettings};
 use crate::data::loader::{DataOrder, DataOrderState};
 use crate::data::Dataset;
 use crate::diffusion::{Objective, TrainingSample};
-use crate::models::precision::{autocast, LossScaler, MixedPrecision};
-use crate::rng::{derive_seed, randn_like_on_host};
+use crate::models::precision::MixedPrecision;
 use crate::{Error, Result};
 
 /// Settings of the training loop.
@@ -251,17 +252,6 @@ fn resume_state(run: &RunDir) -> Result<(PathBuf, RunState)> {
     Ok((dir, state))
 }
 
-/// Divides every gradient by the f16 loss scale (before clipping, so the clip sees true gradients).
-fn unscale_gradients(params: &[(String, Tensor)], scale: f64) {
-    let _guard = tch::no_grad_guard();
-    for (_, p) in params {
-        let mut g = p.grad();
-        if g.defined() {
-            let _ = g.g_mul_scalar_(1.0 / scale);
-        }
-    }
-}
-
 /// Trains `params` (name, tensor) on `data` with `task`'s loss; see the module doc for the order of
 /// operations. Randomness comes from libtorch's process-wide generator, reseeded every micro-step, so
 /// runs are reproducible only when one run at a time trains in a process.
@@ -338,79 +328,57 @@ pub fn train(
     while step < cfg.steps {
         let t0 = Instant::now();
         let lr = lr_at(step, cfg.steps, cfg.learning_rate, cfg.lr_warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio);
-        let mut loss_sum = Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
-        let mut metric_sums: Vec<(String, Tensor)> = Vec::new();
-        let loss_scale = scaler.map_or(1.0, |s| s.scale);
-        for micro in 0..cfg.gradient_accumulation_steps {
-            let idx = order.next_batch(cfg.batch_size)?;
-            let (x0, labels, condition) = data.batch(&idx)?;
-            let batch = Batch { x0, labels, condition };
-            // Every random draw of this micro-step follows from (seed, step, micro): resuming needs no RNG state.
-            tch::manual_seed(derive_seed(cfg.seed, step * cfg.gradient_accumulation_steps + micro) as i64);
-            // Drawn on the host so that the noise is the same on every device.
-            let noise = randn_like_on_host(&batch.x0)?;
-            let t = objective.sample_times(batch.x0.size()[0], tch::Device::Cpu).to_device(batch.x0.device());
-            let sample = objective.training_sample(&batch.x0, &noise, &t)?;
-            let out = autocast(cfg.mixed_precision, || task.loss(&batch, &sample))?;
-            (&out.loss * (loss_scale / cfg.gradient_accumulation_steps as f64)).backward();
-            loss_sum += out.loss.detach().to_device(tch::Device::Cpu);
-            for (i, (name, v)) in out.metrics.into_iter().enumerate() {
-                let v = v.detach().to_device(tch::Device::Cpu);
-                match metric_sums.get_mut(i) {
-                    Some((_, acc)) => *acc += v,
-                    None => metric_sums.push((name, v)),
-                }
-            }
-        }
-        if loss_scale != 1.0 {
-            unscale_gradients(opt.params(), loss_scale);
-        }
-        let grad_norm = clip_grad_norm(opt.params(), cfg.max_grad_norm);
-        let loss = loss_sum.double_value(&[]) / cfg.gradient_accumulation_steps as f64;
-        let gnorm = grad_norm.double_value(&[]);
-        if let Some(s) = scaler.as_mut() {
-            if loss.is_finite() && !s.update(gnorm.is_finite()) {
-                // An f16 overflow at this scale, not a bad step: retry the next batch at half the scale.
-                opt.zero_grad();
+        let micro_batches = (0..cfg.gradient_accumulation_steps)
+            .map(|_| {
+                let (x0, labels, condition) = data.batch(&order.next_batch(cfg.batch_size)?)?;
+                Ok(Batch { x0, labels, condition })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let noise = Noise::Seeded { seed: cfg.seed, first_counter: step * cfg.gradient_accumulation_steps };
+        let settings = StepSettings { max_grad_norm: cfg.max_grad_norm, mixed_precision: cfg.mixed_precision };
+        let r = train_step(task, &mut opt, objective, &micro_batches, noise, lr, settings, scaler.as_mut())?;
+        let (loss, gnorm) = (r.loss, r.grad_norm);
+        match r.outcome {
+            StepOutcome::Applied => consecutive_bad = 0,
+            StepOutcome::Overflow => {
                 skipped += 1;
                 progress.println(&format!(
-                    "step {}: f16 gradients overflowed at loss scale {loss_scale}; update skipped, scale halved",
-                    step + 1
+                    "step {}: f16 gradients overflowed at loss scale {}; update skipped, scale halved",
+                    step + 1,
+                    r.loss_scale
                 ));
                 step += 1;
                 continue;
             }
-        }
-        if !loss.is_finite() || !gnorm.is_finite() {
-            // Skip the update; the weights stay as they were after the last good step.
-            opt.zero_grad();
-            skipped += 1;
-            consecutive_bad += 1;
-            progress.println(&format!(
-                "step {}: non-finite loss ({loss}) or gradient norm ({gnorm}); update skipped",
-                step + 1
-            ));
-            if consecutive_bad >= cfg.max_consecutive_nonfinite {
-                let last =
-                    checkpoint::list(out)?.pop().map(|(_, p)| p.display().to_string()).unwrap_or_else(|| "none".into());
-                let fp16 = if cfg.mixed_precision == MixedPrecision::Fp16 && !loss.is_finite() {
-                    " With train.mixed_precision = \"fp16\" a non-finite loss can be an activation beyond f16's \
-                     ±65504, which no loss scale prevents: try \"bf16\"."
-                } else {
-                    ""
-                };
-                return Err(Error::Training(format!(
-                    "{consecutive_bad} consecutive steps with non-finite loss or gradients at step {}; \
-                     lower train.learning_rate or check the data.{fp16} Last good checkpoint: {last}",
+            StepOutcome::NonFinite => {
+                // The weights stay as they were after the last good step.
+                skipped += 1;
+                consecutive_bad += 1;
+                progress.println(&format!(
+                    "step {}: non-finite loss ({loss}) or gradient norm ({gnorm}); update skipped",
                     step + 1
-                )));
+                ));
+                if consecutive_bad >= cfg.max_consecutive_nonfinite {
+                    let last = checkpoint::list(out)?
+                        .pop()
+                        .map(|(_, p)| p.display().to_string())
+                        .unwrap_or_else(|| "none".into());
+                    let fp16 = if cfg.mixed_precision == MixedPrecision::Fp16 && !loss.is_finite() {
+                        " With train.mixed_precision = \"fp16\" a non-finite loss can be an activation beyond f16's \
+                         ±65504, which no loss scale prevents: try \"bf16\"."
+                    } else {
+                        ""
+                    };
+                    return Err(Error::Training(format!(
+                        "{consecutive_bad} consecutive steps with non-finite loss or gradients at step {}; \
+                         lower train.learning_rate or check the data.{fp16} Last good checkpoint: {last}",
+                        step + 1
+                    )));
+                }
+                step += 1;
+                continue;
             }
-            step += 1;
-            continue;
         }
-        consecutive_bad = 0;
-        opt.step(lr);
-        opt.zero_grad();
         if let Some(ema) = ema.as_mut() {
             ema.update(opt.params());
         }
@@ -419,8 +387,8 @@ pub fn train(
         // Logging: means over the interval.
         accumulate(&mut sums, "loss", loss);
         accumulate(&mut sums, "grad_norm", gnorm);
-        for (name, v) in &metric_sums {
-            accumulate(&mut sums, name, v.double_value(&[]) / cfg.gradient_accumulation_steps as f64);
+        for (name, v) in &r.metrics {
+            accumulate(&mut sums, name, *v);
         }
         accumulate(&mut sums, "step_seconds", t0.elapsed().as_secs_f64());
         count += 1;
@@ -544,6 +512,7 @@ fn description_differences(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
     use crate::diffusion::Objective;
     use tch::Device;
 

@@ -1,0 +1,191 @@
+//! One optimizer update, written once, top to bottom: per micro-batch the noise and timesteps (drawn
+//! on the host from the run's seed and a counter), the task's loss under autocast, its backward
+//! (loss-scaled under fp16); then unscale, clip, the host reads of loss and gradient norm, the loss
+//! scaler's verdict, AdamW, zero_grad. The training loop, `lisa bench` and the parity test all call it,
+//! so what the benchmark times and the parity test checks is the step that trains.
+use tch::{Kind, Tensor};
+
+use super::optim::{clip_grad_norm, AdamW};
+use super::loss_scaler::LossScaler;
+use super::trainer::{Batch, TrainTask};
+use crate::diffusion::{Objective, TrainingSample};
+use crate::models::precision::{autocast, MixedPrecision};
+use crate::rng::{derive_seed, randn_like_on_host};
+use crate::Result;
+
+/// Where each micro-batch's noise and timesteps come from.
+pub enum Noise<'a> {
+    /// Drawn from libtorch's generator reseeded with `derive_seed(seed, first_counter + micro)`, on the
+    /// host (the same draw on every device): every random draw of a step follows from the run's seed and
+    /// the step, so resuming needs no generator state.
+    Seeded {
+        /// The run's seed.
+        seed: u64,
+        /// The counter of the step's first micro-batch (`step × micro-batches per step`).
+        first_counter: u64,
+    },
+    /// Given noised samples, one per micro-batch (golden tensors of a parity test).
+    Given(&'a [TrainingSample]),
+}
+
+/// The step's settings (a subset of the training configuration).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepSettings {
+    /// Gradient-norm clipping threshold (0 = off).
+    pub max_grad_norm: f64,
+    /// Precision of the forward and backward.
+    pub mixed_precision: MixedPrecision,
+}
+
+/// What became of an update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// AdamW applied it.
+    Applied,
+    /// fp16 gradients overflowed at this loss scale: skipped, the scale halved (not a bad step).
+    Overflow,
+    /// A non-finite loss or gradient norm: skipped, the weights as they were.
+    NonFinite,
+}
+
+/// The result of one update.
+#[derive(Debug, Clone)]
+pub struct StepResult {
+    /// Applied or skipped, and why.
+    pub outcome: StepOutcome,
+    /// Mean loss over the micro-batches.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The task's metrics, each the mean over the micro-batches.
+    pub metrics: Vec<(String, f64)>,
+    /// The loss scale the step ran at (1 unless fp16).
+    pub loss_scale: f64,
+}
+
+/// Gradients of one update, accumulated and clipped, before the optimizer sees them.
+pub struct Gradients {
+    loss: f64,
+    grad_norm: f64,
+    metrics: Vec<(String, f64)>,
+    loss_scale: f64,
+}
+
+impl Gradients {
+    /// Global gradient norm before clipping.
+    pub fn grad_norm(&self) -> f64 {
+        self.grad_norm
+    }
+
+    /// Mean loss over the micro-batches.
+    pub fn loss(&self) -> f64 {
+        self.loss
+    }
+}
+
+/// The noised sample of one micro-batch drawn from `(seed, counter)` (see [`Noise::Seeded`]).
+pub fn seeded_sample(objective: &Objective, batch: &Batch, seed: u64, counter: u64) -> Result<TrainingSample> {
+    tch::manual_seed(derive_seed(seed, counter) as i64);
+    let noise = randn_like_on_host(&batch.x0)?;
+    let t = objective.sample_times(batch.x0.size()[0], tch::Device::Cpu).to_device(batch.x0.device());
+    objective.training_sample(&batch.x0, &noise, &t)
+}
+
+/// The whole update: [`backward`], then [`apply`].
+#[allow(clippy::too_many_arguments)]
+pub fn train_step(
+    task: &dyn TrainTask,
+    opt: &mut AdamW,
+    objective: &Objective,
+    micro_batches: &[Batch],
+    noise: Noise,
+    lr: f64,
+    settings: StepSettings,
+    scaler: Option<&mut LossScaler>,
+) -> Result<StepResult> {
+    let grads = backward(task, opt, objective, micro_batches, noise, settings, scaler.as_deref())?;
+    Ok(apply(grads, opt, lr, scaler))
+}
+
+/// Forward and backward of every micro-batch (gradients averaged over them), then unscale and clip:
+/// afterwards the parameters hold the clipped gradients the optimizer will apply.
+pub fn backward(
+    task: &dyn TrainTask,
+    opt: &AdamW,
+    objective: &Objective,
+    micro_batches: &[Batch],
+    noise: Noise,
+    settings: StepSettings,
+    scaler: Option<&LossScaler>,
+) -> Result<Gradients> {
+    let n = micro_batches.len() as f64;
+    let loss_scale = scaler.map_or(1.0, |s| s.scale);
+    let mut loss_sum = Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
+    let mut metric_sums: Vec<(String, Tensor)> = Vec::new();
+    for (micro, batch) in micro_batches.iter().enumerate() {
+        let drawn;
+        let sample = match &noise {
+            Noise::Seeded { seed, first_counter } => {
+                drawn = seeded_sample(objective, batch, *seed, first_counter + micro as u64)?;
+                &drawn
+            }
+            Noise::Given(samples) => samples.get(micro).ok_or_else(|| {
+                crate::Error::Training(format!("{} given samples for {} micro-batches", samples.len(), n))
+            })?,
+        };
+        let out = autocast(settings.mixed_precision, || task.loss(batch, sample))?;
+        (&out.loss * (loss_scale / n)).backward();
+        loss_sum += out.loss.detach().to_device(tch::Device::Cpu);
+        for (i, (name, v)) in out.metrics.into_iter().enumerate() {
+            let v = v.detach().to_device(tch::Device::Cpu);
+            match metric_sums.get_mut(i) {
+                Some((_, acc)) => *acc += v,
+                None => metric_sums.push((name, v)),
+            }
+        }
+    }
+    if loss_scale != 1.0 {
+        unscale_gradients(opt.params(), loss_scale);
+    }
+    // Clipped after unscaling, so the clip sees the true gradients.
+    let grad_norm = clip_grad_norm(opt.params(), settings.max_grad_norm);
+    Ok(Gradients {
+        loss: loss_sum.double_value(&[]) / n,
+        grad_norm: grad_norm.double_value(&[]),
+        metrics: metric_sums.iter().map(|(name, v)| (name.clone(), v.double_value(&[]) / n)).collect(),
+        loss_scale,
+    })
+}
+
+/// The optimizer's part: the loss scaler's verdict, AdamW at `lr` unless the step is skipped, zero_grad.
+pub fn apply(grads: Gradients, opt: &mut AdamW, lr: f64, scaler: Option<&mut LossScaler>) -> StepResult {
+    let Gradients { loss, grad_norm, metrics, loss_scale } = grads;
+    // An f16 overflow at this scale is not a bad step: the next batch runs at half the scale.
+    let overflow = match scaler {
+        Some(s) if loss.is_finite() => !s.update(grad_norm.is_finite()),
+        _ => false,
+    };
+    let outcome = if overflow {
+        StepOutcome::Overflow
+    } else if !loss.is_finite() || !grad_norm.is_finite() {
+        StepOutcome::NonFinite
+    } else {
+        StepOutcome::Applied
+    };
+    if outcome == StepOutcome::Applied {
+        opt.step(lr);
+    }
+    opt.zero_grad();
+    StepResult { outcome, loss, grad_norm, metrics, loss_scale }
+}
+
+/// Divides every gradient by the f16 loss scale.
+fn unscale_gradients(params: &[(String, Tensor)], scale: f64) {
+    let _guard = tch::no_grad_guard();
+    for (_, p) in params {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.g_mul_scalar_(1.0 / scale);
+        }
+    }
+}
