@@ -232,6 +232,71 @@ impl LisaHead {
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
+
+    /// The LISA term of a step for the first `n` examples (`n` = `decoded`'s batch): what the decoder
+    /// regresses onto (the likelihood residual `target − stopgrad(pred_main)`, or an ablation's
+    /// control), the regression loss, and the scalars to log (`l_lisa`, `r_sq`, and per-bucket sums
+    /// that [`log_ratios`] turns into the unexplained fraction of `r` by timestep).
+    ///
+    /// `target` and `unit_t` cover the whole batch; `pred_main` (the frozen network's prediction
+    /// without residuals, needed by the residual and random targets) and `decoded` cover its first
+    /// `n` examples; `condition` is the batch's condition in [0, 1].
+    pub fn term(
+        &self,
+        decoded: &Tensor,
+        target: &Tensor,
+        pred_main: Option<&Tensor>,
+        condition: &Tensor,
+        unit_t: &Tensor,
+    ) -> Result<LisaTerm> {
+        let reference = || pred_main.ok_or_else(|| Error::Training("no reference prediction".into()));
+        let n = decoded.size()[0];
+        let target = target.f_narrow(0, 0, n)?;
+        // `r` names whatever the decoder regresses onto; it is the likelihood residual for LISA proper.
+        let r = match self.target {
+            LisaTarget::Residual => likelihood_residual(&target, reference()?),
+            LisaTarget::Random => {
+                let res = likelihood_residual(&target, reference()?);
+                let rms =
+                    res.square().f_flatten(1, -1)?.f_mean_dim(1, true, Kind::Float)?.sqrt().f_view([-1, 1, 1, 1])?;
+                crate::rng::randn_like_on_host(&res)? * rms
+            }
+            LisaTarget::Raw => target.detach(),
+            LisaTarget::Condition => condition.f_narrow(0, 0, n)?.detach() * 2.0 - 1.0,
+        };
+        let loss = regression_loss(decoded, &r, self.distance)?;
+        let r_sq = r.square().mean(Kind::Float);
+        let (err_b, rsq_b) = bucket_sums(&decoded.detach(), &r, &unit_t.f_narrow(0, 0, n)?)?;
+        let mut metrics = vec![("l_lisa".into(), loss.detach()), ("r_sq".into(), r_sq)];
+        for b in 0..NUM_TIME_BUCKETS {
+            metrics.push((format!("lisa_err_b{b}"), err_b.get(b as i64)));
+            metrics.push((format!("r_sq_b{b}"), rsq_b.get(b as i64)));
+        }
+        Ok(LisaTerm { loss, metrics })
+    }
+}
+
+/// The LISA term of one step (before λ).
+pub struct LisaTerm {
+    /// The decoder's regression loss, attached to the side network's and decoder's graph.
+    pub loss: Tensor,
+    /// Scalars (0-d tensors) to log: `l_lisa`, `r_sq`, `lisa_err_b{i}`, `r_sq_b{i}`.
+    pub metrics: Vec<(String, Tensor)>,
+}
+
+/// Turns the interval means of [`LisaHead::term`]'s sums in a logged row into ratios:
+/// `lisa_ratio = L_lisa / mean(r²)` and `lisa_ratio_b{i}` per timestep bucket (empty bucket → NaN); the
+/// per-bucket sums themselves are dropped.
+pub fn log_ratios(row: Vec<(String, f64)>) -> Vec<(String, f64)> {
+    let get = |name: &str| row.iter().find(|(n, _)| n == name).map(|(_, v)| *v).unwrap_or(f64::NAN);
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    let mut out: Vec<(String, f64)> =
+        row.iter().filter(|(n, _)| !n.starts_with("lisa_err_b") && !n.starts_with("r_sq_b")).cloned().collect();
+    out.push(("lisa_ratio".into(), ratio(get("l_lisa"), get("r_sq"))));
+    for b in 0..NUM_TIME_BUCKETS {
+        out.push((format!("lisa_ratio_b{b}"), ratio(get(&format!("lisa_err_b{b}")), get(&format!("r_sq_b{b}")))));
+    }
+    out
 }
 
 /// The regression loss between the decoder's output and its target under `distance`.

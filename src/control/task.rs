@@ -1,10 +1,9 @@
-//! The side network's training step: the controlled prediction, and with LISA the reference
-//! prediction, the likelihood residual and the decoder's regression onto it.
+//! The side network's training task: the controlled prediction and its diffusion loss, composed with
+//! the LISA term ([`super::lisa`]: the reference prediction's residual and the decoder's regression
+//! onto it) when LISA is on.
 use tch::{Kind, Tensor};
 
-use super::lisa::{
-    bucket_sums, likelihood_residual, regression_loss, LisaHead, LisaTarget, ReferencePass, NUM_TIME_BUCKETS,
-};
+use super::lisa::{log_ratios, LisaHead, LisaTarget, ReferencePass};
 use super::side::SideNetwork;
 use crate::diffusion::TrainingSample;
 use crate::pipeline::MainNetwork;
@@ -108,49 +107,18 @@ impl TrainTask for ControlTask<'_> {
         let (Some(head), Some(decoded)) = (self.lisa, &f.decoded) else {
             return Ok(TaskLoss { metrics: vec![("l_main".into(), l_main.detach())], loss: l_main });
         };
-        let reference = || f.pred_main.as_ref().ok_or_else(|| Error::Training("no reference prediction".into()));
-        // The examples the LISA term covers (the whole batch unless `lisa.sub_batch` is set).
-        let n = decoded.size()[0];
-        let target = sample.target.f_narrow(0, 0, n)?;
-        // `r` names whatever the decoder regresses onto; it is the likelihood residual for LISA proper.
-        let r = match head.target {
-            LisaTarget::Residual => likelihood_residual(&target, reference()?),
-            LisaTarget::Random => {
-                let res = likelihood_residual(&target, reference()?);
-                let rms =
-                    res.square().f_flatten(1, -1)?.f_mean_dim(1, true, Kind::Float)?.sqrt().f_view([-1, 1, 1, 1])?;
-                crate::rng::randn_like_on_host(&res)? * rms
-            }
-            LisaTarget::Raw => target.detach(),
-            LisaTarget::Condition => condition.f_narrow(0, 0, n)?.detach() * 2.0 - 1.0,
-        };
-        let l_lisa = regression_loss(decoded, &r, head.distance)?;
-        let r_sq = r.square().mean(Kind::Float);
-        let loss = &l_main + &l_lisa * head.lambda;
-        let (err_b, rsq_b) = bucket_sums(&decoded.detach(), &r, &sample.unit_t.f_narrow(0, 0, n)?)?;
-        let mut metrics =
-            vec![("l_main".into(), l_main.detach()), ("l_lisa".into(), l_lisa.detach()), ("r_sq".into(), r_sq)];
-        for b in 0..NUM_TIME_BUCKETS {
-            metrics.push((format!("lisa_err_b{b}"), err_b.get(b as i64)));
-            metrics.push((format!("r_sq_b{b}"), rsq_b.get(b as i64)));
-        }
+        let term = head.term(decoded, &sample.target, f.pred_main.as_ref(), condition, &sample.unit_t)?;
+        let loss = &l_main + &term.loss * head.lambda;
+        let mut metrics = vec![("l_main".into(), l_main.detach())];
+        metrics.extend(term.metrics);
         Ok(TaskLoss { loss, metrics })
     }
 
-    /// Turns the interval means of the LISA sums into ratios: `lisa_ratio = L_lisa / mean(r²)` and
-    /// `lisa_ratio_b{i}` per timestep bucket (empty bucket → NaN).
+    /// With LISA, the interval means of its sums become ratios (see [`super::lisa::log_ratios`]).
     fn log_row(&self, row: Vec<(String, f64)>) -> Vec<(String, f64)> {
-        if self.lisa.is_none() {
-            return row;
+        match self.lisa {
+            Some(_) => log_ratios(row),
+            None => row,
         }
-        let get = |name: &str| row.iter().find(|(n, _)| n == name).map(|(_, v)| *v).unwrap_or(f64::NAN);
-        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-        let mut out: Vec<(String, f64)> =
-            row.iter().filter(|(n, _)| !n.starts_with("lisa_err_b") && !n.starts_with("r_sq_b")).cloned().collect();
-        out.push(("lisa_ratio".into(), ratio(get("l_lisa"), get("r_sq"))));
-        for b in 0..NUM_TIME_BUCKETS {
-            out.push((format!("lisa_ratio_b{b}"), ratio(get(&format!("lisa_err_b{b}")), get(&format!("r_sq_b{b}")))));
-        }
-        out
     }
 }

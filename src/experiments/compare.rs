@@ -10,7 +10,7 @@ use super::control::{
     load_main, read_curve, save_triptych, train_control, ArmSummary, ControlConfig, LazyData, FINAL_SAMPLES,
 };
 use crate::control::NUM_TIME_BUCKETS;
-use crate::eval::curves::{first_reaching, speedups, SeedCurves, SpeedUp};
+use crate::eval::curves::{first_reaching, speedups, EventTiming, SeedCurves, SpeedUp};
 use crate::eval::plot::{line_plot, PlotSpec, Series};
 use crate::{Error, Result};
 
@@ -180,6 +180,24 @@ impl CompareReport {
             l.runs[0].side_parameters,
             if seeds > 1 { "(± = standard deviation over seeds.)\n" } else { "" },
         );
+        // How finely the baseline's event was resolved: evaluations strictly inside its 10–90% span.
+        let points = |curve: &dyn Fn(&ArmSummary) -> &[(u64, f64)], hib: bool| -> String {
+            let n: Vec<String> = b
+                .runs
+                .iter()
+                .map(|r| EventTiming::of(curve(r), hib).map_or("—".into(), |t| t.points_in_event.to_string()))
+                .collect();
+            n.join(" · ")
+        };
+        s += &format!(
+            "\nEvaluations inside the baseline's convergence event (10–90% of its gain), per seed: {} {}",
+            self.metric,
+            points(&|r| r.curve.as_slice(), self.higher_is_better)
+        );
+        if b.runs.iter().all(|r| !r.loss_gain_curve.is_empty()) {
+            s += &format!("; loss gain {}", points(&|r| r.loss_gain_curve.as_slice(), true));
+        }
+        s += ".\n";
         if !self.speedups.is_empty() {
             s += "\nSpeed-up of LISA over the baseline (steps the baseline needs / steps LISA needs to reach a level, \
                   interpolated between evaluations; levels are fractions of the baseline's gain from step 0 to its \

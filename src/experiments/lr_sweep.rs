@@ -7,45 +7,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::control::{read_curve, ControlConfig};
-use crate::eval::curves::{crossing_step, plateau, PLATEAU_FRACTION};
+use crate::eval::curves::EventTiming;
 use crate::eval::fidelity::higher_is_better;
 use crate::eval::plot::{line_plot, PlotSpec, Series};
 use crate::{Error, Result};
-
-/// The fractions of a run's own gain at which its event is timed: start, middle, end.
-pub const EVENT_FRACTIONS: [f64; 3] = [0.1, 0.5, 0.9];
-
-/// When one curve of one run reaches [`EVENT_FRACTIONS`] of its gain.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EventTiming {
-    /// Value at step 0.
-    pub start: f64,
-    /// Mean of the last fifth of the curve's steps.
-    pub plateau: f64,
-    /// Interpolated steps at 10%, 50% and 90% of `plateau − start` (`None`: not reached, or no gain).
-    pub steps: Vec<Option<f64>>,
-    /// Evaluations strictly between the 10% and the 90% steps: how finely the event was resolved.
-    pub points_in_event: usize,
-}
-
-impl EventTiming {
-    /// Times `curve` (`higher_is_better` says which way is a gain).
-    pub fn of(curve: &[(u64, f64)], higher_is_better: bool) -> Option<Self> {
-        let start = curve.first()?.1;
-        let plateau = plateau(curve, PLATEAU_FRACTION);
-        let gain = plateau - start;
-        let improved = if higher_is_better { gain > 0.0 } else { gain < 0.0 };
-        let steps: Vec<Option<f64>> = EVENT_FRACTIONS
-            .iter()
-            .map(|f| if improved { crossing_step(curve, start + f * gain, higher_is_better) } else { None })
-            .collect();
-        let points_in_event = match (steps[0], steps[EVENT_FRACTIONS.len() - 1]) {
-            (Some(a), Some(b)) => curve.iter().filter(|p| (p.0 as f64) > a && (p.0 as f64) < b).count(),
-            _ => 0,
-        };
-        Some(Self { start, plateau, steps, points_in_event })
-    }
-}
 
 /// One learning rate of the sweep.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -213,24 +178,4 @@ fn plot_sweep(dir: &Path, points: &[SweepPoint]) -> Result<()> {
         },
         &curves,
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_event_is_timed_against_its_own_gain() {
-        // 0.2 → plateau 1.0 (steps ≥ 80 of 0..100): 10% = 0.28, 50% = 0.6, 90% = 0.92.
-        let c = [(0, 0.2), (20, 0.2), (40, 0.6), (60, 1.0), (80, 1.0), (100, 1.0)];
-        let t = EventTiming::of(&c, true).unwrap();
-        assert!((t.plateau - 1.0).abs() < 1e-12);
-        let s: Vec<f64> = t.steps.iter().map(|s| s.unwrap()).collect();
-        assert!((s[0] - 24.0).abs() < 1e-9 && (s[1] - 40.0).abs() < 1e-9 && (s[2] - 56.0).abs() < 1e-9, "{s:?}");
-        assert_eq!(t.points_in_event, 1, "only step 40 lies strictly inside 24..56");
-        // A flat curve has no event.
-        let flat = EventTiming::of(&[(0, 0.5), (10, 0.5)], true).unwrap();
-        assert_eq!(flat.steps, vec![None, None, None]);
-        assert!(EventTiming::of(&[], true).is_none());
-    }
 }
