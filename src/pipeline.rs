@@ -9,7 +9,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::diffusion::{Objective, ObjectiveConfig, Sampler, SamplerConfig};
 use crate::models::dit::DiTEmbedded;
 use crate::models::{
-    DiTConfig, DiTModel, LabelEncoder, LabelEncoderConfig, UNet2DConditionModel, UNetConfig, UNetEncoded,
+    DiTConfig, DiTModel, LabelEncoder, LabelEncoderConfig, UNet2DConditionModel, UNetConfig, UNetDownMid,
 };
 use crate::train::checkpoint;
 use crate::{Error, Result};
@@ -82,7 +82,7 @@ pub enum Backbone {
 /// step and shared by the controlled pass and the reference pass (spec §6).
 pub enum SharedPass {
     /// The UNet's encoder and mid block.
-    UNet(UNetEncoded),
+    UNet(UNetDownMid),
     /// The transformer's patch and conditioning embeddings.
     Transformer(DiTEmbedded),
 }
@@ -91,7 +91,7 @@ impl SharedPass {
     /// The first `n` examples of the batch (the LISA term on a sub-batch reuses the shared pass).
     pub fn narrow(&self, n: i64) -> Result<SharedPass> {
         Ok(match self {
-            SharedPass::UNet(e) => SharedPass::UNet(UNetEncoded {
+            SharedPass::UNet(e) => SharedPass::UNet(UNetDownMid {
                 temb: e.temb.f_narrow(0, 0, n)?,
                 encoder_hidden_states: e.encoder_hidden_states.f_narrow(0, 0, n)?,
                 down_block_res_samples: e
@@ -152,8 +152,8 @@ pub struct MainNetwork {
     pub vs: nn::VarStore,
     /// The backbone.
     pub backbone: Backbone,
-    /// The label encoder.
-    pub labels: LabelEncoder,
+    /// The label encoder (class labels → `encoder_hidden_states`).
+    pub label_encoder: LabelEncoder,
     /// The objective.
     pub objective: Objective,
     /// The config it was built from.
@@ -174,10 +174,10 @@ impl MainNetwork {
             None => Backbone::UNet(UNet2DConditionModel::new(vs.root(), &config.unet).map_err(section("unet"))?),
             Some(t) => Backbone::Transformer(DiTModel::new(vs.root(), t).map_err(section("transformer"))?),
         };
-        let labels = LabelEncoder::new(vs.root() / "label_encoder", &config.label_encoder, config.label_dim())
+        let label_encoder = LabelEncoder::new(vs.root() / "label_encoder", &config.label_encoder, config.label_dim())
             .map_err(section("label_encoder"))?;
         let objective = Objective::new(&config.objective).map_err(section("objective"))?;
-        Ok(Self { vs, backbone, labels, objective, config: config.clone() })
+        Ok(Self { vs, backbone, label_encoder, objective, config: config.clone() })
     }
 
     /// Loads a model folder or a training checkpoint: the config from `dir/config.json` (or the run
@@ -227,8 +227,8 @@ impl MainNetwork {
     /// The network's prediction (ε, v or velocity, per the objective) for `x_t` at network timesteps
     /// `model_t` [B] with class labels `y` [B] (the null label = unconditional).
     pub fn predict(&self, x_t: &Tensor, model_t: &Tensor, y: &Tensor) -> Result<Tensor> {
-        let ehs = self.labels.forward(y)?;
-        self.forward(x_t, model_t, &ehs, None)
+        let encoder_hidden_states = self.label_encoder.forward(y)?;
+        self.forward(x_t, model_t, &encoder_hidden_states, None)
     }
 
     /// The UNet backbone, or an error naming `what` needs it (a transformer main network).
@@ -241,31 +241,31 @@ impl MainNetwork {
         }
     }
 
-    /// The backbone's prediction for label tokens `ehs` with the side networks' `residuals` added.
+    /// The backbone's prediction for label tokens `encoder_hidden_states` with the side networks' `residuals` added.
     pub fn forward(
         &self,
         x_t: &Tensor,
         model_t: &Tensor,
-        ehs: &Tensor,
+        encoder_hidden_states: &Tensor,
         residuals: Option<&Residuals>,
     ) -> Result<Tensor> {
-        self.decode(&self.encode(x_t, model_t, ehs)?, residuals)
+        self.up(&self.down_mid(x_t, model_t, encoder_hidden_states)?, residuals)
     }
 
     /// The part of the forward pass that residuals do not change (see [`SharedPass`]).
-    pub fn encode(&self, x_t: &Tensor, model_t: &Tensor, ehs: &Tensor) -> Result<SharedPass> {
+    pub fn down_mid(&self, x_t: &Tensor, model_t: &Tensor, encoder_hidden_states: &Tensor) -> Result<SharedPass> {
         Ok(match &self.backbone {
-            Backbone::UNet(u) => SharedPass::UNet(u.encode(x_t, model_t, ehs)?),
-            Backbone::Transformer(d) => SharedPass::Transformer(d.embed(x_t, model_t, ehs)?),
+            Backbone::UNet(u) => SharedPass::UNet(u.down_mid(x_t, model_t, encoder_hidden_states)?),
+            Backbone::Transformer(d) => SharedPass::Transformer(d.embed(x_t, model_t, encoder_hidden_states)?),
         })
     }
 
     /// The rest of the forward pass from `shared`, with the side networks' `residuals` added.
-    pub fn decode(&self, shared: &SharedPass, residuals: Option<&Residuals>) -> Result<Tensor> {
+    pub fn up(&self, shared: &SharedPass, residuals: Option<&Residuals>) -> Result<Tensor> {
         match (&self.backbone, shared, residuals) {
-            (Backbone::UNet(u), SharedPass::UNet(enc), None) => u.decode(enc, None, None),
+            (Backbone::UNet(u), SharedPass::UNet(enc), None) => u.up(enc, None, None),
             (Backbone::UNet(u), SharedPass::UNet(enc), Some(Residuals::UNet { down, mid })) => {
-                u.decode(enc, Some(down), Some(mid))
+                u.up(enc, Some(down), Some(mid))
             }
             (Backbone::Transformer(d), SharedPass::Transformer(emb), None) => d.run_blocks(emb, None),
             (Backbone::Transformer(d), SharedPass::Transformer(emb), Some(Residuals::Blocks(r))) => {

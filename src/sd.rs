@@ -134,7 +134,7 @@ pub fn load_main_network(dir: &Path, prompts: &[&str], device: Device) -> Result
     diffusers::load_named(&params, weights, &unet_dir.join(diffusers::WEIGHTS_FILE))?;
     tch::no_grad(|| -> Result<()> {
         let table = states.f_reshape([all.len() as i64, tokens * width])?;
-        let _ = main.labels.embedding.shallow_clone().f_copy_(&table)?;
+        let _ = main.label_encoder.embedding.shallow_clone().f_copy_(&table)?;
         Ok(())
     })?;
     Ok(main)

@@ -694,9 +694,9 @@ fn train_sd_trains_a_latent_controlnet_on_a_captioned_imagefolder_resumes_and_ex
     let x = Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu));
     let c = Tensor::rand([2, 3, 16, 16], (Kind::Float, Device::Cpu));
     let t = Tensor::from_slice(&[10i64, 500]);
-    let ehs = main.labels.forward(&Tensor::from_slice(&[0i64, 1])).unwrap();
+    let encoder_hidden_states = main.label_encoder.forward(&Tensor::from_slice(&[0i64, 1])).unwrap();
     let (a, b) = tch::no_grad(|| {
-        let run = |s: &SideNetwork| s.residuals(&x, &t, &ehs, &c, 1.0, None).unwrap().into_controlnet().unwrap();
+        let run = |s: &SideNetwork| s.residuals(&x, &t, &encoder_hidden_states, &c, 1.0, None).unwrap().into_controlnet().unwrap();
         (run(&saved), run(&imported))
     });
     assert!(a.mid_block_res_sample.equal(&b.mid_block_res_sample));

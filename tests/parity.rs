@@ -221,8 +221,8 @@ fn lisa_step_matches_the_pytorch_diffusers_reference() {
 
     // Forward: the side network's hooked feature and mid residual, then the step's predictions.
     tch::no_grad(|| {
-        let ehs = main.labels.forward(labels).unwrap();
-        let out = side.residuals(&sample.x_t, &sample.model_t, &ehs, condition, 1.0, Some(head.hook)).unwrap();
+        let encoder_hidden_states = main.label_encoder.forward(labels).unwrap();
+        let out = side.residuals(&sample.x_t, &sample.model_t, &encoder_hidden_states, condition, 1.0, Some(head.hook)).unwrap();
         rep.compare("forward", "hooked (mid-block output of the side network)", out.hooked.as_ref().unwrap(), &step["hooked"]);
         let lisa::pipeline::Residuals::UNet { mid, .. } = &out.residuals else { panic!("a UNet side network") };
         rep.compare("forward", "mid_residual (controlnet_mid_block output)", mid, &step["mid_residual"]);

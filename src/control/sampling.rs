@@ -78,22 +78,22 @@ pub fn controlled_prediction(
     let b = x.size()[0];
     // Guidance: one batch of [unconditional; conditional], the residuals computed for both halves.
     let (xx, tt, yy) = if guided {
-        let null = main.labels.null_labels(b, y.device())?;
+        let null = main.label_encoder.null_labels(b, y.device())?;
         (Tensor::cat(&[x, x], 0), Tensor::cat(&[model_t, model_t], 0), Tensor::cat(&[&null, y], 0))
     } else {
         (x.shallow_clone(), model_t.shallow_clone(), y.shallow_clone())
     };
-    let ehs = main.labels.forward(&yy)?;
+    let encoder_hidden_states = main.label_encoder.forward(&yy)?;
     let mut residuals: Option<Residuals> = None;
     for c in controls.iter().filter(|c| c.options.active(i, n) && c.options.conditioning_scale != 0.0) {
         let cond = if guided { Tensor::cat(&[&c.condition, &c.condition], 0) } else { c.condition.shallow_clone() };
-        let out = c.side.residuals(&xx, &tt, &ehs, &cond, c.options.conditioning_scale, None)?;
+        let out = c.side.residuals(&xx, &tt, &encoder_hidden_states, &cond, c.options.conditioning_scale, None)?;
         residuals = Some(match residuals {
             None => out.residuals,
             Some(r) => r.add(out.residuals)?,
         });
     }
-    let out = main.forward(&xx, &tt, &ehs, residuals.as_ref())?;
+    let out = main.forward(&xx, &tt, &encoder_hidden_states, residuals.as_ref())?;
     if !guided {
         return Ok(out);
     }

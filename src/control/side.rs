@@ -287,26 +287,26 @@ impl SideNetwork {
     }
 
     /// Runs the side network: residuals for the main network (times `scale`) and, with `hook`, the
-    /// hooked feature. `ehs` is the main network's label encoding of `y`.
+    /// hooked feature. `encoder_hidden_states` is the main network's label encoding of `y`.
     pub fn residuals(
         &self,
         x_t: &Tensor,
         model_t: &Tensor,
-        ehs: &Tensor,
+        encoder_hidden_states: &Tensor,
         condition: &Tensor,
         scale: f64,
         hook: Option<Hook>,
     ) -> Result<SideOutput> {
         Ok(match &self.model {
             SideModel::ControlNet(m) => {
-                let out = m.forward(x_t, model_t, ehs, condition, scale, hook)?;
+                let out = m.forward(x_t, model_t, encoder_hidden_states, condition, scale, hook)?;
                 SideOutput {
                     residuals: Residuals::UNet { down: out.down_block_res_samples, mid: out.mid_block_res_sample },
                     hooked: out.hooked,
                 }
             }
             SideModel::Transformer(m) => {
-                let out = m.forward(x_t, model_t, ehs, condition, scale, hook)?;
+                let out = m.forward(x_t, model_t, encoder_hidden_states, condition, scale, hook)?;
                 SideOutput { residuals: Residuals::Blocks(out.block_samples), hooked: out.hooked }
             }
         })
@@ -330,9 +330,9 @@ impl SideNetwork {
         condition: &Tensor,
         scale: f64,
     ) -> Result<Tensor> {
-        let ehs = main.labels.forward(y)?;
-        let side = self.residuals(x_t, model_t, &ehs, condition, scale, None)?;
-        main.forward(x_t, model_t, &ehs, Some(&side.residuals))
+        let encoder_hidden_states = main.label_encoder.forward(y)?;
+        let side = self.residuals(x_t, model_t, &encoder_hidden_states, condition, scale, None)?;
+        main.forward(x_t, model_t, &encoder_hidden_states, Some(&side.residuals))
     }
 
     /// Generates one sample per (label, condition) pair from noise drawn with `seed`; `condition`

@@ -51,12 +51,12 @@ impl<'a> ControlTask<'a> {
     /// The forward pass of one step: side network, the frozen main encoder once, the up path with
     /// residuals and (LISA) without them, and the decoder on the hooked feature.
     pub fn forward(&self, x_t: &Tensor, model_t: &Tensor, y: &Tensor, condition: &Tensor) -> Result<ControlForward> {
-        let ehs = tch::no_grad(|| self.main.labels.forward(y))?;
-        let side = self.side.residuals(x_t, model_t, &ehs, condition, 1.0, self.lisa.map(|h| h.hook))?;
+        let encoder_hidden_states = tch::no_grad(|| self.main.label_encoder.forward(y))?;
+        let side = self.side.residuals(x_t, model_t, &encoder_hidden_states, condition, 1.0, self.lisa.map(|h| h.hook))?;
         // The residuals enter only after the encoder (UNet) or the embeddings (transformer), so that
         // part serves both passes (spec §6).
-        let shared = tch::no_grad(|| self.main.encode(x_t, model_t, &ehs))?;
-        let pred_full = self.main.decode(&shared, Some(&side.residuals))?;
+        let shared = tch::no_grad(|| self.main.down_mid(x_t, model_t, &encoder_hidden_states))?;
+        let pred_full = self.main.up(&shared, Some(&side.residuals))?;
         let (pred_main, decoded) = match self.lisa {
             None => (None, None),
             Some(head) => {
@@ -67,7 +67,7 @@ impl<'a> ControlTask<'a> {
                 let first = |t: &Tensor| t.f_narrow(0, 0, n);
                 let pred_main = if needs_reference {
                     Some(tch::no_grad(|| match head.reference_pass {
-                        ReferencePass::SharedEncoder => self.main.decode(&shared.narrow(n)?, None),
+                        ReferencePass::SharedEncoder => self.main.up(&shared.narrow(n)?, None),
                         ReferencePass::Full => self.main.predict(&first(x_t)?, &first(model_t)?, &first(y)?),
                     })?)
                 } else {

@@ -376,7 +376,7 @@ fn guidance_combines_the_unconditional_and_conditional_branches_with_control_in_
     let ctl = [control(&side, c, ControlOptions::default())];
     let plain = controlled_prediction(&main, &ctl, &s.x_t, &s.model_t, &b.labels, 1.0, 0, 10).unwrap();
     assert!(bitwise_equal(&plain, &side.predict(&main, &s.x_t, &s.model_t, &b.labels, c, 1.0).unwrap()));
-    let null = main.labels.null_labels(4, Device::Cpu).unwrap();
+    let null = main.label_encoder.null_labels(4, Device::Cpu).unwrap();
     let uncond = side.predict(&main, &s.x_t, &s.model_t, &null, c, 1.0).unwrap();
     let guided = controlled_prediction(&main, &ctl, &s.x_t, &s.model_t, &b.labels, 3.0, 0, 10).unwrap();
     let want = &uncond + (&plain - &uncond) * 3.0;

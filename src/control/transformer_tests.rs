@@ -136,8 +136,8 @@ fn residuals_are_added_after_the_main_blocks_in_sd3_groups() {
     let main = dit_main(flow());
     let Backbone::Transformer(dit) = &main.backbone else { panic!("not a transformer") };
     let (b, s) = batch(&main);
-    let ehs = main.labels.forward(&b.labels).unwrap();
-    let emb = dit.embed(&s.x_t, &s.model_t, &ehs).unwrap();
+    let encoder_hidden_states = main.label_encoder.forward(&b.labels).unwrap();
+    let emb = dit.embed(&s.x_t, &s.model_t, &encoder_hidden_states).unwrap();
     let r: Vec<Tensor> = (0..2).map(|_| emb.tokens.randn_like()).collect();
     let got = dit.run_blocks(&emb, Some(&r)).unwrap();
     // 4 blocks, 2 residuals: blocks 0 and 1 take r[0], blocks 2 and 3 take r[1].
@@ -151,15 +151,15 @@ fn residuals_are_added_after_the_main_blocks_in_sd3_groups() {
     let blocks = |r: Vec<Tensor>| crate::pipeline::Residuals::Blocks(r);
     assert!(bitwise_equal(
         &got,
-        &main.decode(&shared, Some(&blocks(r.iter().map(Tensor::shallow_clone).collect()))).unwrap()
+        &main.up(&shared, Some(&blocks(r.iter().map(Tensor::shallow_clone).collect()))).unwrap()
     ));
-    assert!(main.decode(&shared, Some(&blocks(vec![]))).is_err(), "an empty residual list is refused");
+    assert!(main.up(&shared, Some(&blocks(vec![]))).is_err(), "an empty residual list is refused");
     assert!(
-        main.decode(&shared, Some(&blocks((0..5).map(|_| r[0].shallow_clone()).collect()))).is_err(),
+        main.up(&shared, Some(&blocks((0..5).map(|_| r[0].shallow_clone()).collect()))).is_err(),
         "more residuals than blocks"
     );
     let unet_like = crate::pipeline::Residuals::UNet { down: vec![], mid: r[0].shallow_clone() };
-    let e = main.decode(&shared, Some(&unet_like)).unwrap_err().to_string();
+    let e = main.up(&shared, Some(&unet_like)).unwrap_err().to_string();
     assert!(e.contains("architecture"), "{e}");
 }
 

@@ -89,9 +89,9 @@ impl HeldOutLoss {
             .one_hot(nb)
             .to_kind(Kind::Double);
         let (shared, uncontrolled) = tch::no_grad(|| -> Result<_> {
-            let ehs = main.labels.forward(&labels)?;
-            let shared = main.encode(&sample.x_t, &sample.model_t, &ehs)?;
-            let pred = main.decode(&shared, None)?;
+            let encoder_hidden_states = main.label_encoder.forward(&labels)?;
+            let shared = main.down_mid(&sample.x_t, &sample.model_t, &encoder_hidden_states)?;
+            let pred = main.up(&shared, None)?;
             let per_example = per_example_mse(&pred, &sample.target)?;
             Ok((shared, per_example.unsqueeze(0).matmul(&buckets).squeeze_dim(0)))
         })?;
@@ -125,9 +125,9 @@ impl HeldOutLoss {
     /// The gain of `side` (at conditioning scale 1) on the batch; forward only, no gradient.
     pub fn gain(&self, main: &MainNetwork, side: &SideNetwork) -> Result<LossGain> {
         tch::no_grad(|| {
-            let ehs = main.labels.forward(&self.labels)?;
-            let out = side.residuals(&self.x_t, &self.model_t, &ehs, &self.condition, 1.0, None)?;
-            let pred = main.decode(&self.shared, Some(&out.residuals))?;
+            let encoder_hidden_states = main.label_encoder.forward(&self.labels)?;
+            let out = side.residuals(&self.x_t, &self.model_t, &encoder_hidden_states, &self.condition, 1.0, None)?;
+            let pred = main.up(&self.shared, Some(&out.residuals))?;
             let controlled = per_example_mse(&pred, &self.target)?.unsqueeze(0).matmul(&self.buckets).squeeze_dim(0);
             let c: Vec<f64> = Vec::<f64>::try_from(&controlled)?;
             let u: Vec<f64> = Vec::<f64>::try_from(&self.uncontrolled)?;

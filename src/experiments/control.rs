@@ -261,7 +261,7 @@ impl ControlConfig {
     pub fn main_labels(&self, main: &MainNetwork, labels: &Tensor) -> Result<Tensor> {
         match self.label {
             LabelInput::Class => Ok(labels.shallow_clone()),
-            LabelInput::Null => main.labels.null_labels(labels.size()[0], labels.device()),
+            LabelInput::Null => main.label_encoder.null_labels(labels.size()[0], labels.device()),
         }
     }
 }

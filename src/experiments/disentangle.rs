@@ -87,8 +87,8 @@ pub fn side_feature_shares(
     let y = grid.labels.to_device(device).repeat([n_c]);
     let c = grid.conditions.to_device(device).repeat_interleave_self_int(n_x, 0, None);
     let hooked = tch::no_grad(|| -> Result<Tensor> {
-        let ehs = main.labels.forward(&y)?;
-        let out = side.residuals(&x_t, &model_t, &ehs, &c, 1.0, Some(hook))?;
+        let encoder_hidden_states = main.label_encoder.forward(&y)?;
+        let out = side.residuals(&x_t, &model_t, &encoder_hidden_states, &c, 1.0, Some(hook))?;
         out.hooked.ok_or_else(|| Error::Training("the side network returned no hooked feature".into()))
     })?;
     // Clips come with their frames folded into the batch, example-major, as a strided view of the tokens: the

@@ -160,7 +160,7 @@ impl TrainTask for PretrainTask<'_> {
         let mut y = batch.labels.shallow_clone();
         if self.label_dropout > 0.0 {
             let drop = Tensor::rand([y.size()[0]], (Kind::Float, y.device())).lt(self.label_dropout);
-            y = y.where_self(&drop.logical_not(), &Tensor::from(self.net.labels.null_label()).to_device(y.device()));
+            y = y.where_self(&drop.logical_not(), &Tensor::from(self.net.label_encoder.null_label()).to_device(y.device()));
         }
         let pred = self.net.predict(&sample.x_t, &sample.model_t, &y)?;
         Ok(TaskLoss { loss: pred.mse_loss(&sample.target, tch::Reduction::Mean), metrics: vec![] })

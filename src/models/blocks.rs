@@ -442,15 +442,15 @@ impl BasicTransformerBlock {
         })
     }
 
-    /// Applies the block to tokens `x` [B, N, dim] with context `ehs` [B, M, cross_dim].
-    pub fn forward(&self, x: &Tensor, ehs: &Tensor) -> Result<Tensor> {
+    /// Applies the block to tokens `x` [B, N, dim] with context `encoder_hidden_states` [B, M, cross_dim].
+    pub fn forward(&self, x: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
         // Residual adds in place on fresh outputs of linear layers, whose backward does not need
         // their output.
         let mut a = self.attn1.forward(&self.norm1.forward(x)?, None)?;
         let _ = a.f_add_(x)?;
         let x = a;
         // Out of place: attn2 may return a broadcast view (single context token).
-        let x = x.f_add(&self.attn2.forward(&self.norm2.forward(&x)?, Some(ehs))?)?;
+        let x = x.f_add(&self.attn2.forward(&self.norm2.forward(&x)?, Some(encoder_hidden_states))?)?;
         let mut f = self.ff.forward(&self.norm3.forward(&x)?)?;
         let _ = f.f_add_(&x)?;
         Ok(f)
@@ -521,13 +521,13 @@ impl Transformer2DModel {
         Ok(Self { norm: GroupNorm::new(&p / "norm", groups, channels, 1e-6)?, proj_in, transformer_blocks, proj_out })
     }
 
-    /// Applies the transformer to `x` [B, C, H, W] with context `ehs` [B, M, cross_dim].
-    pub fn forward(&self, x: &Tensor, ehs: &Tensor) -> Result<Tensor> {
+    /// Applies the transformer to `x` [B, C, H, W] with context `encoder_hidden_states` [B, M, cross_dim].
+    pub fn forward(&self, x: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.size4()?;
         let tokens = self.norm.forward(x)?.f_permute([0, 2, 3, 1])?.f_reshape([b, h * w, c])?;
         let mut t = self.proj_in.forward(&tokens)?;
         for blk in &self.transformer_blocks {
-            t = blk.forward(&t, ehs)?;
+            t = blk.forward(&t, encoder_hidden_states)?;
         }
         let out = self.proj_out.forward(&t)?.f_view([b, h, w, c])?.f_permute([0, 3, 1, 2])?;
         // `x` first so the sum is laid out like `x` (contiguous NCHW), not like the permuted view.
@@ -640,13 +640,13 @@ impl DownBlock2D {
     }
 
     /// Runs the block; returns the output and appends the skip samples to `skips`.
-    /// `ehs` is required when the block has attentions.
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, ehs: Option<&Tensor>, skips: &mut Vec<Tensor>) -> Result<Tensor> {
+    /// `encoder_hidden_states` is required when the block has attentions.
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, encoder_hidden_states: Option<&Tensor>, skips: &mut Vec<Tensor>) -> Result<Tensor> {
         let mut h = x.shallow_clone();
         for (i, r) in self.resnets.iter().enumerate() {
             h = r.forward(&h, temb)?;
             if let Some(a) = self.attentions.get(i) {
-                h = a.forward(&h, require_ehs(ehs)?)?;
+                h = a.forward(&h, require_ehs(encoder_hidden_states)?)?;
             }
             skips.push(h.shallow_clone());
         }
@@ -658,8 +658,8 @@ impl DownBlock2D {
     }
 }
 
-fn require_ehs(ehs: Option<&Tensor>) -> Result<&Tensor> {
-    ehs.ok_or_else(|| Error::Config("a cross-attention block needs encoder_hidden_states".into()))
+fn require_ehs(encoder_hidden_states: Option<&Tensor>) -> Result<&Tensor> {
+    encoder_hidden_states.ok_or_else(|| Error::Config("a cross-attention block needs encoder_hidden_states".into()))
 }
 
 /// Settings of the mid block (`UNetMidBlock2DCrossAttn` with one attention).
@@ -698,10 +698,10 @@ impl UNetMidBlock2DCrossAttn {
     }
 
     /// Runs `resnets.0`, then each (attention, next resnet) pair.
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, ehs: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
         let mut h = self.resnets[0].forward(x, temb)?;
         for (a, r) in self.attentions.iter().zip(&self.resnets[1..]) {
-            h = a.forward(&h, ehs)?;
+            h = a.forward(&h, encoder_hidden_states)?;
             h = r.forward(&h, temb)?;
         }
         Ok(h)
@@ -781,7 +781,7 @@ impl UpBlock2D {
         x: &Tensor,
         skips: &[Tensor],
         temb: &Tensor,
-        ehs: Option<&Tensor>,
+        encoder_hidden_states: Option<&Tensor>,
         upsample_size: Option<[i64; 2]>,
     ) -> Result<Tensor> {
         if skips.len() != self.resnets.len() {
@@ -795,7 +795,7 @@ impl UpBlock2D {
         for (i, (r, s)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
             h = r.forward(&Tensor::f_cat(&[&h, s], 1)?, temb)?;
             if let Some(a) = self.attentions.get(i) {
-                h = a.forward(&h, require_ehs(ehs)?)?;
+                h = a.forward(&h, require_ehs(encoder_hidden_states)?)?;
             }
         }
         if let Some(u) = &self.upsampler {

@@ -413,7 +413,6 @@ impl ControlNetModel {
         let kind = self.time_embedding.linear_1.weight.kind();
         let emb = if emb.kind() == kind { emb } else { emb.f_to_kind(kind)? };
         let temb = self.time_embedding.forward(&emb)?;
-        let ehs = encoder_hidden_states;
 
         let h = self.conv_in.forward(sample)?;
         let cond = self.controlnet_cond_embedding.forward(controlnet_cond)?;
@@ -432,9 +431,9 @@ impl ControlNetModel {
         let mut skips = Vec::with_capacity(self.num_skips());
         skips.push(h.shallow_clone());
         for b in &self.down_blocks {
-            h = b.forward(&h, &temb, Some(ehs), &mut skips)?;
+            h = b.forward(&h, &temb, Some(encoder_hidden_states), &mut skips)?;
         }
-        let mid = self.mid_block.forward(&h, &temb, ehs)?;
+        let mid = self.mid_block.forward(&h, &temb, encoder_hidden_states)?;
         let hooked = match hook {
             None => None,
             Some(Hook::Mid) => Some(mid.shallow_clone()),

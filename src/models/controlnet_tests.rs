@@ -36,7 +36,7 @@ fn pair(cfg: &ControlNetConfig) -> (nn::VarStore, UNet2DConditionModel, nn::VarS
     (uvs, unet, cvs, cn)
 }
 
-/// Sample [b, in, 8, 8], timesteps [b], ehs [b, 2, 8], condition [b, 1, 8, 8].
+/// Sample [b, in, 8, 8], timesteps [b], encoder_hidden_states [b, 2, 8], condition [b, 1, 8, 8].
 fn inputs(b: i64) -> (Tensor, Tensor, Tensor, Tensor) {
     (
         Tensor::randn([b, 1, 8, 8], CPU),
@@ -229,7 +229,7 @@ fn side_network_encoder_equals_the_unet_encoder_at_init() {
     let (_uvs, unet, _cvs, cn) = pair(&cfg);
     let (x, t, c, cond) = inputs(2);
     tch::no_grad(|| {
-        let enc = unet.encode(&x, &t, &c).unwrap();
+        let enc = unet.down_mid(&x, &t, &c).unwrap();
         for l in cn.hookable_layers(8, 8) {
             let h = cn.forward(&x, &t, &c, &cond, 1.0, Some(l.hook)).unwrap().hooked.unwrap();
             let want = match l.hook {

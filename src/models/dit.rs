@@ -300,12 +300,12 @@ impl TimeLabelEmbedding {
         })
     }
 
-    /// `c` [B, D] for timesteps `t` ([B] or scalar) and label tokens `ehs` [B, M, pooled dim].
-    pub fn forward(&self, t: &Tensor, ehs: &Tensor) -> Result<Tensor> {
-        let b = ehs.size3()?.0;
+    /// `c` [B, D] for timesteps `t` ([B] or scalar) and label tokens `encoder_hidden_states` [B, M, pooled dim].
+    pub fn forward(&self, t: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        let b = encoder_hidden_states.size3()?.0;
         let t = expand_timesteps(t, b)?;
         let temb = self.timestep_embedder.forward(&self.time_proj.forward(&t)?)?;
-        let pooled = ehs.f_mean_dim(1, false, Kind::Float)?;
+        let pooled = encoder_hidden_states.f_mean_dim(1, false, Kind::Float)?;
         let lemb = self.text_linear_2.forward(&self.text_linear_1.forward(&pooled)?.f_silu()?)?;
         Ok(temb.f_add(&lemb)?)
     }
@@ -494,15 +494,15 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let m = DiTModel::new(vs.root(), &cfg).unwrap();
         let x = Tensor::randn([2, 1, 8, 8], (Kind::Float, Device::Cpu));
-        let ehs = Tensor::randn([2, 1, 64], (Kind::Float, Device::Cpu));
-        let out = m.forward(&x, &Tensor::from_slice(&[3i64, 700]), &ehs, None).unwrap();
+        let encoder_hidden_states = Tensor::randn([2, 1, 64], (Kind::Float, Device::Cpu));
+        let out = m.forward(&x, &Tensor::from_slice(&[3i64, 700]), &encoder_hidden_states, None).unwrap();
         assert_eq!(out.size(), [2, 1, 8, 8]);
         assert_eq!(out.abs().sum(Kind::Float).double_value(&[]), 0.0, "adaLN-Zero and a zero output layer");
         assert!(m
             .forward(
                 &Tensor::randn([2, 1, 16, 16], (Kind::Float, Device::Cpu)),
                 &Tensor::from_slice(&[1i64, 2]),
-                &ehs,
+                &encoder_hidden_states,
                 None
             )
             .is_err());

@@ -26,7 +26,7 @@ pub use dit::{DiTConfig, DiTModel};
 pub use label_encoder::{LabelEncoder, LabelEncoderConfig};
 pub use precision::{autocast, MixedPrecision};
 pub use tokenizer::ClipTokenizer;
-pub use unet::{PerBlock, UNet2DConditionModel, UNetConfig, UNetEncoded};
+pub use unet::{PerBlock, UNet2DConditionModel, UNetConfig, UNetDownMid};
 pub use vae::{AutoencoderKL, DiagonalGaussian, VaeConfig};
 
 use tch::nn::VarStore;

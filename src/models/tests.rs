@@ -37,7 +37,7 @@ fn build(cfg: &UNetConfig) -> (nn::VarStore, UNet2DConditionModel) {
     (vs, m)
 }
 
-/// Random inputs: sample [b, in, h, w], timesteps [b] in (0, 1000), ehs [b, 2, cross_dim].
+/// Random inputs: sample [b, in, h, w], timesteps [b] in (0, 1000), encoder_hidden_states [b, 2, cross_dim].
 fn inputs(cfg: &UNetConfig, b: i64, h: i64, w: i64) -> (Tensor, Tensor, Tensor) {
     let opts = (Kind::Float, Device::Cpu);
     (
@@ -64,7 +64,7 @@ fn output_shape_equals_input_shape() {
         let (x, t, c) = inputs(&cfg, 2, h, w);
         let y = tch::no_grad(|| m.forward(&x, &t, &c, None, None)).unwrap();
         assert_eq!(y.size(), vec![2, cfg.out_channels, h, w], "{cfg:?}");
-        let enc = tch::no_grad(|| m.encode(&x, &t, &c)).unwrap();
+        let enc = tch::no_grad(|| m.down_mid(&x, &t, &c)).unwrap();
         let shapes: Vec<[i64; 3]> = enc
             .down_block_res_samples
             .iter()
@@ -165,19 +165,19 @@ fn zero_residuals_are_exact_and_nonzero_residuals_matter() {
 }
 
 #[test]
-fn decode_of_encode_equals_forward() {
+fn up_of_down_mid_equals_forward() {
     let cfg = tiny(&[false, true, true], 2);
     let (_vs, m) = build(&cfg);
     let (x, t, c) = inputs(&cfg, 2, 8, 8);
     tch::no_grad(|| {
         let y = m.forward(&x, &t, &c, None, None).unwrap();
-        let enc = m.encode(&x, &t, &c).unwrap();
-        assert!(m.decode(&enc, None, None).unwrap().equal(&y));
+        let enc = m.down_mid(&x, &t, &c).unwrap();
+        assert!(m.up(&enc, None, None).unwrap().equal(&y));
         // Decoding twice from one encoding (the frozen-encoder reuse) is also exact.
         let res: Vec<Tensor> = enc.down_block_res_samples.iter().map(Tensor::randn_like).collect();
         let mres = Tensor::randn_like(&enc.mid);
-        let a = m.decode(&enc, Some(&res), Some(&mres)).unwrap();
-        assert!(m.decode(&enc, None, None).unwrap().equal(&y));
+        let a = m.up(&enc, Some(&res), Some(&mres)).unwrap();
+        assert!(m.up(&enc, None, None).unwrap().equal(&y));
         assert!(m.forward(&x, &t, &c, Some(&res), Some(&mres)).unwrap().equal(&a));
     });
 }
@@ -315,11 +315,11 @@ fn label_encoder_feeds_the_unet() {
     assert_eq!(vs.variables()["label_encoder.embedding.weight"].size(), vec![11, 3 * 8]);
     assert_eq!(enc.null_label(), 10);
     let y = Tensor::from_slice(&[0i64, 9, 10]);
-    let ehs = enc.forward(&y).unwrap();
-    assert_eq!(ehs.size(), vec![3, 3, 8]);
-    assert!(ehs.get(2).equal(&enc.forward(&enc.null_labels(1, Device::Cpu).unwrap()).unwrap().get(0)));
+    let encoder_hidden_states = enc.forward(&y).unwrap();
+    assert_eq!(encoder_hidden_states.size(), vec![3, 3, 8]);
+    assert!(encoder_hidden_states.get(2).equal(&enc.forward(&enc.null_labels(1, Device::Cpu).unwrap()).unwrap().get(0)));
     let (x, t, _) = inputs(&cfg, 3, 8, 8);
-    let out = tch::no_grad(|| unet.forward(&x, &t, &ehs, None, None)).unwrap();
+    let out = tch::no_grad(|| unet.forward(&x, &t, &encoder_hidden_states, None, None)).unwrap();
     assert_eq!(out.size(), x.size());
     assert!(LabelEncoder::new(&root / "bad", &LabelEncoderConfig { num_classes: 0, num_tokens: 1 }, 8).is_err());
 }
@@ -406,7 +406,7 @@ fn bench_blocks() {
     let a = blocks::Transformer2DModel::new(vs.root() / "a", 64, 8, &ca).unwrap();
     let x = Tensor::randn([32, 64, 16, 16], (Kind::Float, Device::Cpu));
     let temb = Tensor::randn([32, 128], (Kind::Float, Device::Cpu));
-    let ehs = Tensor::randn([32, 1, 64], (Kind::Float, Device::Cpu));
+    let encoder_hidden_states = Tensor::randn([32, 1, 64], (Kind::Float, Device::Cpu));
     let time = |f: &dyn Fn() -> Tensor| {
         let _ = f();
         let s = std::time::Instant::now();
@@ -421,7 +421,7 @@ fn bench_blocks() {
         y
     });
     let ta = time(&|| {
-        let y = a.forward(&x, &ehs).unwrap().sum(Kind::Float);
+        let y = a.forward(&x, &encoder_hidden_states).unwrap().sum(Kind::Float);
         y.backward();
         y
     });
@@ -451,7 +451,7 @@ fn bench_blocks() {
         tr * 1e3, ta * 1e3, ta2 * 1e3, tsa * 1e3, tff * 1e3, tgn * 1e3);
     tch::no_grad(|| {
         let tr = time(&|| r.forward(&x, &temb).unwrap());
-        let ta = time(&|| a.forward(&x, &ehs).unwrap());
+        let ta = time(&|| a.forward(&x, &encoder_hidden_states).unwrap());
         let a1 = &a.transformer_blocks[0].attn1;
         let tok = Tensor::randn([32, 256, 64], (Kind::Float, Device::Cpu));
         let tt = time(&|| a1.forward(&tok, None).unwrap());
@@ -461,8 +461,8 @@ fn bench_blocks() {
         let t_gn = time(&|| a.norm.forward(&x).unwrap().permute([0, 2, 3, 1]).reshape([32, 256, 64]));
         let t_pin = time(&|| a.proj_in.forward(&tok).unwrap());
         let t_ln = time(&|| b0.norm1.forward(&tok).unwrap());
-        let t_a2 = time(&|| b0.attn2.forward(&tok, Some(&ehs)).unwrap());
-        let t_blk = time(&|| b0.forward(&tok, &ehs).unwrap());
+        let t_a2 = time(&|| b0.attn2.forward(&tok, Some(&encoder_hidden_states)).unwrap());
+        let t_blk = time(&|| b0.forward(&tok, &encoder_hidden_states).unwrap());
         let t_out = time(&|| x.f_add(&a.proj_out.forward(&tok).unwrap().view([32, 16, 16, 64]).permute([0, 3, 1, 2])).unwrap());
         println!("gn+perm {:.1} proj_in {:.1} ln {:.1} attn2 {:.1} block {:.1} out {:.1}", t_gn*1e3, t_pin*1e3, t_ln*1e3, t_a2*1e3, t_blk*1e3, t_out*1e3);
         println!("resnet {:.1} ms ({:.1} GFLOP/s); transformer {:.1} ms; self-attn {:.1} ms; ff {:.1} ms ({:.1} GFLOP/s); linear {:.2} ms ({:.1} GFLOP/s)",

@@ -300,9 +300,9 @@ impl UNetConfig {
     }
 }
 
-/// The output of [`UNet2DConditionModel::encode`]: everything the up path needs.
+/// The output of [`UNet2DConditionModel::down_mid`]: everything the up path needs.
 #[derive(Debug)]
-pub struct UNetEncoded {
+pub struct UNetDownMid {
     /// The time embedding [B, 4·C0] (before any activation).
     pub temb: Tensor,
     /// The conditioning tokens [B, M, cross_attention_dim].
@@ -396,25 +396,24 @@ impl UNet2DConditionModel {
 
     /// Runs the down path and the mid block on `sample` [B, in, H, W] at `timesteps` with
     /// conditioning `encoder_hidden_states` [B, M, cross_attention_dim].
-    pub fn encode(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Result<UNetEncoded> {
+    pub fn down_mid(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Result<UNetDownMid> {
         let temb = self.time_embed(timesteps, sample.size4()?.0)?;
-        let ehs = encoder_hidden_states;
         let mut h = self.conv_in.forward(sample)?;
         let mut skips = Vec::with_capacity(self.num_skips());
         skips.push(h.shallow_clone());
         for b in &self.down_blocks {
-            h = b.forward(&h, &temb, Some(ehs), &mut skips)?;
+            h = b.forward(&h, &temb, Some(encoder_hidden_states), &mut skips)?;
         }
-        let mid = self.mid_block.forward(&h, &temb, ehs)?;
-        Ok(UNetEncoded { temb, encoder_hidden_states: ehs.shallow_clone(), down_block_res_samples: skips, mid })
+        let mid = self.mid_block.forward(&h, &temb, encoder_hidden_states)?;
+        Ok(UNetDownMid { temb, encoder_hidden_states: encoder_hidden_states.shallow_clone(), down_block_res_samples: skips, mid })
     }
 
     /// Runs the up path on `enc`, first adding ControlNet residuals where diffusers adds them:
     /// `down_block_res_samples[i] + down_residuals[i]` for every skip, and `mid + mid_residual`.
-    /// `enc` is not modified, so it can be decoded again with other residuals.
-    pub fn decode(
+    /// `enc` is not modified, so the up path can run again on it with other residuals.
+    pub fn up(
         &self,
-        enc: &UNetEncoded,
+        enc: &UNetDownMid,
         down_residuals: Option<&[Tensor]>,
         mid_residual: Option<&Tensor>,
     ) -> Result<Tensor> {
@@ -436,7 +435,7 @@ impl UNet2DConditionModel {
             Some(r) => enc.mid.f_add(r)?,
         };
         let temb = &enc.temb;
-        let ehs = &enc.encoder_hidden_states;
+        let encoder_hidden_states = &enc.encoder_hidden_states;
         let mut rest: &[Tensor] = &skips;
         for b in &self.up_blocks {
             let k = b.num_skips();
@@ -450,13 +449,13 @@ impl UNet2DConditionModel {
                 let z = s.size();
                 [z[2], z[3]]
             });
-            h = b.forward(&h, mine, temb, Some(ehs), size)?;
+            h = b.forward(&h, mine, temb, Some(encoder_hidden_states), size)?;
         }
         let h = self.conv_norm_out.forward(&h)?.f_silu()?;
         self.conv_out.forward(&h)
     }
 
-    /// The full UNet: `decode(encode(..), ..)`. Returns the prediction [B, out, H, W].
+    /// The full UNet: `up(down_mid(..), ..)`. Returns the prediction [B, out, H, W].
     pub fn forward(
         &self,
         sample: &Tensor,
@@ -465,7 +464,7 @@ impl UNet2DConditionModel {
         down_block_additional_residuals: Option<&[Tensor]>,
         mid_block_additional_residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let enc = self.encode(sample, timesteps, encoder_hidden_states)?;
-        self.decode(&enc, down_block_additional_residuals, mid_block_additional_residual)
+        let enc = self.down_mid(sample, timesteps, encoder_hidden_states)?;
+        self.up(&enc, down_block_additional_residuals, mid_block_additional_residual)
     }
 }
