@@ -68,6 +68,26 @@ pub fn plateau(curve: &[(u64, f64)], fraction: f64) -> f64 {
     }
 }
 
+/// The change of `curve` over the last [`PLATEAU_FRACTION`] of its step range by a least-squares line
+/// through those evaluations (slope × their step range); 0 for fewer than two of them.
+pub fn late_change(curve: &[(u64, f64)]) -> f64 {
+    let (Some(&(first, _)), Some(&(last, _))) = (curve.first(), curve.last()) else { return 0.0 };
+    let from = last as f64 - PLATEAU_FRACTION * (last - first) as f64;
+    let tail: Vec<(f64, f64)> = curve.iter().filter(|p| p.0 as f64 >= from).map(|p| (p.0 as f64, p.1)).collect();
+    if tail.len() < 2 {
+        return 0.0;
+    }
+    let n = tail.len() as f64;
+    let (mx, my) = (tail.iter().map(|p| p.0).sum::<f64>() / n, tail.iter().map(|p| p.1).sum::<f64>() / n);
+    let sxy: f64 = tail.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let sxx: f64 = tail.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    if sxx > 0.0 {
+        sxy / sxx * (tail[tail.len() - 1].0 - tail[0].0)
+    } else {
+        0.0
+    }
+}
+
 /// The level at `fraction` of `baseline`'s gain from its first value to its plateau; `None` when the
 /// baseline did not improve (its plateau is no better than its start).
 pub fn gain_level(baseline: &[(u64, f64)], fraction: f64, higher_is_better: bool) -> Option<f64> {
@@ -242,6 +262,9 @@ pub struct EventTiming {
     pub steps: Vec<Option<f64>>,
     /// Evaluations strictly between the 10% and the 90% steps: how finely the event was resolved.
     pub points_in_event: usize,
+    /// How much the curve still moves over its last fifth, as a fraction of its gain (least-squares
+    /// slope over those evaluations × their step range ÷ `plateau − start`): near 0 when it has flattened.
+    pub late_change: f64,
 }
 
 impl EventTiming {
@@ -256,7 +279,8 @@ impl EventTiming {
             (Some(a), Some(b)) => curve.iter().filter(|p| (p.0 as f64) > a && (p.0 as f64) < b).count(),
             _ => 0,
         };
-        Some(Self { start, plateau: plateau(curve, PLATEAU_FRACTION), steps, points_in_event })
+        let plateau = plateau(curve, PLATEAU_FRACTION);
+        Some(Self { start, plateau, steps, points_in_event, late_change: late_change(curve) / (plateau - start) })
     }
 }
 
@@ -364,6 +388,11 @@ mod tests {
         let s: Vec<f64> = t.steps.iter().map(|s| s.unwrap()).collect();
         assert!((s[0] - 24.0).abs() < 1e-9 && (s[1] - 40.0).abs() < 1e-9 && (s[2] - 56.0).abs() < 1e-9, "{s:?}");
         assert_eq!(t.points_in_event, 1, "only step 40 lies strictly inside 24..56");
+        assert_eq!(t.late_change, 0.0, "flat over its last fifth");
+        // Still rising by 0.1 per 20 steps over steps 80..100: 0.1 of a gain of ~0.85.
+        let rising = [(0, 0.0), (40, 0.5), (80, 0.8), (90, 0.85), (100, 0.9)];
+        let t = EventTiming::of(&rising, true).unwrap();
+        assert!((t.late_change - 0.1 / 0.85).abs() < 1e-9, "{}", t.late_change);
         // A flat curve has no event.
         let flat = EventTiming::of(&[(0, 0.5), (10, 0.5)], true).unwrap();
         assert_eq!(flat.steps, vec![None, None, None]);

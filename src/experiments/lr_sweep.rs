@@ -93,9 +93,10 @@ pub fn sweep_table(points: &[SweepPoint]) -> String {
     let step = |s: &Option<f64>| s.map_or("—".to_string(), |v| format!("{v:.0}"));
     let timing = |t: &EventTiming| {
         format!(
-            "{:.4} → {:.4} | {} | {} | {} | {}",
+            "{:.4} → {:.4} | {:+.0}% | {} | {} | {} | {}",
             t.start,
             t.plateau,
+            100.0 * t.late_change,
             step(&t.steps[0]),
             step(&t.steps[1]),
             step(&t.steps[2]),
@@ -105,13 +106,15 @@ pub fn sweep_table(points: &[SweepPoint]) -> String {
     let metric = points.first().map_or("fidelity", |p| p.metric.as_str());
     let mut s = format!(
         "Baseline ControlNet, one seed per learning rate: when each curve reaches 10% / 50% / 90% of its own gain \
-         from step 0 to its plateau (the mean of its last fifth), interpolated between evaluations; \"points\" = \
+         from step 0 to its plateau (the mean of its last fifth), interpolated between evaluations; \"last fifth\" = \
+         how much the curve still changed over its last fifth, in % of its gain (near 0: flattened); \"points\" = \
          evaluations inside the 10–90% span.\n\n\
-         | learning rate | steps | {metric}: step 0 → plateau | 10% | 50% | 90% | points | loss gain: step 0 → \
-         plateau | 10% | 50% | 90% | points |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+         | learning rate | steps | {metric}: step 0 → plateau | last fifth | 10% | 50% | 90% | points | loss gain: \
+         step 0 → plateau | last fifth | 10% | 50% | 90% | points |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for p in points {
-        let gain = p.loss_gain.as_ref().map_or("— | — | — | — | —".to_string(), timing);
+        let gain = p.loss_gain.as_ref().map_or("— | — | — | — | — | —".to_string(), timing);
         s += &format!("| {:e} | {} | {} | {gain} |\n", p.learning_rate, p.steps, timing(&p.fidelity));
     }
     s
