@@ -73,49 +73,15 @@ enum Command {
     DeviceCheck(DeviceCheckArgs),
 }
 
+/// The flags every training command shares (pretrain, train, compare, ablate, device-check, train-sd).
 #[derive(Args)]
-struct PretrainArgs {
+struct RunFlags {
     /// TOML config file; any key not given keeps its default (see --print-config).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Override a config key, e.g. `--set train.steps=500 --set model.objective.prediction=v_prediction`.
+    /// Override a config key, e.g. `--set train.steps=500 --set train.learning_rate=3e-4`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// Run folder (same as `--set output_dir=...`).
-    #[arg(long)]
-    output_dir: Option<PathBuf>,
-    /// Number of optimizer steps (same as `--set train.steps=N`).
-    #[arg(long)]
-    steps: Option<u64>,
-    /// libtorch CPU threads (same as `--set threads=N`; 0 = default).
-    #[arg(long)]
-    threads: Option<i32>,
-    /// `auto`, `cpu`, `cuda` or `cuda:N` (same as `--set device=...`).
-    #[arg(long)]
-    device: Option<String>,
-    /// Continue a run: `latest` (newest checkpoint in the output folder) or a checkpoint folder.
-    #[arg(long)]
-    resume: Option<String>,
-    /// Print the resolved configuration as TOML and exit.
-    #[arg(long)]
-    print_config: bool,
-    /// No progress bar.
-    #[arg(long)]
-    quiet: bool,
-}
-
-#[derive(Args)]
-struct ControlArgs {
-    /// TOML config file; any key not given keeps its default (see --print-config).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Override a config key, e.g. `--set train.learning_rate=3e-4 --set lisa.hook=down_5`.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
-    /// The visual condition: edges, mask, depth, lowres, skeleton, or trajectory (clips), or several joined by
-    /// `+` (`edges+mask`: one side network on stacked conditions); same as `--set condition=...`.
-    #[arg(long)]
-    task: Option<String>,
     /// Run folder (same as `--set output_dir=...`).
     #[arg(long)]
     output_dir: Option<PathBuf>,
@@ -136,19 +102,10 @@ struct ControlArgs {
     quiet: bool,
 }
 
-impl ControlArgs {
-    fn load(&self, extra: &[String]) -> Result<ControlConfig> {
-        let mut overrides = self.overrides();
-        overrides.extend(extra.iter().cloned());
-        self.load_with(&[], &overrides)
-    }
-
-    /// `--set` items and the flags that stand for config keys, as overrides.
+impl RunFlags {
+    /// `--set` items, then the flags that stand for config keys, as overrides.
     fn overrides(&self) -> Vec<String> {
         let mut overrides = self.overrides.clone();
-        if let Some(t) = &self.task {
-            overrides.push(format!("condition={t:?}"));
-        }
         if let Some(d) = &self.output_dir {
             overrides.push(format!("output_dir={:?}", d.display().to_string()));
         }
@@ -163,11 +120,47 @@ impl ControlArgs {
         }
         overrides
     }
+}
+
+#[derive(Args)]
+struct PretrainArgs {
+    #[command(flatten)]
+    run: RunFlags,
+    /// Continue a run: `latest` (newest checkpoint in the output folder) or a checkpoint folder.
+    #[arg(long)]
+    resume: Option<String>,
+}
+
+#[derive(Args)]
+struct ControlArgs {
+    #[command(flatten)]
+    run: RunFlags,
+    /// The visual condition: edges, mask, depth, lowres, skeleton, or trajectory (clips), or several joined by
+    /// `+` (`edges+mask`: one side network on stacked conditions); same as `--set condition=...`.
+    #[arg(long)]
+    task: Option<String>,
+}
+
+impl ControlArgs {
+    fn load(&self, extra: &[String]) -> Result<ControlConfig> {
+        let mut overrides = self.overrides();
+        overrides.extend(extra.iter().cloned());
+        self.load_with(&[], &overrides)
+    }
+
+    /// The shared flags' overrides, then `--task`'s.
+    fn overrides(&self) -> Vec<String> {
+        let mut overrides = self.run.overrides();
+        if let Some(t) = &self.task {
+            overrides.push(format!("condition={t:?}"));
+        }
+        overrides
+    }
 
     /// The config from `defaults` (overrides of the built-in defaults), then the config file, then
     /// `overrides`.
     fn load_with(&self, defaults: &[String], overrides: &[String]) -> Result<ControlConfig> {
-        let cfg: ControlConfig = lisa::config::load_with_defaults(self.config.as_deref(), defaults, overrides)?;
+        let cfg: ControlConfig = lisa::config::load_with_defaults(self.run.config.as_deref(), defaults, overrides)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -322,39 +315,20 @@ struct ExportArgs {
 
 #[derive(Args)]
 struct TrainSdArgs {
-    /// TOML config file; any key not given keeps its default (see --print-config).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Override a config key, e.g. `--set train.learning_rate=5e-6 --set validation.every_steps=50`.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
+    #[command(flatten)]
+    run: RunFlags,
     /// The Stable Diffusion folder (same as `--set model=...`).
     #[arg(long)]
     model: Option<PathBuf>,
     /// The captioned imagefolder (same as `--set data=...`).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Run folder (same as `--set output_dir=...`).
-    #[arg(long)]
-    output_dir: Option<PathBuf>,
-    /// Number of optimizer steps (same as `--set train.steps=N`).
-    #[arg(long)]
-    steps: Option<u64>,
-    /// `cpu`, `cuda` or `cuda:N` (same as `--set device=...`).
-    #[arg(long)]
-    device: Option<String>,
     /// Train without LISA (same as `--set lisa.enabled=false`).
     #[arg(long)]
     baseline: bool,
     /// Continue a run: `latest` (newest checkpoint in the output folder) or a checkpoint folder.
     #[arg(long)]
     resume: Option<String>,
-    /// Print the resolved configuration as TOML and exit.
-    #[arg(long)]
-    print_config: bool,
-    /// No progress bar.
-    #[arg(long)]
-    quiet: bool,
 }
 
 #[derive(Args)]
@@ -548,25 +522,12 @@ fn main() -> ExitCode {
 }
 
 fn run_pretrain(a: PretrainArgs) -> Result<()> {
-    let mut overrides = a.overrides.clone();
-    if let Some(d) = &a.output_dir {
-        overrides.push(format!("output_dir={:?}", d.display().to_string()));
-    }
-    if let Some(s) = a.steps {
-        overrides.push(format!("train.steps={s}"));
-    }
-    if let Some(t) = a.threads {
-        overrides.push(format!("threads={t}"));
-    }
-    if let Some(d) = &a.device {
-        overrides.push(format!("device={d:?}"));
-    }
-    let cfg: PretrainConfig = lisa::config::load(a.config.as_deref(), &overrides)?;
-    if a.print_config {
+    let cfg: PretrainConfig = lisa::config::load(a.run.config.as_deref(), &a.run.overrides())?;
+    if a.run.print_config {
         print!("{}", lisa::config::to_toml(&cfg)?);
         return Ok(());
     }
-    let summary = pretrain(&cfg, a.resume.as_deref(), a.quiet)?;
+    let summary = pretrain(&cfg, a.resume.as_deref(), a.run.quiet)?;
     println!(
         "trained {} steps ({} skipped), final loss {:.4}, {:.3} s/step; model in {}",
         summary.steps,
@@ -693,24 +654,17 @@ fn run_export(a: ExportArgs) -> Result<()> {
 
 fn run_train_sd(a: TrainSdArgs) -> Result<()> {
     use lisa::experiments::latent::{train_latent, LatentControlConfig};
-    let mut overrides = a.overrides.clone();
-    let mut push = |key: &str, v: Option<String>| {
+    let mut overrides = a.run.overrides();
+    for (key, v) in [("model", &a.model), ("data", &a.data)] {
         if let Some(v) = v {
-            overrides.push(format!("{key}={v:?}"));
+            overrides.push(format!("{key}={:?}", v.display().to_string()));
         }
-    };
-    push("model", a.model.map(|p| p.display().to_string()));
-    push("data", a.data.map(|p| p.display().to_string()));
-    push("output_dir", a.output_dir.map(|p| p.display().to_string()));
-    push("device", a.device);
-    if let Some(s) = a.steps {
-        overrides.push(format!("train.steps={s}"));
     }
     if a.baseline {
         overrides.push("lisa.enabled=false".into());
     }
-    let cfg: LatentControlConfig = lisa::config::load(a.config.as_deref(), &overrides)?;
-    if a.print_config {
+    let cfg: LatentControlConfig = lisa::config::load(a.run.config.as_deref(), &overrides)?;
+    if a.run.print_config {
         print!("{}", lisa::config::to_toml(&cfg)?);
         return Ok(());
     }
@@ -718,7 +672,7 @@ fn run_train_sd(a: TrainSdArgs) -> Result<()> {
     if a.resume.is_none() {
         lisa::train::checkpoint::ensure_none(&cfg.output_dir)?;
     }
-    let s = train_latent(&cfg, a.resume.as_deref(), a.quiet, &mut |m| eprintln!("{m}"))?;
+    let s = train_latent(&cfg, a.resume.as_deref(), a.run.quiet, &mut |m| eprintln!("{m}"))?;
     println!(
         "{}: {} steps on {} examples ({} prompts, latents {:?}), final loss {:.4}; side network in {}{}",
         s.arm,
@@ -751,7 +705,7 @@ fn run_export_controlnet(a: ExportControlnetArgs) -> Result<()> {
 fn run_train(a: TrainArgs) -> Result<()> {
     let extra = if a.baseline { vec!["lisa.enabled=false".to_string()] } else { vec![] };
     let cfg = a.common.load(&extra)?;
-    if a.common.print_config {
+    if a.common.run.print_config {
         print!("{}", lisa::config::to_toml(&cfg)?);
         return Ok(());
     }
@@ -763,7 +717,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
     }
     let main = load_main(&cfg)?;
     let data = prepare_data(&cfg)?;
-    let s = train_control(&cfg, &main, &data, a.resume.as_deref(), a.common.quiet)?;
+    let s = train_control(&cfg, &main, &data, a.resume.as_deref(), a.common.run.quiet)?;
     println!(
         "{} ({}): {} steps, {:.3} s/step; final {} {:.4} (shuffled conditions {:.4}), Fréchet distance {:.2}; \
          side network in {}",
@@ -783,11 +737,11 @@ fn run_train(a: TrainArgs) -> Result<()> {
 fn run_compare(a: CompareArgs) -> Result<()> {
     let extra: Vec<String> = a.seeds.iter().map(|s| format!("compare.seeds={s}")).collect();
     let cfg = a.common.load(&extra)?;
-    if a.common.print_config {
+    if a.common.run.print_config {
         print!("{}", lisa::config::to_toml(&cfg)?);
         return Ok(());
     }
-    let report = compare(&cfg, a.resume, a.common.quiet)?;
+    let report = compare(&cfg, a.resume, a.common.run.quiet)?;
     println!("{}", report.table());
     let out = &cfg.output_dir;
     println!(
@@ -808,7 +762,7 @@ fn run_lr_sweep(a: LrSweepArgs) -> Result<()> {
 fn run_ablate(a: AblateArgs) -> Result<()> {
     let extra: Vec<String> = a.seeds.iter().map(|s| format!("compare.seeds={s}")).collect();
     let cfg = a.common.load(&extra)?;
-    if a.common.print_config {
+    if a.common.run.print_config {
         print!("{}", lisa::config::to_toml(&cfg)?);
         return Ok(());
     }
@@ -826,7 +780,7 @@ fn run_ablate(a: AblateArgs) -> Result<()> {
     };
     let variants =
         specs.iter().map(|s| lisa::experiments::ablate::Variant::parse(s)).collect::<lisa::Result<Vec<_>>>()?;
-    let report = lisa::experiments::ablate::ablate(&cfg, &variants, a.resume, a.common.quiet)?;
+    let report = lisa::experiments::ablate::ablate(&cfg, &variants, a.resume, a.common.run.quiet)?;
     println!("{}", report.table());
     println!("table: {}", cfg.output_dir.join("ablation.md").display());
     Ok(())
@@ -913,21 +867,21 @@ fn run_device_check(a: DeviceCheckArgs) -> Result<()> {
     use lisa::models::MixedPrecision;
     let defaults: Vec<String> = DEFAULT_OVERRIDES.iter().map(|s| s.to_string()).collect();
     // The device checked: `--device` (`cuda`, `cuda:N`; `cpu` runs the same comparisons on the CPU), else CUDA.
-    let mut extra = if a.common.device.is_none() { vec!["device=\"cuda\"".to_string()] } else { vec![] };
+    let mut extra = if a.common.run.device.is_none() { vec!["device=\"cuda\"".to_string()] } else { vec![] };
     if let Some(b) = a.batch {
         extra.push(format!("train.batch_size={b}"));
     }
     let mut overrides = a.common.overrides();
     overrides.extend(extra);
     let cfg = a.common.load_with(&defaults, &overrides)?;
-    if a.common.print_config {
+    if a.common.run.print_config {
         print!("{}", lisa::config::to_toml(&cfg)?);
         return Ok(());
     }
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads);
     }
-    let report = device_check(&cfg, &[MixedPrecision::Bf16, MixedPrecision::Fp16], a.common.quiet)?;
+    let report = device_check(&cfg, &[MixedPrecision::Bf16, MixedPrecision::Fp16], a.common.run.quiet)?;
     println!("{}", report.table());
     println!("report: {}", cfg.output_dir.join("device-check.json").display());
     if !report.passed() {
