@@ -121,15 +121,28 @@ impl Objective {
         }
     }
 
-    /// `n` times evenly spread over the whole noise range, for evaluations that must see every noise
-    /// level equally and identically each time: example `i` gets the unit time `(i + ½)/n`
-    /// (DDPM: the integer timestep `⌊(i + ½)/n · T⌋`; flow: that fraction).
-    pub fn stratified_times(&self, n: i64, device: Device) -> Tensor {
-        let unit = (Tensor::arange(n, (Kind::Double, device)) + 0.5) / n as f64;
+    /// The objective's raw times for unit times `u ∈ [0, 1)` (DDPM: `⌊u·T⌋` as i64, clamped to the
+    /// schedule; flow: `u` as f32, the kind [`Objective::sample_times`] produces). Uniform `u` gives the
+    /// objective's training distribution.
+    pub fn times_from_unit(&self, unit: &[f64]) -> Tensor {
         match self {
-            Objective::Diffusion { schedule, .. } => (unit * schedule.len() as f64).floor().to_kind(Kind::Int64),
-            Objective::Flow => unit.to_kind(Kind::Float),
+            Objective::Diffusion { schedule, .. } => {
+                let n = schedule.len() as i64;
+                let idx: Vec<i64> = unit.iter().map(|u| ((u * n as f64).floor() as i64).clamp(0, n - 1)).collect();
+                Tensor::from_slice(&idx)
+            }
+            Objective::Flow => {
+                let t: Vec<f32> = unit.iter().map(|&u| u as f32).collect();
+                Tensor::from_slice(&t)
+            }
         }
+    }
+
+    /// `n` times evenly spread over the whole noise range, for evaluations that must see every noise
+    /// level equally and identically each time: example `i` gets the unit time `(i + ½)/n`.
+    pub fn stratified_times(&self, n: i64, device: Device) -> Tensor {
+        let unit: Vec<f64> = (0..n).map(|i| (i as f64 + 0.5) / n as f64).collect();
+        self.times_from_unit(&unit).to_device(device)
     }
 
     /// Forms `x_t`, the network's timestep input and the target for clean data `x0`, noise `noise`

@@ -97,7 +97,7 @@ pub fn side_feature_shares(
 }
 
 fn times_at(objective: &Objective, unit_t: f64, n: i64) -> Tensor {
-    crate::toy::times_from_unit(objective, &vec![unit_t; n as usize])
+    objective.times_from_unit(&vec![unit_t; n as usize])
 }
 
 /// One measurement: an arm's side network at one step and one time.

@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::mixture::{standard_normal, uniform, Mixture};
 use super::NoiseLevel;
-use super::{exact_prior_prediction, exact_target_mean, noise_level, noised, scaled_likelihood_score, times_from_unit};
+use super::{exact_prior_prediction, exact_target_mean, noise_level, noised, scaled_likelihood_score};
 use crate::control::likelihood_residual;
 use crate::diffusion::objective::ObjectiveKind;
 use crate::diffusion::{Objective, ObjectiveConfig, Prediction};
@@ -191,7 +191,7 @@ fn draw_batch(mixture: &Mixture, objective: &Objective, unit: &[f64], rng: &mut 
     let (n, d) = (unit.len(), mixture.dim() as i64);
     let s = mixture.sample(n, rng);
     let eps: Vec<f64> = (0..s.x0.len()).map(|_| standard_normal(rng)).collect();
-    let t = times_from_unit(objective, unit);
+    let t = objective.times_from_unit(unit);
     let x0 = Tensor::from_slice(&s.x0).view([n as i64, d]);
     let (x_t, target, unit_t) = noised(objective, &x0, &Tensor::from_slice(&eps).view([n as i64, d]), &t)?;
     let condition = Tensor::from_slice(&s.condition.iter().map(|&c| c as i64).collect::<Vec<_>>());

@@ -45,21 +45,6 @@ pub fn noise_level(objective: &Objective, t: &Tensor) -> Result<NoiseLevel> {
     }
 }
 
-/// The objective's raw times for unit times `u ∈ [0, 1)` (DDPM: `⌊u·T⌋` as i64; flow: `u` as f32, the
-/// kind [`Objective::sample_times`] produces). Uniform `u` gives the objective's training distribution.
-pub fn times_from_unit(objective: &Objective, unit: &[f64]) -> Tensor {
-    match objective {
-        Objective::Diffusion { schedule, .. } => {
-            let n = schedule.len() as i64;
-            let idx: Vec<i64> = unit.iter().map(|u| ((u * n as f64).floor() as i64).clamp(0, n - 1)).collect();
-            Tensor::from_slice(&idx)
-        }
-        Objective::Flow => {
-            let t: Vec<f32> = unit.iter().map(|&u| u as f32).collect();
-            Tensor::from_slice(&t)
-        }
-    }
-}
 
 /// Coefficients `(a, b)` with `target = a·ε + b·x0`, `f64 [N]` each: ε `(1, 0)`, v `(α, −σ)`, flow `(1, −1)`.
 pub fn target_coefficients(objective: &Objective, level: &NoiseLevel) -> (Tensor, Tensor) {

@@ -35,7 +35,7 @@ fn probe_points(m: &Mixture, alpha: f64, sigma: f64) -> (Vec<[f64; 2]>, Vec<usiz
 
 /// Raw times of each objective at unit times 0.1, 0.3 and 0.6.
 fn probe_times(o: &Objective) -> Tensor {
-    times_from_unit(o, &[0.1, 0.3, 0.6])
+    o.times_from_unit(&[0.1, 0.3, 0.6])
 }
 
 #[test]
@@ -111,7 +111,7 @@ fn exact_eps_prior_is_minus_sigma_times_the_marginal_score() {
     let mut rng = SplitMix64::new(3);
     let x: Vec<f64> = (0..40).map(|_| 2.0 * mixture::standard_normal(&mut rng)).collect();
     let x = Tensor::from_slice(&x).view([20, 2]);
-    let level = noise_level(obj, &times_from_unit(obj, &(0..20).map(|i| i as f64 / 20.0).collect::<Vec<_>>())).unwrap();
+    let level = noise_level(obj, &obj.times_from_unit(&(0..20).map(|i| i as f64 / 20.0).collect::<Vec<_>>())).unwrap();
     let xg = x.set_requires_grad(true);
     let lp = m.log_marginal(&xg, &level).unwrap().sum(Kind::Double);
     let score = &Tensor::run_backward(&[lp], &[&xg], false, false)[0];
