@@ -343,7 +343,7 @@ fn train_on(images: Tensor, conditioning: Option<Tensor>, out: &Path) -> Result<
     let task = ScaleTask { w: w.shallow_clone() };
     let cfg = TrainConfig { steps: 2, batch_size: 4, lr_warmup_steps: 0, checkpointing_steps: 1, ..Default::default() };
     let run =
-        RunDir { output_dir: out, resume: None, run_description: serde_json::json!({}), description_defaults: serde_json::Value::Null, quiet: true, files: vec![] };
+        RunDir::plain(out);
     let objective = lisa::diffusion::Objective::Flow;
     train(&task, vec![("w".into(), w)], &data, &objective, &cfg, &run, |_, _| Ok(()))
         .map(|_| ())

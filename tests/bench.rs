@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use lisa::models::{LabelEncoderConfig, PerBlock, UNetConfig};
+use lisa::models::{LabelEncoderConfig, UNetConfig};
 use lisa::pipeline::{MainNetwork, MainNetworkConfig};
 
 fn lisa(args: &[&str]) -> (bool, String, String) {
@@ -17,14 +17,7 @@ fn lisa(args: &[&str]) -> (bool, String, String) {
 
 /// A tiny main network folder (8×8 samples, widths 8/16/16).
 fn tiny_main(dir: &Path) {
-    let unet = UNetConfig {
-        sample_size: 8,
-        block_out_channels: vec![8, 16, 16],
-        cross_attention_dim: 8,
-        attention_head_dim: PerBlock::All(2),
-        norm_num_groups: 4,
-        ..UNetConfig::default()
-    };
+    let unet = UNetConfig::tiny();
     let cfg = MainNetworkConfig {
         unet,
         label_encoder: LabelEncoderConfig { num_classes: 3, num_tokens: 2 },

@@ -10,23 +10,14 @@ use crate::data::conditions::ConditionKind;
 use crate::data::Dataset;
 use crate::diffusion::objective::ObjectiveKind;
 use crate::diffusion::{Objective, ObjectiveConfig, Prediction};
-use crate::models::{ControlNetConfig, Hook, LabelEncoderConfig, PerBlock, UNetConfig};
+use crate::models::{ControlNetConfig, Hook, LabelEncoderConfig, UNetConfig};
 use crate::pipeline::{MainNetwork, MainNetworkConfig};
 use crate::train::trainer::{self, Batch, RunDir, TrainConfig, TrainTask};
 
 const CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
 
 fn tiny_main(objective: ObjectiveConfig) -> MainNetwork {
-    let unet = UNetConfig {
-        sample_size: 8,
-        block_out_channels: vec![8, 16, 16],
-        down_block_types: vec!["DownBlock2D".into(), "CrossAttnDownBlock2D".into(), "CrossAttnDownBlock2D".into()],
-        up_block_types: vec!["CrossAttnUpBlock2D".into(), "CrossAttnUpBlock2D".into(), "UpBlock2D".into()],
-        cross_attention_dim: 8,
-        attention_head_dim: PerBlock::All(2),
-        norm_num_groups: 4,
-        ..UNetConfig::default()
-    };
+    let unet = UNetConfig::tiny();
     tch::manual_seed(7);
     let cfg = MainNetworkConfig {
         unet,
@@ -75,14 +66,7 @@ pub(super) fn train_three_steps(main: &MainNetwork, side: &SideNetwork, head: &L
         log_every: 1,
         ..Default::default()
     };
-    let run = RunDir {
-        output_dir: dir,
-        resume: None,
-        run_description: serde_json::json!({}),
-        description_defaults: serde_json::Value::Null,
-        quiet: true,
-        files: vec![],
-    };
+    let run = RunDir::plain(dir);
     let task = ControlTask::new(main, side, Some(head)).unwrap();
     let mut params = side.named_parameters();
     params.extend(head.named_parameters());
@@ -637,14 +621,7 @@ fn held_out_loss_gain_is_zero_at_initialisation_and_rises_with_controlled_traini
         ..Default::default()
     };
     let dir = tempfile::tempdir().unwrap();
-    let run = RunDir {
-        output_dir: dir.path(),
-        resume: None,
-        run_description: serde_json::json!({}),
-        description_defaults: serde_json::Value::Null,
-        quiet: true,
-        files: vec![],
-    };
+    let run = RunDir::plain(dir.path());
     let task = ControlTask::new(&main, &side, None).unwrap();
     trainer::train(&task, side.named_parameters(), &data, &main.objective, &cfg, &run, |_, _| Ok(())).unwrap();
     let g = held_out.gain(&main, &side).unwrap();

@@ -1200,7 +1200,7 @@ pub fn bench_sampling(run_dir: &Path, images: i64, reps: usize, threads: i32) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::{Hook, LabelEncoderConfig, PerBlock};
+    use crate::models::{Hook, LabelEncoderConfig};
     use crate::pipeline::MainNetworkConfig;
 
     #[test]
@@ -1393,14 +1393,7 @@ mod tests {
 
     #[test]
     fn every_weight_of_main_side_and_decoder_is_placed_and_lisa_costs_more() {
-        let unet = UNetConfig {
-            sample_size: 8,
-            block_out_channels: vec![8, 16, 16],
-            cross_attention_dim: 8,
-            attention_head_dim: PerBlock::All(2),
-            norm_num_groups: 4,
-            ..UNetConfig::default()
-        };
+        let unet = UNetConfig::tiny();
         let cfg = MainNetworkConfig {
             unet: unet.clone(),
             label_encoder: LabelEncoderConfig { num_classes: 3, num_tokens: 2 },

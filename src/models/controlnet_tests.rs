@@ -11,16 +11,7 @@ const CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
 
 /// A tiny UNet: levels 8, 16, 16 (attention on levels 1 and 2), one resnet per block.
 fn tiny_unet() -> UNetConfig {
-    UNetConfig {
-        sample_size: 8,
-        block_out_channels: vec![8, 16, 16],
-        down_block_types: vec!["DownBlock2D".into(), "CrossAttnDownBlock2D".into(), "CrossAttnDownBlock2D".into()],
-        up_block_types: vec!["CrossAttnUpBlock2D".into(), "CrossAttnUpBlock2D".into(), "UpBlock2D".into()],
-        cross_attention_dim: 8,
-        attention_head_dim: PerBlock::All(2),
-        norm_num_groups: 4,
-        ..UNetConfig::default()
-    }
+    UNetConfig::tiny()
 }
 
 fn tiny_cn() -> ControlNetConfig {

@@ -118,6 +118,19 @@ impl Default for UNetConfig {
 }
 
 impl UNetConfig {
+    /// The smallest UNet with the default's structure, for tests and examples: 8×8 samples, levels
+    /// 8/16/16 (attention on the two lower ones and in the mid block), 8-wide cross-attention.
+    pub fn tiny() -> Self {
+        Self {
+            sample_size: 8,
+            block_out_channels: vec![8, 16, 16],
+            cross_attention_dim: 8,
+            attention_head_dim: PerBlock::All(2),
+            norm_num_groups: 4,
+            ..Self::default()
+        }
+    }
+
     /// Checks the config; every error names the field and what to change.
     pub fn validate(&self) -> Result<()> {
         let n = self.block_out_channels.len();

@@ -210,6 +210,21 @@ pub struct RunDir<'a> {
     pub files: Vec<(String, Vec<u8>)>,
 }
 
+impl<'a> RunDir<'a> {
+    /// A new run in `output_dir` with no description to check on resume, no extra files and no
+    /// progress bar (tests and library callers that need nothing more).
+    pub fn plain(output_dir: &'a Path) -> Self {
+        Self {
+            output_dir,
+            resume: None,
+            run_description: serde_json::json!({}),
+            description_defaults: serde_json::Value::Null,
+            quiet: true,
+            files: vec![],
+        }
+    }
+}
+
 /// Checks everything [`train`] would refuse before it writes anything: the settings, the data (enough
 /// examples, finite values) and, when resuming, that the checkpoint is complete and was written by this
 /// run. Callers that write files of their own into the run folder call it first, so that a refused run
@@ -584,14 +599,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = Tensor::from_slice(&[0.5f32]).set_requires_grad(true);
         let task = ScaleTask { w: w.shallow_clone(), poison: true };
-        let run = RunDir {
-            output_dir: dir.path(),
-            resume: None,
-            run_description: serde_json::json!({}),
-            description_defaults: serde_json::Value::Null,
-            quiet: true,
-            files: vec![],
-        };
+        let run = RunDir::plain(dir.path());
         let c = TrainConfig { max_consecutive_nonfinite: 3, ..cfg() };
         let e =
             train(&task, vec![("w".into(), w.shallow_clone())], &toy_data(), &Objective::Flow, &c, &run, |_, _| Ok(()))
@@ -615,14 +623,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = Tensor::from_slice(&[0.0f32]).set_requires_grad(true);
         let task = ScaleTask { w: w.shallow_clone(), poison: false };
-        let run = RunDir {
-            output_dir: dir.path(),
-            resume: None,
-            run_description: serde_json::json!({}),
-            description_defaults: serde_json::Value::Null,
-            quiet: true,
-            files: vec![],
-        };
+        let run = RunDir::plain(dir.path());
         let mut seen = vec![];
         let s = train(
             &task,
@@ -675,14 +676,7 @@ mod tests {
             ("b".to_string(), layer.bias.as_ref().unwrap().shallow_clone()),
         ];
         let task = LinearTask { layer, gain };
-        let run = RunDir {
-            output_dir: dir,
-            resume,
-            run_description: serde_json::json!({}),
-            description_defaults: serde_json::Value::Null,
-            quiet: true,
-            files: vec![],
-        };
+        let run = RunDir { resume, ..RunDir::plain(dir) };
         tch::manual_seed(3);
         let data = toy_data();
         let c =
