@@ -55,10 +55,10 @@ pub fn checkpoint(data: &[u8], scratch: &Path) {
     if std::fs::write(scratch.join(file), data).is_err() {
         return;
     }
-    let Ok(tensors) = crate::train::checkpoint::read_tensors(scratch, file) else { return };
+    let Ok(tensors) = crate::weights::read_tensors(&scratch.join(file)) else { return };
     let params = vec![
         ("conv.weight".to_string(), Tensor::zeros([2, 1, 3, 3], (tch::Kind::Float, tch::Device::Cpu))),
         ("conv.bias".to_string(), Tensor::zeros([2], (tch::Kind::Float, tch::Device::Cpu))),
     ];
-    let _ = crate::train::checkpoint::load_into(&params, tensors, &scratch.join(file));
+    let _ = crate::weights::load_into(&params, tensors, &scratch.join(file));
 }

@@ -18,5 +18,6 @@ pub mod rng;
 pub mod sd;
 pub mod toy;
 pub mod train;
+pub mod weights;
 
 pub use error::{Error, Result};

@@ -11,7 +11,6 @@ use crate::models::dit::DiTEmbedded;
 use crate::models::{
     DiTConfig, DiTModel, LabelEncoder, LabelEncoderConfig, UNet2DConditionModel, UNetConfig, UNetDownMid,
 };
-use crate::train::checkpoint;
 use crate::{Error, Result};
 
 /// Everything needed to rebuild a main network: architecture and objective.
@@ -203,7 +202,7 @@ impl MainNetwork {
             e => e,
         })?;
         let weights = if dir.join("ema.safetensors").is_file() { "ema.safetensors" } else { "model.safetensors" };
-        checkpoint::load_into(&net.named_parameters(), checkpoint::read_tensors(dir, weights)?, &dir.join(weights))?;
+        crate::weights::load_into(&net.named_parameters(), crate::weights::read_tensors(&dir.join(weights))?, &dir.join(weights))?;
         Ok(net)
     }
 
@@ -304,20 +303,10 @@ impl MainNetwork {
     }
 }
 
-/// Writes a model folder: `config.json` and `model.safetensors`, each via a temporary file + rename.
+/// Writes a model folder: `config.json` and `model.safetensors`, each atomically.
 pub fn save_model_dir<C: Serialize>(dir: &Path, config: &C, tensors: &[(String, Tensor)]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tmp = |name: &str| -> PathBuf { dir.join(format!(".{name}.tmp-{}", std::process::id())) };
-    let weights = dir.join("model.safetensors");
-    let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let t = tmp("model.safetensors");
-    if let Err(e) = Tensor::write_safetensors(&named, &t) {
-        let _ = std::fs::remove_file(&t);
-        let e = e.to_string();
-        return Err(Error::format(&weights, format!("cannot write tensors: {e}{}", crate::error::io_hint_in(&e))));
-    }
-    std::fs::rename(&t, &weights).map_err(|e| Error::io(&weights, e))?;
-    let cfg_path = dir.join(CONFIG_FILE);
+    crate::weights::write_tensors(&dir.join("model.safetensors"), tensors)?;
     let text = serde_json::to_string_pretty(config).map_err(|e| Error::Config(e.to_string()))?;
-    checkpoint::write_atomic(&cfg_path, text.as_bytes())
+    crate::weights::write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
 }

@@ -131,7 +131,7 @@ pub fn load_main_network(dir: &Path, prompts: &[&str], device: Device) -> Result
     let params: Vec<(String, Tensor)> =
         main.named_parameters().into_iter().filter(|(n, _)| !n.starts_with("label_encoder.")).collect();
     let weights = diffusers::read_weights(&unet_dir, diffusers::WEIGHTS_FILE)?;
-    diffusers::load_named(&params, weights, &unet_dir.join(diffusers::WEIGHTS_FILE))?;
+    crate::weights::load_into(&params, weights, &unet_dir.join(diffusers::WEIGHTS_FILE))?;
     tch::no_grad(|| -> Result<()> {
         let table = states.f_reshape([all.len() as i64, tokens * width])?;
         let _ = main.label_encoder.embedding.shallow_clone().f_copy_(&table)?;

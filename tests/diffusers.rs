@@ -255,7 +255,7 @@ fn golden_main() -> MainNetwork {
     let params: Vec<(String, Tensor)> =
         main.named_parameters().into_iter().filter(|(n, _)| !n.starts_with("label_encoder.")).collect();
     let dir = root().join("unet");
-    diffusers::load_named(&params, diffusers::read_weights(&dir, diffusers::WEIGHTS_FILE).unwrap(), &dir).unwrap();
+    lisa::weights::load_into(&params, diffusers::read_weights(&dir, diffusers::WEIGHTS_FILE).unwrap(), &dir).unwrap();
     main
 }
 

@@ -14,7 +14,6 @@ use crate::models::{
     diffusers, ControlNetConfig, ControlNetModel, ControlNetOutput, DiTControlNetConfig, DiTControlNetModel, Hook,
 };
 use crate::pipeline::{save_model_dir, MainNetwork, Residuals, CONFIG_FILE};
-use crate::train::checkpoint;
 use crate::{Error, Result};
 
 /// What a saved side network folder records besides its weights.
@@ -235,11 +234,11 @@ impl SideNetwork {
         };
         let side = Self { vs, model, config, condition };
         let file = "model.safetensors";
-        let tensors = checkpoint::read_tensors(dir, file)?;
+        let tensors = crate::weights::read_tensors(&dir.join(file))?;
         // A side-network run's checkpoint also holds the LISA decoder; it is not part of the side network.
         let tensors =
             tensors.into_iter().filter(|(n, _)| !n.starts_with(crate::control::lisa::DECODER_PREFIX)).collect();
-        checkpoint::load_into(&side.named_parameters(), tensors, &dir.join(file))?;
+        crate::weights::load_into(&side.named_parameters(), tensors, &dir.join(file))?;
         Ok(side)
     }
 
@@ -275,7 +274,7 @@ impl SideNetwork {
         let condition = ConditionSet::from(condition);
         let side = Self { vs, model, config, condition };
         let tensors = diffusers::read_weights(dir, diffusers::WEIGHTS_FILE)?;
-        diffusers::load_named(&side.named_parameters(), tensors, &dir.join(diffusers::WEIGHTS_FILE))?;
+        crate::weights::load_into(&side.named_parameters(), tensors, &dir.join(diffusers::WEIGHTS_FILE))?;
         Ok(side)
     }
 

@@ -12,7 +12,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::blocks::{LayerNorm, Linear};
 use super::diffusers::{
-    load_named, named_variables, read_config, read_weights, CONFIG_FILE, TRANSFORMERS_WEIGHTS_FILE,
+    named_variables, read_config, read_weights, CONFIG_FILE, TRANSFORMERS_WEIGHTS_FILE,
 };
 use crate::{Error, Result};
 
@@ -208,7 +208,7 @@ impl ClipTextModel {
             .filter(|(n, _)| !n.ends_with("embeddings.position_ids"))
             .map(|(n, t)| if n.starts_with("text_model.") { (n, t) } else { (format!("{PREFIX}.{n}"), t) })
             .collect();
-        load_named(&named_variables(&vs), tensors, &dir.join(TRANSFORMERS_WEIGHTS_FILE))?;
+        crate::weights::load_into(&named_variables(&vs), tensors, &dir.join(TRANSFORMERS_WEIGHTS_FILE))?;
         Ok((vs, model))
     }
 

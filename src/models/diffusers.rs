@@ -11,7 +11,7 @@
 //! Configs are checked, not trusted: a field that changes the network in a way our models do not
 //! implement (a class embedding, another activation, another time embedding, ...) is an error that
 //! names the field, rather than a silently different network.
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
@@ -85,59 +85,9 @@ pub fn weight_files(dir: &Path, file: &str) -> Result<Vec<PathBuf>> {
 pub fn read_weights(dir: &Path, file: &str) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
     for f in weight_files(dir, file)? {
-        let tensors =
-            Tensor::read_safetensors(&f).map_err(|e| Error::format(&f, format!("cannot read safetensors: {e}")))?;
-        out.extend(tensors);
+        out.extend(crate::weights::read_tensors(&f)?);
     }
     Ok(out)
-}
-
-/// Copies `tensors` into the model's `params` by name (under no-grad, converting the kind), after
-/// checking that both name sets and every shape agree; the error lists every disagreement (the
-/// first ten of each kind), so a wrong config shows at once.
-pub fn load_named(params: &[(String, Tensor)], tensors: Vec<(String, Tensor)>, source: &Path) -> Result<()> {
-    let mut given: HashMap<String, Tensor> = tensors.into_iter().collect();
-    let mut missing = Vec::new();
-    let mut shapes = Vec::new();
-    for (name, p) in params {
-        match given.get(name) {
-            None => missing.push(name.clone()),
-            Some(t) if t.size() != p.size() => {
-                shapes.push(format!("{name}: file {:?}, model {:?}", t.size(), p.size()))
-            }
-            Some(_) => {}
-        }
-    }
-    let names: BTreeSet<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
-    let mut unexpected: Vec<&String> = given.keys().filter(|k| !names.contains(k.as_str())).collect();
-    if !missing.is_empty() || !shapes.is_empty() || !unexpected.is_empty() {
-        missing.sort();
-        unexpected.sort();
-        let list = |what: &str, v: &[String]| -> String {
-            if v.is_empty() {
-                return String::new();
-            }
-            let more = if v.len() > 10 { format!(" (and {} more)", v.len() - 10) } else { String::new() };
-            format!("\n  {what} ({}): {}{more}", v.len(), v[..v.len().min(10)].join(", "))
-        };
-        let unexpected: Vec<String> = unexpected.into_iter().cloned().collect();
-        return Err(Error::format(
-            source,
-            format!(
-                "the weights do not fit the model built from the config (is the config.json next to them the right \
-                 one?):{}{}{}",
-                list("missing in the file", &missing),
-                list("in the file but not in the model", &unexpected),
-                list("shape differs", &shapes)
-            ),
-        ));
-    }
-    let _guard = tch::no_grad_guard();
-    for (name, p) in params {
-        let src = given.remove(name).expect("checked above");
-        p.shallow_clone().f_copy_(&src)?;
-    }
-    Ok(())
 }
 
 /// All variables of `vs`, sorted by name.
@@ -303,7 +253,7 @@ pub fn load_unet(dir: &Path, device: Device) -> Result<(nn::VarStore, UNet2DCond
     let config = unet_config_from_json(&cfg, &dir.join(CONFIG_FILE))?;
     let vs = nn::VarStore::new(device);
     let unet = UNet2DConditionModel::new(vs.root(), &config)?;
-    load_named(&named_variables(&vs), read_weights(dir, WEIGHTS_FILE)?, &dir.join(WEIGHTS_FILE))?;
+    crate::weights::load_into(&named_variables(&vs), read_weights(dir, WEIGHTS_FILE)?, &dir.join(WEIGHTS_FILE))?;
     Ok((vs, unet))
 }
 
@@ -497,7 +447,7 @@ pub fn load_controlnet(
     let config = controlnet_config_from_json(&cfg, &dir.join(CONFIG_FILE), unet)?;
     let vs = nn::VarStore::new(device);
     let model = ControlNetModel::new(vs.root(), &config)?;
-    load_named(&named_variables(&vs), read_weights(dir, WEIGHTS_FILE)?, &dir.join(WEIGHTS_FILE))?;
+    crate::weights::load_into(&named_variables(&vs), read_weights(dir, WEIGHTS_FILE)?, &dir.join(WEIGHTS_FILE))?;
     Ok((vs, model))
 }
 
@@ -507,20 +457,12 @@ pub fn load_controlnet(
 pub fn save_controlnet(dir: &Path, cfg: &ControlNetConfig, params: &[(String, Tensor)]) -> Result<()> {
     let config = controlnet_config_to_json(cfg)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tmp = |name: &str| -> PathBuf { dir.join(format!(".{name}.tmp-{}", std::process::id())) };
-    let weights = dir.join(WEIGHTS_FILE);
     let cpu: Vec<(String, Tensor)> = params
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.f_detach()?.f_to_device(Device::Cpu)?.f_to_kind(tch::Kind::Float)?)))
         .collect::<Result<_>>()?;
-    let named: Vec<(&str, &Tensor)> = cpu.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let t = tmp(WEIGHTS_FILE);
-    Tensor::write_safetensors(&named, &t).map_err(|e| Error::format(&t, format!("cannot write tensors: {e}")))?;
-    std::fs::rename(&t, &weights).map_err(|e| Error::io(&weights, e))?;
-    let path = dir.join(CONFIG_FILE);
+    crate::weights::write_tensors(&dir.join(WEIGHTS_FILE), &cpu)?;
     let text = serde_json::to_string_pretty(&config).map_err(|e| Error::Config(e.to_string()))?;
-    let t = tmp(CONFIG_FILE);
-    std::fs::write(&t, text + "\n").map_err(|e| Error::io(&t, e))?;
-    std::fs::rename(&t, &path).map_err(|e| Error::io(&path, e))?;
+    crate::weights::write_atomic(&dir.join(CONFIG_FILE), (text + "\n").as_bytes())?;
     Ok(())
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Tensor};
 
 use super::blocks::{Conv2d, GroupNorm, Linear, ResnetBlock2D, Upsample2D};
-use super::diffusers::{load_named, named_variables, read_config, read_weights, CONFIG_FILE, WEIGHTS_FILE};
+use super::diffusers::{named_variables, read_config, read_weights, CONFIG_FILE, WEIGHTS_FILE};
 use crate::{Error, Result};
 
 /// The fields of diffusers' `AutoencoderKL` config (`vae/config.json`) that this model uses;
@@ -432,7 +432,7 @@ impl AutoencoderKL {
         let vs = nn::VarStore::new(device);
         let model = Self::new(vs.root(), &config)?;
         let tensors = read_weights(dir, WEIGHTS_FILE)?.into_iter().map(|(n, t)| (rename_deprecated(&n), t)).collect();
-        load_named(&named_variables(&vs), tensors, &dir.join(WEIGHTS_FILE))?;
+        crate::weights::load_into(&named_variables(&vs), tensors, &dir.join(WEIGHTS_FILE))?;
         Ok((vs, model))
     }
 

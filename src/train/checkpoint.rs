@@ -7,7 +7,6 @@
 //! (`.checkpoint-N.tmp-PID`, `.old-`, `.del-`); those left by a killed run are cleaned up when the next run
 //! takes the folder's lock, and again before each save.
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use tch::Tensor;
@@ -108,24 +107,6 @@ pub fn remove_leftovers(output_dir: &Path) {
     }
 }
 
-/// Writes a small file atomically: a temporary file beside it, synced, then renamed over it, so that a
-/// kill leaves either the old or the new contents, never a torn file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let written = (|| -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
-}
-
 /// Refuses to start a new run in a folder that holds another run's checkpoints: the new run would
 /// replace them one by one, prune its own newest ones in favour of their higher step numbers, and leave
 /// `--resume latest` to pick the wrong run.
@@ -208,58 +189,6 @@ pub fn parse_state(bytes: &[u8], path: &Path) -> Result<serde_json::Value> {
     })
 }
 
-/// Reads a named tensor file of a checkpoint.
-pub fn read_tensors(dir: &Path, name: &str) -> Result<Vec<(String, Tensor)>> {
-    let path = dir.join(name);
-    if !path.is_file() {
-        return Err(Error::Checkpoint {
-            path,
-            msg: "missing file; the folder is incomplete: use another checkpoint or model folder".into(),
-        });
-    }
-    Tensor::read_safetensors(&path).map_err(|e| Error::Checkpoint {
-        path,
-        msg: format!("unreadable tensors ({e}); the file is damaged: use another checkpoint or model folder"),
-    })
-}
-
-/// Copies named tensors into `params` by name, checking that names and shapes match exactly.
-pub fn load_into(params: &[(String, Tensor)], tensors: Vec<(String, Tensor)>, source: &Path) -> Result<()> {
-    let mut map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
-    let _guard = tch::no_grad_guard();
-    for (name, p) in params {
-        let src = map.remove(name).ok_or_else(|| Error::Checkpoint {
-            path: source.to_path_buf(),
-            msg: format!(
-                "lacks parameter '{name}': it was saved from a different model configuration; load it with the \
-                 configuration it was trained with"
-            ),
-        })?;
-        if src.size() != p.size() {
-            return Err(Error::Checkpoint {
-                path: source.to_path_buf(),
-                msg: format!(
-                    "parameter '{name}' has shape {:?} but the model expects {:?}: it was saved from a different \
-                     model configuration; load it with the configuration it was trained with",
-                    src.size(),
-                    p.size()
-                ),
-            });
-        }
-        p.shallow_clone().copy_(&src);
-    }
-    if let Some(extra) = map.keys().next() {
-        return Err(Error::Checkpoint {
-            path: source.to_path_buf(),
-            msg: format!(
-                "has parameter '{extra}' that the model does not: it was saved from a different model \
-                 configuration; load it with the configuration it was trained with"
-            ),
-        });
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,7 +209,7 @@ mod tests {
         let latest = resolve(dir.path(), "latest").unwrap();
         assert!(latest.ends_with("checkpoint-30"));
         assert_eq!(read_state(&latest).unwrap()["step"], 30);
-        let w = read_tensors(&latest, "model.safetensors").unwrap();
+        let w = crate::weights::read_tensors(&latest.join("model.safetensors")).unwrap();
         assert_eq!(w[0].1.double_value(&[0]), 30.0);
         // No temporary folders are left behind.
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
@@ -319,22 +248,9 @@ mod tests {
         assert!(e.contains("holds the checkpoints of an earlier run") && e.contains("--resume latest"), "{e}");
 
         let f = dir.path().join("config.toml");
-        write_atomic(&f, b"a = 1\n").unwrap();
-        write_atomic(&f, b"a = 2\n").unwrap();
+        crate::weights::write_atomic(&f, b"a = 1\n").unwrap();
+        crate::weights::write_atomic(&f, b"a = 2\n").unwrap();
         assert_eq!(fs::read_to_string(&f).unwrap(), "a = 2\n");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 3, "no temporary file is left");
-    }
-
-    #[test]
-    fn load_into_rejects_mismatched_checkpoints() {
-        let p = vec![("w".to_string(), Tensor::zeros([2], (tch::Kind::Float, tch::Device::Cpu)))];
-        assert!(load_into(&p, t(&[1.0, 2.0]), Path::new("x")).is_ok());
-        assert_eq!(p[0].1.double_value(&[1]), 2.0);
-        let e = load_into(&p, t(&[1.0]), Path::new("x")).unwrap_err().to_string();
-        assert!(e.contains("shape"), "{e}");
-        let e = load_into(&p, vec![("v".into(), Tensor::from_slice(&[1.0f32, 2.0]))], Path::new("x"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("lacks parameter 'w'"), "{e}");
     }
 }

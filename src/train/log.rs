@@ -60,7 +60,7 @@ impl MetricsLog {
             // The kept rows go to a new file renamed over the old one: truncating and rewriting in place
             // would lose them if the run were killed in between.
             let text: String = kept.iter().map(|l| format!("{l}\n")).collect();
-            super::checkpoint::write_atomic(&path, text.as_bytes())?;
+            crate::weights::write_atomic(&path, text.as_bytes())?;
             fs::OpenOptions::new().append(true).open(&path)
         } else {
             fs::File::create(&path)

@@ -18,7 +18,7 @@ use crate::data::loader::{DataOrder, DataOrderState};
 use crate::data::Dataset;
 use crate::diffusion::{Objective, TrainingSample};
 use crate::models::precision::MixedPrecision;
-use crate::{Error, Result};
+use crate::{weights, Error, Result};
 
 /// Settings of the training loop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -313,11 +313,11 @@ pub fn train(
                 Error::Checkpoint { path, msg: format!("{msg}; it does not match this run: use another checkpoint-N") }
             }
         };
-        checkpoint::load_into(opt.params(), checkpoint::read_tensors(&dir, "model.safetensors")?, &dir)?;
-        opt.load_state(checkpoint::read_tensors(&dir, "optimizer.safetensors")?, state.optimizer_step)
+        weights::load_into(opt.params(), weights::read_tensors(&dir.join("model.safetensors"))?, &dir)?;
+        opt.load_state(weights::read_tensors(&dir.join("optimizer.safetensors"))?, state.optimizer_step)
             .map_err(mismatch("optimizer.safetensors"))?;
         if let Some(ema) = ema.as_mut() {
-            ema.load(checkpoint::read_tensors(&dir, "ema.safetensors")?).map_err(mismatch("ema.safetensors"))?;
+            ema.load(weights::read_tensors(&dir.join("ema.safetensors"))?).map_err(mismatch("ema.safetensors"))?;
         }
         order.restore(state.data).map_err(mismatch(checkpoint::STATE_FILE))?;
         step = state.step;
@@ -331,7 +331,7 @@ pub fn train(
         last_checkpoint = Some(dir);
     }
     for (name, bytes) in &run.files {
-        checkpoint::write_atomic(&out.join(name), bytes)?;
+        weights::write_atomic(&out.join(name), bytes)?;
     }
     let mut log = MetricsLog::open(out, cfg.log_format, run.resume.map(|_| step))?;
     let progress = Progress::new(step, cfg.steps, run.quiet);
