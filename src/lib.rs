@@ -3,6 +3,8 @@
 //!
 //! The modules follow the pipeline: data → models → diffusion objectives → side networks and LISA → training → sampling →
 //! evaluation → CLI.
+#![warn(missing_docs)]
+
 pub mod allocator;
 pub mod config;
 pub mod control;

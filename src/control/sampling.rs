@@ -182,3 +182,46 @@ pub fn sample_controlled_chunked(
     }
     Ok(Tensor::cat(&out, 0))
 }
+
+/// Sampling with one side network (the common case), on top of [`sample_controlled`].
+impl SideNetwork {
+    /// Generates one sample per (label, condition) pair from noise drawn with `seed`; `condition`
+    /// is [N, C, H, W] in [0, 1], `y` [N]. See [`sample_controlled`] for several side networks,
+    /// control windows and classifier-free guidance.
+    pub fn sample(
+        &self,
+        main: &MainNetwork,
+        y: &Tensor,
+        condition: &Tensor,
+        sampler: &SamplerConfig,
+        scale: f64,
+        seed: u64,
+    ) -> Result<Tensor> {
+        let options = ControlOptions { conditioning_scale: scale, ..ControlOptions::default() };
+        sample_controlled(
+            main,
+            &[Control { side: self, condition: condition.shallow_clone(), options }],
+            y,
+            sampler,
+            1.0,
+            seed,
+        )
+    }
+
+    /// [`SideNetwork::sample`] in chunks of `chunk` (see [`sample_controlled_chunked`]). Results on the CPU.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_chunked(
+        &self,
+        main: &MainNetwork,
+        y: &Tensor,
+        condition: &Tensor,
+        sampler: &SamplerConfig,
+        scale: f64,
+        seed: u64,
+        chunk: i64,
+    ) -> Result<Tensor> {
+        let options = ControlOptions { conditioning_scale: scale, ..ControlOptions::default() };
+        let control = Control { side: self, condition: condition.shallow_clone(), options };
+        sample_controlled_chunked(main, &[control], y, sampler, 1.0, seed, chunk)
+    }
+}

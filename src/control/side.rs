@@ -1,15 +1,13 @@
 //! A trained side network as a unit: a [`ControlNetModel`] built from a main network, saved as a
 //! folder (`config.json` + `model.safetensors`, diffusers parameter names) without the LISA decoder,
-//! and the controlled prediction and sampling that use it with its main network.
+//! and the controlled prediction with its main network (sampling: [`super::sampling`]).
 use std::collections::HashMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
-use super::sampling::{sample_controlled, sample_controlled_chunked, Control, ControlOptions};
 use crate::data::conditions::{ConditionKind, ConditionSet};
-use crate::diffusion::SamplerConfig;
 use crate::models::{
     diffusers, ControlNetConfig, ControlNetModel, ControlNetOutput, DiTControlNetConfig, DiTControlNetModel, Hook,
 };
@@ -332,46 +330,6 @@ impl SideNetwork {
         let encoder_hidden_states = main.label_encoder.forward(y)?;
         let side = self.residuals(x_t, model_t, &encoder_hidden_states, condition, scale, None)?;
         main.forward(x_t, model_t, &encoder_hidden_states, Some(&side.residuals))
-    }
-
-    /// Generates one sample per (label, condition) pair from noise drawn with `seed`; `condition`
-    /// is [N, C, H, W] in [0, 1], `y` [N]. See [`sample_controlled`] for several side networks,
-    /// control windows and classifier-free guidance.
-    pub fn sample(
-        &self,
-        main: &MainNetwork,
-        y: &Tensor,
-        condition: &Tensor,
-        sampler: &SamplerConfig,
-        scale: f64,
-        seed: u64,
-    ) -> Result<Tensor> {
-        let options = ControlOptions { conditioning_scale: scale, ..ControlOptions::default() };
-        sample_controlled(
-            main,
-            &[Control { side: self, condition: condition.shallow_clone(), options }],
-            y,
-            sampler,
-            1.0,
-            seed,
-        )
-    }
-
-    /// [`SideNetwork::sample`] in chunks of `chunk` (see [`sample_controlled_chunked`]). Results on the CPU.
-    #[allow(clippy::too_many_arguments)]
-    pub fn sample_chunked(
-        &self,
-        main: &MainNetwork,
-        y: &Tensor,
-        condition: &Tensor,
-        sampler: &SamplerConfig,
-        scale: f64,
-        seed: u64,
-        chunk: i64,
-    ) -> Result<Tensor> {
-        let options = ControlOptions { conditioning_scale: scale, ..ControlOptions::default() };
-        let control = Control { side: self, condition: condition.shallow_clone(), options };
-        sample_controlled_chunked(main, &[control], y, sampler, 1.0, seed, chunk)
     }
 }
 
