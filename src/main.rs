@@ -11,7 +11,8 @@ use lisa::diffusion::{SamplerConfig, SamplerKind};
 use lisa::experiments::compare::compare;
 use lisa::experiments::control::{load_main, prepare_data, train_control, ControlConfig};
 use lisa::experiments::evaluate::evaluate;
-use lisa::experiments::pretrain::{pretrain, DataConfig, PretrainConfig};
+use lisa::data::DataConfig;
+use lisa::experiments::pretrain::{pretrain, PretrainConfig};
 use lisa::pipeline::MainNetwork;
 
 /// Train visual-condition controllable diffusion models with Likelihood Score Alignment (LISA).

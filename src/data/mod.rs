@@ -5,6 +5,7 @@
 //! diffusion models work in), labels `i64 [N]`, and optionally user-supplied condition images
 //! `f32 [N, C, S, S]` in `[0, 1]` (the range ControlNet condition encoders expect).
 pub mod conditions;
+pub mod config;
 pub mod fashion_mnist;
 pub mod idx;
 pub mod imagefolder;
@@ -12,6 +13,7 @@ pub mod loader;
 pub mod video;
 
 pub use conditions::{ConditionKind, ConditionSet, GrayImage};
+pub use config::DataConfig;
 pub use loader::{DataOrder, DataOrderState};
 
 use image::{DynamicImage, GenericImageView};

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::pretrain::{device_from, DataConfig};
+use super::pretrain::device_from;
+use crate::data::DataConfig;
 use crate::control::{ControlTask, LisaConfig, LisaHead, SideNetwork, NUM_TIME_BUCKETS};
 use crate::data::conditions::ConditionSet;
 use crate::data::Dataset;

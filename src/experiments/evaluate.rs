@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 use crate::diffusion::SamplerConfig;
 use crate::eval::classifier::load_shipped;
 use crate::eval::frechet::{frechet_distance, FeatureStats};
-use crate::experiments::pretrain::DataConfig;
+use crate::data::DataConfig;
 use crate::pipeline::MainNetwork;
 use crate::Result;
 
