@@ -77,7 +77,7 @@ fn check_checkpoints(out: &Path, after: &str) {
         let state = checkpoint::read_state(dir).unwrap_or_else(|e| panic!("{after}: {e}"));
         assert_eq!(state["step"].as_u64(), Some(*step), "{after}: {} has the wrong step", dir.display());
         for file in ["model.safetensors", "optimizer.safetensors", "ema.safetensors"] {
-            let t = checkpoint::read_tensors(dir, file).unwrap_or_else(|e| panic!("{after}: {e}"));
+            let t = lisa::weights::read_tensors(&dir.join(file)).unwrap_or_else(|e| panic!("{after}: {e}"));
             assert!(!t.is_empty(), "{after}: {}/{file} holds no tensors", dir.display());
         }
         MainNetwork::load(dir, tch::Device::Cpu).unwrap_or_else(|e| panic!("{after}: {e}"));
