@@ -8,7 +8,7 @@ for run in "$@"; do
   task=$(basename "$run"); task=${task#compare-}; task=${task#agg-}
   dest=docs/results/$task
   mkdir -p "$dest"
-  for f in summary.md summary.json fidelity.png lisa-ratio.png samples.png config.toml \
+  for f in summary.md summary.json fidelity.png loss-gain.png lisa-ratio.png samples.png config.toml \
            disentangle.md disentangle.json disentangle.csv disentangle.png ablation.md ablation.json ablation-config.toml; do
     [ -f "$run/$f" ] && cp "$run/$f" "$dest/"
   done
