@@ -9,7 +9,8 @@
 #
 # Two lanes side by side use the two cores, e.g.
 #   scripts/converge.sh lane i 0 2 4 &  scripts/converge.sh lane i 1 3 &  wait
-# Runs use a copy of the binary (runs/bin/lisa) so that rebuilding the project cannot disturb them.
+# Training runs use a copy of the binary (runs/bin/lisa) so that rebuilding the project cannot disturb
+# them; the reports (aggregate, report-sweep) only read finished runs and use the current build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=runs/bin/lisa
@@ -18,6 +19,7 @@ if [ ! -x "$BIN" ]; then
   mkdir -p runs/bin && cp target/release/lisa "$BIN"
 fi
 CFG=configs/converge-edges.toml
+report() { cargo run --release --quiet -- "$@"; }
 
 # An experiment's run-folder name and its overrides of configs/converge-edges.toml.
 experiment() {
@@ -67,11 +69,11 @@ case "${1:-}" in
       done
       [ -e "$out/seed-$s" ] || ln -s "../$NAME-s$s/seed-$s" "$out/seed-$s"
     done
-    "$BIN" compare --config "$CFG" "${SET[@]}" --seeds "$n" --output-dir "$out" --resume --quiet ;;
+    report compare --config "$CFG" "${SET[@]}" --seeds "$n" --output-dir "$out" --resume --quiet ;;
   report-sweep)
     # lr 1e-4 is the baseline of experiment i, seed 0 (the hook does not touch the baseline).
     b=runs/converge-edges-s0/seed-0/baseline
     if [ ! -e runs/lr-sweep/lr-1e-4 ] && [ -f "$b/summary.json" ]; then ln -s "../../$b" runs/lr-sweep/lr-1e-4; fi
-    "$BIN" lr-sweep runs/lr-sweep ;;
+    report lr-sweep runs/lr-sweep ;;
   *) sed -n '2,13p' "$0"; exit 2 ;;
 esac
