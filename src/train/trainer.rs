@@ -267,9 +267,14 @@ fn resume_state(run: &RunDir) -> Result<(PathBuf, RunState)> {
     Ok((dir, state))
 }
 
+/// One training run at a time per process: every run reseeds libtorch's process-wide generator before
+/// each micro-step's draws, so two runs interleaving in one process (threads; the test harness) would
+/// draw from each other's seeds.
+static ONE_RUN_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Trains `params` (name, tensor) on `data` with `task`'s loss; see the module doc for the order of
-/// operations. Randomness comes from libtorch's process-wide generator, reseeded every micro-step, so
-/// runs are reproducible only when one run at a time trains in a process.
+/// operations. Randomness comes from libtorch's process-wide generator, reseeded every micro-step;
+/// runs in one process take turns (a process-wide lock), so each is reproducible.
 /// `on_validation(step, ema_or_params)` is called every `validation_steps` (by default after each
 /// checkpoint), e.g. to write validation samples; it is not part of the timed step.
 pub fn train(
@@ -282,6 +287,8 @@ pub fn train(
     mut on_validation: impl FnMut(u64, &[(String, Tensor)]) -> Result<()>,
 ) -> Result<TrainSummary> {
     preflight(data, cfg, run)?;
+    // A run that panicked released the lock poisoned; the state it guards (none) cannot be torn.
+    let _one_run = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let out = run.output_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
 
@@ -616,6 +623,32 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(e.contains("3 consecutive steps") && e.contains("try \"bf16\""), "{e}");
+    }
+
+    #[test]
+    fn runs_started_at_once_in_one_process_take_turns_and_stay_reproducible() {
+        // No generator use outside `train`: the data and the weight are built without drawing.
+        let run = || -> f64 {
+            let dir = tempfile::tempdir().unwrap();
+            let w = Tensor::from_slice(&[0.0f32]).set_requires_grad(true);
+            let task = ScaleTask { w: w.shallow_clone(), poison: false };
+            let data = Dataset {
+                images: Tensor::linspace(-1.0, 1.0, 256, (Kind::Float, Device::Cpu)).view([16, 1, 4, 4]),
+                labels: Tensor::zeros([16], (Kind::Int64, Device::Cpu)),
+                num_classes: 1,
+                class_names: vec!["x".into()],
+                conditioning: None,
+            };
+            let c = TrainConfig { steps: 60, ..cfg() };
+            let params = vec![("w".into(), w.shallow_clone())];
+            train(&task, params, &data, &Objective::Flow, &c, &RunDir::plain(dir.path()), |_, _| Ok(())).unwrap();
+            w.double_value(&[0])
+        };
+        let alone = run();
+        let threads: Vec<_> = (0..3).map(|_| std::thread::spawn(run)).collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), alone, "a run that shared the process with others drew other noise");
+        }
     }
 
     #[test]
