@@ -288,6 +288,8 @@ impl EventTiming {
 mod tests {
     use super::*;
 
+    type Curve = Vec<(u64, f64)>;
+
     #[test]
     fn crossing_steps_are_interpolated_between_evaluations() {
         let c = [(0, 0.2), (10, 0.4), (20, 0.8), (30, 0.9)];
@@ -337,7 +339,7 @@ mod tests {
         let mut rng = crate::rng::SplitMix64::new(3);
         let centres = [500.0, 620.0, 450.0, 700.0, 560.0];
         let factors = [2.0 * 1.1, 2.0 / 1.1, 2.0 * 1.05, 2.0 / 1.05, 2.0];
-        let curves: Vec<(Vec<(u64, f64)>, Vec<(u64, f64)>)> = centres
+        let curves: Vec<(Curve, Curve)> = centres
             .iter()
             .zip(factors)
             .map(|(&c, k)| (event(c, c / 8.0, 0.004, &mut rng), event(c / k, c / 8.0 / k, 0.004, &mut rng)))
