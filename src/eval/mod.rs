@@ -5,6 +5,7 @@
 //! their condition), video metrics, PNG image grids for inspection, and PNG line plots.
 pub mod classifier;
 pub mod curves;
+pub mod flops;
 pub mod disentangle;
 pub mod fidelity;
 pub mod frechet;
