@@ -382,49 +382,47 @@ pub fn arm_speedups(baseline: &[ArmSummary], lisa: &[ArmSummary], higher_is_bett
     out
 }
 
+/// Plot colours of the two arms.
+const BASELINE_COLOR: [u8; 3] = [60, 110, 200];
+const LISA_COLOR: [u8; 3] = [220, 90, 40];
+
 fn write_outputs(cfg: &ControlConfig, report: &CompareReport, conditions: &Tensor, truth: &Tensor) -> Result<()> {
     let out = &cfg.output_dir;
-    let series = |a: &ArmAggregate, label: &str, color: [u8; 3]| Series {
+    let seeds = report.baseline.runs.len();
+    // Mean over seeds with a min–max band when there are several.
+    let series = |steps: &[u64], mean: &[f64], min: &[f64], max: &[f64], label: &str, color: [u8; 3]| Series {
         label: label.into(),
         color,
-        x: a.steps.iter().map(|&s| s as f64).collect(),
-        mean: a.mean.clone(),
-        band: (a.runs.len() > 1).then(|| (a.min.clone(), a.max.clone())),
+        x: steps.iter().map(|&s| s as f64).collect(),
+        mean: mean.to_vec(),
+        band: (seeds > 1).then(|| (min.to_vec(), max.to_vec())),
     };
-    let seeds = report.baseline.runs.len();
-    let title = format!(
-        "{}: fidelity vs step ({seeds} seed{})",
-        cfg.condition,
-        if seeds > 1 { "s, band = min-max" } else { "" }
-    );
+    let title = |what: &str| {
+        format!("{}: {what} vs step ({seeds} seed{})", cfg.condition, if seeds > 1 { "s, band = min-max" } else { "" })
+    };
+    let (b, l) = (&report.baseline, &report.lisa);
     line_plot(
         &out.join("fidelity.png"),
-        &PlotSpec { title: &title, x_label: "training step", y_label: &report.metric, width: 720, height: 440 },
-        &[series(&report.baseline, "baseline", [60, 110, 200]), series(&report.lisa, "LISA", [220, 90, 40])],
+        &PlotSpec { title: &title("fidelity"), x_label: "training step", y_label: &report.metric, width: 720, height: 440 },
+        &[
+            series(&b.steps, &b.mean, &b.min, &b.max, "baseline", BASELINE_COLOR),
+            series(&l.steps, &l.mean, &l.min, &l.max, "LISA", LISA_COLOR),
+        ],
     )?;
-    if let (Some(bg), Some(lg)) = (&report.baseline.loss_gain, &report.lisa.loss_gain) {
-        let gain_series = |g: &CurveBand, label: &str, color: [u8; 3]| Series {
-            label: label.into(),
-            color,
-            x: g.steps.iter().map(|&s| s as f64).collect(),
-            mean: g.mean.clone(),
-            band: (seeds > 1).then(|| (g.min.clone(), g.max.clone())),
-        };
-        let title = format!(
-            "{}: held-out loss gain vs step ({seeds} seed{})",
-            cfg.condition,
-            if seeds > 1 { "s, band = min-max" } else { "" }
-        );
+    if let (Some(bg), Some(lg)) = (&b.loss_gain, &l.loss_gain) {
         line_plot(
             &out.join("loss-gain.png"),
             &PlotSpec {
-                title: &title,
+                title: &title("held-out loss gain"),
                 x_label: "training step",
                 y_label: "1 - L(ctrl)/L(main)",
                 width: 720,
                 height: 440,
             },
-            &[gain_series(bg, "baseline", [60, 110, 200]), gain_series(lg, "LISA", [220, 90, 40])],
+            &[
+                series(&bg.steps, &bg.mean, &bg.min, &bg.max, "baseline", BASELINE_COLOR),
+                series(&lg.steps, &lg.mean, &lg.min, &lg.max, "LISA", LISA_COLOR),
+            ],
         )?;
     }
     // condition | baseline | LISA | ground truth, from the first seed whose arms both kept their final
