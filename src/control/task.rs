@@ -90,7 +90,7 @@ impl TrainTask for ControlTask<'_> {
             .condition
             .as_ref()
             .ok_or_else(|| Error::Config("side-network training needs a dataset with condition images".into()))?;
-        // Drawn after the noise and timesteps, so that runs without dropout draw exactly as before.
+        // Drawn after the noise and timesteps, so that runs without dropout draw the same noise as runs with it.
         let dropped;
         let condition = if self.condition_dropout > 0.0 {
             let size = condition.size();

@@ -1,6 +1,6 @@
-//! The training loop, top to bottom: batch → noise → loss → backward → clip → AdamW → EMA → log →
-//! checkpoint. What is trained and how its loss is formed is a [`TrainTask`]; the loop knows nothing
-//! of specific models, so the main network's pretraining and (later) side-network training share it.
+//! The training loop, top to bottom: batch → the update ([`super::step`]: noise → loss → backward → clip →
+//! AdamW) → EMA → log → checkpoint → evaluation callback. What is trained and how its loss is formed is a [`TrainTask`]; the loop knows nothing
+//! of specific models, so the main network's pretraining and side-network training share it.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
