@@ -1,6 +1,7 @@
 //! The training loop, top to bottom: batch → the update ([`super::step`]: noise → loss → backward → clip →
-//! AdamW) → EMA → log → checkpoint → evaluation callback. What is trained and how its loss is formed is a [`TrainTask`]; the loop knows nothing
-//! of specific models, so the main network's pretraining and side-network training share it.
+//! AdamW) → EMA → log → checkpoint → evaluation callback. What is trained and how its loss is formed is a
+//! [`TrainTask`]; the loop knows nothing of specific models, so the main network's pretraining and
+//! side-network training share it.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
