@@ -197,15 +197,7 @@ impl SideNetwork {
         scale: f64,
         seed: u64,
     ) -> Result<Tensor> {
-        let options = ControlOptions { conditioning_scale: scale, ..ControlOptions::default() };
-        sample_controlled(
-            main,
-            &[Control { side: self, condition: condition.shallow_clone(), options }],
-            y,
-            sampler,
-            1.0,
-            seed,
-        )
+        sample_controlled(main, &[self.alone(condition, scale)], y, sampler, 1.0, seed)
     }
 
     /// [`SideNetwork::sample`] in chunks of `chunk` (see [`sample_controlled_chunked`]). Results on the CPU.
@@ -220,8 +212,12 @@ impl SideNetwork {
         seed: u64,
         chunk: i64,
     ) -> Result<Tensor> {
+        sample_controlled_chunked(main, &[self.alone(condition, scale)], y, sampler, 1.0, seed, chunk)
+    }
+
+    /// This side network as the only control, at conditioning scale `scale`, over the whole sampling.
+    fn alone(&self, condition: &Tensor, scale: f64) -> Control<'_> {
         let options = ControlOptions { conditioning_scale: scale, ..ControlOptions::default() };
-        let control = Control { side: self, condition: condition.shallow_clone(), options };
-        sample_controlled_chunked(main, &[control], y, sampler, 1.0, seed, chunk)
+        Control { side: self, condition: condition.shallow_clone(), options }
     }
 }
