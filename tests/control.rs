@@ -175,6 +175,74 @@ fn compare_writes_curves_grids_and_a_summary_then_its_side_network_samples() {
 }
 
 #[test]
+fn tensorboard_events_mirror_the_metrics_fidelity_and_validation_grids() {
+    use tboard::tensorboard::{event::What, summary::value::Value};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cmp");
+    let (ok, _, stderr) = compare(&out, &["--set", "train.report_to=[\"tensorboard\"]", "--set", "train.log_every=1"]);
+    assert!(ok, "{stderr}");
+    let run = out.join("seed-0/lisa");
+    let files: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents."))
+        .collect();
+    assert_eq!(files.len(), 1, "one event file a run: {files:?}");
+    let (mut scalars, mut images) = (Vec::new(), Vec::new());
+    for event in tboard::SummaryReader::new(std::fs::File::open(&files[0]).unwrap()) {
+        let event = event.unwrap();
+        if let Some(What::Summary(s)) = event.what {
+            for v in s.value {
+                match v.value {
+                    Some(Value::SimpleValue(x)) => scalars.push((event.step as u64, v.tag, x)),
+                    Some(Value::Image(img)) => images.push((event.step, v.tag, img.width, img.encoded_image_string)),
+                    other => panic!("unexpected summary {other:?}"),
+                }
+            }
+        }
+    }
+    // Every finite cell of metrics.csv and fidelity.csv is a scalar at its step, under "<log>/<column>".
+    for (log, section) in [("metrics.csv", "train"), ("fidelity.csv", "fidelity")] {
+        let text = std::fs::read_to_string(run.join(log)).unwrap();
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+        let mut cells = 0;
+        for line in lines {
+            let row: Vec<&str> = line.split(',').collect();
+            let step: u64 = row[0].parse().unwrap();
+            for (name, cell) in header.iter().zip(&row).skip(1) {
+                let value: f64 = cell.parse().unwrap();
+                if !value.is_finite() {
+                    continue;
+                }
+                let tag = format!("{section}/{name}");
+                let found = scalars.iter().find(|(s, t, _)| *s == step && *t == tag);
+                assert_eq!(found.map(|f| f.2), Some(value as f32), "{tag} at step {step}");
+                cells += 1;
+            }
+        }
+        assert!(cells >= 6, "{log}: {cells} cells");
+    }
+    assert!(scalars.iter().any(|(_, t, _)| t == "train/lisa_ratio_b9"), "the LISA statistics are there");
+    // The validation grid of each sampled step, as the PNG written to samples/.
+    let steps: Vec<i64> = images.iter().map(|i| i.0).collect();
+    assert_eq!(steps, [0, 1, 2]);
+    for (step, tag, width, png) in &images {
+        assert_eq!(tag, "validation/samples");
+        assert_eq!(png, &std::fs::read(run.join(format!("samples/step-{step}.png"))).unwrap());
+        assert!(*width > 0);
+    }
+    // Without report_to, no event file.
+    let plain = dir.path().join("plain");
+    assert!(compare(&plain, &[]).0);
+    assert!(!std::fs::read_dir(plain.join("seed-0/lisa")).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("events.out")));
+}
+
+#[test]
 fn a_side_network_on_stacked_conditions_trains_samples_and_composes() {
     let dir = tempfile::tempdir().unwrap();
     let run = |name: &str| dir.path().join(name);

@@ -18,6 +18,7 @@ use crate::eval::{frechet_distance, load_shipped, FeatureStats};
 use crate::models::ControlNetConfig;
 use crate::pipeline::{shipped_main_network, MainNetwork};
 use crate::train::log::{LogFormat, MetricsLog};
+use crate::train::tensorboard::{self, ReportTo};
 use crate::train::trainer::{self, RunDir, TrainConfig};
 use crate::{Error, Result};
 
@@ -506,6 +507,9 @@ pub fn train_control(
         None
     };
     let mut fid_log = MetricsLog::open_file(out.join("fidelity.csv"), LogFormat::Csv, resume_step)?;
+    if cfg.train.reports_to(ReportTo::Tensorboard) {
+        fid_log.mirror_to(tensorboard::open(out, resume_step)?, "fidelity");
+    }
     let samples_dir = out.join("samples");
     std::fs::create_dir_all(&samples_dir).map_err(|e| Error::io(&samples_dir, e))?;
     let metric = metric_name(kind);
@@ -531,6 +535,7 @@ pub fn train_control(
                 &fid_x.narrow(0, 0, k),
                 &samples_dir.join(format!("step-{step}.png")),
             )?;
+            tensorboard::mirror_image(out, step, "validation/samples", &samples_dir.join(format!("step-{step}.png")))?;
         }
         if let Some(h) = held_out_loss.as_ref() {
             if gain_due {

@@ -302,7 +302,9 @@ pub fn train_latent(
         let rows = Tensor::stack(&[val_c.to_device(Device::Cpu) * 2.0 - 1.0, images, val_x.to_device(Device::Cpu)], 1)
             .flatten(0, 1)
             .to_kind(Kind::Float);
-        crate::eval::grid::save_grid(&rows, 3, 2, samples_dir.join(format!("step-{step}.png")))
+        let path = samples_dir.join(format!("step-{step}.png"));
+        crate::eval::grid::save_grid(&rows, 3, 2, &path)?;
+        crate::train::tensorboard::mirror_image(out, step, "validation/samples", &path)
     };
     let summary =
         trainer::train(&task, params, &train_data, &main.objective, &train_cfg, &run, |step, _| validate(step))?;

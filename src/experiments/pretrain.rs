@@ -194,13 +194,9 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
             }
             std::fs::create_dir_all(&samples_dir).map_err(|e| Error::io(&samples_dir, e))?;
             let nrow = m.label_encoder.num_classes.min(val.num_images);
-            crate::eval::grid::save_grid_scaled(
-                &images,
-                nrow as usize,
-                2,
-                2,
-                samples_dir.join(format!("step-{step}.png")),
-            )
+            let path = samples_dir.join(format!("step-{step}.png"));
+            crate::eval::grid::save_grid_scaled(&images, nrow as usize, 2, 2, &path)?;
+            crate::train::tensorboard::mirror_image(out, step, "validation/samples", &path)
         })?;
     // The final model: the averaged weights when EMA is on.
     let final_dir = out.join("model");

@@ -1,10 +1,12 @@
-//! Metric logs (CSV or JSON lines), one row per logged step, and a progress bar.
+//! Metric logs (CSV or JSON lines, optionally mirrored to TensorBoard), one row per logged step, and a progress bar.
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use super::tensorboard::EventLog;
 use crate::{Error, Result};
 
 /// The format of the metrics file.
@@ -24,6 +26,7 @@ pub struct MetricsLog {
     format: LogFormat,
     columns: Option<Vec<String>>,
     file: fs::File,
+    events: Option<(Arc<Mutex<EventLog>>, String)>,
 }
 
 impl MetricsLog {
@@ -66,7 +69,12 @@ impl MetricsLog {
             fs::File::create(&path)
         };
         let file = file.map_err(|e| Error::io(&path, e))?;
-        Ok(Self { path, format, columns, file })
+        Ok(Self { path, format, columns, file, events: None })
+    }
+
+    /// Also writes every row to the TensorBoard event log `events`, each metric tagged `{section}/{name}`.
+    pub fn mirror_to(&mut self, events: Arc<Mutex<EventLog>>, section: &str) {
+        self.events = Some((events, section.to_owned()));
     }
 
     /// The log file.
@@ -97,12 +105,23 @@ impl MetricsLog {
                 serde_json::Value::Object(obj).to_string()
             }
         };
-        writeln!(self.file, "{line}").map_err(|e| Error::io(&self.path, e))
+        writeln!(self.file, "{line}").map_err(|e| Error::io(&self.path, e))?;
+        if let Some((events, section)) = &self.events {
+            let mut events = events.lock().unwrap_or_else(|e| e.into_inner());
+            for (name, value) in metrics {
+                events.scalar(step, &format!("{section}/{name}"), *value)?;
+            }
+        }
+        Ok(())
     }
 
     /// Flushes buffered rows to disk (called at checkpoints).
     pub fn flush(&mut self) -> Result<()> {
-        self.file.flush().and_then(|_| self.file.sync_data()).map_err(|e| Error::io(&self.path, e))
+        self.file.flush().and_then(|_| self.file.sync_data()).map_err(|e| Error::io(&self.path, e))?;
+        match &self.events {
+            Some((events, _)) => events.lock().unwrap_or_else(|e| e.into_inner()).flush(),
+            None => Ok(()),
+        }
     }
 }
 

@@ -1,5 +1,5 @@
 //! Training: the loop (`trainer`), the one optimizer update it runs (`step`), fp16 loss scaling, AdamW with saved state, the LR schedule, EMA, atomic checkpoints
-//! and metric logs.
+//! and metric logs (CSV/JSONL, and TensorBoard event files).
 pub mod checkpoint;
 pub mod ema;
 pub mod lr;
@@ -8,4 +8,5 @@ pub mod log;
 pub mod loss_scaler;
 pub mod optim;
 pub mod step;
+pub mod tensorboard;
 pub mod trainer;

@@ -11,6 +11,7 @@ use tch::Tensor;
 use super::checkpoint;
 use super::ema::Ema;
 use super::log::{LogFormat, MetricsLog, Progress};
+use super::tensorboard::{self, ReportTo};
 use super::lr::{lr_at, LrSchedule};
 use super::loss_scaler::LossScaler;
 use super::optim::{AdamW, AdamWConfig};
@@ -58,6 +59,10 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// `csv` or `jsonl`. Default `csv`.
     pub log_format: LogFormat,
+    /// Where the same rows go besides that log, as diffusers' `--report_to`: `["tensorboard"]` writes TensorBoard
+    /// event files in the run folder (losses, learning rate, LISA statistics, fidelity, validation images).
+    /// Default `[]`.
+    pub report_to: Vec<ReportTo>,
     /// Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped). Default 5.
     pub max_consecutive_nonfinite: u32,
     /// `no`, `bf16` or `fp16`: the precision of convolutions, matmuls and attention in the training
@@ -86,6 +91,7 @@ impl Default for TrainConfig {
             validation_steps: 0,
             log_every: 10,
             log_format: LogFormat::Csv,
+            report_to: Vec::new(),
             max_consecutive_nonfinite: 5,
             mixed_precision: MixedPrecision::No,
         }
@@ -93,6 +99,11 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Whether `report_to` names `target`.
+    pub fn reports_to(&self, target: ReportTo) -> bool {
+        self.report_to.contains(&target)
+    }
+
     /// Rejects settings that cannot run.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::Config(m.to_owned()));
@@ -342,6 +353,9 @@ pub fn train(
         weights::write_atomic(&out.join(name), bytes)?;
     }
     let mut log = MetricsLog::open(out, cfg.log_format, run.resume.map(|_| step))?;
+    if cfg.reports_to(ReportTo::Tensorboard) {
+        log.mirror_to(tensorboard::open(out, run.resume.map(|_| step))?, "train");
+    }
     let progress = Progress::new(step, cfg.steps, run.quiet);
     let (mut sums, mut count) = (Vec::<(String, f64)>::new(), 0u64);
     let (mut consecutive_bad, mut final_loss) = (0u32, f64::NAN);
