@@ -1,19 +1,12 @@
 //! `lisa bench` end to end at a tiny size: the timing loop runs every one of our variants, prints the
 //! table and writes the JSON; a missing reference Python is a clear skip, not a failure. No speed is asserted.
+mod common;
+use common::lisa;
 use std::path::Path;
-use std::process::Command;
 
 use lisa::models::{LabelEncoderConfig, UNetConfig};
 use lisa::pipeline::{MainNetwork, MainNetworkConfig};
 
-fn lisa(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lisa")).args(args).output().expect("run lisa");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// A tiny main network folder (8×8 samples, widths 8/16/16).
 fn tiny_main(dir: &Path) {

@@ -1,10 +1,6 @@
 //! The `lisa` binary as a user meets it: help, and bad input giving one clear line and a non-zero exit.
-use std::process::Command;
-
-fn lisa(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lisa")).args(args).output().expect("run lisa");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
+mod common;
+use common::lisa;
 
 /// An error is reported as exactly one line starting with `error:`, with no panic.
 fn assert_one_line_error(stderr: &str, must_contain: &[&str]) {

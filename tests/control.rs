@@ -1,17 +1,10 @@
 //! Side-network training end to end through the binary, at a tiny size: `lisa compare` writes its
 //! run folders, plot, grid and summary; `--resume` keeps finished arms; the saved side network
 //! samples under `lisa sample --controlnet`; and its bad input gets one clear line.
+mod common;
+use common::lisa;
 use std::path::Path;
-use std::process::Command;
 
-fn lisa(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lisa")).args(args).output().expect("run lisa");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 const TINY: [&str; 16] = [
     "--set",

@@ -13,6 +13,8 @@
 //! Tolerance: a tensor matches when `max |ours − ref| ≤ TOL · (1 + max |ref|)`; the table printed
 //! by each test (`cargo test --test diffusers -- --nocapture`) gives the deviations per tensor, and a
 //! mismatch prints its first differing elements.
+mod common;
+use common::{lisa, unravel};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,15 +46,6 @@ fn golden(name: &str) -> HashMap<String, Tensor> {
         })
         .into_iter()
         .collect()
-}
-
-fn unravel(mut i: i64, shape: &[i64]) -> Vec<i64> {
-    let mut idx = vec![0; shape.len()];
-    for d in (0..shape.len()).rev() {
-        idx[d] = i % shape[d].max(1);
-        i /= shape[d].max(1);
-    }
-    idx
 }
 
 /// Collects per-tensor comparisons, prints them as a table and asserts at the end.
@@ -621,12 +614,6 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Runs the `lisa` binary; (success, stdout, stderr).
-fn lisa_cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lisa")).args(args).output().expect("run lisa");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
-
 #[test]
 fn train_sd_trains_a_latent_controlnet_on_a_captioned_imagefolder_resumes_and_exports_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -663,7 +650,7 @@ fn train_sd_trains_a_latent_controlnet_on_a_captioned_imagefolder_resumes_and_ex
         .map(|s| s.to_string())
         .collect()
     };
-    let run = |a: Vec<String>| lisa_cli(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let run = |a: Vec<String>| lisa(&a.iter().map(String::as_str).collect::<Vec<_>>());
     let (ok, stdout, stderr) = run(args("2"));
     assert!(ok, "{stderr}");
     assert!(stdout.contains("6 examples (2 prompts, latents [4, 8, 8])"), "{stdout}");
@@ -702,7 +689,7 @@ fn train_sd_trains_a_latent_controlnet_on_a_captioned_imagefolder_resumes_and_ex
     assert!(a.mid_block_res_sample.equal(&b.mid_block_res_sample));
     assert!(a.mid_block_res_sample.abs().max().double_value(&[]) > 0.0, "trained zero convs are no longer zero");
     let again = dir.path().join("exported");
-    let (ok, _, stderr) = lisa_cli(&[
+    let (ok, _, stderr) = lisa(&[
         "export-controlnet", "--controlnet", out.join("side-network").to_str().unwrap(), "--model",
         model.to_str().unwrap(), "--out", again.to_str().unwrap(),
     ]);

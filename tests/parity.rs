@@ -21,6 +21,8 @@
 //! `DDPMScheduler.add_noise` from a float32 ᾱ table, ours from a float64 one (see
 //! `x_t_schedule_difference_is_float32_rounding` below); the network step runs on the golden `x_t`
 //! so that its comparison is not polluted by the schedule's rounding.
+mod common;
+use common::unravel;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -96,15 +98,6 @@ struct Report {
     failures: Vec<String>,
     /// (group, max abs diff, max abs diff / max|ref|) per tensor.
     stats: Vec<(String, f64, f64)>,
-}
-
-fn unravel(mut i: i64, shape: &[i64]) -> Vec<i64> {
-    let mut idx = vec![0; shape.len()];
-    for d in (0..shape.len()).rev() {
-        idx[d] = i % shape[d].max(1);
-        i /= shape[d].max(1);
-    }
-    idx
 }
 
 impl Report {

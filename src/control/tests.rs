@@ -75,16 +75,21 @@ pub(super) fn train_three_steps(main: &MainNetwork, side: &SideNetwork, head: &L
 
 /// A noised batch of 4 with labels and conditions.
 fn batch(main: &MainNetwork) -> (Batch, crate::diffusion::TrainingSample) {
+    batch_with_labels(main, [0, 1, 2, 1])
+}
+
+/// A noised batch of 4 single-channel 8×8 images (seeded), with `labels` and random conditions.
+pub(super) fn batch_with_labels(main: &MainNetwork, labels: [i64; 4]) -> (Batch, crate::diffusion::TrainingSample) {
     tch::manual_seed(11);
     let x0 = Tensor::rand([4, 1, 8, 8], CPU) * 2.0 - 1.0;
-    let b =
-        Batch { labels: Tensor::from_slice(&[0i64, 1, 2, 1]), condition: Some(Tensor::rand([4, 1, 8, 8], CPU)), x0 };
+    let b = Batch { labels: Tensor::from_slice(&labels), condition: Some(Tensor::rand([4, 1, 8, 8], CPU)), x0 };
     let t = main.objective.sample_times(4, Device::Cpu);
     let s = main.objective.training_sample(&b.x0, &b.x0.randn_like(), &t).unwrap();
     (b, s)
 }
 
-fn bitwise_equal(a: &Tensor, b: &Tensor) -> bool {
+/// Same shape and the same bits.
+pub(super) fn bitwise_equal(a: &Tensor, b: &Tensor) -> bool {
     a.size() == b.size() && a.equal(b)
 }
 

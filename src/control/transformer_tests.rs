@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use tch::{Device, Kind, Tensor};
 
+use super::tests::bitwise_equal;
 use super::*;
 use crate::data::conditions::ConditionKind;
 use crate::diffusion::objective::ObjectiveKind;
@@ -66,17 +67,7 @@ fn head(main: &MainNetwork, side: &SideNetwork, hook: Hook, reference_pass: Refe
 }
 
 fn batch(main: &MainNetwork) -> (Batch, crate::diffusion::TrainingSample) {
-    tch::manual_seed(11);
-    let x0 = Tensor::rand([4, 1, 8, 8], CPU) * 2.0 - 1.0;
-    let b =
-        Batch { labels: Tensor::from_slice(&[0i64, 1, 2, 3]), condition: Some(Tensor::rand([4, 1, 8, 8], CPU)), x0 };
-    let t = main.objective.sample_times(4, Device::Cpu);
-    let s = main.objective.training_sample(&b.x0, &b.x0.randn_like(), &t).unwrap();
-    (b, s)
-}
-
-fn bitwise_equal(a: &Tensor, b: &Tensor) -> bool {
-    a.size() == b.size() && a.equal(b)
+    super::tests::batch_with_labels(main, [0, 1, 2, 3])
 }
 
 fn randomize(side: &SideNetwork, prefix: &str) {
