@@ -160,7 +160,7 @@ impl Objective {
         let bshape = [b, 1, 1, 1];
         match self {
             Objective::Diffusion { schedule, prediction } => {
-                let (alpha, sigma) = self.alpha_sigma(schedule, t, x0.device())?;
+                let (alpha, sigma) = self.alpha_sigma(t, Kind::Float)?;
                 let (alpha, sigma) = (alpha.view(bshape), sigma.view(bshape));
                 let x_t = &alpha * x0 + &sigma * noise;
                 let target = match prediction {
@@ -181,10 +181,21 @@ impl Objective {
         }
     }
 
-    fn alpha_sigma(&self, schedule: &NoiseSchedule, t: &Tensor, device: Device) -> Result<(Tensor, Tensor)> {
-        let abar = Tensor::from_slice(&schedule.alphas_cumprod).to_device(device);
-        let abar_t = abar.f_index_select(0, t)?.to_kind(Kind::Float);
-        Ok((abar_t.sqrt(), abar_t.neg().g_add_scalar(1.0).sqrt()))
+    /// The signal and noise scales `(α, σ)` with `x_t = α·x0 + σ·ε`, one per entry of the raw times `t` (as from
+    /// [`Objective::sample_times`]), in `kind` on `t`'s device. DDPM: `α = √ᾱ_t`, `σ = √(1 − ᾱ_t)`, with ᾱ read from
+    /// the schedule in f64 and rounded to `kind` before the square roots; flow: `α = 1 − t`, `σ = t`.
+    pub fn alpha_sigma(&self, t: &Tensor, kind: Kind) -> Result<(Tensor, Tensor)> {
+        match self {
+            Objective::Diffusion { schedule, .. } => {
+                let abar = Tensor::from_slice(&schedule.alphas_cumprod).to_device(t.device());
+                let abar_t = abar.f_index_select(0, &t.to_kind(Kind::Int64))?.to_kind(kind);
+                Ok((abar_t.sqrt(), abar_t.neg().g_add_scalar(1.0).sqrt()))
+            }
+            Objective::Flow => {
+                let t = t.to_kind(kind);
+                Ok((t.neg().g_add_scalar(1.0), t))
+            }
+        }
     }
 
     /// Short name for logs and file names: `epsilon`, `v_prediction` or `flow`.

@@ -33,16 +33,8 @@ use crate::{Error, Result};
 /// `(α, σ)` per example for the objective's raw times `t` (DDPM: i64 timestep indices, `α = √ᾱ_t`,
 /// `σ = √(1 − ᾱ_t)` from our schedule; flow: f32 `t ∈ [0, 1)`, `α = 1 − t`, `σ = t`), in f64.
 pub fn noise_level(objective: &Objective, t: &Tensor) -> Result<NoiseLevel> {
-    match objective {
-        Objective::Diffusion { schedule, .. } => {
-            let abar = Tensor::from_slice(&schedule.alphas_cumprod).f_index_select(0, &t.to_kind(Kind::Int64))?;
-            Ok(NoiseLevel { alpha: abar.sqrt(), sigma: abar.neg().g_add_scalar(1.0).sqrt() })
-        }
-        Objective::Flow => {
-            let t = t.to_kind(Kind::Double);
-            Ok(NoiseLevel { alpha: t.neg().g_add_scalar(1.0), sigma: t })
-        }
-    }
+    let (alpha, sigma) = objective.alpha_sigma(t, Kind::Double)?;
+    Ok(NoiseLevel { alpha, sigma })
 }
 
 
