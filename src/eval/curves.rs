@@ -1,4 +1,4 @@
-//! Reading training curves: their mean level (mAUCC), the step at which a curve first reaches a level
+//! Reading training curves: from a run's CSV logs, their mean level (mAUCC), the step at which a curve first reaches a level
 //! (interpolated between evaluations), the plateau it settles at, and the speed-up of one arm over
 //! another with a bootstrap interval over seeds.
 //!
@@ -6,7 +6,11 @@
 //! measured from step 0 to the mean of its last evaluations (not its last point), and each arm's
 //! time is the first crossing of a fixed fraction of that gain, interpolated linearly between the
 //! two evaluations around it.
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
 
 /// The part of a curve's step range, counted from its end, whose mean is its plateau.
 pub const PLATEAU_FRACTION: f64 = 0.2;
@@ -284,9 +288,49 @@ impl EventTiming {
     }
 }
 
+/// Reads `(step, value)` pairs of column `name` from a CSV log; rows in which the column was not
+/// measured (NaN, e.g. a loss-gain-only row of `fidelity.csv`) are skipped.
+pub fn read_curve(path: &Path, name: &str) -> Result<Vec<(u64, f64)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
+    let col = header.iter().position(|h| *h == name).ok_or_else(|| Error::format(path, format!("no column {name}")))?;
+    let mut out = Vec::new();
+    for line in lines.filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split(',').collect();
+        let step =
+            f.first().and_then(|s| s.parse().ok()).ok_or_else(|| Error::format(path, format!("bad row {line:?}")))?;
+        let v: f64 =
+            f.get(col).and_then(|s| s.parse().ok()).ok_or_else(|| Error::format(path, format!("bad row {line:?}")))?;
+        if !v.is_nan() {
+            out.push((step, v));
+        }
+    }
+    Ok(out)
+}
+
+/// The mean of column `name` of a CSV log over the rows where it was measured (0 for none).
+pub fn mean_column(path: &Path, name: &str) -> Result<f64> {
+    let c = read_curve(path, name)?;
+    Ok(c.iter().map(|p| p.1).sum::<f64>() / c.len().max(1) as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn curves_are_read_from_csv_logs_skipping_unmeasured_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fidelity.csv");
+        std::fs::write(&path, "step,edge_f1,loss_gain\n0,0.7,0\n10,NaN,0.01\n20,0.8,0.03\n").unwrap();
+        assert_eq!(read_curve(&path, "edge_f1").unwrap(), vec![(0, 0.7), (20, 0.8)]);
+        assert!((mean_column(&path, "loss_gain").unwrap() - 0.04 / 3.0).abs() < 1e-12);
+        let err = read_curve(&path, "mask_iou").unwrap_err().to_string();
+        assert!(err.contains("no column mask_iou") && err.contains("fidelity.csv"), "{err}");
+        std::fs::write(&path, "step,edge_f1\nten,0.7\n").unwrap();
+        assert!(read_curve(&path, "edge_f1").unwrap_err().to_string().contains("bad row"));
+    }
 
     type Curve = Vec<(u64, f64)>;
 

@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::control::{
-    load_main, read_curve, save_triptych, train_control, ArmSummary, ControlConfig, LazyData, FINAL_SAMPLES,
+    load_main, save_triptych, train_control, ArmSummary, ControlConfig, LazyData, FINAL_SAMPLES,
 };
 use crate::control::NUM_TIME_BUCKETS;
-use crate::eval::curves::{first_reaching, speedups, EventTiming, SeedCurves, SpeedUp};
+use crate::eval::curves::{first_reaching, read_curve, speedups, EventTiming, SeedCurves, SpeedUp};
 use crate::eval::plot::{line_plot, PlotSpec, Series};
 use crate::{Error, Result};
 

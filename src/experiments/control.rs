@@ -11,7 +11,7 @@ use crate::control::{ControlTask, LisaConfig, LisaHead, SideNetwork, NUM_TIME_BU
 use crate::data::conditions::ConditionSet;
 use crate::data::Dataset;
 use crate::diffusion::{SamplerConfig, SamplerKind};
-use crate::eval::curves::mean_aucc;
+use crate::eval::curves::{mean_aucc, mean_column, read_curve};
 use crate::eval::fidelity::{fidelity, higher_is_better, metric_name};
 use crate::eval::loss_gain::{HeldOutLoss, LossGain};
 use crate::eval::{frechet_distance, load_shipped, FeatureStats};
@@ -671,32 +671,6 @@ pub fn save_triptych(conditions: &Tensor, samples: &[Tensor], truth: &Tensor, pa
     let stacked = Tensor::stack(&cols, 1).flatten(0, 1);
     debug_assert_eq!(stacked.size()[0], k * ncol as i64);
     crate::eval::grid::save_grid_scaled(&stacked, ncol, 2, 2, path)
-}
-
-/// Reads `(step, value)` pairs of column `name` from a CSV log; rows in which the column was not
-/// measured (NaN, e.g. a loss-gain-only row of `fidelity.csv`) are skipped.
-pub fn read_curve(path: &Path, name: &str) -> Result<Vec<(u64, f64)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
-    let col = header.iter().position(|h| *h == name).ok_or_else(|| Error::format(path, format!("no column {name}")))?;
-    let mut out = Vec::new();
-    for line in lines.filter(|l| !l.trim().is_empty()) {
-        let f: Vec<&str> = line.split(',').collect();
-        let step =
-            f.first().and_then(|s| s.parse().ok()).ok_or_else(|| Error::format(path, format!("bad row {line:?}")))?;
-        let v: f64 =
-            f.get(col).and_then(|s| s.parse().ok()).ok_or_else(|| Error::format(path, format!("bad row {line:?}")))?;
-        if !v.is_nan() {
-            out.push((step, v));
-        }
-    }
-    Ok(out)
-}
-
-fn mean_column(path: &Path, name: &str) -> Result<f64> {
-    let c = read_curve(path, name)?;
-    Ok(c.iter().map(|p| p.1).sum::<f64>() / c.len().max(1) as f64)
 }
 
 /// The sampler of the fidelity and final evaluations: the configured one, except that DDIM becomes

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
-use super::control::{load_main, prepare_data, read_curve, train_control, ControlConfig};
+use super::control::{load_main, prepare_data, train_control, ControlConfig};
+use crate::eval::curves::read_curve;
 use super::pretrain::device_from;
 use crate::models::MixedPrecision;
 use crate::{Error, Result};

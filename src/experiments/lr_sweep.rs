@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::control::{read_curve, ControlConfig};
+use super::control::ControlConfig;
+use crate::eval::curves::read_curve;
 use crate::eval::curves::EventTiming;
 use crate::eval::fidelity::higher_is_better;
 use crate::eval::plot::{line_plot, PlotSpec, Series};
