@@ -4,7 +4,8 @@
 # Installs, all project-local and git-ignored:
 #   .venv/      a Python venv holding the PyPI torch==2.13.0 wheel (the libtorch that tch 0.26 links)
 #   .libtorch   a link to that wheel's torch/ folder (read by .cargo/config.toml and build.rs)
-# and, system-wide when run as root, the Debian package dataset-fashion-mnist.
+# and, system-wide when run as root, the Debian packages dataset-fashion-mnist and libgloo-dev (the Gloo
+# headers that build.rs compiles the multi-process shim with; the wheel ships none).
 #
 # LISA_TORCH=cpu (default when no NVIDIA driver is visible): the torch wheel without its CUDA
 #   dependencies plus the two small CUDA runtime wheels that libtorch_cpu.so needs to load (~1.2 GB).
@@ -31,7 +32,17 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   fi
 fi
 
-# 2. libtorch from the PyPI wheel, into .venv.
+# 2. Gloo's headers, for training in several processes on the CPU (without them lisa builds but runs in one).
+if [ ! -f /usr/include/gloo/algorithm.h ] && [ -z "${GLOO_INCLUDE_DIR:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing libgloo-dev (Debian)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgloo-dev >/dev/null
+  else
+    echo "setup: note: run 'sudo apt-get install libgloo-dev' to train in several processes on the CPU"
+  fi
+fi
+
+# 3. libtorch from the PyPI wheel, into .venv.
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 have=$(.venv/bin/python -m pip list --format=freeze 2>/dev/null | sed -n 's/^torch==//p')

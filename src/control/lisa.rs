@@ -259,7 +259,7 @@ impl LisaHead {
                 let res = likelihood_residual(&target, reference()?);
                 let rms =
                     res.square().f_flatten(1, -1)?.f_mean_dim(1, true, Kind::Float)?.sqrt().f_view([-1, 1, 1, 1])?;
-                crate::rng::randn_like_on_host(&res)? * rms
+                crate::rng::per_example(&res.size(), |s| crate::rng::randn_on_host(s, res.kind(), res.device()))? * rms
             }
             LisaTarget::Raw => target.detach(),
             LisaTarget::Condition => condition.f_narrow(0, 0, n)?.detach() * 2.0 - 1.0,
