@@ -42,7 +42,8 @@ fn cxx11_abi() -> String {
 fn build_shim(root: &Path) {
     let include = root.join("include");
     if !include.join("torch/csrc/distributed/c10d/TCPStore.hpp").exists() {
-        println!("cargo:warning=libtorch at {} has no c10d headers: multi-process training is unavailable", root.display());
+        let root = root.display();
+        println!("cargo:warning=libtorch at {root} has no c10d headers: multi-process training is unavailable");
         return;
     }
     let gloo = std::env::var("GLOO_INCLUDE_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("/usr/include"));
@@ -63,7 +64,8 @@ fn build_shim(root: &Path) {
         b
     };
     let nvidia = root.join("../nvidia");
-    let find = |dirs: [&str; 2], header: &str| dirs.map(|d| nvidia.join(d)).into_iter().find(|d| d.join(header).exists());
+    let find =
+        |dirs: [&str; 2], header: &str| dirs.map(|d| nvidia.join(d)).into_iter().find(|d| d.join(header).exists());
     let cuda_include = find(["cu13/include", "cuda_runtime/include"], "cuda_runtime_api.h");
     let nccl_include = find(["nccl/include", "cu13/include"], "nccl.h");
     let mut has_nccl = false;
@@ -81,7 +83,10 @@ fn build_shim(root: &Path) {
     if has_gloo {
         b.define("LISA_GLOO", None);
     } else {
-        println!("cargo:warning=no Gloo headers (install libgloo-dev or set GLOO_INCLUDE_DIR): CPU training runs in one process only");
+        println!(
+            "cargo:warning=no Gloo headers (install libgloo-dev or set GLOO_INCLUDE_DIR): CPU training runs in one \
+             process only"
+        );
     }
     if has_nccl {
         b.define("LISA_NCCL", None);

@@ -47,9 +47,12 @@ impl Launch {
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
         let Some(world) = var("WORLD_SIZE") else { return Ok(None) };
         let bad = |name: &str, value: &str, want: &str| {
-            Error::Distributed(format!("environment variable {name}={value:?} is not {want}; launch with torchrun or lisa launch"))
+            Error::Distributed(format!(
+                "environment variable {name}={value:?} is not {want}; launch with torchrun or lisa launch"
+            ))
         };
-        let int = |name: &str, value: String| value.trim().parse::<usize>().map_err(|_| bad(name, &value, "a number ≥ 0"));
+        let int =
+            |name: &str, value: String| value.trim().parse::<usize>().map_err(|_| bad(name, &value, "a number ≥ 0"));
         let world_size = int("WORLD_SIZE", world)?;
         if world_size == 0 {
             return Err(bad("WORLD_SIZE", "0", "≥ 1"));
@@ -232,7 +235,8 @@ impl ProcessGroup {
             let (kind, device) = (grads[start].kind(), grads[start].device());
             let mut end = start;
             let mut bytes = 0;
-            while end < grads.len() && grads[end].kind() == kind && grads[end].device() == device && (end == start || bytes < BUCKET_BYTES) {
+            let fits = |g: &Tensor, bytes: i64| g.kind() == kind && g.device() == device && bytes < BUCKET_BYTES;
+            while end < grads.len() && (end == start || fits(&grads[end], bytes)) {
                 bytes += grads[end].numel() as i64 * kind.elt_size_in_bytes() as i64;
                 end += 1;
             }
@@ -468,8 +472,20 @@ mod ffi {
             err: *mut *mut c_char,
         ) -> *mut c_void;
         fn lisa_dist_peer(g: *mut c_void, rank: c_int) -> *const c_char;
-        fn lisa_dist_all_reduce(g: *mut c_void, t: *const *mut c_void, n: c_int, avg: c_int, err: *mut *mut c_char) -> c_int;
-        fn lisa_dist_broadcast(g: *mut c_void, t: *const *mut c_void, n: c_int, root: c_int, err: *mut *mut c_char) -> c_int;
+        fn lisa_dist_all_reduce(
+            g: *mut c_void,
+            t: *const *mut c_void,
+            n: c_int,
+            avg: c_int,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        fn lisa_dist_broadcast(
+            g: *mut c_void,
+            t: *const *mut c_void,
+            n: c_int,
+            root: c_int,
+            err: *mut *mut c_char,
+        ) -> c_int;
         fn lisa_dist_barrier(g: *mut c_void, err: *mut *mut c_char) -> c_int;
         fn lisa_dist_destroy(g: *mut c_void);
     }
@@ -512,7 +528,8 @@ mod ffi {
         let ms = timeout.as_millis().min(i64::MAX as u128) as c_longlong;
         // SAFETY: valid C string and out-pointer; the shim catches every C++ exception.
         let g = unsafe {
-            lisa_dist_join(b, host.as_ptr(), l.master_port.into(), l.rank as c_int, l.world_size as c_int, ms, device, &mut err)
+            let (rank, world) = (l.rank as c_int, l.world_size as c_int);
+            lisa_dist_join(b, host.as_ptr(), l.master_port.into(), rank, world, ms, device, &mut err)
         };
         if g.is_null() {
             Err(take(err))
@@ -609,10 +626,13 @@ mod tests {
             move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
         };
         assert_eq!(Launch::from_vars(vars(&[])).unwrap(), None);
-        let l = Launch::from_vars(vars(&[("WORLD_SIZE", "4"), ("RANK", "3"), ("MASTER_PORT", "1234")])).unwrap().unwrap();
+        let l = Launch::from_vars(vars(&[("WORLD_SIZE", "4"), ("RANK", "3"), ("MASTER_PORT", "1234")]));
+        let l = l.unwrap().unwrap();
         assert_eq!((l.rank, l.world_size, l.local_rank, l.master_port), (3, 4, 3, 1234));
         assert_eq!(l.master_addr, "127.0.0.1");
-        for bad in [&[("WORLD_SIZE", "2")][..], &[("WORLD_SIZE", "2"), ("RANK", "2")], &[("WORLD_SIZE", "x"), ("RANK", "0")]] {
+        let bad_launches: [&'static [(&str, &str)]; 3] =
+            [&[("WORLD_SIZE", "2")], &[("WORLD_SIZE", "2"), ("RANK", "2")], &[("WORLD_SIZE", "x"), ("RANK", "0")]];
+        for bad in bad_launches {
             let e = Launch::from_vars(vars(bad)).unwrap_err().to_string();
             assert!(!e.contains('\n') && e.contains("launch with torchrun"), "{e}");
         }

@@ -80,7 +80,10 @@ pub fn rows() -> Option<Rows> {
 /// `draw` makes the draw of the whole global batch and this process keeps its rows; otherwise `draw(shape)`.
 /// Tasks draw their per-example randomness (dropout masks, random targets) through it, so that training
 /// on several processes draws what one process would.
-pub fn per_example(shape: &[i64], draw: impl FnOnce(&[i64]) -> crate::Result<tch::Tensor>) -> crate::Result<tch::Tensor> {
+pub fn per_example(
+    shape: &[i64],
+    draw: impl FnOnce(&[i64]) -> crate::Result<tch::Tensor>,
+) -> crate::Result<tch::Tensor> {
     match rows() {
         Some(r) if !shape.is_empty() && r.start + shape[0] <= r.total && shape[0] < r.total => {
             let mut full = shape.to_vec();

@@ -35,7 +35,10 @@ fn train_as_a_rank() {
     };
     let mut main = MainNetwork::new(&cfg, Device::Cpu).unwrap();
     main.freeze();
-    let cn = ControlNetConfig { conditioning_embedding_out_channels: vec![4, 8], ..ControlNetConfig::for_unet(&main.config.unet) };
+    let cn = ControlNetConfig {
+        conditioning_embedding_out_channels: vec![4, 8],
+        ..ControlNetConfig::for_unet(&main.config.unet)
+    };
     let side = SideNetwork::from_main(&main, ConditionKind::Edges, cn).unwrap();
     let head = LisaHead::new(&main, &side, &LisaConfig { decoder_channel_floor: 8, ..LisaConfig::default() }).unwrap();
     let data = Dataset {
@@ -142,7 +145,8 @@ fn metrics(dir: &Path) -> Vec<HashMap<String, f64>> {
     let header: Vec<String> = lines.next().unwrap().split(',').map(String::from).collect();
     lines
         .map(|l| {
-            header.iter().cloned().zip(l.split(',').map(|v| v.parse::<f64>().unwrap())).filter(|(k, _)| k != "step_seconds").collect()
+            let values = l.split(',').map(|v| v.parse::<f64>().unwrap());
+            header.iter().cloned().zip(values).filter(|(k, _)| k != "step_seconds").collect()
         })
         .collect()
 }
@@ -254,4 +258,73 @@ fn data_parallel_lisa_training_matches_one_process_resumes_and_fails_cleanly() {
     // The test harness prints the test's name before it on the same line.
     let line = text.lines().find_map(|l| l.split_once("ERROR: ")).unwrap_or_else(|| panic!("no error:\n{text}")).1;
     assert!(line.contains(&format!("rank 1 (pid {pid}) exited")), "{line}");
+}
+
+/// A tiny pretraining run (data parallel through the binary: the CLI, the run lock, the final model).
+const TINY_PRETRAIN: &str = r#"
+threads = 1
+device = "cpu"
+label_dropout = 0.2
+[data]
+source = "embedded"
+max_examples = 32
+[model.unet]
+block_out_channels = [8, 16]
+down_block_types = ["DownBlock2D", "CrossAttnDownBlock2D"]
+up_block_types = ["CrossAttnUpBlock2D", "UpBlock2D"]
+cross_attention_dim = 16
+attention_head_dim = 2
+norm_num_groups = 4
+[train]
+steps = 3
+batch_size = 8
+lr_warmup_steps = 1
+log_every = 1
+checkpointing_steps = 2
+[validation]
+num_images = 0
+"#;
+
+fn lisa(args: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lisa"));
+    for k in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"] {
+        cmd.env_remove(k);
+    }
+    let out = cmd.args(args).env("LISA_DIST_TIMEOUT_S", "20").output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn lisa_launch_pretrains_in_two_processes_as_one_would() {
+    if !Backend::Gloo.is_available() {
+        eprintln!("skipped: this build has no Gloo backend");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("tiny.toml");
+    std::fs::write(&config, TINY_PRETRAIN).unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    fn pretrain<'a>(config: &'a Path, out: &'a Path) -> [&'a str; 6] {
+        ["pretrain", "--quiet", "--config", config.to_str().unwrap(), "--output-dir", out.to_str().unwrap()]
+    }
+    let (ok, text) = lisa(&pretrain(&config, &one));
+    assert!(ok, "{text}");
+    let mut launch = vec!["launch", "--nproc", "2", "--", "lisa"];
+    launch.extend(pretrain(&config, &two));
+    let (ok, text) = lisa(&launch);
+    assert!(ok, "{text}");
+    assert!(two.join("model/model.safetensors").exists() && !two.join(".lisa-run.lock").exists());
+    let (m1, m2) = (metrics(&one), metrics(&two));
+    assert_eq!((m1.len(), m2.len()), (3, 3));
+    for (a, b) in m1.iter().zip(&m2) {
+        assert!(close(a["loss"], b["loss"]), "loss {} alone, {} in 2 processes", a["loss"], b["loss"]);
+    }
+
+    // Every process must get an equal share: one line saying so, and a non-zero exit.
+    let mut launch = vec!["launch", "--nproc", "3", "--", "lisa"];
+    let three = tmp.path().join("three");
+    launch.extend(pretrain(&config, &three));
+    let (ok, text) = lisa(&launch);
+    assert!(!ok);
+    assert!(text.contains("train.batch_size = 8 is not a multiple of the 3 processes"), "{text}");
 }

@@ -94,7 +94,8 @@ pub fn seeded_sample(objective: &Objective, batch: &Batch, seed: u64, counter: u
     tch::manual_seed(derive_seed(seed, counter) as i64);
     let x0 = &batch.x0;
     let noise = per_example(&x0.size(), |s| randn_on_host(s, x0.kind(), x0.device()))?;
-    let t = per_example(&[x0.size()[0]], |s| Ok(objective.sample_times(s[0], tch::Device::Cpu)))?.to_device(x0.device());
+    let t = per_example(&[x0.size()[0]], |s| Ok(objective.sample_times(s[0], tch::Device::Cpu)))?;
+    let t = t.to_device(x0.device());
     objective.training_sample(&batch.x0, &noise, &t)
 }
 

@@ -239,6 +239,14 @@ impl<'a> RunDir<'a> {
 /// leaves the folder as it was.
 pub fn preflight(data: &Dataset, cfg: &TrainConfig, run: &RunDir) -> Result<()> {
     cfg.validate()?;
+    let world = crate::distributed::Launch::from_env()?.map_or(1, |l| l.world_size);
+    if cfg.batch_size % world != 0 {
+        return Err(Error::Config(format!(
+            "train.batch_size = {} is not a multiple of the {world} processes; each takes an equal share of every \
+             batch: make it a multiple of {world}",
+            cfg.batch_size
+        )));
+    }
     if data.len() < cfg.batch_size {
         return Err(Error::Config(format!(
             "the dataset has {} examples, fewer than train.batch_size = {}; lower train.batch_size or add data",
@@ -300,13 +308,6 @@ pub fn train(
     let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
     let group = crate::distributed::join_from_env(device)?;
     let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()));
-    if cfg.batch_size % world != 0 {
-        return Err(Error::Config(format!(
-            "train.batch_size = {} is not a multiple of the {world} processes; each takes an equal share of every \
-             batch: make it a multiple of {world}",
-            cfg.batch_size
-        )));
-    }
     let main_process = rank == 0;
     let out = run.output_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
