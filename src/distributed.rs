@@ -636,6 +636,11 @@ mod tests {
             let e = Launch::from_vars(vars(bad)).unwrap_err().to_string();
             assert!(!e.contains('\n') && e.contains("launch with torchrun"), "{e}");
         }
+        // A backend this build lacks is refused before any connection, saying what to install.
+        for backend in [Backend::Gloo, Backend::Nccl].into_iter().filter(|b| !b.is_available()) {
+            let e = ProcessGroup::join(&l, backend, Duration::from_secs(1)).err().unwrap().to_string();
+            assert!(!e.contains('\n') && e.contains("4 processes asked for") && e.contains("rebuild"), "{e}");
+        }
     }
 
     /// The role a re-invoked test binary plays (see [`spawn_rank`]); unset in a normal test run.
