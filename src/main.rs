@@ -72,6 +72,23 @@ enum Command {
     /// Check an accelerator: is CUDA seen, and does a short LISA run on it agree with the same run on
     /// the CPU (f32) and with itself in bf16 and fp16? Prints losses, step times and verdicts.
     DeviceCheck(DeviceCheckArgs),
+    /// Run a command as N processes of one data-parallel training, as `torchrun --nproc-per-node N
+    /// --no-python` does (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), e.g.
+    /// `lisa launch --nproc 2 -- lisa train --config run.toml`.
+    Launch(LaunchArgs),
+}
+
+#[derive(Args)]
+struct LaunchArgs {
+    /// Processes to start: one per GPU (each takes cuda:LOCAL_RANK), or per share of the CPU cores.
+    #[arg(long, default_value_t = 1)]
+    nproc: usize,
+    /// Port of the rendezvous on 127.0.0.1 (default: a free one).
+    #[arg(long)]
+    master_port: Option<u16>,
+    /// The command and its arguments, after `--`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
 }
 
 /// The flags every training command shares (pretrain, train, compare, ablate, device-check, train-sd).
@@ -504,7 +521,15 @@ fn main() -> ExitCode {
         Command::Compose(a) => run_compose(a),
         Command::Bench(a) => run_bench(a),
         Command::DeviceCheck(a) => run_device_check(a),
+        Command::Launch(a) => match lisa::distributed::launch(a.nproc, a.master_port, &a.command) {
+            Ok(0) => Ok(()),
+            Ok(code) => return ExitCode::from(u8::try_from(code).unwrap_or(1)),
+            Err(e) => Err(e.into()),
+        },
     };
+    // Every rank of a multi-process run leaves together (a last barrier), so none tears down its
+    // connections while another still needs them.
+    let result = result.and_then(|()| lisa::distributed::leave().map_err(Into::into));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -48,6 +48,52 @@ pub fn randn_like_on_host(like: &tch::Tensor) -> crate::Result<tch::Tensor> {
     randn_on_host(&like.size(), like.kind(), like.device())
 }
 
+/// Which rows of a global batch this process's micro-batch holds, in data-parallel training: rows
+/// `start..start + B` of `total`. Per-example draws ([`per_example`]) are made for the whole global batch
+/// and sliced, so each process draws what a single process training the whole batch would for its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rows {
+    /// The first row of this process's shard.
+    pub start: i64,
+    /// The rows of the global batch.
+    pub total: i64,
+}
+
+thread_local! {
+    static ROWS: std::cell::Cell<Option<Rows>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with per-example draws sliced to `rows` (`None`: this process holds the whole batch).
+pub fn with_rows<T>(rows: Option<Rows>, f: impl FnOnce() -> T) -> T {
+    let before = ROWS.with(|r| r.replace(rows));
+    let out = f();
+    ROWS.with(|r| r.set(before));
+    out
+}
+
+/// The rows set by [`with_rows`], if any.
+pub fn rows() -> Option<Rows> {
+    ROWS.with(|r| r.get())
+}
+
+/// A per-example random tensor of `shape` (examples along dimension 0) from `draw`: under [`with_rows`],
+/// `draw` makes the draw of the whole global batch and this process keeps its rows; otherwise `draw(shape)`.
+/// Tasks draw their per-example randomness (dropout masks, random targets) through it, so that training
+/// on several processes draws what one process would.
+pub fn per_example(
+    shape: &[i64],
+    draw: impl FnOnce(&[i64]) -> crate::Result<tch::Tensor>,
+) -> crate::Result<tch::Tensor> {
+    match rows() {
+        Some(r) if !shape.is_empty() && r.start + shape[0] <= r.total && shape[0] < r.total => {
+            let mut full = shape.to_vec();
+            full[0] = r.total;
+            Ok(draw(&full)?.f_narrow(0, r.start, shape[0])?)
+        }
+        _ => draw(shape),
+    }
+}
+
 /// Mixes a seed and a counter into an independent seed (used to reseed libtorch each step).
 pub fn derive_seed(seed: u64, counter: u64) -> u64 {
     let mut g = SplitMix64::new(seed ^ counter.wrapping_mul(0xD1B5_4A32_D192_ED03));
@@ -69,6 +115,20 @@ mod tests {
         let b = randn_like_on_host(&x).unwrap();
         assert!(a.equal(&b));
         assert_eq!(b.size(), x.size());
+    }
+
+    #[test]
+    fn per_example_draws_under_rows_are_the_rows_of_the_global_draw() {
+        // A draw that numbers its elements stands for a generator's: the same shape gives the same values
+        // (and the test leaves libtorch's process-wide generator to the tests that train).
+        let numbered = |s: &[i64]| tch::Tensor::arange(s.iter().product::<i64>(), (tch::Kind::Float, tch::Device::Cpu));
+        let draw = |s: &[i64]| Ok(numbered(s).view(s));
+        let whole = per_example(&[6, 2], draw).unwrap();
+        let second_half = with_rows(Some(Rows { start: 3, total: 6 }), || per_example(&[3, 2], draw)).unwrap();
+        assert!(second_half.equal(&whole.narrow(0, 3, 3)));
+        assert_eq!(rows(), None, "the rows end with the closure");
+        let alone = with_rows(Some(Rows { start: 0, total: 6 }), || per_example(&[6, 2], draw)).unwrap();
+        assert!(alone.equal(&whole), "a process holding the whole batch draws exactly that");
     }
 
     #[test]

@@ -217,10 +217,16 @@ impl LisaHead {
         Ok(y.f_reshape([b, self.frames * s[1], s[2], s[3]])?)
     }
 
-    /// How many of a batch of `batch` examples get the LISA term.
+    /// How many of a batch of `batch` examples get the LISA term. A process holding `batch` rows of a
+    /// larger global batch ([`crate::rng::rows`]) takes its share of `sub_batch` (rounded up), so that several
+    /// processes give about `sub_batch` examples the term in all, as one process would.
     pub fn lisa_examples(&self, batch: i64) -> i64 {
         if self.sub_batch > 0 {
-            self.sub_batch.min(batch)
+            let share = match crate::rng::rows() {
+                Some(r) if r.total > batch => (self.sub_batch * batch + r.total - 1) / r.total,
+                _ => self.sub_batch,
+            };
+            share.min(batch)
         } else {
             batch
         }
@@ -259,7 +265,7 @@ impl LisaHead {
                 let res = likelihood_residual(&target, reference()?);
                 let rms =
                     res.square().f_flatten(1, -1)?.f_mean_dim(1, true, Kind::Float)?.sqrt().f_view([-1, 1, 1, 1])?;
-                crate::rng::randn_like_on_host(&res)? * rms
+                crate::rng::per_example(&res.size(), |s| crate::rng::randn_on_host(s, res.kind(), res.device()))? * rms
             }
             LisaTarget::Raw => target.detach(),
             LisaTarget::Condition => condition.f_narrow(0, 0, n)?.detach() * 2.0 - 1.0,

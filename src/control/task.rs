@@ -94,7 +94,8 @@ impl TrainTask for ControlTask<'_> {
         let dropped;
         let condition = if self.condition_dropout > 0.0 {
             let size = condition.size();
-            let keep = Tensor::rand([size[0], size[1], 1, 1], (Kind::Float, condition.device()))
+            let draw = |s: &[i64]| Ok(Tensor::f_rand(s, (Kind::Float, condition.device()))?);
+            let keep = crate::rng::per_example(&[size[0], size[1], 1, 1], draw)?
                 .ge(self.condition_dropout)
                 .to_kind(condition.kind());
             dropped = condition * keep;

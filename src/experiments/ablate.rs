@@ -133,8 +133,12 @@ pub fn ablate(cfg: &ControlConfig, variants: &[Variant], resume: bool, quiet: bo
     }
     let out = &cfg.output_dir;
     let _lock = crate::train::lock::RunLock::acquire(out)?;
-    std::fs::write(out.join("ablation-config.toml"), crate::config::to_toml(cfg)?)
-        .map_err(|e| Error::io(out.join("ablation-config.toml"), e))?;
+    // In a multi-process run rank 0 alone writes the folder's files (the trainer does the same per arm).
+    let main_process = crate::distributed::is_main_process();
+    if main_process {
+        std::fs::write(out.join("ablation-config.toml"), crate::config::to_toml(cfg)?)
+            .map_err(|e| Error::io(out.join("ablation-config.toml"), e))?;
+    }
     let main = load_main(cfg)?;
     let mut data = LazyData::new(cfg);
     let mut arms: Vec<(String, Vec<String>, ControlConfig)> = vec![(
@@ -194,6 +198,9 @@ pub fn ablate(cfg: &ControlConfig, variants: &[Variant], resume: bool, quiet: bo
     }
     let report =
         AblationReport { condition: cfg.condition.clone(), metric: baseline.runs[0].metric.clone(), baseline, rows };
+    if !main_process {
+        return Ok(report);
+    }
     std::fs::write(out.join("ablation.md"), report.table()).map_err(|e| Error::io(out.join("ablation.md"), e))?;
     let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Config(e.to_string()))?;
     std::fs::write(out.join("ablation.json"), json).map_err(|e| Error::io(out.join("ablation.json"), e))?;

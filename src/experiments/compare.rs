@@ -257,8 +257,12 @@ pub fn compare(cfg: &ControlConfig, resume: bool, quiet: bool) -> Result<Compare
     }
     let out = &cfg.output_dir;
     let _lock = crate::train::lock::RunLock::acquire(out)?;
-    std::fs::write(out.join("config.toml"), crate::config::to_toml(cfg)?)
-        .map_err(|e| Error::io(out.join("config.toml"), e))?;
+    // In a multi-process run rank 0 alone writes the folder's files (the trainer does the same per arm).
+    let main_process = crate::distributed::is_main_process();
+    if main_process {
+        std::fs::write(out.join("config.toml"), crate::config::to_toml(cfg)?)
+            .map_err(|e| Error::io(out.join("config.toml"), e))?;
+    }
     let main = load_main(cfg)?;
     let mut data = LazyData::new(cfg);
 
@@ -291,6 +295,9 @@ pub fn compare(cfg: &ControlConfig, resume: bool, quiet: bool) -> Result<Compare
         }
     }
     let mut report = aggregate(cfg, baseline, lisa)?;
+    if !main_process {
+        return Ok(report);
+    }
     let per_seed: Vec<Vec<f64>> = report
         .lisa
         .runs

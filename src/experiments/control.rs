@@ -506,12 +506,20 @@ pub fn train_control(
     } else {
         None
     };
-    let mut fid_log = MetricsLog::open_file(out.join("fidelity.csv"), LogFormat::Csv, resume_step)?;
-    if cfg.train.reports_to(ReportTo::Tensorboard) {
-        fid_log.mirror_to(tensorboard::open(out, resume_step)?, "fidelity");
+    // In a multi-process run rank 0 alone measures and writes; the trainer calls back only there.
+    let main_process = crate::distributed::is_main_process();
+    let mut fid_log = None;
+    if main_process {
+        let mut log = MetricsLog::open_file(out.join("fidelity.csv"), LogFormat::Csv, resume_step)?;
+        if cfg.train.reports_to(ReportTo::Tensorboard) {
+            log.mirror_to(tensorboard::open(out, resume_step)?, "fidelity");
+        }
+        fid_log = Some(log);
     }
     let samples_dir = out.join("samples");
-    std::fs::create_dir_all(&samples_dir).map_err(|e| Error::io(&samples_dir, e))?;
+    if main_process {
+        std::fs::create_dir_all(&samples_dir).map_err(|e| Error::io(&samples_dir, e))?;
+    }
     let metric = metric_name(kind);
     let last = cfg.train.steps;
     let mut measure = |step: u64| -> Result<()> {
@@ -547,14 +555,28 @@ pub fn train_control(
                 row.push(("loss_gain_seconds".into(), f64::NAN));
             }
         }
-        fid_log.write(step, &row)?;
-        fid_log.flush()
+        match fid_log.as_mut() {
+            Some(log) => {
+                log.write(step, &row)?;
+                log.flush()
+            }
+            None => Ok(()),
+        }
     };
-    if resume.is_none() {
+    if resume.is_none() && main_process {
         measure(0)?;
     }
     trainer::train(&task, params, &train_data, &main.objective, &train_cfg, &run, |step, _| measure(step))?;
     drop(fid_log);
+    if !main_process {
+        // The other ranks return rank 0's summary once it is written, so that callers go on alike.
+        if let Some(g) = crate::distributed::current() {
+            g.barrier()?;
+        }
+        let path = out.join("summary.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        return serde_json::from_str(&text).map_err(|e| Error::format(&path, e.to_string()));
+    }
 
     side.save(&out.join("side-network"))?;
     let curve = read_curve(&out.join("fidelity.csv"), metric)?;
@@ -571,6 +593,9 @@ pub fn train_control(
     };
     let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::Config(e.to_string()))?;
     std::fs::write(out.join("summary.json"), text).map_err(|e| Error::io(out.join("summary.json"), e))?;
+    if let Some(g) = crate::distributed::current() {
+        g.barrier()?;
+    }
     Ok(summary)
 }
 

@@ -310,10 +310,16 @@ pub fn train_latent(
         trainer::train(&task, params, &train_data, &main.objective, &train_cfg, &run, |step, _| validate(step))?;
 
     let side_dir = out.join("side-network");
-    side.save(&side_dir)?;
+    // In a multi-process run rank 0 writes them (the weights are the same on every rank).
+    let main_process = crate::distributed::is_main_process();
+    if main_process {
+        side.save(&side_dir)?;
+    }
     let diffusers_dir = if cfg.export_diffusers {
         let d = out.join("controlnet");
-        side.export_diffusers(&d)?;
+        if main_process {
+            side.export_diffusers(&d)?;
+        }
         Some(d)
     } else {
         None

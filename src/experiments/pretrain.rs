@@ -69,9 +69,10 @@ impl Default for PretrainConfig {
 /// Resolves a device setting: `auto`, `cpu`, `cuda` or `cuda:N`.
 pub fn device_from(s: &str) -> Result<Device> {
     match s {
-        "auto" => Ok(Device::cuda_if_available()),
         "cpu" => Ok(Device::Cpu),
-        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        // In a launch of several processes, each takes the GPU of its LOCAL_RANK.
+        "auto" | "cuda" if tch::Cuda::is_available() => Ok(crate::distributed::local_cuda_device()),
+        "auto" => Ok(Device::Cpu),
         s if s.starts_with("cuda") => {
             let i = s.strip_prefix("cuda:").and_then(|i| i.parse().ok()).unwrap_or(0);
             if !tch::Cuda::is_available() {
@@ -93,7 +94,8 @@ impl TrainTask for PretrainTask<'_> {
     fn loss(&self, batch: &Batch, sample: &TrainingSample) -> Result<TaskLoss> {
         let mut y = batch.labels.shallow_clone();
         if self.label_dropout > 0.0 {
-            let drop = Tensor::rand([y.size()[0]], (Kind::Float, y.device())).lt(self.label_dropout);
+            let draw = |s: &[i64]| Ok(Tensor::f_rand(s, (Kind::Float, y.device()))?);
+            let drop = crate::rng::per_example(&[y.size()[0]], draw)?.lt(self.label_dropout);
             y = y.where_self(&drop.logical_not(), &Tensor::from(self.net.label_encoder.null_label()).to_device(y.device()));
         }
         let pred = self.net.predict(&sample.x_t, &sample.model_t, &y)?;
@@ -200,7 +202,8 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
         })?;
     // The final model: the averaged weights when EMA is on.
     let final_dir = out.join("model");
-    if let Some(ckpt) = &summary.last_checkpoint {
+    // In a multi-process run rank 0 writes it; the trainer's last barrier made its checkpoint complete.
+    if let Some(ckpt) = summary.last_checkpoint.as_ref().filter(|_| crate::distributed::is_main_process()) {
         let final_net = MainNetwork::load(ckpt, Device::Cpu)?;
         final_net.save(&final_dir)?;
     }

@@ -12,7 +12,8 @@ pub const LOCK_FILE: &str = ".lisa-run.lock";
 /// Held while a run writes into its folder; the file is removed on drop.
 #[derive(Debug)]
 pub struct RunLock {
-    path: PathBuf,
+    /// `None` in a process of rank > 0 of a multi-process run: rank 0 holds the lock for all of them.
+    path: Option<PathBuf>,
 }
 
 impl RunLock {
@@ -21,6 +22,9 @@ impl RunLock {
     /// temporary checkpoint folders of killed runs are cleaned up ([`checkpoint::remove_leftovers`]):
     /// a resumed run that has nothing left to save must not leave them behind.
     pub fn acquire(dir: &Path) -> Result<Self> {
+        if !crate::distributed::is_main_process() {
+            return Ok(Self { path: None });
+        }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let path = dir.join(LOCK_FILE);
         for _ in 0..2 {
@@ -28,7 +32,7 @@ impl RunLock {
                 Ok(mut f) => {
                     writeln!(f, "{}", std::process::id()).map_err(|e| Error::io(&path, e))?;
                     checkpoint::remove_leftovers(dir);
-                    return Ok(Self { path });
+                    return Ok(Self { path: Some(path) });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     let owner = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<u32>().ok());
@@ -58,7 +62,9 @@ impl RunLock {
 
 impl Drop for RunLock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

@@ -3,6 +3,11 @@
 //! (loss-scaled under fp16); then unscale, clip, the host reads of loss and gradient norm, the loss
 //! scaler's verdict, AdamW, zero_grad. The training loop, `lisa bench` and the parity test all call it,
 //! so what the benchmark times and the parity test checks is the step that trains.
+//!
+//! In a process group ([`crate::distributed`]) each micro-batch is this process's equal shard of the global
+//! one: its random draws are its rows of the global batch's ([`crate::rng::Rows`]), and after the backward the
+//! gradients, the loss and the task's metrics are averaged over the processes, before unscaling and clipping,
+//! so that every process clips and applies the gradient of the global batch.
 use tch::{Kind, Tensor};
 
 use super::optim::{clip_grad_norm, AdamW};
@@ -10,7 +15,7 @@ use super::loss_scaler::LossScaler;
 use super::trainer::{Batch, TrainTask};
 use crate::diffusion::{Objective, TrainingSample};
 use crate::models::precision::{autocast, MixedPrecision};
-use crate::rng::{derive_seed, randn_like_on_host};
+use crate::rng::{derive_seed, per_example, randn_on_host, Rows};
 use crate::Result;
 
 /// Where each micro-batch's noise and timesteps come from.
@@ -83,11 +88,14 @@ impl Gradients {
     }
 }
 
-/// The noised sample of one micro-batch drawn from `(seed, counter)` (see [`Noise::Seeded`]).
+/// The noised sample of one micro-batch drawn from `(seed, counter)` (see [`Noise::Seeded`]); under
+/// [`crate::rng::with_rows`], this process's rows of the global batch's draw.
 pub fn seeded_sample(objective: &Objective, batch: &Batch, seed: u64, counter: u64) -> Result<TrainingSample> {
     tch::manual_seed(derive_seed(seed, counter) as i64);
-    let noise = randn_like_on_host(&batch.x0)?;
-    let t = objective.sample_times(batch.x0.size()[0], tch::Device::Cpu).to_device(batch.x0.device());
+    let x0 = &batch.x0;
+    let noise = per_example(&x0.size(), |s| randn_on_host(s, x0.kind(), x0.device()))?;
+    let t = per_example(&[x0.size()[0]], |s| Ok(objective.sample_times(s[0], tch::Device::Cpu)))?;
+    let t = t.to_device(x0.device());
     objective.training_sample(&batch.x0, &noise, &t)
 }
 
@@ -122,18 +130,25 @@ pub fn backward(
     let loss_scale = scaler.map_or(1.0, |s| s.scale);
     let mut loss_sum = Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
     let mut metric_sums: Vec<(String, Tensor)> = Vec::new();
+    let group = crate::distributed::current();
     for (micro, batch) in micro_batches.iter().enumerate() {
-        let drawn;
-        let sample = match &noise {
-            Noise::Seeded { seed, first_counter } => {
-                drawn = seeded_sample(objective, batch, *seed, first_counter + micro as u64)?;
-                &drawn
-            }
-            Noise::Given(samples) => samples.get(micro).ok_or_else(|| {
-                crate::Error::Training(format!("{} given samples for {} micro-batches", samples.len(), n))
-            })?,
-        };
-        let out = autocast(settings.mixed_precision, || task.loss(batch, sample))?;
+        let rows = group.as_ref().map(|g| {
+            let b = batch.x0.size()[0];
+            Rows { start: g.rank() as i64 * b, total: g.world_size() as i64 * b }
+        });
+        let out = crate::rng::with_rows(rows, || {
+            let drawn;
+            let sample = match &noise {
+                Noise::Seeded { seed, first_counter } => {
+                    drawn = seeded_sample(objective, batch, *seed, first_counter + micro as u64)?;
+                    &drawn
+                }
+                Noise::Given(samples) => samples.get(micro).ok_or_else(|| {
+                    crate::Error::Training(format!("{} given samples for {} micro-batches", samples.len(), n))
+                })?,
+            };
+            autocast(settings.mixed_precision, || task.loss(batch, sample))
+        })?;
         (&out.loss * (loss_scale / n)).backward();
         loss_sum += out.loss.detach().to_device(tch::Device::Cpu);
         for (i, (name, v)) in out.metrics.into_iter().enumerate() {
@@ -144,15 +159,23 @@ pub fn backward(
             }
         }
     }
+    let mut means: Vec<f64> = std::iter::once(&loss_sum)
+        .chain(metric_sums.iter().map(|(_, v)| v))
+        .map(|v| v.double_value(&[]) / n)
+        .collect();
+    if let Some(g) = &group {
+        g.average_gradients(opt.params())?;
+        means = g.mean_of(&means)?;
+    }
     if loss_scale != 1.0 {
         unscale_gradients(opt.params(), loss_scale);
     }
     // Clipped after unscaling, so the clip sees the true gradients.
     let grad_norm = clip_grad_norm(opt.params(), settings.max_grad_norm);
     Ok(Gradients {
-        loss: loss_sum.double_value(&[]) / n,
+        loss: means[0],
         grad_norm: grad_norm.double_value(&[]),
-        metrics: metric_sums.iter().map(|(name, v)| (name.clone(), v.double_value(&[]) / n)).collect(),
+        metrics: metric_sums.iter().zip(&means[1..]).map(|((name, _), v)| (name.clone(), *v)).collect(),
         loss_scale,
     })
 }

@@ -2,6 +2,12 @@
 //! AdamW) → EMA → log → checkpoint → evaluation callback. What is trained and how its loss is formed is a
 //! [`TrainTask`]; the loop knows nothing of specific models, so the main network's pretraining and
 //! side-network training share it.
+//!
+//! Launched as several processes (torchrun's variables, see [`crate::distributed`]), the loop trains data
+//! parallel: rank 0's parameters are broadcast at the start; every rank walks the one data order and takes
+//! its equal shard of each global micro-batch of `train.batch_size` examples; the step averages gradients,
+//! losses and metrics; rank 0 alone writes the metrics log, checkpoints, run files and validation output,
+//! while the others wait at a barrier. A checkpoint resumes at any number of processes.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -28,7 +34,8 @@ use crate::{weights, Error, Result};
 pub struct TrainConfig {
     /// Optimizer updates to run. Default 2000.
     pub steps: u64,
-    /// Examples per micro-batch. Default 64.
+    /// Examples per micro-batch, over all processes of a multi-process run (each takes an equal share,
+    /// so it must be a multiple of their number). Default 64.
     pub batch_size: usize,
     /// Micro-batches accumulated per update (effective batch = batch_size × this). Default 1.
     pub gradient_accumulation_steps: u64,
@@ -243,6 +250,14 @@ impl<'a> RunDir<'a> {
 /// leaves the folder as it was.
 pub fn preflight(data: &Dataset, cfg: &TrainConfig, run: &RunDir) -> Result<()> {
     cfg.validate()?;
+    let world = crate::distributed::Launch::from_env()?.map_or(1, |l| l.world_size);
+    if cfg.batch_size % world != 0 {
+        return Err(Error::Config(format!(
+            "train.batch_size = {} is not a multiple of the {world} processes; each takes an equal share of every \
+             batch: make it a multiple of {world}",
+            cfg.batch_size
+        )));
+    }
     if data.len() < cfg.batch_size {
         return Err(Error::Config(format!(
             "the dataset has {} examples, fewer than train.batch_size = {}; lower train.batch_size or add data",
@@ -301,11 +316,21 @@ pub fn train(
     preflight(data, cfg, run)?;
     // A run that panicked released the lock poisoned; the state it guards (none) cannot be torn.
     let _one_run = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
+    let group = crate::distributed::join_from_env(device)?;
+    let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()));
+    let main_process = rank == 0;
     let out = run.output_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    if let Some(g) = &group {
+        // Every rank starts from rank 0's weights (a resume then loads the same checkpoint on every rank).
+        let _no_grad = tch::no_grad_guard();
+        let detached: Vec<Tensor> = params.iter().map(|(_, p)| p.detach()).collect();
+        g.broadcast(&detached.iter().collect::<Vec<_>>(), 0)?;
+    }
 
-    let on_cpu = params.first().is_some_and(|(_, p)| p.device() == tch::Device::Cpu);
-    if on_cpu && !run.quiet && cfg.mixed_precision != MixedPrecision::No {
+    let on_cpu = device == tch::Device::Cpu;
+    if on_cpu && !run.quiet && main_process && cfg.mixed_precision != MixedPrecision::No {
         eprintln!(
             "note: train.mixed_precision = \"{}\" on the CPU: without bf16/f16 units the casts make every step \
              several times slower; it is meant for GPUs",
@@ -344,19 +369,26 @@ pub fn train(
         if let (Some(s), Some(saved)) = (scaler.as_mut(), state.loss_scaler) {
             *s = saved;
         }
-        eprintln!("resuming from {} at step {step}", dir.display());
+        if main_process {
+            eprintln!("resuming from {} at step {step}", dir.display());
+        }
         // A run killed after its final checkpoint resumes with nothing left to train; the caller still
         // needs that checkpoint (e.g. to write the final model).
         last_checkpoint = Some(dir);
     }
-    for (name, bytes) in &run.files {
-        weights::write_atomic(&out.join(name), bytes)?;
+    let mut log = None;
+    if main_process {
+        for (name, bytes) in &run.files {
+            weights::write_atomic(&out.join(name), bytes)?;
+        }
+        let mut metrics = MetricsLog::open(out, cfg.log_format, run.resume.map(|_| step))?;
+        if cfg.reports_to(ReportTo::Tensorboard) {
+            metrics.mirror_to(tensorboard::open(out, run.resume.map(|_| step))?, "train");
+        }
+        log = Some(metrics);
     }
-    let mut log = MetricsLog::open(out, cfg.log_format, run.resume.map(|_| step))?;
-    if cfg.reports_to(ReportTo::Tensorboard) {
-        log.mirror_to(tensorboard::open(out, run.resume.map(|_| step))?, "train");
-    }
-    let progress = Progress::new(step, cfg.steps, run.quiet);
+    let progress = Progress::new(step, cfg.steps, run.quiet || !main_process);
+    let shard = cfg.batch_size / world;
     let (mut sums, mut count) = (Vec::<(String, f64)>::new(), 0u64);
     let (mut consecutive_bad, mut final_loss) = (0u32, f64::NAN);
     let started = Instant::now();
@@ -367,7 +399,8 @@ pub fn train(
         let lr = lr_at(step, cfg.steps, cfg.learning_rate, cfg.lr_warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio);
         let micro_batches = (0..cfg.gradient_accumulation_steps)
             .map(|_| {
-                let (x0, labels, condition) = data.batch(&order.next_batch(cfg.batch_size)?)?;
+                let indices = order.next_batch(cfg.batch_size)?;
+                let (x0, labels, condition) = data.batch(&indices[rank * shard..(rank + 1) * shard])?;
                 Ok(Batch { x0, labels, condition })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -433,15 +466,22 @@ pub fn train(
             let mut row: Vec<(String, f64)> = vec![("lr".into(), lr)];
             row.extend(sums.iter().map(|(n, s)| (n.clone(), s / count as f64)));
             final_loss = sums[0].1 / count as f64;
-            log.write(step, &task.log_row(row))?;
+            if let Some(log) = log.as_mut() {
+                log.write(step, &task.log_row(row))?;
+            }
             progress.update(step, &format!("loss {final_loss:.4}"));
             sums.clear();
             count = 0;
         }
 
         let checkpoint_due = (cfg.checkpointing_steps > 0 && step % cfg.checkpointing_steps == 0) || step == cfg.steps;
-        if checkpoint_due {
-            log.flush()?;
+        if checkpoint_due && !main_process {
+            last_checkpoint = Some(out.join(format!("checkpoint-{step}")));
+        }
+        if checkpoint_due && main_process {
+            if let Some(log) = log.as_mut() {
+                log.flush()?;
+            }
             let state = RunState {
                 step,
                 optimizer_step: opt.step_count(),
@@ -467,8 +507,11 @@ pub fn train(
         } else {
             checkpoint_due
         };
-        if validation_due {
+        if validation_due && main_process {
             on_validation(step, ema.as_ref().map_or(opt.params(), |e| e.tensors()))?;
+        }
+        if let Some(g) = group.as_ref().filter(|_| checkpoint_due || validation_due) {
+            g.barrier()?;
         }
     }
     progress.finish();
