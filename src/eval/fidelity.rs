@@ -39,7 +39,8 @@
 //! Each metric is computed per image; [`FidelityScore::mean`] is the plain mean of the per-image scores (so for
 //! PSNR it is the mean of per-image decibels, not the PSNR of the pooled MSE). A sample with several channels (a
 //! Moving Fashion-MNIST clip: one per frame) is scored channel by channel against the condition's channels, and
-//! its score is the mean over them (the per-frame metric averaged over frames).
+//! its score is the mean over them (the per-frame metric averaged over frames). A colour sample `[N, 3, H, W]`
+//! of a single-channel condition is scored by its luminance, the image its condition was extracted from.
 use tch::{Device, Kind, Tensor};
 
 use crate::data::conditions::{brightness_centre, ConditionKind, GrayImage};
@@ -99,8 +100,14 @@ pub fn fidelity(kind: ConditionKind, samples: &Tensor, conditions: &Tensor) -> R
             "conditions given with the data cannot be recomputed from a sample: there is no fidelity metric".into(),
         ));
     }
-    let (n, channels, h, w) = check_shapes(samples, conditions)?;
-    let s = to_cpu_vec(samples, "samples")?;
+    // Colour samples of a single-channel condition are scored by their luminance, as conditions are
+    // extracted from colour images.
+    let samples = match (samples.size().get(1), conditions.size().get(1)) {
+        (Some(3), Some(1)) if samples.dim() == 4 => crate::data::conditions::luminance(samples)?,
+        _ => samples.shallow_clone(),
+    };
+    let (n, channels, h, w) = check_shapes(&samples, conditions)?;
+    let s = to_cpu_vec(&samples, "samples")?;
     let c = to_cpu_vec(conditions, "conditions")?;
     if let Some(i) = s.iter().position(|v| !v.is_finite()) {
         return Err(Error::Config(format!(

@@ -482,6 +482,7 @@ mod tests {
             frechet: 10.0,
             final_eval_images: 10,
             temporal_flicker: None,
+            held_out: None,
             side_parameters: 1,
             decoder_parameters: 0,
             loss_gain_curve: vec![],
