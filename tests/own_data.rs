@@ -110,7 +110,7 @@ fn an_rgb_imagefolder_pretrains_trains_with_extracted_and_given_conditions_and_s
         (stdout, summary)
     };
     let (_, edges) = side(&["--task", "edges"], &tmp.path().join("edges"));
-    assert_eq!(edges["metric"], "edges_f1");
+    assert_eq!(edges["metric"], "edge_f1");
     assert!(edges["final_fidelity"].as_f64().unwrap().is_finite(), "{edges}");
     assert!(edges["frechet"].as_f64().unwrap().is_finite(), "{edges}");
     // Held out: 10% of the 16 images, never the training ones.
