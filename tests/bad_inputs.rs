@@ -746,6 +746,20 @@ fn build(root: &Path) -> Vec<Case> {
         &["--set", "data.eval_fraction=0"],
         &["no held-out images", "give data.eval_dataset"],
     );
+    let eval_dir = c.dir("ctl-eval-dataset-unknown-class").join("test");
+    fs::create_dir_all(&eval_dir).unwrap();
+    png(&eval_dir.join("a.png"), 8, 8);
+    meta(&eval_dir, &[r#"{"image": "a.png", "text": "hat"}"#]);
+    let eval_set = format!("data.eval_dataset={:?}", s(&eval_dir));
+    c.train_on_folder(
+        "ctl-eval-dataset-unknown-class",
+        |d| {
+            png(&d.join("a.png"), 8, 8);
+            meta(d, &[r#"{"image": "a.png", "text": "bag"}"#]);
+        },
+        &["--set", &eval_set],
+        &[&format!("{}/metadata.jsonl", s(&eval_dir)), "line 1: `text` \"hat\" is not one of the training folder's classes (bag)", "use the training folder's class names"],
+    );
     c.train_on_folder(
         "ctl-more-classes-than-the-main-network",
         |d| {

@@ -171,3 +171,40 @@ impl DataConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_eval_dataset_is_the_held_out_set_numbered_by_the_training_folder_classes() {
+        let root = tempfile::tempdir().unwrap();
+        let (train, test) = (root.path().join("train"), root.path().join("test"));
+        for (dir, names) in [(&train, &["bag", "coat", "shoe"][..]), (&test, &["shoe", "bag"][..])] {
+            std::fs::create_dir_all(dir).unwrap();
+            let mut lines = vec![];
+            for (i, n) in names.iter().enumerate() {
+                image::GrayImage::from_pixel(4, 4, image::Luma([i as u8 * 50])).save(dir.join(format!("{i}.png"))).unwrap();
+                lines.push(format!(r#"{{"image": "{i}.png", "text": "{n}"}}"#));
+            }
+            std::fs::write(dir.join("metadata.jsonl"), lines.join("\n")).unwrap();
+        }
+        let cfg = DataConfig {
+            dataset: train.display().to_string(),
+            eval_dataset: test.display().to_string(),
+            image_size: 4,
+            ..Default::default()
+        };
+        assert_eq!(cfg.load(false).unwrap().len(), 3, "with an eval_dataset the whole folder trains");
+        let held = cfg.load(true).unwrap();
+        assert_eq!(held.class_names, ["bag", "coat", "shoe"]);
+        assert_eq!(Vec::<i64>::try_from(&held.labels).unwrap(), [2, 0]);
+        assert!(cfg.held_out_description().unwrap().contains("data.eval_dataset"));
+        std::fs::write(test.join("metadata.jsonl"), r#"{"image": "0.png", "text": "hat"}"#).unwrap();
+        let e = cfg.load(true).unwrap_err().to_string();
+        assert!(e.contains("\"hat\" is not one of the training folder's classes (bag, coat, shoe)"), "{e}");
+        assert_eq!(DataConfig::default().held_out_description(), None);
+        let bad = DataConfig { eval_fraction: 1.0, ..Default::default() };
+        assert!(bad.load(false).unwrap_err().to_string().contains("data.eval_fraction must be in [0, 1)"));
+    }
+}

@@ -452,8 +452,9 @@ mod tests {
         assert!(msg.contains("[N, C, H, W]"), "{msg}");
         is_config(fidelity(ConditionKind::Mask, &gt, &cond.narrow(2, 0, 16)));
         is_config(fidelity(ConditionKind::Mask, &gt, &cond.narrow(3, 0, 16)));
-        // Channel counts that differ, or no channel axis.
-        is_config(fidelity(ConditionKind::Mask, &gt.repeat([1, 3, 1, 1]), &cond));
+        // Channel counts that differ (other than colour samples of a grey condition), or no channel axis.
+        is_config(fidelity(ConditionKind::Mask, &gt.repeat([1, 2, 1, 1]), &cond));
+        is_config(fidelity(ConditionKind::Mask, &gt, &cond.repeat([1, 3, 1, 1])));
         is_config(fidelity(ConditionKind::Mask, &gt.squeeze_dim(1), &cond.squeeze_dim(1)));
         // Empty batch, non-finite samples, conditions given in [-1, 1], integer tensors.
         is_config(fidelity(ConditionKind::Mask, &gt.narrow(0, 0, 0), &cond.narrow(0, 0, 0)));
@@ -461,6 +462,21 @@ mod tests {
         let msg = is_config(fidelity(ConditionKind::Mask, &gt, &(&cond * 2.0 - 1.0)));
         assert!(msg.contains("[0, 1]"), "{msg}");
         is_config(fidelity(ConditionKind::Mask, &gt, &cond.to_kind(Kind::Int64)));
+    }
+
+    #[test]
+    fn colour_samples_are_scored_by_their_luminance() {
+        let gt = ground_truth();
+        let cond = extract_batch(ConditionKind::Edges, &gt).unwrap();
+        let grey = fidelity(ConditionKind::Edges, &gt, &cond).unwrap();
+        // A grey image written in colour (R = G = B) scores as the grey image.
+        let colour = fidelity(ConditionKind::Edges, &gt.repeat([1, 3, 1, 1]), &cond).unwrap();
+        for (a, b) in grey.per_image.iter().zip(&colour.per_image) {
+            assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+        }
+        // The luminance of R = G = B is the grey image itself (the weights sum to 1).
+        let lum = crate::data::conditions::luminance(&gt.repeat([1, 3, 1, 1])).unwrap();
+        assert!(lum.allclose(&gt, 1e-6, 1e-6, false));
     }
 
     #[test]
