@@ -758,7 +758,11 @@ fn build(root: &Path) -> Vec<Case> {
             meta(d, &[r#"{"image": "a.png", "text": "bag"}"#]);
         },
         &["--set", &eval_set],
-        &[&format!("{}/metadata.jsonl", s(&eval_dir)), "line 1: `text` \"hat\" is not one of the training folder's classes (bag)", "use the training folder's class names"],
+        &[
+            &format!("{}/metadata.jsonl", s(&eval_dir)),
+            "line 1: `text` \"hat\" is not one of the training folder's classes (bag)",
+            "use the training folder's class names",
+        ],
     );
     c.train_on_folder(
         "ctl-more-classes-than-the-main-network",

@@ -143,9 +143,10 @@ impl DataConfig {
                 part: imagefolder::Part::All,
             };
             match (test, self.eval_dataset.is_empty()) {
-                (false, true) => {
-                    imagefolder::load_with(dir, &imagefolder::LoadOptions { part: imagefolder::Part::Train(self.eval_fraction), ..opts })?
-                }
+                (false, true) => imagefolder::load_with(
+                    dir,
+                    &imagefolder::LoadOptions { part: imagefolder::Part::Train(self.eval_fraction), ..opts },
+                )?,
                 (false, false) => imagefolder::load_with(dir, &opts)?,
                 (true, true) => imagefolder::load_with(
                     dir,
@@ -184,7 +185,8 @@ mod tests {
             std::fs::create_dir_all(dir).unwrap();
             let mut lines = vec![];
             for (i, n) in names.iter().enumerate() {
-                image::GrayImage::from_pixel(4, 4, image::Luma([i as u8 * 50])).save(dir.join(format!("{i}.png"))).unwrap();
+                let img = image::GrayImage::from_pixel(4, 4, image::Luma([i as u8 * 50]));
+                img.save(dir.join(format!("{i}.png"))).unwrap();
                 lines.push(format!(r#"{{"image": "{i}.png", "text": "{n}"}}"#));
             }
             std::fs::write(dir.join("metadata.jsonl"), lines.join("\n")).unwrap();

@@ -88,7 +88,9 @@ impl Columns {
     /// Rejects column settings that cannot name a class or an image.
     pub fn validate(&self) -> Result<()> {
         if self.image.is_empty() {
-            return Err(Error::Config("data.image_column is empty; name the key that holds the image's file name".into()));
+            return Err(Error::Config(
+                "data.image_column is empty; name the key that holds the image's file name".into(),
+            ));
         }
         if self.caption.is_empty() && self.label.is_empty() {
             return Err(Error::Config(
@@ -327,7 +329,14 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { size: 32, channels: 1, columns: Columns::default(), follow_symlinks: false, class_names: None, part: Part::All }
+        Self {
+            size: 32,
+            channels: 1,
+            columns: Columns::default(),
+            follow_symlinks: false,
+            class_names: None,
+            part: Part::All,
+        }
     }
 }
 
@@ -384,7 +393,12 @@ pub fn held_out_lines(names: &[&str], fraction: f64) -> Vec<bool> {
 
 /// The class ids of `records` and the class names: the sorted distinct texts (or `fixed`, when given, which
 /// every text must be among), or, for integer labels, `0..=max`.
-fn classes(meta: &Path, records: &[Record], fixed: Option<&[String]>, columns: &Columns) -> Result<(Vec<i64>, Vec<String>)> {
+fn classes(
+    meta: &Path,
+    records: &[Record],
+    fixed: Option<&[String]>,
+    columns: &Columns,
+) -> Result<(Vec<i64>, Vec<String>)> {
     match records[0].target {
         Target::Text(_) => {
             let names: Vec<String> = match fixed {
@@ -499,7 +513,10 @@ pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Dataset> {
     // before training rather than when the held-out set is first read.
     let root = if opts.follow_symlinks { None } else { std::fs::canonicalize(dir).ok() };
     for r in &records {
-        let files = [("image", &opts.columns.image, Some(&r.image)), ("conditioning_image", &opts.columns.conditioning_image, r.conditioning_image.as_ref())];
+        let files = [
+            ("image", &opts.columns.image, Some(&r.image)),
+            ("conditioning_image", &opts.columns.conditioning_image, r.conditioning_image.as_ref()),
+        ];
         for (what, key, path) in files {
             let Some(path) = path else { continue };
             if let Some(root) = &root {

@@ -366,8 +366,9 @@ impl<'a> LazyData<'a> {
     }
 }
 
-/// The fixed held-out subset of the test split (see [`DataConfig::load`]) that every evaluation uses: (images [N, C, H, W] in
-/// [-1, 1], labels [N], conditions [N, K, H, W] in [0, 1]), N = the larger of the two evaluation sizes.
+/// The fixed held-out subset of the test split (see [`DataConfig::load`]) that every evaluation uses:
+/// (images [N, C, H, W] in [-1, 1], labels [N], conditions [N, K, H, W] in [0, 1]), N = the larger of the two
+/// evaluation sizes.
 pub fn held_out_subset(cfg: &ControlConfig) -> Result<(Tensor, Tensor, Tensor)> {
     let test = cfg.data.load(true)?;
     let n = cfg.fidelity.num_images.max(cfg.final_eval.num_images).min(test.len() as i64);

@@ -216,7 +216,8 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
 /// defaults), the class count from its classes. A class count below the data's is refused.
 pub fn resolved_model(model: &MainNetworkConfig, data: &Dataset) -> Result<MainNetworkConfig> {
     let mut m = model.clone();
-    let channels = if m.transformer.is_some() { crate::models::UNetConfig::default().in_channels } else { data.channels() };
+    let channels =
+        if m.transformer.is_some() { crate::models::UNetConfig::default().in_channels } else { data.channels() };
     for c in [&mut m.unet.in_channels, &mut m.unet.out_channels] {
         if *c == 0 {
             *c = channels;
