@@ -678,6 +678,24 @@ fn build(root: &Path) -> Vec<Case> {
         &["data.caption_column and data.label_column are both empty", "set one of them"],
     );
     c.folder(
+        "if-image-column-empty",
+        with_a(&[r#"{"image": "a.png", "label": 0}"#]),
+        &["--set", "data.image_column=\"\""],
+        &["data.image_column is empty", "name the key that holds the image's file name"],
+    );
+    c.folder(
+        "if-image-column-reused",
+        with_a(&[r#"{"image": "a.png", "label": 0}"#]),
+        &["--set", "data.label_column=\"image\""],
+        &["data.image_column \"image\" is also used for another column", "give each column its own key"],
+    );
+    c.folder(
+        "if-caption-column-is-label-column",
+        with_a(&[r#"{"image": "a.png", "label": 0}"#]),
+        &["--set", "data.label_column=\"text\""],
+        &["data.caption_column and data.label_column are both \"text\"", "set one of them to \"\""],
+    );
+    c.folder(
         "if-label-column-missing",
         with_a(&[r#"{"image": "a.png", "text": "bag"}"#]),
         &["--set", "data.caption_column=\"\""],
