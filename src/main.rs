@@ -553,7 +553,8 @@ fn run_pretrain(a: PretrainArgs) -> Result<()> {
         print!("{}", lisa::config::to_toml(&cfg)?);
         return Ok(());
     }
-    let summary = pretrain(&cfg, a.resume.as_deref(), a.run.quiet)?;
+    let resume = resume_or_fresh(&cfg.output_dir, a.resume.as_deref())?;
+    let summary = pretrain(&cfg, resume, a.run.quiet)?;
     println!(
         "trained {} steps ({} skipped), final loss {:.4}, {:.3} s/step; model in {}",
         summary.steps,
@@ -563,6 +564,16 @@ fn run_pretrain(a: PretrainArgs) -> Result<()> {
         cfg.output_dir.join("model").display()
     );
     Ok(())
+}
+
+/// `--resume` as the run should take it: `latest` in a folder with no checkpoint yet starts a fresh run
+/// (saying so), so that a job that requeues itself can always be started with `--resume latest`.
+fn resume_or_fresh<'a>(output_dir: &std::path::Path, resume: Option<&'a str>) -> Result<Option<&'a str>> {
+    let r = lisa::train::checkpoint::resume_or_fresh(output_dir, resume)?;
+    if resume.is_some() && r.is_none() {
+        eprintln!("note: no checkpoint in {} yet: --resume latest starts a fresh run", output_dir.display());
+    }
+    Ok(r)
 }
 
 /// The main network shipped with the repository.
@@ -642,7 +653,10 @@ fn run_sample(a: SampleArgs) -> Result<()> {
         controls.push(Control { side, condition, options });
     }
     let images = sample_controlled(&net, &controls, &y, &a.sampler.config(&net), a.guidance_scale, a.sampler.seed)?;
-    // First rows: the conditions; then the samples, one column per label.
+    // First rows: the conditions (grey, also above colour samples); then the samples, one column per label.
+    if images.size()[1] == 3 {
+        cond_rows = cond_rows.iter().map(|r| r.expand([-1, 3, -1, -1], false)).collect();
+    }
     cond_rows.push(images);
     lisa::eval::grid::save_grid_scaled(&Tensor::cat(&cond_rows, 0), labels.len(), 2, 2, &a.out)?;
     let kinds: Vec<String> = sides.iter().map(|s| s.condition.to_string()).collect();
@@ -695,10 +709,11 @@ fn run_train_sd(a: TrainSdArgs) -> Result<()> {
         return Ok(());
     }
     cfg.validate()?;
-    if a.resume.is_none() {
+    let resume = resume_or_fresh(&cfg.output_dir, a.resume.as_deref())?;
+    if resume.is_none() {
         lisa::train::checkpoint::ensure_none(&cfg.output_dir)?;
     }
-    let s = train_latent(&cfg, a.resume.as_deref(), a.run.quiet, &mut |m| eprintln!("{m}"))?;
+    let s = train_latent(&cfg, resume, a.run.quiet, &mut |m| eprintln!("{m}"))?;
     println!(
         "{}: {} steps on {} examples ({} prompts, latents {:?}), final loss {:.4}; side network in {}{}",
         s.arm,
@@ -738,12 +753,13 @@ fn run_train(a: TrainArgs) -> Result<()> {
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads);
     }
-    if a.resume.is_none() {
+    let resume = resume_or_fresh(&cfg.output_dir, a.resume.as_deref())?;
+    if resume.is_none() {
         lisa::train::checkpoint::ensure_none(&cfg.output_dir)?;
     }
     let main = load_main(&cfg)?;
     let data = prepare_data(&cfg)?;
-    let s = train_control(&cfg, &main, &data, a.resume.as_deref(), a.common.run.quiet)?;
+    let s = train_control(&cfg, &main, &data, resume, a.common.run.quiet)?;
     println!(
         "{} ({}): {} steps, {:.3} s/step; final {} {:.4} (shuffled conditions {:.4}), Fréchet distance {:.2}; \
          side network in {}",

@@ -145,6 +145,25 @@ impl Corpus {
         self.pretrain(name, args, &expect);
     }
 
+    /// A `lisa train` case (a side network for the shipped main network, one step) into a fresh folder.
+    fn train(&mut self, name: &str, args: &[&str], expect: &[&str]) {
+        let d = self.dir(name);
+        let mut all = os(&[&"train", &"--quiet", &"--steps", &"1", &"--threads", &"1", &"--output-dir", &d.join("run")]);
+        all.extend(args.iter().map(OsString::from));
+        self.add(name, Run::Exec(lisa_bin(), all), expect, vec![d]);
+    }
+
+    /// A `lisa train --task edges` case on an imagefolder made by `make(dir)`.
+    fn train_on_folder(&mut self, name: &str, make: impl FnOnce(&Path), extra: &[&str], expect: &[&str]) {
+        let data = self.dir(name).join("data");
+        fs::create_dir_all(&data).unwrap();
+        make(&data);
+        let set = format!("data.dataset={:?}", s(&data));
+        let mut args = vec!["--task", "edges", "--set", &set];
+        args.extend(extra);
+        self.train(name, &args, expect);
+    }
+
     /// A pretrain case with `--set` overrides (or a config file) and nothing else wrong.
     fn config(&mut self, name: &str, sets: &[&str], expect: &[&str]) {
         let args = sets.iter().flat_map(|v| [OsString::from("--set"), OsString::from(*v)]).collect();
@@ -476,7 +495,7 @@ fn build(root: &Path) -> Vec<Case> {
         "if-text-and-label",
         with_a(&[r#"{"image": "a.png", "text": "bag", "label": 0}"#]),
         &[],
-        &[m, "line 1: has both", "give exactly one"],
+        &[m, "line 1: has both `text` and `label`", "set data.label_column = \"\" to use `text`"],
     );
     c.folder(
         "if-negative-label",
@@ -619,7 +638,7 @@ fn build(root: &Path) -> Vec<Case> {
     c.folder(
         "if-rgb-for-a-grey-model",
         with_a(&[r#"{"image": "a.png", "label": 0}"#]),
-        &["--set", "data.channels=3", "--set", "model.label_encoder.num_classes=1"],
+        &["--set", "data.channels=3", "--set", "model.unet.in_channels=1", "--set", "model.label_encoder.num_classes=1"],
         &["3×32×32 but model.unet.in_channels = 1", "make data.channels"],
     );
     c.folder(
@@ -637,9 +656,52 @@ fn build(root: &Path) -> Vec<Case> {
     c.folder(
         "if-wrong-num-classes",
         with_a(&[r#"{"image": "a.png", "label": 0}"#, r#"{"image": "a.png", "label": 1}"#]),
-        &[],
-        &["the dataset has 2 classes but model.label_encoder.num_classes = 10; set it to 2"],
+        &["--set", "model.label_encoder.num_classes=1"],
+        &["the dataset has 2 classes but model.label_encoder.num_classes = 1", "raise it to at least 2"],
     );
+    c.folder(
+        "if-symlink-escapes-folder",
+        |d| {
+            png(&d.join("a.png"), 8, 8);
+            let outside = d.parent().unwrap().join("outside.png");
+            png(&outside, 8, 8);
+            std::os::unix::fs::symlink(&outside, d.join("b.png")).unwrap();
+            meta(d, &[r#"{"image": "a.png", "label": 0}"#, r#"{"image": "b.png", "label": 0}"#]);
+        },
+        &[],
+        &[m, "line 2: `image` {dir}/b.png resolves to", "outside the dataset folder", "set data.follow_symlinks = true"],
+    );
+    c.folder(
+        "if-no-class-column",
+        with_a(&[r#"{"image": "a.png", "label": 0}"#]),
+        &["--set", "data.caption_column=\"\"", "--set", "data.label_column=\"\""],
+        &["data.caption_column and data.label_column are both empty", "set one of them"],
+    );
+    c.folder(
+        "if-image-column-empty",
+        with_a(&[r#"{"image": "a.png", "label": 0}"#]),
+        &["--set", "data.image_column=\"\""],
+        &["data.image_column is empty", "name the key that holds the image's file name"],
+    );
+    c.folder(
+        "if-image-column-reused",
+        with_a(&[r#"{"image": "a.png", "label": 0}"#]),
+        &["--set", "data.label_column=\"image\""],
+        &["data.image_column \"image\" is also used for another column", "give each column its own key"],
+    );
+    c.folder(
+        "if-caption-column-is-label-column",
+        with_a(&[r#"{"image": "a.png", "label": 0}"#]),
+        &["--set", "data.label_column=\"text\""],
+        &["data.caption_column and data.label_column are both \"text\"", "set one of them to \"\""],
+    );
+    c.folder(
+        "if-label-column-missing",
+        with_a(&[r#"{"image": "a.png", "text": "bag"}"#]),
+        &["--set", "data.caption_column=\"\""],
+        &[m, "line 1: has no `label` (the class id); give one, or set data.caption_column"],
+    );
+    c.config("cfg-eval-fraction-one", &["data.eval_fraction=1.0"], &["data.eval_fraction must be in [0, 1)"]);
     c.folder(
         "if-utf16-metadata",
         |d| {
@@ -672,6 +734,63 @@ fn build(root: &Path) -> Vec<Case> {
         },
         &[],
         &[m, "line 1: missing `image` key"],
+    );
+
+    // Side-network training on users' data (`lisa train` against the shipped main network).
+    let given = ["--task", "given", "--set", "given_kind=\"edges\""];
+    c.train("ctl-given-without-kind", &["--task", "given"], &["condition = \"given\" needs given_kind", "--set given_kind"]);
+    c.train(
+        "ctl-given-kind-without-given",
+        &["--task", "edges", "--set", "given_kind=\"mask\""],
+        &["given_kind applies only to condition = \"given\"", "remove it"],
+    );
+    c.train(
+        "ctl-given-stacked",
+        &["--task", "given+edges", "--set", "given_kind=\"edges\""],
+        &["given conditions cannot be stacked with extracted ones", "use condition = \"given\""],
+    );
+    c.train(
+        "ctl-given-without-condition-images",
+        &[&given[..], &["--set", "data.source=\"embedded\"", "--set", "data.max_examples=8"]].concat(),
+        &["fashion-mnist has none", "give an imagefolder whose metadata.jsonl lines have a `conditioning_image`"],
+    );
+    c.train_on_folder(
+        "ctl-no-held-out-images",
+        |d| {
+            png(&d.join("a.png"), 8, 8);
+            png(&d.join("b.png"), 8, 8);
+            meta(d, &[r#"{"image": "a.png", "label": 0}"#, r#"{"image": "b.png", "label": 0}"#]);
+        },
+        &["--set", "data.eval_fraction=0"],
+        &["no held-out images", "give data.eval_dataset"],
+    );
+    let eval_dir = c.dir("ctl-eval-dataset-unknown-class").join("test");
+    fs::create_dir_all(&eval_dir).unwrap();
+    png(&eval_dir.join("a.png"), 8, 8);
+    meta(&eval_dir, &[r#"{"image": "a.png", "text": "hat"}"#]);
+    let eval_set = format!("data.eval_dataset={:?}", s(&eval_dir));
+    c.train_on_folder(
+        "ctl-eval-dataset-unknown-class",
+        |d| {
+            png(&d.join("a.png"), 8, 8);
+            meta(d, &[r#"{"image": "a.png", "text": "bag"}"#]);
+        },
+        &["--set", &eval_set],
+        &[
+            &format!("{}/metadata.jsonl", s(&eval_dir)),
+            "line 1: `text` \"hat\" is not one of the training folder's classes (bag)",
+            "use the training folder's class names",
+        ],
+    );
+    c.train_on_folder(
+        "ctl-more-classes-than-the-main-network",
+        |d| {
+            png(&d.join("a.png"), 8, 8);
+            png(&d.join("b.png"), 8, 8);
+            meta(d, &[r#"{"image": "a.png", "label": 0}"#, r#"{"image": "b.png", "label": 11}"#]);
+        },
+        &[],
+        &["the dataset has 12 classes but the main network", "knows 10", "use a main network pretrained on this data"],
     );
 
     // Configs.
@@ -959,15 +1078,18 @@ fn build(root: &Path) -> Vec<Case> {
         &["{run}", "holds the checkpoints of an earlier run", "--resume latest, or choose another output folder"],
     );
     {
-        let d = c.dir("ckpt-resume-without-checkpoints");
+        // `--resume latest` with no checkpoint yet starts a fresh run (tests/cli.rs); a named checkpoint that is
+        // not there stays an error.
+        let d = c.dir("ckpt-resume-named-checkpoint-missing");
         let run = d.join("run");
         fs::create_dir_all(&run).unwrap();
         fs::write(run.join("notes.txt"), "keep me").unwrap();
-        let args = os(&[&"pretrain", &"--quiet", &"--config", &config, &"--output-dir", &run, &"--resume", &"latest"]);
+        let missing = run.join("checkpoint-7");
+        let args = os(&[&"pretrain", &"--quiet", &"--config", &config, &"--output-dir", &run, &"--resume", &missing]);
         c.add(
-            "ckpt-resume-without-checkpoints",
+            "ckpt-resume-named-checkpoint-missing",
             Run::Exec(lisa_bin(), args),
-            &[&s(&run), "no complete checkpoint-N folder", "start without --resume"],
+            &[&s(&missing), "not a complete checkpoint (no state.json)", "give a checkpoint-N folder"],
             vec![d],
         );
     }

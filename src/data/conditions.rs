@@ -145,8 +145,8 @@ pub enum ConditionKind {
     /// still images every position is the same).
     Trajectory,
     /// A condition image supplied with the data (an imagefolder's `conditioning_image`, e.g. for a
-    /// Stable Diffusion ControlNet): nothing is extracted and there is no fidelity metric. Not in
-    /// [`ConditionKind::ALL`].
+    /// Stable Diffusion ControlNet): nothing is extracted and it has no fidelity metric of its own (a run
+    /// scores it as the kind its `given_kind` names). Not in [`ConditionKind::ALL`].
     Given,
 }
 
@@ -209,6 +209,21 @@ impl FromStr for ConditionKind {
             ))
         })
     }
+}
+
+/// The luminance of colour images `[N, 3, H, W]` (ITU-R BT.601 weights 0.299, 0.587, 0.114), `[N, 1, H, W]`:
+/// what the condition extractors see of a colour image. The weights sum to 1, so the range is kept
+/// (`[-1, 1]` images, `[0, 1]` condition images alike). Other channel counts are refused.
+pub fn luminance(images: &Tensor) -> Result<Tensor> {
+    let size = images.size();
+    if size.len() != 4 || size[1] != 3 {
+        return Err(Error::Config(format!("luminance: expected colour images [N, 3, H, W], got {size:?}")));
+    }
+    let w = Tensor::from_slice(&[0.299f32, 0.587, 0.114])
+        .to_device(images.device())
+        .to_kind(images.kind())
+        .view([1, 3, 1, 1]);
+    Ok(images.f_mul(&w)?.f_sum_dim_intlist(1, true, images.kind())?)
 }
 
 /// Extracts `kind` from every image of a batch `[N, C, H, W]` in `[-1, 1]`, each channel on its own

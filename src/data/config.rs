@@ -17,10 +17,32 @@ pub struct DataConfig {
     pub source: String,
     /// Use only the first N training examples (0 = all). Default 0.
     pub max_examples: usize,
-    /// Imagefolder only: 1 (grey) or 3 (RGB) channels. Default 1.
+    /// Imagefolder only: 1 (grey) or 3 (RGB) channels; colour images read as grey are converted with a
+    /// note. A pretrained main network's `in_channels` / `out_channels` follow it. Default 1.
     pub channels: i64,
     /// Imagefolder only: images are resized and padded to this square size. Default 32.
     pub image_size: u32,
+    /// Imagefolder only: the `metadata.jsonl` key holding the image's file name. Default `image`.
+    pub image_column: String,
+    /// Imagefolder only: the key holding the condition image's file name (`condition = "given"`). Default
+    /// `conditioning_image`.
+    pub conditioning_image_column: String,
+    /// Imagefolder only: the key holding the class as a caption / class name; `""` = not read (a line that
+    /// has both a caption and a label then uses the label). Default `text`.
+    pub caption_column: String,
+    /// Imagefolder only: the key holding the class as an integer id; `""` = not read (a line that has both
+    /// then uses the caption). Default `label`.
+    pub label_column: String,
+    /// Imagefolder only: accept files that lie outside the dataset folder once symbolic links are followed
+    /// (refused by default, like a `..` path). Default false.
+    pub follow_symlinks: bool,
+    /// Imagefolder only: a second imagefolder (same columns; e.g. `test/` beside `train/`) that is the
+    /// held-out set: what `train` / `compare` sample, score and take as the Fréchet reference. Empty = hold
+    /// out `eval_fraction` of `dataset` instead. Default empty.
+    pub eval_dataset: String,
+    /// Imagefolder without `eval_dataset` only: the fraction of the folder's images held out from training
+    /// as the held-out set, chosen by a hash of each image's file name (the same images every run). Default 0.1.
+    pub eval_fraction: f64,
     /// Moving Fashion-MNIST: clips made of the dataset's images (frames as channels). Default none (images).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub video: Option<crate::data::video::MovingConfig>,
@@ -34,14 +56,68 @@ impl Default for DataConfig {
             max_examples: 0,
             channels: 1,
             image_size: 32,
+            image_column: "image".into(),
+            conditioning_image_column: "conditioning_image".into(),
+            caption_column: "text".into(),
+            label_column: "label".into(),
+            follow_symlinks: false,
+            eval_dataset: String::new(),
+            eval_fraction: 0.1,
             video: None,
         }
     }
 }
 
 impl DataConfig {
-    /// Loads the training split (or, for Fashion-MNIST, the `test` split when `test` is true).
+    /// Whether the data is an imagefolder (not Fashion-MNIST).
+    pub fn is_imagefolder(&self) -> bool {
+        self.dataset != "fashion-mnist"
+    }
+
+    /// The imagefolder columns as configured.
+    pub fn columns(&self) -> imagefolder::Columns {
+        imagefolder::Columns {
+            image: self.image_column.clone(),
+            conditioning_image: self.conditioning_image_column.clone(),
+            caption: self.caption_column.clone(),
+            label: self.label_column.clone(),
+        }
+    }
+
+    /// Rejects imagefolder settings that cannot work, before anything is read.
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            return Err(Error::Config(format!(
+                "data.eval_fraction must be in [0, 1) (the share of the images held out), got {}",
+                self.eval_fraction
+            )));
+        }
+        if self.is_imagefolder() {
+            self.columns().validate()?;
+        }
+        Ok(())
+    }
+
+    /// What the held-out set is, for a run's summary: `None` for Fashion-MNIST (its test split).
+    pub fn held_out_description(&self) -> Option<String> {
+        if !self.is_imagefolder() {
+            return None;
+        }
+        Some(if self.eval_dataset.is_empty() {
+            format!(
+                "a held-out fraction (data.eval_fraction = {}) of the images of {}, chosen by file name and excluded \
+                 from training",
+                self.eval_fraction, self.dataset
+            )
+        } else {
+            format!("the imagefolder {} (data.eval_dataset)", self.eval_dataset)
+        })
+    }
+
+    /// Loads the training split, or with `test` the held-out set: Fashion-MNIST's test split; for an
+    /// imagefolder `eval_dataset`, or else the `eval_fraction` of the folder that training never sees.
     pub fn load(&self, test: bool) -> Result<Dataset> {
+        self.validate()?;
         let data = if self.dataset == "fashion-mnist" {
             let source = match self.source.as_str() {
                 "auto" => fashion_mnist::Source::auto(),
@@ -57,7 +133,32 @@ impl DataConfig {
             let split = if test { fashion_mnist::Split::Test } else { fashion_mnist::Split::Train };
             fashion_mnist::load(&source, split)?
         } else {
-            imagefolder::load(std::path::Path::new(&self.dataset), self.image_size, self.channels)?
+            let dir = std::path::Path::new(&self.dataset);
+            let opts = imagefolder::LoadOptions {
+                size: self.image_size,
+                channels: self.channels,
+                columns: self.columns(),
+                follow_symlinks: self.follow_symlinks,
+                class_names: None,
+                part: imagefolder::Part::All,
+            };
+            match (test, self.eval_dataset.is_empty()) {
+                (false, true) => imagefolder::load_with(
+                    dir,
+                    &imagefolder::LoadOptions { part: imagefolder::Part::Train(self.eval_fraction), ..opts },
+                )?,
+                (false, false) => imagefolder::load_with(dir, &opts)?,
+                (true, true) => imagefolder::load_with(
+                    dir,
+                    &imagefolder::LoadOptions { part: imagefolder::Part::HeldOut(self.eval_fraction), ..opts },
+                )?,
+                (true, false) => {
+                    // Numbered as the training folder numbers its classes.
+                    let names = imagefolder::class_names(dir, &opts.columns)?;
+                    let eval_dir = std::path::Path::new(&self.eval_dataset);
+                    imagefolder::load_with(eval_dir, &imagefolder::LoadOptions { class_names: Some(names), ..opts })?
+                }
+            }
         };
         let data = if self.max_examples > 0 && data.len() > self.max_examples {
             let idx: Vec<i64> = (0..self.max_examples as i64).collect();
@@ -69,5 +170,43 @@ impl DataConfig {
             None => Ok(data),
             Some(v) => crate::data::video::clips_dataset(&data, v, test),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_eval_dataset_is_the_held_out_set_numbered_by_the_training_folder_classes() {
+        let root = tempfile::tempdir().unwrap();
+        let (train, test) = (root.path().join("train"), root.path().join("test"));
+        for (dir, names) in [(&train, &["bag", "coat", "shoe"][..]), (&test, &["shoe", "bag"][..])] {
+            std::fs::create_dir_all(dir).unwrap();
+            let mut lines = vec![];
+            for (i, n) in names.iter().enumerate() {
+                let img = image::GrayImage::from_pixel(4, 4, image::Luma([i as u8 * 50]));
+                img.save(dir.join(format!("{i}.png"))).unwrap();
+                lines.push(format!(r#"{{"image": "{i}.png", "text": "{n}"}}"#));
+            }
+            std::fs::write(dir.join("metadata.jsonl"), lines.join("\n")).unwrap();
+        }
+        let cfg = DataConfig {
+            dataset: train.display().to_string(),
+            eval_dataset: test.display().to_string(),
+            image_size: 4,
+            ..Default::default()
+        };
+        assert_eq!(cfg.load(false).unwrap().len(), 3, "with an eval_dataset the whole folder trains");
+        let held = cfg.load(true).unwrap();
+        assert_eq!(held.class_names, ["bag", "coat", "shoe"]);
+        assert_eq!(Vec::<i64>::try_from(&held.labels).unwrap(), [2, 0]);
+        assert!(cfg.held_out_description().unwrap().contains("data.eval_dataset"));
+        std::fs::write(test.join("metadata.jsonl"), r#"{"image": "0.png", "text": "hat"}"#).unwrap();
+        let e = cfg.load(true).unwrap_err().to_string();
+        assert!(e.contains("\"hat\" is not one of the training folder's classes (bag, coat, shoe)"), "{e}");
+        assert_eq!(DataConfig::default().held_out_description(), None);
+        let bad = DataConfig { eval_fraction: 1.0, ..Default::default() };
+        assert!(bad.load(false).unwrap_err().to_string().contains("data.eval_fraction must be in [0, 1)"));
     }
 }

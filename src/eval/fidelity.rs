@@ -39,7 +39,8 @@
 //! Each metric is computed per image; [`FidelityScore::mean`] is the plain mean of the per-image scores (so for
 //! PSNR it is the mean of per-image decibels, not the PSNR of the pooled MSE). A sample with several channels (a
 //! Moving Fashion-MNIST clip: one per frame) is scored channel by channel against the condition's channels, and
-//! its score is the mean over them (the per-frame metric averaged over frames).
+//! its score is the mean over them (the per-frame metric averaged over frames). A colour sample `[N, 3, H, W]`
+//! of a single-channel condition is scored by its luminance, the image its condition was extracted from.
 use tch::{Device, Kind, Tensor};
 
 use crate::data::conditions::{brightness_centre, ConditionKind, GrayImage};
@@ -99,8 +100,14 @@ pub fn fidelity(kind: ConditionKind, samples: &Tensor, conditions: &Tensor) -> R
             "conditions given with the data cannot be recomputed from a sample: there is no fidelity metric".into(),
         ));
     }
-    let (n, channels, h, w) = check_shapes(samples, conditions)?;
-    let s = to_cpu_vec(samples, "samples")?;
+    // Colour samples of a single-channel condition are scored by their luminance, as conditions are
+    // extracted from colour images.
+    let samples = match (samples.size().get(1), conditions.size().get(1)) {
+        (Some(3), Some(1)) if samples.dim() == 4 => crate::data::conditions::luminance(samples)?,
+        _ => samples.shallow_clone(),
+    };
+    let (n, channels, h, w) = check_shapes(&samples, conditions)?;
+    let s = to_cpu_vec(&samples, "samples")?;
     let c = to_cpu_vec(conditions, "conditions")?;
     if let Some(i) = s.iter().position(|v| !v.is_finite()) {
         return Err(Error::Config(format!(
@@ -445,8 +452,9 @@ mod tests {
         assert!(msg.contains("[N, C, H, W]"), "{msg}");
         is_config(fidelity(ConditionKind::Mask, &gt, &cond.narrow(2, 0, 16)));
         is_config(fidelity(ConditionKind::Mask, &gt, &cond.narrow(3, 0, 16)));
-        // Channel counts that differ, or no channel axis.
-        is_config(fidelity(ConditionKind::Mask, &gt.repeat([1, 3, 1, 1]), &cond));
+        // Channel counts that differ (other than colour samples of a grey condition), or no channel axis.
+        is_config(fidelity(ConditionKind::Mask, &gt.repeat([1, 2, 1, 1]), &cond));
+        is_config(fidelity(ConditionKind::Mask, &gt, &cond.repeat([1, 3, 1, 1])));
         is_config(fidelity(ConditionKind::Mask, &gt.squeeze_dim(1), &cond.squeeze_dim(1)));
         // Empty batch, non-finite samples, conditions given in [-1, 1], integer tensors.
         is_config(fidelity(ConditionKind::Mask, &gt.narrow(0, 0, 0), &cond.narrow(0, 0, 0)));
@@ -454,6 +462,21 @@ mod tests {
         let msg = is_config(fidelity(ConditionKind::Mask, &gt, &(&cond * 2.0 - 1.0)));
         assert!(msg.contains("[0, 1]"), "{msg}");
         is_config(fidelity(ConditionKind::Mask, &gt, &cond.to_kind(Kind::Int64)));
+    }
+
+    #[test]
+    fn colour_samples_are_scored_by_their_luminance() {
+        let gt = ground_truth();
+        let cond = extract_batch(ConditionKind::Edges, &gt).unwrap();
+        let grey = fidelity(ConditionKind::Edges, &gt, &cond).unwrap();
+        // A grey image written in colour (R = G = B) scores as the grey image.
+        let colour = fidelity(ConditionKind::Edges, &gt.repeat([1, 3, 1, 1]), &cond).unwrap();
+        for (a, b) in grey.per_image.iter().zip(&colour.per_image) {
+            assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+        }
+        // The luminance of R = G = B is the grey image itself (the weights sum to 1).
+        let lum = crate::data::conditions::luminance(&gt.repeat([1, 3, 1, 1])).unwrap();
+        assert!(lum.allclose(&gt, 1e-6, 1e-6, false));
     }
 
     #[test]

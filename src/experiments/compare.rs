@@ -133,9 +133,11 @@ impl CompareReport {
         let dir = if self.higher_is_better { "higher is better" } else { "lower is better" };
         let (b, l) = (&self.baseline, &self.lisa);
         let seeds = b.runs.len();
+        // Imagefolders say which held-out set they were scored on (Fashion-MNIST: its test split).
+        let held = b.runs[0].held_out.as_ref().map_or(String::new(), |h| format!(" ({h})"));
         let mut s = format!(
-            "condition `{}`, fidelity = {} ({dir}), {seeds} seed(s), {} steps, {} held-out images in the final evaluation\n\n\
-             | | baseline | LISA | LISA − baseline, paired by seed |\n|---|---|---|---|\n",
+            "condition `{}`, fidelity = {} ({dir}), {seeds} seed(s), {} steps, {} held-out images{held} in the final \
+             evaluation\n\n| | baseline | LISA | LISA − baseline, paired by seed |\n|---|---|---|---|\n",
             self.condition,
             self.metric,
             b.steps.last().unwrap_or(&0),
@@ -489,6 +491,7 @@ mod tests {
             frechet: 10.0,
             final_eval_images: 10,
             temporal_flicker: None,
+            held_out: None,
             side_parameters: 1,
             decoder_parameters: 0,
             loss_gain_curve: vec![],

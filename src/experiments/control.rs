@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 use super::pretrain::device_from;
 use crate::data::DataConfig;
 use crate::control::{ControlTask, LisaConfig, LisaHead, SideNetwork, NUM_TIME_BUCKETS};
-use crate::data::conditions::ConditionSet;
+use crate::data::conditions::{luminance, ConditionKind, ConditionSet};
 use crate::data::Dataset;
 use crate::diffusion::{SamplerConfig, SamplerKind};
 use crate::eval::curves::{mean_aucc, mean_column, read_curve};
@@ -161,11 +161,17 @@ pub struct ControlConfig {
     /// clips: per-frame centre heatmaps); or several stacked as channels of one side network, joined
     /// by `+` (`edges+mask`; the first is the one scored while training). Default `edges`.
     pub condition: String,
+    /// With `condition = "given"` (the dataset's own `conditioning_image`s): which kind of map they are
+    /// (`edges`, `mask`, `depth`, `lowres` or `skeleton`), so that samples are scored by extracting that kind
+    /// from them and comparing it with the given image. Required with `given`; empty otherwise. Default empty.
+    pub given_kind: String,
     /// Probability that a training sample's condition (each channel of a stacked set independently) is
     /// replaced by zeros, so that the side network learns to act on any subset of its conditions.
     /// Default 0.
     pub condition_dropout: f64,
-    /// Training data (conditions are extracted from its images); the held-out set is its test split.
+    /// Training data (conditions are extracted from its images, from their luminance when in colour; or,
+    /// with `given`, read with them); the held-out set is its test split (imagefolders: `data.eval_dataset`
+    /// or `data.eval_fraction`).
     pub data: DataConfig,
     /// Widths of the conditioning embedding's stages (UNet main networks). Default `[16, 32]`.
     pub conditioning_embedding_out_channels: Vec<i64>,
@@ -194,6 +200,7 @@ impl Default for ControlConfig {
             device: "auto".into(),
             main_network: PathBuf::new(),
             condition: "edges".into(),
+            given_kind: String::new(),
             condition_dropout: 0.0,
             data: DataConfig::default(),
             conditioning_embedding_out_channels: ControlNetConfig::default().conditioning_embedding_out_channels,
@@ -233,9 +240,38 @@ impl ControlConfig {
         self.condition.parse()
     }
 
+    /// The kind samples are scored as: the condition's (the first of a stacked set), or for `given` the
+    /// kind `given_kind` names.
+    pub fn scored_kind(&self) -> Result<ConditionKind> {
+        let primary = self.condition_set()?.primary();
+        if primary != ConditionKind::Given {
+            return Ok(primary);
+        }
+        ConditionKind::ALL.into_iter().find(|k| k.name() == self.given_kind).ok_or_else(|| {
+            Error::Config(format!(
+                "condition = \"given\" needs given_kind, the kind of map the conditioning images are (edges, mask, \
+                 depth, lowres or skeleton; got {:?}), to score samples; e.g. --set given_kind=\"edges\"",
+                self.given_kind
+            ))
+        })
+    }
+
     /// Rejects settings that cannot run.
     pub fn validate(&self) -> Result<()> {
-        self.condition_set()?;
+        let set = self.condition_set()?;
+        if set.kinds().contains(&ConditionKind::Given) {
+            if set.len() > 1 {
+                return Err(Error::Config(format!(
+                    "condition {set}: given conditions cannot be stacked with extracted ones; use condition = \"given\""
+                )));
+            }
+        } else if !self.given_kind.is_empty() {
+            return Err(Error::Config(format!(
+                "given_kind applies only to condition = \"given\" (the condition is {set}); remove it"
+            )));
+        }
+        self.scored_kind()?;
+        self.data.validate()?;
         if !(0.0..1.0).contains(&self.condition_dropout) {
             return Err(Error::Config(format!(
                 "condition_dropout must be in [0, 1) (a probability), got {}",
@@ -283,12 +319,8 @@ pub struct ControlData {
 /// Loads the training split and a fixed held-out subset of the test split, and extracts the
 /// condition of every image.
 pub fn prepare_data(cfg: &ControlConfig) -> Result<ControlData> {
-    let set = cfg.condition_set()?;
     let mut train = cfg.data.load(false)?;
-    if train.channels() != 1 && cfg.data.video.is_none() {
-        return Err(Error::Config("condition extraction needs single-channel images (data.channels = 1)".into()));
-    }
-    train.conditioning = Some(set.extract_batch(&train.images)?);
+    train.conditioning = Some(conditions_of(cfg, &train.images, train.conditioning.as_ref())?);
     let (eval_images, eval_labels, eval_conditions) = held_out_subset(cfg)?;
     Ok(ControlData { train, eval_images, eval_labels, eval_conditions })
 }
@@ -334,18 +366,41 @@ impl<'a> LazyData<'a> {
     }
 }
 
-/// The fixed held-out subset of the test split that every evaluation uses: (images [N, 1, H, W] in
-/// [-1, 1], labels [N], conditions [N, K, H, W] in [0, 1]), N = the larger of the two evaluation sizes.
+/// The fixed held-out subset of the test split (see [`DataConfig::load`]) that every evaluation uses:
+/// (images [N, C, H, W] in [-1, 1], labels [N], conditions [N, K, H, W] in [0, 1]), N = the larger of the two
+/// evaluation sizes.
 pub fn held_out_subset(cfg: &ControlConfig) -> Result<(Tensor, Tensor, Tensor)> {
-    let set = cfg.condition_set()?;
     let test = cfg.data.load(true)?;
     let n = cfg.fidelity.num_images.max(cfg.final_eval.num_images).min(test.len() as i64);
     let mut idx: Vec<i64> = (0..test.len() as i64).collect();
     crate::rng::SplitMix64::new(cfg.fidelity.seed).shuffle(&mut idx);
     idx.truncate(n as usize);
-    let (eval_images, eval_labels, _) = test.batch(&idx)?;
-    let eval_conditions = set.extract_batch(&eval_images)?;
+    let (eval_images, eval_labels, given) = test.batch(&idx)?;
+    let eval_conditions = conditions_of(cfg, &eval_images, given.as_ref())?;
     Ok((eval_images, eval_labels, eval_conditions))
+}
+
+/// The conditions the side network takes for `images` ([N, C, H, W] in [-1, 1]), in [0, 1]: extracted, from
+/// the luminance of colour images; or, with `condition = "given"`, the dataset's own condition images
+/// `given` (their luminance when in colour).
+pub fn conditions_of(cfg: &ControlConfig, images: &Tensor, given: Option<&Tensor>) -> Result<Tensor> {
+    let set = cfg.condition_set()?;
+    let colour = |t: &Tensor| t.size().get(1) == Some(&3) && cfg.data.video.is_none();
+    if set.primary() == ConditionKind::Given {
+        let given = given.ok_or_else(|| {
+            Error::Config(format!(
+                "condition = \"given\" takes the dataset's own condition images, but {} has none: give an \
+                 imagefolder whose metadata.jsonl lines have a `{}`, or extract a condition (--task edges, mask, ...)",
+                cfg.data.dataset, cfg.data.conditioning_image_column
+            ))
+        })?;
+        return if colour(given) { luminance(given) } else { Ok(given.shallow_clone()) };
+    }
+    if colour(images) {
+        set.extract_batch(&luminance(images)?)
+    } else {
+        set.extract_batch(images)
+    }
 }
 
 /// The first final-evaluation samples of an arm, kept for comparison grids.
@@ -383,6 +438,10 @@ pub struct ArmSummary {
     /// Clips only: the final samples' mean temporal flicker (see [`crate::eval::video`]; 0 for real clips).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temporal_flicker: Option<f64>,
+    /// Imagefolders only: the held-out set that was sampled, scored and taken as the Fréchet reference
+    /// (never the training images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_out: Option<String>,
     /// Trainable parameters of the side network (what is saved).
     pub side_parameters: i64,
     /// Parameters of the LISA decoder (training only; 0 for the baseline).
@@ -437,8 +496,18 @@ pub fn train_control(
         tch::set_num_threads(cfg.threads);
     }
     check_data_fits(cfg, main)?;
+    let known = main.config.label_encoder.num_classes;
+    if cfg.label == LabelInput::Class && data.train.num_classes > known {
+        return Err(Error::Config(format!(
+            "the dataset has {} classes but the main network {} knows {known}; use a main network pretrained on \
+             this data",
+            data.train.num_classes,
+            cfg.main_network_dir().display()
+        )));
+    }
     let set = cfg.condition_set()?;
     let kind = set.primary();
+    let scored = cfg.scored_kind()?;
     let device = main.vs.device();
     let out = &cfg.output_dir;
 
@@ -520,7 +589,7 @@ pub fn train_control(
     if main_process {
         std::fs::create_dir_all(&samples_dir).map_err(|e| Error::io(&samples_dir, e))?;
     }
-    let metric = metric_name(kind);
+    let metric = metric_name(scored);
     let last = cfg.train.steps;
     let mut measure = |step: u64| -> Result<()> {
         let sampled = cfg.fidelity.fidelity_due(step, last);
@@ -534,7 +603,7 @@ pub fn train_control(
             let samples =
                 side.sample_chunked(main, &fid_y, &fid_c, &fidelity_sampler(cfg, main), 1.0, cfg.fidelity.seed, 64)?;
             // With stacked conditions the curve scores the first; all are given.
-            let score = fidelity(kind, &samples, &set.channels_of(&fid_c, kind)?)?;
+            let score = fidelity(scored, &samples, &set.channels_of(&fid_c, kind)?)?;
             row = vec![(metric.to_string(), score.mean), ("eval_seconds".into(), t0.elapsed().as_secs_f64())];
             let k = n_fid.min(8);
             save_triptych(
@@ -612,7 +681,7 @@ pub fn side_run_files<C: Serialize>(cfg: &C, side: &SideNetwork) -> Result<Vec<(
 /// What a resumed side-network run must share with the run that wrote its checkpoint.
 fn run_description(cfg: &ControlConfig) -> serde_json::Value {
     serde_json::json!({
-        "main_network": cfg.main_network_dir(), "condition": cfg.condition,
+        "main_network": cfg.main_network_dir(), "condition": cfg.condition, "given_kind": cfg.given_kind,
         "condition_dropout": cfg.condition_dropout, "data": cfg.data,
         "conditioning_embedding_out_channels": cfg.conditioning_embedding_out_channels,
         "lisa": cfg.lisa, "train": cfg.train, "fidelity": cfg.fidelity, "label": cfg.label,
@@ -629,6 +698,7 @@ fn final_evaluation(
     step_seconds: f64,
 ) -> Result<ArmSummary> {
     let kind = side.condition.primary();
+    let scored = cfg.scored_kind()?;
     let n = cfg.final_eval.num_images.min(data.eval_images.size()[0]);
     let y = cfg.main_labels(main, &data.eval_labels.narrow(0, 0, n))?;
     let (c, x) = (data.eval_conditions.narrow(0, 0, n), data.eval_images.narrow(0, 0, n));
@@ -638,14 +708,16 @@ fn final_evaluation(
     let path = cfg.output_dir.join(FINAL_SAMPLES);
     Tensor::write_safetensors(&[("samples", &first)], &path).map_err(|e| Error::format(&path, e.to_string()))?;
     let primary = side.condition.channels_of(&c, kind)?;
-    let score = fidelity(kind, &samples, &primary)?;
+    let score = fidelity(scored, &samples, &primary)?;
     // Shift by one: every sample meets another image's condition.
-    let shuffled = fidelity(kind, &samples, &primary.roll([1], [0]))?;
+    let shuffled = fidelity(scored, &samples, &primary.roll([1], [0]))?;
     let (_vs, classifier, _) = load_shipped(Device::Cpu)?;
     let stats =
         |t: &Tensor| -> Result<FeatureStats> { FeatureStats::from_features(&classifier.features_batched(t, 500)?) };
-    // Clips are scored frame by frame (frames folded into the batch).
+    // Clips are scored frame by frame (frames folded into the batch); colour images by their luminance (the
+    // classifier is Fashion-MNIST's, on grey images).
     let frames = |t: &Tensor| -> Result<Tensor> {
+        let t = if cfg.data.video.is_none() && t.size()[1] == 3 { luminance(t)? } else { t.shallow_clone() };
         let s = t.size();
         Ok(t.f_reshape([-1, 1, s[2], s[3]])?)
     };
@@ -656,8 +728,8 @@ fn final_evaluation(
         condition: cfg.condition.clone(),
         steps: curve.last().map_or(0, |p| p.0),
         step_seconds,
-        metric: metric_name(kind).into(),
-        higher_is_better: higher_is_better(kind),
+        metric: metric_name(scored).into(),
+        higher_is_better: higher_is_better(scored),
         mean_aucc: mean_aucc(&curve),
         curve,
         final_fidelity: score.mean,
@@ -671,6 +743,7 @@ fn final_evaluation(
             }
             _ => None,
         },
+        held_out: cfg.data.held_out_description(),
         side_parameters: crate::models::parameter_count(&side.vs),
         decoder_parameters: 0,
         loss_gain_curve: vec![],
@@ -681,13 +754,17 @@ fn final_evaluation(
 /// conditions in [0, 1]; stacked conditions are shown overlaid, their maximum; clips as strips of frames).
 pub fn save_triptych(conditions: &Tensor, samples: &[Tensor], truth: &Tensor, path: &Path) -> Result<()> {
     let k = conditions.size()[0];
-    let (frames, cs) = (truth.size()[1], conditions.size());
+    let (channels, cs) = (truth.size()[1], conditions.size());
+    // Colour images have fewer condition channels than image channels: one frame.
+    let frames = if channels > 0 && cs[1] % channels == 0 { channels } else { 1 };
     // Frame-major condition channels [k, F·K, H, W] → per frame the maximum over the K conditions.
     let shown = conditions
         .to_device(Device::Cpu)
         .to_kind(Kind::Float)
         .f_reshape([k, frames, cs[1] / frames.max(1), cs[2], cs[3]])?
         .amax([2], false);
+    // Grey conditions beside colour images are shown grey in colour.
+    let shown = if frames != channels { shown.f_expand([k, channels, cs[2], cs[3]], false)? } else { shown };
     let mut cols = vec![shown * 2.0 - 1.0];
     cols.extend(samples.iter().map(|s| s.to_device(Device::Cpu).to_kind(Kind::Float)));
     cols.push(truth.to_device(Device::Cpu).to_kind(Kind::Float));

@@ -149,9 +149,21 @@ impl LatentControlConfig {
     }
 }
 
+/// The columns train-sd reads: the captions are the prompts, so a `label` beside them is ignored.
+fn sd_columns() -> imagefolder::Columns {
+    imagefolder::Columns { label: String::new(), ..imagefolder::Columns::default() }
+}
+
 /// The captions of an imagefolder, which must use `text` (they become the prompts).
 fn check_captioned(data: &Path) -> Result<()> {
-    let records = imagefolder::read_metadata(data)?;
+    let records = match imagefolder::read_metadata_with(data, &sd_columns()) {
+        Ok(r) => r,
+        // Integer labels alone: say what train-sd needs rather than which key is missing.
+        Err(e) => match imagefolder::read_metadata(data) {
+            Ok(r) if matches!(r[0].target, Target::Label(_)) => r,
+            _ => return Err(e),
+        },
+    };
     if !matches!(records[0].target, Target::Text(_)) {
         return Err(Error::format(
             &data.join(imagefolder::METADATA_FILE),
@@ -224,7 +236,13 @@ pub fn train_latent(
             cfg.resolution
         )));
     }
-    let mut data = imagefolder::load(&cfg.data, cfg.resolution, 3)?;
+    let opts = imagefolder::LoadOptions {
+        size: cfg.resolution,
+        channels: 3,
+        columns: sd_columns(),
+        ..imagefolder::LoadOptions::default()
+    };
+    let mut data = imagefolder::load_with(&cfg.data, &opts)?;
     if cfg.max_examples > 0 && data.len() > cfg.max_examples {
         data = data.subset(&(0..cfg.max_examples as i64).collect::<Vec<_>>())?;
     }

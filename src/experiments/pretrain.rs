@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::data::DataConfig;
+use crate::data::{DataConfig, Dataset};
 use crate::diffusion::{SamplerConfig, TrainingSample};
 use crate::pipeline::{MainNetwork, MainNetworkConfig, CONFIG_FILE};
 use crate::train::trainer::{self, Batch, RunDir, TaskLoss, TrainConfig, TrainSummary, TrainTask};
@@ -40,7 +40,9 @@ pub struct PretrainConfig {
     pub device: String,
     /// Training data.
     pub data: DataConfig,
-    /// The main network's architecture and objective.
+    /// The main network's architecture and objective. Left at 0 (the default), `model.unet.in_channels` and
+    /// `out_channels` follow the data's channels (`data.channels`) and `model.label_encoder.num_classes` the
+    /// dataset's class count; a larger class count than the data's is allowed (unused classes).
     pub model: MainNetworkConfig,
     /// Probability of replacing a label by the null label while training, so the network also learns
     /// the unconditional prediction (for classifier-free guidance). Default 0.1.
@@ -58,7 +60,11 @@ impl Default for PretrainConfig {
             threads: 0,
             device: "auto".into(),
             data: DataConfig::default(),
-            model: MainNetworkConfig::default(),
+            model: {
+                let mut m = MainNetworkConfig::default();
+                (m.unet.in_channels, m.unet.out_channels, m.label_encoder.num_classes) = (0, 0, 0);
+                m
+            },
             label_dropout: 0.1,
             train: TrainConfig { ema_decay: 0.999, ..TrainConfig::default() },
             validation: ValidationConfig::default(),
@@ -124,12 +130,9 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
         )));
     }
     let data = cfg.data.load(false)?;
-    if data.num_classes != m.label_encoder.num_classes {
-        return Err(Error::Config(format!(
-            "the dataset has {} classes but model.label_encoder.num_classes = {}; set it to {}",
-            data.num_classes, m.label_encoder.num_classes, data.num_classes
-        )));
-    }
+    // From here on the run uses the model with the settings left to the data filled in.
+    let cfg = &PretrainConfig { model: resolved_model(m, &data)?, ..cfg.clone() };
+    let m = &cfg.model;
     if data.channels() != m.in_channels() || data.image_size() != m.sample_size() {
         return Err(Error::Config(format!(
             "the dataset's images are {}×{}×{} but {section}.in_channels = {} and {section}.sample_size = {}; \
@@ -165,7 +168,8 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
         run_description: serde_json::json!({ "model": m, "data": cfg.data, "label_dropout": cfg.label_dropout, "train": cfg.train }),
         description_defaults: {
             let d = PretrainConfig::default();
-            serde_json::json!({ "model": d.model, "data": d.data, "label_dropout": d.label_dropout, "train": d.train })
+            let model = resolved_model(&d.model, &data)?;
+            serde_json::json!({ "model": model, "data": d.data, "label_dropout": d.label_dropout, "train": d.train })
         },
         quiet,
         files: vec![
@@ -208,6 +212,31 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
         final_net.save(&final_dir)?;
     }
     Ok(summary)
+}
+
+/// `model` with the settings left to the data (0) filled in from `data`: the UNet's in/out channels from its
+/// channels (for a transformer backbone, whose channels are its own, the unused UNet fields keep the UNet's
+/// defaults), the class count from its classes. A class count below the data's is refused.
+pub fn resolved_model(model: &MainNetworkConfig, data: &Dataset) -> Result<MainNetworkConfig> {
+    let mut m = model.clone();
+    let channels =
+        if m.transformer.is_some() { crate::models::UNetConfig::default().in_channels } else { data.channels() };
+    for c in [&mut m.unet.in_channels, &mut m.unet.out_channels] {
+        if *c == 0 {
+            *c = channels;
+        }
+    }
+    let classes = &mut m.label_encoder.num_classes;
+    if *classes == 0 {
+        *classes = data.num_classes;
+    } else if *classes < data.num_classes {
+        return Err(Error::Config(format!(
+            "the dataset has {} classes but model.label_encoder.num_classes = {}; raise it to at least {} \
+             or leave it at 0 (the dataset's count)",
+            data.num_classes, classes, data.num_classes
+        )));
+    }
+    Ok(m)
 }
 
 fn swap_in(net: &MainNetwork, weights: &[(String, Tensor)]) {

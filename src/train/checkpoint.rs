@@ -172,6 +172,17 @@ pub fn resolve(output_dir: &Path, resume: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// What a `--resume` argument means for `output_dir` now. `latest` with no complete checkpoint there yet is
+/// a fresh run (`None`): a job that requeues itself can pass `--resume latest` every time, from its first
+/// start on. Anything else is returned as given (a checkpoint folder that does not exist stays an error
+/// when [`resolve`]d).
+pub fn resume_or_fresh<'a>(output_dir: &Path, resume: Option<&'a str>) -> Result<Option<&'a str>> {
+    if resume == Some("latest") && list(output_dir)?.is_empty() {
+        return Ok(None);
+    }
+    Ok(resume)
+}
+
 /// Reads `state.json` of a checkpoint.
 pub fn read_state(dir: &Path) -> Result<serde_json::Value> {
     let path = dir.join(STATE_FILE);

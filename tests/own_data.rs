@@ -1,0 +1,202 @@
+//! Users' own data end to end through the binary, at a tiny size: an RGB imagefolder in the diffusers
+//! ControlNet convention (`image`, `conditioning_image`, `text` and `label` on every line) is pretrained on
+//! (channels and class count following the data), side networks are trained on it with an extracted and
+//! with the given condition, scored on held-out images, and sample; and `--resume latest` requeues.
+use std::path::Path;
+use std::process::Command;
+
+fn lisa(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lisa")).args(args).output().expect("run lisa");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A small UNet, as the bad-input corpus trains it (two levels, 8 and 16 channels).
+const TINY_UNET: [&str; 12] = [
+    "--set",
+    "model.unet.block_out_channels=[8, 16]",
+    "--set",
+    "model.unet.down_block_types=[\"DownBlock2D\", \"CrossAttnDownBlock2D\"]",
+    "--set",
+    "model.unet.up_block_types=[\"CrossAttnUpBlock2D\", \"UpBlock2D\"]",
+    "--set",
+    "model.unet.cross_attention_dim=16",
+    "--set",
+    "model.unet.attention_head_dim=2",
+    "--set",
+    "model.unet.norm_num_groups=4",
+];
+
+/// 16 coloured squares and discs (two classes) on black, each with its mask as `conditioning_image`;
+/// every line has both a caption and a label.
+fn rgb_folder(dir: &Path) {
+    let mut lines = vec![];
+    for i in 0..16u32 {
+        let colour = image::Rgb([(40 + 13 * i) as u8, (200 - 9 * i) as u8, (90 + 7 * i) as u8]);
+        let (disc, r) = (i % 2 == 1, 3 + (i % 4));
+        let inside = |x: u32, y: u32| {
+            let (dx, dy) = (x as i32 - 8, y as i32 - 8);
+            if disc {
+                dx * dx + dy * dy <= (r * r) as i32
+            } else {
+                dx.unsigned_abs() <= r && dy.unsigned_abs() <= r
+            }
+        };
+        let img = image::RgbImage::from_fn(16, 16, |x, y| if inside(x, y) { colour } else { image::Rgb([0, 0, 0]) });
+        let mask = image::GrayImage::from_fn(16, 16, |x, y| image::Luma([if inside(x, y) { 255 } else { 0 }]));
+        img.save(dir.join(format!("{i}.png"))).unwrap();
+        mask.save(dir.join(format!("{i}_mask.png"))).unwrap();
+        let name = if disc { "disc" } else { "square" };
+        lines.push(format!(
+            r#"{{"image": "{i}.png", "conditioning_image": "{i}_mask.png", "text": "a {name}", "label": {}}}"#,
+            i % 2
+        ));
+    }
+    std::fs::write(dir.join("metadata.jsonl"), lines.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn an_rgb_imagefolder_pretrains_trains_with_extracted_and_given_conditions_and_samples() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    rgb_folder(&data);
+    let dataset = format!("data.dataset={:?}", data.display().to_string());
+    // The lines have both `text` and `label`: the label is the class.
+    let data_args = ["--set", dataset.as_str(), "--set", "data.channels=3", "--set", "data.caption_column=\"\""];
+
+    // Pretraining: in/out channels (3) and class count (2) follow the data.
+    let main = tmp.path().join("main");
+    let mut args = vec!["pretrain", "--quiet", "--steps", "2", "--threads", "1", "--output-dir", main.to_str().unwrap()];
+    args.extend(data_args);
+    args.extend(TINY_UNET);
+    args.extend(["--set", "train.batch_size=4", "--set", "validation.num_images=2", "--set", "validation.sampler.steps=2"]);
+    let (ok, _, stderr) = lisa(&args);
+    assert!(ok, "{stderr}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(main.join("model/config.json")).unwrap()).unwrap();
+    assert_eq!(config["unet"]["in_channels"], 3);
+    assert_eq!(config["unet"]["out_channels"], 3);
+    assert_eq!(config["label_encoder"]["num_classes"], 2);
+
+    // Side networks on the colour images: edges extracted from their luminance, and the given masks.
+    let main_model = format!("main_network={:?}", main.join("model").display().to_string());
+    let side = |task: &[&str], out: &Path| {
+        let mut args = vec!["train", "--quiet", "--steps", "2", "--threads", "1", "--output-dir", out.to_str().unwrap()];
+        args.extend(task);
+        args.extend(data_args);
+        args.extend(["--set", main_model.as_str()]);
+        args.extend([
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "fidelity.num_images=2",
+            "--set",
+            "fidelity.sampler.steps=2",
+            "--set",
+            "fidelity.every_steps=1",
+            "--set",
+            "fidelity.loss_gain_every=0",
+            "--set",
+            "final_eval.num_images=2",
+        ]);
+        let (ok, stdout, stderr) = lisa(&args);
+        assert!(ok, "{stderr}");
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+        (stdout, summary)
+    };
+    let (_, edges) = side(&["--task", "edges"], &tmp.path().join("edges"));
+    assert_eq!(edges["metric"], "edge_f1");
+    assert!(edges["final_fidelity"].as_f64().unwrap().is_finite(), "{edges}");
+    assert!(edges["frechet"].as_f64().unwrap().is_finite(), "{edges}");
+    // Held out: 10% of the 16 images, never the training ones.
+    assert_eq!(edges["final_eval_images"], 2);
+    assert!(edges["held_out"].as_str().unwrap().contains("data.eval_fraction = 0.1"), "{edges}");
+    let given_dir = tmp.path().join("given");
+    let (_, given) = side(&["--task", "given", "--set", "given_kind=\"mask\""], &given_dir);
+    assert_eq!((given["condition"].as_str(), given["metric"].as_str()), (Some("given"), Some("mask_iou")));
+    assert!(given["final_fidelity"].as_f64().unwrap().is_finite(), "{given}");
+
+    // The given-condition side network samples from a mask file, in colour.
+    let grid = tmp.path().join("grid.png");
+    let (ok, _, stderr) = lisa(&[
+        "sample",
+        "--model",
+        main.join("model").to_str().unwrap(),
+        "--controlnet",
+        given_dir.join("side-network").to_str().unwrap(),
+        "--condition",
+        data.join("3_mask.png").to_str().unwrap(),
+        "--per-label",
+        "1",
+        "--sampling-steps",
+        "2",
+        "--out",
+        grid.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let png = image::open(&grid).unwrap();
+    assert!(png.color().has_color(), "the samples are in colour");
+
+    // Read as grey (the default data.channels = 1), the colour images are converted with a note.
+    let grey = tmp.path().join("grey");
+    let mut args = vec!["pretrain", "--quiet", "--steps", "1", "--threads", "1", "--output-dir", grey.to_str().unwrap()];
+    args.extend(["--set", dataset.as_str(), "--set", "data.caption_column=\"\""]);
+    args.extend(TINY_UNET);
+    args.extend(["--set", "train.batch_size=4", "--set", "validation.num_images=0"]);
+    let (ok, _, stderr) = lisa(&args);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("14 of 14 images are in colour and are read as grey"), "{stderr}");
+    assert_eq!(stderr.lines().filter(|l| l.starts_with("note:")).count(), 1, "{stderr}");
+}
+
+#[test]
+fn resume_latest_in_an_empty_folder_starts_a_fresh_run_and_then_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let run = |steps: &str| {
+        let mut args = vec![
+            "pretrain",
+            "--quiet",
+            "--resume",
+            "latest",
+            "--steps",
+            steps,
+            "--threads",
+            "1",
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--set",
+            "data.source=\"embedded\"",
+            "--set",
+            "data.max_examples=16",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "train.checkpointing_steps=1",
+            "--set",
+            "train.log_every=1",
+            "--set",
+            "validation.num_images=0",
+        ];
+        args.extend(TINY_UNET);
+        lisa(&args)
+    };
+    let (ok, stdout, stderr) = run("2");
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("no checkpoint in") && stderr.contains("--resume latest starts a fresh run"), "{stderr}");
+    assert!(stdout.contains("trained 2 steps"), "{stdout}");
+    let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    let steps: Vec<&str> = metrics.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+    assert_eq!(steps, ["1", "2"], "a fresh run from step 0:\n{metrics}");
+    // The same command again (a requeued job) continues from checkpoint-2.
+    let (ok, _, stderr) = run("3");
+    assert!(ok, "{stderr}");
+    assert!(!stderr.contains("fresh run"), "{stderr}");
+    let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert_eq!(metrics.lines().skip(1).last().unwrap().split(',').next(), Some("3"), "{metrics}");
+}
