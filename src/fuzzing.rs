@@ -6,7 +6,7 @@ use std::path::Path;
 
 use tch::Tensor;
 
-use crate::experiments::control::ControlConfig;
+use crate::experiments::control_config::ControlConfig;
 use crate::experiments::latent::LatentControlConfig;
 use crate::experiments::pretrain::PretrainConfig;
 

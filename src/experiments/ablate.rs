@@ -5,7 +5,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::compare::{paired_difference, ArmAggregate};
-use super::control::{load_main, train_control, ArmSummary, ControlConfig, LazyData};
+use super::control::{load_main, train_control, ArmSummary, LazyData};
+use super::control_config::ControlConfig;
 use crate::eval::curves::first_reaching;
 use crate::{Error, Result};
 

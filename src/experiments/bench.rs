@@ -19,7 +19,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::control::ControlConfig;
+use super::control_config::ControlConfig;
 use crate::control::{ControlTask, LisaConfig, LisaHead, ReferencePass, SideNetwork};
 use crate::data::conditions::ConditionKind;
 use crate::diffusion::Objective;

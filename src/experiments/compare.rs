@@ -6,8 +6,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use super::control_config::ControlConfig;
 use super::control::{
-    load_main, save_triptych, train_control, ArmSummary, ControlConfig, LazyData, FINAL_SAMPLES,
+    load_main, save_triptych, train_control, ArmSummary, LazyData, FINAL_SAMPLES,
 };
 use crate::control::NUM_TIME_BUCKETS;
 use crate::eval::curves::{first_reaching, read_curve, speedups, EventTiming, SeedCurves, SpeedUp};

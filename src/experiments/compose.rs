@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::control::{held_out_subset, load_main, ControlConfig};
+use super::control::{held_out_subset, load_main};
+use super::control_config::ControlConfig;
 use crate::control::sampling::{sample_controlled_chunked, Control, ControlOptions};
 use crate::control::side::SideNetwork;
 use crate::data::conditions::ConditionKind;

@@ -9,7 +9,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
-use super::control::{held_out_subset, load_main, ControlConfig};
+use super::control::{held_out_subset, load_main};
+use super::control_config::ControlConfig;
 use crate::control::sampling::{sample_controlled_chunked, Control, ControlOptions};
 use crate::control::side::SideNetwork;
 use crate::eval::classifier::load_shipped;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::control::ControlConfig;
+use super::control_config::ControlConfig;
 use crate::eval::curves::read_curve;
 use crate::eval::curves::EventTiming;
 use crate::eval::fidelity::higher_is_better;

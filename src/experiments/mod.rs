@@ -5,6 +5,7 @@ pub mod bench;
 pub mod compare;
 pub mod compose;
 pub mod control;
+pub mod control_config;
 pub mod device_check;
 pub mod disentangle;
 pub mod evaluate;
