@@ -761,6 +761,10 @@ fn run_train(a: TrainArgs) -> Result<()> {
     let main = load_main(&cfg)?;
     let data = prepare_data(&cfg)?;
     let s = train_control(&cfg, &main, &data, resume, a.common.run.quiet)?;
+    // Every process of a data-parallel run ends here with the same summary; one prints it.
+    if !lisa::distributed::is_main_process() {
+        return Ok(());
+    }
     println!(
         "{} ({}): {} steps, {:.3} s/step; final {} {:.4} (shuffled conditions {:.4}), Fréchet distance {:.2}; \
          side network in {}",
@@ -785,6 +789,9 @@ fn run_compare(a: CompareArgs) -> Result<()> {
         return Ok(());
     }
     let report = compare(&cfg, a.resume, a.common.run.quiet)?;
+    if !lisa::distributed::is_main_process() {
+        return Ok(());
+    }
     println!("{}", report.table());
     let out = &cfg.output_dir;
     println!(
