@@ -297,3 +297,43 @@ impl ControlConfig {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use tch::Device;
+
+    use super::*;
+
+    #[test]
+    fn evaluations_follow_their_phases_then_every_steps() {
+        let f = FidelityEvalConfig {
+            every_steps: 100,
+            phases: vec![EvalPhase { until: 50, every: 10 }, EvalPhase { until: 200, every: 25 }],
+            loss_gain_every: 7,
+            ..Default::default()
+        };
+        let due: Vec<u64> = (0..=330).filter(|&s| f.fidelity_due(s, 330)).collect();
+        assert_eq!(due, vec![0, 10, 20, 30, 40, 50, 75, 100, 125, 150, 175, 200, 300, 330]);
+        let gain: Vec<u64> = (0..=30).filter(|&s| f.loss_gain_due(s, 30)).collect();
+        assert_eq!(gain, vec![0, 7, 14, 21, 28, 30]);
+        assert!(!FidelityEvalConfig { loss_gain_every: 0, ..f.clone() }.loss_gain_due(0, 30), "0 = never");
+        f.validate().unwrap();
+        let unordered = FidelityEvalConfig { phases: vec![EvalPhase { until: 50, every: 10 }; 2], ..f.clone() };
+        assert!(unordered.validate().unwrap_err().to_string().contains("must increase"));
+        let few = FidelityEvalConfig { loss_gain_images: 5, ..f };
+        assert!(few.validate().unwrap_err().to_string().contains("loss_gain_images"));
+    }
+
+    #[test]
+    fn the_null_label_replaces_every_class_and_parses_from_toml() {
+        let cfg: ControlConfig =
+            crate::config::from_text(Some(("label = \"null\"\n", Path::new("x.toml"))), &[]).unwrap();
+        assert_eq!(cfg.label, LabelInput::Null);
+        let main = MainNetwork::load(&cfg.main_network_dir(), Device::Cpu).unwrap();
+        let y = Tensor::from_slice(&[0i64, 3, 9]);
+        assert_eq!(Vec::<i64>::try_from(cfg.main_labels(&main, &y).unwrap()).unwrap(), vec![10, 10, 10]);
+        let class = ControlConfig::default();
+        assert_eq!(Vec::<i64>::try_from(class.main_labels(&main, &y).unwrap()).unwrap(), vec![0, 3, 9]);
+    }
+}
