@@ -631,21 +631,34 @@ fn run_sample(a: SampleArgs) -> Result<()> {
                 a.controlnet[k].display(),
                 side.condition
             ),
+            // A condition image as the side network takes it: grey, or colour for one trained on colour
+            // condition maps (colour lowres, colour given images).
             None => {
                 let p = &a.condition[k];
-                lisa::data::imagefolder::load_gray(p, size as u32)
+                let channels = if side.config.conditioning_channels() == 3 { 3 } else { 1 };
+                lisa::data::imagefolder::load_image(p, size as u32, channels)
                     .with_context(|| format!("reading {}", p.display()))?
             }
+            // Conditions are extracted as in training: from a colour image for a colour main network.
             Some(p) => {
-                let img = lisa::data::imagefolder::load_gray(p, size as u32)
-                    .with_context(|| format!("reading {}", p.display()))?;
-                side.condition.extract_batch(&(img * 2.0 - 1.0))?
+                let colour = net.config.out_channels() == 3 && net.config.num_frames() == 1;
+                let img = lisa::data::imagefolder::load_image(p, size as u32, if colour { 3 } else { 1 })
+                    .with_context(|| format!("reading {}", p.display()))?
+                    * 2.0
+                    - 1.0;
+                if colour {
+                    side.condition.extract_colour_batch(&img)?
+                } else {
+                    side.condition.extract_batch(&img)?
+                }
             }
         };
         let channels = condition.size()[1];
         let condition = condition.expand([n, channels, size, size], false).contiguous();
-        // Stacked conditions are shown overlaid (their maximum).
-        cond_rows.push(condition.narrow(0, 0, labels.len() as i64).amax([1], true) * 2.0 - 1.0);
+        // Stacked conditions are shown overlaid (their maximum), a colour condition in colour.
+        let row = condition.narrow(0, 0, labels.len() as i64);
+        let row = if side.condition.len() == 1 && channels == 3 { row } else { row.amax([1], true) };
+        cond_rows.push(row * 2.0 - 1.0);
         let options = ControlOptions {
             conditioning_scale: scales[if scales.len() == 1 { 0 } else { k }],
             start: a.control_start,
@@ -655,9 +668,15 @@ fn run_sample(a: SampleArgs) -> Result<()> {
     }
     let images = sample_controlled(&net, &controls, &y, &a.sampler.config(&net), a.guidance_scale, a.sampler.seed)?;
     // First rows: the conditions (grey, also above colour samples); then the samples, one column per label.
-    if images.size()[1] == 3 {
-        cond_rows = cond_rows.iter().map(|r| r.expand([-1, 3, -1, -1], false)).collect();
-    }
+    let image_channels = images.size()[1];
+    cond_rows = cond_rows
+        .iter()
+        .map(|r| match (r.size()[1], image_channels) {
+            (1, 3) => r.expand([-1, 3, -1, -1], false),
+            (3, 1) => r.mean_dim(1, true, tch::Kind::Float),
+            _ => r.shallow_clone(),
+        })
+        .collect();
     cond_rows.push(images);
     lisa::eval::grid::save_grid_scaled(&Tensor::cat(&cond_rows, 0), labels.len(), 2, 2, &a.out)?;
     let kinds: Vec<String> = sides.iter().map(|s| s.condition.to_string()).collect();

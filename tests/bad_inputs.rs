@@ -647,6 +647,11 @@ fn build(root: &Path) -> Vec<Case> {
         &["--set", "data.channels=2"],
         &["data.channels must be 1 (grey) or 3 (RGB), got 2"],
     );
+    c.config(
+        "cfg-conditioning-channels-2",
+        &["data.conditioning_channels=2"],
+        &["data.conditioning_channels must be 1 (grey), 3 (RGB) or 0 (as data.channels), got 2"],
+    );
     c.folder(
         "if-image-size-100000",
         with_a(&[r#"{"image": "a.png", "label": 0}"#]),
@@ -753,6 +758,11 @@ fn build(root: &Path) -> Vec<Case> {
         "ctl-given-without-condition-images",
         &[&given[..], &["--set", "data.source=\"embedded\"", "--set", "data.max_examples=8"]].concat(),
         &["fashion-mnist has none", "give an imagefolder whose metadata.jsonl lines have a `conditioning_image`"],
+    );
+    c.train(
+        "ctl-colour-lowres-stacked",
+        &["--task", "lowres+edges", "--set", "data.dataset=\"folder\"", "--set", "data.channels=3"],
+        &["lowres keeps the colour (3 channels) and cannot be stacked", "train lowres on its own"],
     );
     c.train_on_folder(
         "ctl-no-held-out-images",

@@ -141,6 +141,45 @@ fn an_rgb_imagefolder_pretrains_trains_with_extracted_and_given_conditions_and_s
     assert!(ok, "{stderr}");
     let png = image::open(&grid).unwrap();
     assert!(png.color().has_color(), "the samples are in colour");
+    let conditioning_channels = |dir: &Path| -> i64 {
+        let text = std::fs::read_to_string(dir.join("side-network/config.json")).unwrap();
+        let cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+        cfg["controlnet"]["conditioning_channels"].as_i64().unwrap()
+    };
+    // Given condition images follow data.channels (3 here) unless data.conditioning_channels says otherwise.
+    assert_eq!(conditioning_channels(&given_dir), 3);
+    let grey_given = tmp.path().join("given-grey");
+    side(&["--task", "given", "--set", "given_kind=\"mask\"", "--set", "data.conditioning_channels=1"], &grey_given);
+    assert_eq!(conditioning_channels(&grey_given), 1);
+    assert_eq!(conditioning_channels(&tmp.path().join("edges")), 1, "edges come from the luminance");
+
+    // Low resolution keeps the colour: a side network on three conditioning channels, scored colour by colour,
+    // that samples from a condition extracted from a colour image.
+    let lowres_dir = tmp.path().join("lowres");
+    let (_, lowres) = side(&["--task", "lowres"], &lowres_dir);
+    assert_eq!(lowres["metric"], "lowres_psnr");
+    assert!(lowres["final_fidelity"].as_f64().unwrap().is_finite(), "{lowres}");
+    assert_eq!(conditioning_channels(&lowres_dir), 3);
+    let (ok, _, stderr) = lisa(&[
+        "sample",
+        "--model",
+        main.join("model").to_str().unwrap(),
+        "--controlnet",
+        lowres_dir.join("side-network").to_str().unwrap(),
+        "--condition-from",
+        data.join("5.png").to_str().unwrap(),
+        "--per-label",
+        "1",
+        "--sampling-steps",
+        "2",
+        "--out",
+        grid.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    // Its top row is the colour low-resolution condition of 5.png: not grey.
+    let png = image::open(&grid).unwrap().to_rgb8();
+    let top = (0..png.width()).flat_map(|x| (0..png.height() / 3).map(move |y| (x, y)));
+    assert!(top.map(|(x, y)| png.get_pixel(x, y)).any(|p| p[0] != p[1] || p[1] != p[2]), "a colour condition row");
 
     // Read as grey (the default data.channels = 1), the colour images are converted with a note.
     let grey = tmp.path().join("grey");

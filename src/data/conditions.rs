@@ -317,6 +317,28 @@ impl ConditionSet {
         Ok(Tensor::f_stack(&maps, 2)?.f_reshape([s[0], s[1] * self.0.len() as i64, s[2], s[3]])?)
     }
 
+    /// Every condition of the set extracted from colour images `[N, 3, H, W]` in [-1, 1], as a side network on
+    /// colour data takes them: from their [`luminance`], except `lowres`, which keeps the colour (3 channels,
+    /// [N, 3, H, W]; it cannot be stacked with other conditions then).
+    pub fn extract_colour_batch(&self, images: &Tensor) -> Result<Tensor> {
+        match self.0.as_slice() {
+            [ConditionKind::LowRes] => {
+                if images.size().get(1) != Some(&3) {
+                    return Err(Error::Config(format!(
+                        "expected colour images [N, 3, H, W], got {:?}",
+                        images.size()
+                    )));
+                }
+                self.extract_batch(images)
+            }
+            kinds if kinds.contains(&ConditionKind::LowRes) => Err(Error::Config(format!(
+                "condition {self}: on colour images lowres keeps the colour (3 channels) and cannot be stacked with \
+                 other conditions; train lowres on its own, or set data.channels = 1"
+            ))),
+            _ => self.extract_batch(&luminance(images)?),
+        }
+    }
+
     /// The channels of condition `kind` in `conditions` laid out as [`ConditionSet::extract_batch`]
     /// returns them: [N, F, H, W], one per frame.
     pub fn channels_of(&self, conditions: &Tensor, kind: ConditionKind) -> Result<Tensor> {
@@ -811,6 +833,24 @@ pub fn skeleton(img: &GrayImage) -> Skeleton {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colour_images_give_lowres_in_colour_and_other_conditions_from_their_luminance() {
+        let grey = rect(4, 20, 6, 28).to_tensor().view([1, 1, 32, 32]) * 2.0 - 1.0;
+        let colour = Tensor::cat(&[&grey, &(&grey * 0.5), &(-&grey)], 1);
+        let lowres = ConditionSet::from(ConditionKind::LowRes).extract_colour_batch(&colour).unwrap();
+        assert_eq!(lowres.size(), [1, 3, 32, 32]);
+        for c in 0..3 {
+            let one = extract_batch(ConditionKind::LowRes, &colour.narrow(1, c, 1)).unwrap();
+            assert!(lowres.narrow(1, c, 1).equal(&one), "colour {c}");
+        }
+        let edges = ConditionSet::from(ConditionKind::Edges).extract_colour_batch(&colour).unwrap();
+        assert!(edges.equal(&extract_batch(ConditionKind::Edges, &luminance(&colour).unwrap()).unwrap()));
+        let stacked = ConditionSet::new(vec![ConditionKind::Edges, ConditionKind::LowRes]).unwrap();
+        let e = stacked.extract_colour_batch(&colour).unwrap_err().to_string();
+        assert!(e.contains("cannot be stacked") && !e.contains('\n'), "{e}");
+        assert!(ConditionSet::from(ConditionKind::LowRes).extract_colour_batch(&grey).is_err());
+    }
 
     /// A 32×32 black image with a white filled rectangle over columns `x0..x1`, rows `y0..y1`.
     fn rect(x0: usize, x1: usize, y0: usize, y1: usize) -> GrayImage {

@@ -20,6 +20,9 @@ pub struct DataConfig {
     /// Imagefolder only: 1 (grey) or 3 (RGB) channels; colour images read as grey are converted with a
     /// note. A pretrained main network's `in_channels` / `out_channels` follow it. Default 1.
     pub channels: i64,
+    /// Imagefolder only: channels of the condition images (`condition = "given"`), 1 (grey) or 3 (RGB);
+    /// 0 = as `channels`. Colour condition images read as grey are converted with a note. Default 0.
+    pub conditioning_channels: i64,
     /// Imagefolder only: images are resized and padded to this square size. Default 32.
     pub image_size: u32,
     /// Imagefolder only: the `metadata.jsonl` key holding the image's file name. Default `image`.
@@ -55,6 +58,7 @@ impl Default for DataConfig {
             source: "auto".into(),
             max_examples: 0,
             channels: 1,
+            conditioning_channels: 0,
             image_size: 32,
             image_column: "image".into(),
             conditioning_image_column: "conditioning_image".into(),
@@ -90,6 +94,12 @@ impl DataConfig {
             return Err(Error::Config(format!(
                 "data.eval_fraction must be in [0, 1) (the share of the images held out), got {}",
                 self.eval_fraction
+            )));
+        }
+        if ![0, 1, 3].contains(&self.conditioning_channels) {
+            return Err(Error::Config(format!(
+                "data.conditioning_channels must be 1 (grey), 3 (RGB) or 0 (as data.channels), got {}",
+                self.conditioning_channels
             )));
         }
         if self.is_imagefolder() {
@@ -137,6 +147,7 @@ impl DataConfig {
             let opts = imagefolder::LoadOptions {
                 size: self.image_size,
                 channels: self.channels,
+                conditioning_channels: self.conditioning_channels,
                 columns: self.columns(),
                 follow_symlinks: self.follow_symlinks,
                 class_names: None,

@@ -298,6 +298,12 @@ fn open(meta: &Path, line: usize, key: &str, path: &Path) -> Result<image::Dynam
 /// Reads one image file as a grey `[1, 1, size, size]` tensor in `[0, 1]`, fitted with
 /// [`to_square`] (e.g. a condition image given on the command line).
 pub fn load_gray(path: &Path, size: u32) -> Result<tch::Tensor> {
+    load_image(path, size, 1)
+}
+
+/// Reads one image file as a `[1, channels, size, size]` tensor in `[0, 1]` (`channels` 1: grey, 3: RGB),
+/// fitted with [`to_square`].
+pub fn load_image(path: &Path, size: u32, channels: i64) -> Result<tch::Tensor> {
     if !path.is_file() {
         return Err(Error::Config(format!(
             "{} does not exist or is not a file; give an image file (PNG, JPEG or BMP)",
@@ -306,7 +312,7 @@ pub fn load_gray(path: &Path, size: u32) -> Result<tch::Tensor> {
     }
     let img =
         image::open(path).map_err(|e| Error::format(path, format!("cannot decode the image: {}", one_line(e))))?;
-    Ok(image_to_unit_tensor(&to_square(&img, size), 1).unsqueeze(0))
+    Ok(image_to_unit_tensor(&to_square(&img, size), channels).unsqueeze(0))
 }
 
 /// How an imagefolder is read into a [`Dataset`].
@@ -316,6 +322,8 @@ pub struct LoadOptions {
     pub size: u32,
     /// 1 (grey) or 3 (RGB). Default 1.
     pub channels: i64,
+    /// Channels of the condition images: 1 (grey) or 3 (RGB); 0 = as `channels`. Default 0.
+    pub conditioning_channels: i64,
     /// Which keys hold what.
     pub columns: Columns,
     /// Allow files that lie outside the folder once symbolic links are followed. Default false.
@@ -332,6 +340,7 @@ impl Default for LoadOptions {
         Self {
             size: 32,
             channels: 1,
+            conditioning_channels: 0,
             columns: Columns::default(),
             follow_symlinks: false,
             class_names: None,
@@ -483,6 +492,13 @@ pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Dataset> {
     if channels != 1 && channels != 3 {
         return Err(Error::Config(format!("data.channels must be 1 (grey) or 3 (RGB), got {channels}")));
     }
+    let cond_channels = if opts.conditioning_channels == 0 { channels } else { opts.conditioning_channels };
+    if cond_channels != 1 && cond_channels != 3 {
+        return Err(Error::Config(format!(
+            "data.conditioning_channels must be 1 (grey), 3 (RGB) or 0 (as data.channels), got {}",
+            opts.conditioning_channels
+        )));
+    }
     if size == 0 || size > MAX_IMAGE_SIZE {
         return Err(Error::Config(format!("data.image_size must be in 1..={MAX_IMAGE_SIZE}, got {size}")));
     }
@@ -526,7 +542,7 @@ pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Dataset> {
         }
     }
     let (mut images, mut conds, mut kept_labels) = (Vec::new(), Vec::new(), Vec::new());
-    let mut coloured = 0usize;
+    let (mut coloured, mut coloured_conds) = (0usize, 0usize);
     for ((r, &label), _) in records.iter().zip(&labels).zip(&keep).filter(|(_, k)| **k) {
         let img = open(&meta, r.line, "image", &r.image)?;
         if channels == 1 && has_colour(&img) {
@@ -536,7 +552,10 @@ pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Dataset> {
         kept_labels.push(label);
         if let Some(c) = &r.conditioning_image {
             let cimg = open(&meta, r.line, "conditioning_image", c)?;
-            conds.push(image_to_unit_tensor(&to_square(&cimg, size), channels));
+            if cond_channels == 1 && has_colour(&cimg) {
+                coloured_conds += 1;
+            }
+            conds.push(image_to_unit_tensor(&to_square(&cimg, size), cond_channels));
         }
     }
     if coloured > 0 {
@@ -545,6 +564,14 @@ pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Dataset> {
              set data.channels = 3 to train in colour",
             dir.display(),
             images.len()
+        );
+    }
+    if coloured_conds > 0 {
+        eprintln!(
+            "note: {}: {coloured_conds} of {} condition images are in colour and are read as grey \
+             (data.conditioning_channels = 1); set data.conditioning_channels = 3 to keep their colour",
+            dir.display(),
+            conds.len()
         );
     }
     Ok(Dataset {

@@ -39,8 +39,11 @@
 //! Each metric is computed per image; [`FidelityScore::mean`] is the plain mean of the per-image scores (so for
 //! PSNR it is the mean of per-image decibels, not the PSNR of the pooled MSE). A sample with several channels (a
 //! Moving Fashion-MNIST clip: one per frame) is scored channel by channel against the condition's channels, and
-//! its score is the mean over them (the per-frame metric averaged over frames). A colour sample `[N, 3, H, W]`
-//! of a single-channel condition is scored by its luminance, the image its condition was extracted from.
+//! its score is the mean over them (the per-frame metric averaged over frames); for `lowres` it is the PSNR of
+//! the image's squared error averaged over all its channels. A colour sample `[N, 3, H, W]` of a single-channel
+//! condition is scored by its luminance, the image its condition was extracted from; of a colour condition,
+//! colour by colour for `lowres` (low-resolution copies keep their colour) and otherwise by the luminance of
+//! both (a colour condition image given with the data).
 use tch::{Device, Kind, Tensor};
 
 use crate::data::conditions::{brightness_centre, ConditionKind, GrayImage};
@@ -100,12 +103,16 @@ pub fn fidelity(kind: ConditionKind, samples: &Tensor, conditions: &Tensor) -> R
             "conditions given with the data cannot be recomputed from a sample: there is no fidelity metric".into(),
         ));
     }
-    // Colour samples of a single-channel condition are scored by their luminance, as conditions are
-    // extracted from colour images.
-    let samples = match (samples.size().get(1), conditions.size().get(1)) {
-        (Some(3), Some(1)) if samples.dim() == 4 => crate::data::conditions::luminance(samples)?,
-        _ => samples.shallow_clone(),
+    // Conditions are extracted from the luminance of colour images, except `lowres`, which keeps each colour;
+    // a colour condition image of another kind (given with the data) is compared by its luminance too.
+    let lum = crate::data::conditions::luminance;
+    let (samples, conditions) = match (samples.dim(), samples.size().get(1), conditions.size().get(1)) {
+        (4, Some(3), Some(1)) => (lum(samples)?, conditions.shallow_clone()),
+        (4, Some(3), Some(3)) if kind != ConditionKind::LowRes => (lum(samples)?, lum(conditions)?),
+        (4, Some(1), Some(3)) if kind != ConditionKind::LowRes => (samples.shallow_clone(), lum(conditions)?),
+        _ => (samples.shallow_clone(), conditions.shallow_clone()),
     };
+    let conditions = &conditions;
     let (n, channels, h, w) = check_shapes(&samples, conditions)?;
     let s = to_cpu_vec(&samples, "samples")?;
     let c = to_cpu_vec(conditions, "conditions")?;
@@ -139,8 +146,15 @@ pub fn fidelity(kind: ConditionKind, samples: &Tensor, conditions: &Tensor) -> R
             score(kind, w, h, &extracted, cond)
         })
         .collect();
-    let per_image: Vec<f64> =
-        per_channel.chunks_exact(channels).map(|c| c.iter().sum::<f64>() / channels as f64).collect();
+    // Channels are the frames of a clip or the colours of a low-resolution colour image: an image scores the
+    // mean of its channels' scores, or for `lowres` the PSNR of its mean squared error over all channels.
+    let per_image: Vec<f64> = per_channel
+        .chunks_exact(channels)
+        .map(|c| match kind {
+            ConditionKind::LowRes => psnr(c.iter().sum::<f64>() / channels as f64),
+            _ => c.iter().sum::<f64>() / channels as f64,
+        })
+        .collect();
     let mean = per_image.iter().sum::<f64>() / n as f64;
     Ok(FidelityScore { metric: metric_name(kind), mean, per_image, higher_is_better: higher_is_better(kind) })
 }
@@ -182,7 +196,8 @@ fn score(kind: ConditionKind, w: usize, h: usize, extracted: &[f32], cond: &[f32
         ConditionKind::Edges | ConditionKind::Skeleton => tolerant_f1(w, h, &on(extracted), &on(cond), F1_TOLERANCE),
         ConditionKind::Mask => iou(&on(extracted), &on(cond)),
         ConditionKind::Depth => mse(extracted, cond).sqrt(),
-        ConditionKind::LowRes => psnr(mse(extracted, cond)),
+        // The PSNR is taken of the whole image's mean squared error, once its channels are scored.
+        ConditionKind::LowRes => mse(extracted, cond),
         ConditionKind::Trajectory => {
             let centre = |m: &[f32]| brightness_centre(&GrayImage { width: w, height: h, data: m.to_vec() });
             let ((ax, ay), (bx, by)) = (centre(extracted), centre(cond));
@@ -454,7 +469,7 @@ mod tests {
         is_config(fidelity(ConditionKind::Mask, &gt, &cond.narrow(3, 0, 16)));
         // Channel counts that differ (other than colour samples of a grey condition), or no channel axis.
         is_config(fidelity(ConditionKind::Mask, &gt.repeat([1, 2, 1, 1]), &cond));
-        is_config(fidelity(ConditionKind::Mask, &gt, &cond.repeat([1, 3, 1, 1])));
+        is_config(fidelity(ConditionKind::Mask, &gt, &cond.repeat([1, 2, 1, 1])));
         is_config(fidelity(ConditionKind::Mask, &gt.squeeze_dim(1), &cond.squeeze_dim(1)));
         // Empty batch, non-finite samples, conditions given in [-1, 1], integer tensors.
         is_config(fidelity(ConditionKind::Mask, &gt.narrow(0, 0, 0), &cond.narrow(0, 0, 0)));
@@ -477,6 +492,34 @@ mod tests {
         // The luminance of R = G = B is the grey image itself (the weights sum to 1).
         let lum = crate::data::conditions::luminance(&gt.repeat([1, 3, 1, 1])).unwrap();
         assert!(lum.allclose(&gt, 1e-6, 1e-6, false));
+    }
+
+    #[test]
+    fn colour_lowres_is_scored_colour_by_colour_and_colour_conditions_of_other_kinds_by_luminance() {
+        // Colour images: the ground truth in three different brightnesses per colour.
+        let gt = ground_truth();
+        let colour = Tensor::cat(&[&gt, &(&gt * 0.5), &(&gt * 0.25 - 0.5)], 1);
+        let lowres = extract_batch(ConditionKind::LowRes, &colour).unwrap();
+        assert_eq!(lowres.size()[1], 3);
+        let own = fidelity(ConditionKind::LowRes, &colour, &lowres).unwrap();
+        assert!(own.per_image.iter().all(|&p| p == PSNR_CAP_DB), "{:?}", own.per_image);
+        // One colour of three shifted by δ (clamped to [0, 1]): the score is the PSNR of the squared error
+        // averaged over the whole image, all three colours (at most δ²/3), not the mean of per-colour PSNRs.
+        let delta = 0.1f64;
+        let off = Tensor::cat(&[&(lowres.narrow(1, 0, 1) + delta), &lowres.narrow(1, 1, 2)], 1).clamp(0.0, 1.0);
+        let off_score = fidelity(ConditionKind::LowRes, &colour, &off).unwrap();
+        for (i, p) in off_score.per_image.iter().enumerate() {
+            let err = (off.get(i as i64) - lowres.get(i as i64)).square().mean(Kind::Double).double_value(&[]);
+            let want = -10.0 * err.log10();
+            assert!((p - want).abs() < 1e-4, "image {i}: {p} vs {want}");
+            assert!(err <= delta * delta / 3.0 + 1e-9, "image {i}: {err}");
+        }
+        // Colour edges given with the data (R = G = B) score as the grey condition against the luminance.
+        let edges = extract_batch(ConditionKind::Edges, &crate::data::conditions::luminance(&colour).unwrap()).unwrap();
+        let grey = fidelity(ConditionKind::Edges, &colour, &edges).unwrap();
+        let given = fidelity(ConditionKind::Edges, &colour, &edges.repeat([1, 3, 1, 1])).unwrap();
+        assert_eq!(grey.per_image, given.per_image);
+        assert!(grey.per_image.iter().all(|&f| f == 1.0), "{:?}", grey.per_image);
     }
 
     #[test]

@@ -98,12 +98,12 @@ pub fn held_out_subset(cfg: &ControlConfig) -> Result<(Tensor, Tensor, Tensor)> 
     Ok((eval_images, eval_labels, eval_conditions))
 }
 
-/// The conditions the side network takes for `images` ([N, C, H, W] in [-1, 1]), in [0, 1]: extracted, from
-/// the luminance of colour images; or, with `condition = "given"`, the dataset's own condition images
-/// `given` (their luminance when in colour).
+/// The conditions the side network takes for `images` ([N, C, H, W] in [-1, 1]), in [0, 1]: extracted from
+/// the luminance of colour images, except `lowres`, which keeps their colour (one channel per colour); or, with
+/// `condition = "given"`, the dataset's own condition images `given` as read (grey or colour, see
+/// `data.conditioning_channels`).
 pub fn conditions_of(cfg: &ControlConfig, images: &Tensor, given: Option<&Tensor>) -> Result<Tensor> {
     let set = cfg.condition_set()?;
-    let colour = |t: &Tensor| t.size().get(1) == Some(&3) && cfg.data.video.is_none();
     if set.primary() == ConditionKind::Given {
         let given = given.ok_or_else(|| {
             Error::Config(format!(
@@ -112,13 +112,19 @@ pub fn conditions_of(cfg: &ControlConfig, images: &Tensor, given: Option<&Tensor
                 cfg.data.dataset, cfg.data.conditioning_image_column
             ))
         })?;
-        return if colour(given) { luminance(given) } else { Ok(given.shallow_clone()) };
+        return Ok(given.shallow_clone());
     }
-    if colour(images) {
-        set.extract_batch(&luminance(images)?)
-    } else {
-        set.extract_batch(images)
+    if images.size().get(1) == Some(&3) && cfg.data.video.is_none() {
+        return set.extract_colour_batch(images);
     }
+    set.extract_batch(images)
+}
+
+/// Channels of one condition map as the side network takes it: 1, or 3 for colour condition images
+/// (`lowres` of colour images, or colour `given` images); `conditions` as [`conditions_of`] returns them.
+pub fn condition_channels(cfg: &ControlConfig, conditions: &Tensor) -> Result<i64> {
+    let set = cfg.condition_set()?;
+    Ok(if cfg.data.video.is_none() && set.len() == 1 { conditions.size()[1] } else { set.len() as i64 })
 }
 
 /// The first final-evaluation samples of an arm, kept for comparison grids.
@@ -232,7 +238,7 @@ pub fn train_control(
     // The same seed gives both arms the same side-network initialisation (the decoder is built after it).
     tch::manual_seed(cfg.train.seed as i64);
     let controlnet = ControlNetConfig {
-        conditioning_channels: set.len() as i64,
+        conditioning_channels: condition_channels(cfg, &data.eval_conditions)?,
         conditioning_embedding_out_channels: cfg.conditioning_embedding_out_channels.clone(),
         ..ControlNetConfig::for_unet(&main.config.unet)
     };

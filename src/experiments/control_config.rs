@@ -263,6 +263,13 @@ impl ControlConfig {
                 "given_kind applies only to condition = \"given\" (the condition is {set}); remove it"
             )));
         }
+        let colour = self.data.is_imagefolder() && self.data.channels == 3 && self.data.video.is_none();
+        if colour && set.len() > 1 && set.kinds().contains(&ConditionKind::LowRes) {
+            return Err(Error::Config(format!(
+                "condition {set}: on colour images lowres keeps the colour (3 channels) and cannot be stacked with \
+                 other conditions; train lowres on its own, or set data.channels = 1"
+            )));
+        }
         self.scored_kind()?;
         self.data.validate()?;
         if !(0.0..1.0).contains(&self.condition_dropout) {
