@@ -71,9 +71,12 @@ case "${1:-}" in
     done
     report compare --config "$CFG" "${SET[@]}" --seeds "$n" --output-dir "$out" --resume --quiet ;;
   report-sweep)
-    # lr 1e-4 is the baseline of experiment i, seed 0 (the hook does not touch the baseline).
-    b=runs/converge-edges-s0/seed-0/baseline
-    if [ ! -e runs/lr-sweep/lr-1e-4 ] && [ -f "$b/summary.json" ]; then ln -s "../../$b" runs/lr-sweep/lr-1e-4; fi
+    # lr 1e-4 is the baseline of experiment i, seed 0, and 3e-5 that of experiment v, seed 0, when it has run
+    # (the same settings as the sweep's; the hook does not touch the baseline).
+    for p in "1e-4 converge-edges" "3e-5 converge-edges-3e-5"; do
+      set -- $p; b=runs/$2-s0/seed-0/baseline
+      if [ ! -e "runs/lr-sweep/lr-$1" ] && [ -f "$b/summary.json" ]; then ln -s "../../$b" "runs/lr-sweep/lr-$1"; fi
+    done
     report lr-sweep runs/lr-sweep ;;
   *) sed -n '2,13p' "$0"; exit 2 ;;
 esac

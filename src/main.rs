@@ -35,6 +35,9 @@ enum Command {
     Eval(EvalArgs),
     /// Turn a training checkpoint into a model folder (its EMA weights when it has them).
     Export(ExportArgs),
+    /// Write a colour imagefolder made from Fashion-MNIST (each item tinted with its own colour, its mask as
+    /// `conditioning_image`, `text` and `label` on every line): colour data to try the users'-data path on.
+    TintedFolder(TintedFolderArgs),
     /// Train a side network (ControlNet) for a visual condition against the frozen main network,
     /// with LISA (default) or without (`--baseline`).
     Train(TrainArgs),
@@ -323,6 +326,25 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct TintedFolderArgs {
+    /// The folder to write (created; must not hold a metadata.jsonl yet).
+    #[arg(long)]
+    out: PathBuf,
+    /// How many items (drawn at random, by --seed, from the split).
+    #[arg(long, default_value_t = 2000)]
+    count: usize,
+    /// Which Fashion-MNIST split: train or test.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Fashion-MNIST source: auto, embedded or debian.
+    #[arg(long, default_value = "auto")]
+    data_source: String,
+    /// Seed of the draw and of the tints.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
 struct ExportArgs {
     /// A `checkpoint-N/` folder of a pretraining run.
     #[arg(long)]
@@ -509,6 +531,7 @@ fn main() -> ExitCode {
         Command::Sample(a) => run_sample(a),
         Command::Eval(a) => run_eval(a),
         Command::Export(a) => run_export(a),
+        Command::TintedFolder(a) => run_tinted_folder(a),
         Command::Train(a) => run_train(a),
         Command::TrainSd(a) => run_train_sd(a),
         Command::ExportControlnet(a) => run_export_controlnet(a),
@@ -702,6 +725,29 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         std::fs::write(out, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", out.display()))?;
     }
+    Ok(())
+}
+
+fn run_tinted_folder(a: TintedFolderArgs) -> Result<()> {
+    use lisa::data::fashion_mnist::{Source, Split, DEBIAN_DIR};
+    let split = match a.split.as_str() {
+        "train" => Split::Train,
+        "test" => Split::Test,
+        other => anyhow::bail!("--split {other:?}: use train or test"),
+    };
+    let source = match a.data_source.as_str() {
+        "auto" => Source::auto(),
+        "embedded" => Source::Embedded,
+        "debian" => Source::Debian(PathBuf::from(DEBIAN_DIR)),
+        other => anyhow::bail!("--data-source {other:?}: use auto, embedded or debian"),
+    };
+    let wrote = lisa::data::tinted::write_tinted_folder(&a.out, &source, split, a.count, a.seed)?;
+    println!(
+        "wrote {} tinted images with their masks and {} (per class: {:?})",
+        wrote.images,
+        a.out.join("metadata.jsonl").display(),
+        wrote.per_class
+    );
     Ok(())
 }
 

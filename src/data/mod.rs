@@ -10,6 +10,7 @@ pub mod fashion_mnist;
 pub mod idx;
 pub mod imagefolder;
 pub mod loader;
+pub mod tinted;
 pub mod video;
 
 pub use conditions::{ConditionKind, ConditionSet, GrayImage};
