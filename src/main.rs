@@ -9,7 +9,7 @@ use tch::{Device, Tensor};
 use lisa::control::{sample_controlled, Control, ControlOptions, SideNetwork};
 use lisa::diffusion::{SamplerConfig, SamplerKind};
 use lisa::experiments::compare::compare;
-use lisa::experiments::control::{load_main, prepare_data, train_control};
+use lisa::experiments::control::{frechet_skipped_note, load_main, prepare_data, train_control};
 use lisa::experiments::control_config::ControlConfig;
 use lisa::experiments::evaluate::evaluate;
 use lisa::data::DataConfig;
@@ -33,6 +33,9 @@ enum Command {
     /// Measure a main network: Fréchet distance of its samples (classifier features), with the
     /// real-data floor and the uniform-noise ceiling.
     Eval(EvalArgs),
+    /// Train the evaluation classifier on a labelled imagefolder (grey or RGB), for the Fréchet distance of
+    /// `eval`, `train` and `compare` on that data (`--classifier`).
+    Classifier(ClassifierArgs),
     /// Turn a training checkpoint into a model folder (its EMA weights when it has them).
     Export(ExportArgs),
     /// Write a colour imagefolder made from Fashion-MNIST (each item tinted with its own colour, its mask as
@@ -161,6 +164,10 @@ struct ControlArgs {
     /// `+` (`edges+mask`: one side network on stacked conditions); same as `--set condition=...`.
     #[arg(long)]
     task: Option<String>,
+    /// A classifier folder written by `lisa classifier`: the final Fréchet distance on its features, with the
+    /// floor (training images) and ceiling (uniform noise); same as `classifier = "DIR"` in `[final_eval]`.
+    #[arg(long)]
+    classifier: Option<PathBuf>,
 }
 
 impl ControlArgs {
@@ -182,7 +189,10 @@ impl ControlArgs {
     /// The config from `defaults` (overrides of the built-in defaults), then the config file, then
     /// `overrides`.
     fn load_with(&self, defaults: &[String], overrides: &[String]) -> Result<ControlConfig> {
-        let cfg: ControlConfig = lisa::config::load_with_defaults(self.run.config.as_deref(), defaults, overrides)?;
+        let mut cfg: ControlConfig = lisa::config::load_with_defaults(self.run.config.as_deref(), defaults, overrides)?;
+        if let Some(dir) = &self.classifier {
+            cfg.final_eval.classifier = dir.clone();
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -318,6 +328,14 @@ struct EvalArgs {
     /// Fashion-MNIST source for the real images: auto, embedded or debian.
     #[arg(long, default_value = "auto")]
     data_source: String,
+    /// An imagefolder instead of Fashion-MNIST (read as the `--classifier` was trained on it: columns, size,
+    /// channels, held-out part); default with `--classifier`: the data it was trained on.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// A classifier folder written by `lisa classifier`: the Fréchet distance on its features (default: the
+    /// shipped Fashion-MNIST classifier; an imagefolder needs one).
+    #[arg(long)]
+    classifier: Option<PathBuf>,
     /// Also write the report as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -342,6 +360,31 @@ struct TintedFolderArgs {
     /// Seed of the draw and of the tints.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+#[derive(Args)]
+struct ClassifierArgs {
+    /// The labelled imagefolder (integer `label` on every line); same as `--set data.dataset=...`.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Folder for classifier.safetensors and classifier.json; same as `--set output_dir=...`.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Passes over the training images; same as `--set train.epochs=N`.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// TOML config file; any key not given keeps its default (see --print-config).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a config key, e.g. `--set data.channels=3 --set train.batch_size=64`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// libtorch CPU threads (same as `--set threads=N`; 0 = default).
+    #[arg(long)]
+    threads: Option<i32>,
+    /// Print the resolved configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
 }
 
 #[derive(Args)]
@@ -530,6 +573,7 @@ fn main() -> ExitCode {
         Command::Pretrain(a) => run_pretrain(a),
         Command::Sample(a) => run_sample(a),
         Command::Eval(a) => run_eval(a),
+        Command::Classifier(a) => run_classifier(a),
         Command::Export(a) => run_export(a),
         Command::TintedFolder(a) => run_tinted_folder(a),
         Command::Train(a) => run_train(a),
@@ -717,9 +761,28 @@ fn run_sample(a: SampleArgs) -> Result<()> {
 }
 
 fn run_eval(a: EvalArgs) -> Result<()> {
+    let info = match &a.classifier {
+        Some(dir) => Some(lisa::eval::load_classifier_dir(dir, Device::Cpu)?.2),
+        None => None,
+    };
+    // The data as the classifier was trained on it (with --data naming the folder), else Fashion-MNIST.
+    let mut data = match info.as_ref().and_then(|i| i.data.as_ref()) {
+        Some(d) => d.config.clone(),
+        None => DataConfig { source: a.data_source.clone(), ..DataConfig::default() },
+    };
+    if let Some(dir) = &a.data {
+        data.dataset = dir.display().to_string();
+    }
+    if data.is_imagefolder() && a.classifier.is_none() {
+        println!(
+            "Fréchet distance skipped: there is no classifier for {0}; train one with `lisa classifier --data {0} \
+             --out DIR` and pass `--classifier DIR`",
+            data.dataset
+        );
+        return Ok(());
+    }
     let net = load_model(&a.model.clone().unwrap_or_else(shipped_model))?;
-    let data = DataConfig { source: a.data_source.clone(), ..DataConfig::default() };
-    let report = evaluate(&net, &data, a.num_images, &a.sampler.config(&net), a.sampler.seed)?;
+    let report = evaluate(&net, &data, a.classifier.as_deref(), a.num_images, &a.sampler.config(&net), a.sampler.seed)?;
     println!("{}", report.table());
     if let Some(out) = &a.out {
         std::fs::write(out, serde_json::to_string_pretty(&report)?)
@@ -747,6 +810,41 @@ fn run_tinted_folder(a: TintedFolderArgs) -> Result<()> {
         wrote.images,
         a.out.join("metadata.jsonl").display(),
         wrote.per_class
+    );
+    Ok(())
+}
+
+fn run_classifier(a: ClassifierArgs) -> Result<()> {
+    let mut overrides = a.overrides.clone();
+    for (key, v) in [("data.dataset", &a.data), ("output_dir", &a.out)] {
+        if let Some(v) = v {
+            overrides.push(format!("{key}={:?}", v.display().to_string()));
+        }
+    }
+    if let Some(e) = a.epochs {
+        overrides.push(format!("train.epochs={e}"));
+    }
+    if let Some(t) = a.threads {
+        overrides.push(format!("threads={t}"));
+    }
+    let cfg: lisa::eval::ClassifierRunConfig = lisa::config::load(a.config.as_deref(), &overrides)?;
+    if a.print_config {
+        print!("{}", lisa::config::to_toml(&cfg)?);
+        return Ok(());
+    }
+    let info = lisa::eval::train_data_classifier(&cfg)?;
+    let m = &info.train.model;
+    let held = info.data.as_ref().map_or(0, |d| d.held_out_images);
+    println!(
+        "classifier for {}-channel {}×{} images of {} classes: {:.2}% accuracy on {held} held-out images; \
+         written to {} (use it with `--classifier {}`)",
+        m.in_channels,
+        m.image_size,
+        m.image_size,
+        m.num_classes,
+        100.0 * info.test_accuracy,
+        cfg.output_dir.display(),
+        cfg.output_dir.display()
     );
     Ok(())
 }
@@ -830,9 +928,13 @@ fn run_train(a: TrainArgs) -> Result<()> {
     if !lisa::distributed::is_main_process() {
         return Ok(());
     }
+    let frechet = match (s.frechet, s.frechet_floor, s.frechet_ceiling) {
+        (Some(f), Some(lo), Some(hi)) => format!("Fréchet distance {f:.2} (floor {lo:.2}, ceiling {hi:.2})"),
+        (Some(f), _, _) => format!("Fréchet distance {f:.2}"),
+        (None, _, _) => "Fréchet distance skipped (no classifier for this data)".into(),
+    };
     println!(
-        "{} ({}): {} steps, {:.3} s/step; final {} {:.4} (shuffled conditions {:.4}), Fréchet distance {:.2}; \
-         side network in {}",
+        "{} ({}): {} steps, {:.3} s/step; final {} {:.4} (shuffled conditions {:.4}), {frechet}; side network in {}",
         s.arm,
         s.condition,
         s.steps,
@@ -840,9 +942,11 @@ fn run_train(a: TrainArgs) -> Result<()> {
         s.metric,
         s.final_fidelity,
         s.final_fidelity_shuffled,
-        s.frechet,
         cfg.output_dir.join("side-network").display()
     );
+    if let Some(note) = frechet_skipped_note(&cfg) {
+        eprintln!("{note}");
+    }
     Ok(())
 }
 

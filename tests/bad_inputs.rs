@@ -803,6 +803,67 @@ fn build(root: &Path) -> Vec<Case> {
         &["the dataset has 12 classes but the main network", "knows 10", "use a main network pretrained on this data"],
     );
 
+    // Classifiers for the Fréchet distance on users' data (`lisa classifier`, `--classifier`).
+    let rgb = c.dir("clf-fixture").join("rgb");
+    fs::create_dir_all(&rgb).unwrap();
+    let lines: Vec<String> = (0..4).map(|i| format!(r#"{{"image": "{i}.png", "label": {}}}"#, i % 2)).collect();
+    (0..4).for_each(|i| png(&rgb.join(format!("{i}.png")), 8, 8));
+    meta(&rgb, &lines.iter().map(String::as_str).collect::<Vec<_>>());
+    let clf3 = rgb.with_file_name("classifier");
+    let out = Command::new(lisa_bin())
+        .args(["classifier", "--epochs", "1", "--threads", "1", "--data", &s(&rgb), "--out", &s(&clf3)])
+        .args(["--set", "data.channels=3", "--set", "data.image_size=8", "--set", "data.eval_fraction=0.5"])
+        .args(["--set", "train.model.channels=[2, 2, 2]", "--set", "train.model.feature_dim=4"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the classifier fixture failed: {}", String::from_utf8_lossy(&out.stderr));
+    let grey_train = ["--task", "edges", "--set", "data.source=\"embedded\"", "--set", "data.max_examples=8"];
+    c.train(
+        "clf-does-not-fit-the-data",
+        &[&grey_train[..], &["--classifier", &s(&clf3)]].concat(),
+        &[
+            &format!("the classifier in {} takes 3-channel 8×8 images of 2 classes", s(&clf3)),
+            "but the data are 1-channel 32×32 images of 10 classes",
+            "train one on this data with `lisa classifier --data DIR`",
+        ],
+    );
+    let not_clf = c.dir("clf-not-a-classifier-folder").join("empty");
+    fs::create_dir_all(&not_clf).unwrap();
+    c.train(
+        "clf-not-a-classifier-folder",
+        &[&grey_train[..], &["--classifier", &s(&not_clf)]].concat(),
+        &[&s(&not_clf), "not a classifier folder (no classifier.json)", "lisa classifier --data DIR --out FOLDER"],
+    );
+    {
+        let d = c.dir("clf-eval-model-does-not-fit");
+        let args = os(&[&"eval", &"--classifier", &clf3, &"--num-images", &"2", &"--sampling-steps", &"1"]);
+        c.add(
+            "clf-eval-model-does-not-fit",
+            Run::Exec(lisa_bin(), args),
+            &[
+                "the model makes 1-channel 32×32 images but the data are 3-channel 8×8 images",
+                "give `--model` a main network trained on this data",
+            ],
+            vec![d, clf3.clone()],
+        );
+    }
+    {
+        let d = c.dir("clf-captions-only");
+        let data = d.join("data");
+        fs::create_dir_all(&data).unwrap();
+        with_a(&[r#"{"image": "a.png", "text": "a bag"}"#])(&data);
+        let args = os(&[&"classifier", &"--data", &data, &"--out", &d.join("out")]);
+        c.add(
+            "clf-captions-only",
+            Run::Exec(lisa_bin(), args),
+            &[
+                &format!("{}: line 1: the classes come from captions (`text`)", s(&data.join("metadata.jsonl"))),
+                "give every line an integer `label`",
+            ],
+            vec![d],
+        );
+    }
+
     // Configs.
     c.config("cfg-unknown-key", &["train.stepz=3"], &["unknown key 'train.stepz'", "see --print-config"]);
     c.config("cfg-unknown-section", &["trainer.steps=3"], &["unknown section 'trainer'", "trainer.steps"]);

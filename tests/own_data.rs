@@ -1,7 +1,9 @@
 //! Users' own data end to end through the binary, at a tiny size: an RGB imagefolder in the diffusers
 //! ControlNet convention (`image`, `conditioning_image`, `text` and `label` on every line) is pretrained on
 //! (channels and class count following the data), side networks are trained on it with an extracted and
-//! with the given condition, scored on held-out images, and sample; and `--resume latest` requeues.
+//! with the given condition, scored on held-out images, and sample; a classifier trained on the data
+//! (`lisa classifier`) gives `compare` and `eval` a Fréchet distance, which is skipped without one; and
+//! `--resume latest` requeues.
 use std::path::Path;
 use std::process::Command;
 
@@ -109,10 +111,12 @@ fn an_rgb_imagefolder_pretrains_trains_with_extracted_and_given_conditions_and_s
             serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
         (stdout, summary)
     };
-    let (_, edges) = side(&["--task", "edges"], &tmp.path().join("edges"));
+    let (stdout, edges) = side(&["--task", "edges"], &tmp.path().join("edges"));
     assert_eq!(edges["metric"], "edge_f1");
     assert!(edges["final_fidelity"].as_f64().unwrap().is_finite(), "{edges}");
-    assert!(edges["frechet"].as_f64().unwrap().is_finite(), "{edges}");
+    // No classifier for this data: no Fréchet distance, and the run says so.
+    assert!(edges.get("frechet").is_none(), "{edges}");
+    assert!(stdout.contains("Fréchet distance skipped (no classifier for this data)"), "{stdout}");
     // Held out: 10% of the 16 images, never the training ones.
     assert_eq!(edges["final_eval_images"], 2);
     assert!(edges["held_out"].as_str().unwrap().contains("data.eval_fraction = 0.1"), "{edges}");
@@ -181,6 +185,53 @@ fn an_rgb_imagefolder_pretrains_trains_with_extracted_and_given_conditions_and_s
     let top = (0..png.width()).flat_map(|x| (0..png.height() / 3).map(move |y| (x, y)));
     assert!(top.map(|(x, y)| png.get_pixel(x, y)).any(|p| p[0] != p[1] || p[1] != p[2]), "a colour condition row");
 
+    // A classifier for this data (RGB, 32×32, two classes), then a comparison and an evaluation scored on it.
+    let clf = tmp.path().join("classifier");
+    let mut args = vec!["classifier", "--data", data.to_str().unwrap(), "--out", clf.to_str().unwrap()];
+    args.extend(["--epochs", "2", "--threads", "1", "--set", "data.channels=3", "--set", "data.caption_column=\"\""]);
+    args.extend(TINY_CLASSIFIER);
+    let (ok, stdout, stderr) = lisa(&args);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("classifier for 3-channel 32×32 images of 2 classes"), "{stdout}");
+    let info = classifier_info(&clf);
+    assert_eq!((info["data"]["train_images"].as_u64(), info["data"]["held_out_images"].as_u64()), (Some(14), Some(2)));
+    let compare = tmp.path().join("compare");
+    let mut args = vec!["compare", "--quiet", "--steps", "2", "--seeds", "1", "--threads", "1", "--task", "edges"];
+    args.extend(["--output-dir", compare.to_str().unwrap(), "--classifier", clf.to_str().unwrap()]);
+    args.extend(data_args);
+    args.extend(["--set", main_model.as_str()]);
+    args.extend(TINY_EVAL);
+    let (ok, stdout, stderr) = lisa(&args);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("| Fréchet distance to held-out images |"), "{stdout}");
+    let on = format!("Fréchet distances on the features of the classifier in {}", clf.display());
+    assert!(stdout.contains(&on), "{stdout}");
+    let seeds = std::fs::read_dir(&compare).unwrap().flatten();
+    let seed = seeds.into_iter().find(|e| e.file_name().to_string_lossy().starts_with("seed-")).unwrap();
+    let arm = seed.path().join("lisa/summary.json");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(arm).unwrap()).unwrap();
+    for key in ["frechet", "frechet_floor", "frechet_ceiling"] {
+        assert!(summary[key].as_f64().unwrap().is_finite(), "{key}: {summary}");
+    }
+    let model = main.join("model");
+    let eval = |extra: &[&str]| {
+        let mut args = vec!["eval", "--model", model.to_str().unwrap(), "--num-images", "2", "--sampling-steps", "2"];
+        args.extend(extra);
+        let (ok, stdout, stderr) = lisa(&args);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    // `eval` reads the data as the classifier was trained on it.
+    let table = eval(&["--classifier", clf.to_str().unwrap()]);
+    let on = format!("Fréchet distance on the features of the classifier in {}, 2 images", clf.display());
+    assert!(table.contains(&on), "{table}");
+    for set in ["| real train images (floor) |", "| model samples |", "| uniform noise (ceiling) |"] {
+        assert!(table.contains(set), "{table}");
+    }
+    let skipped = eval(&["--data", data.to_str().unwrap()]);
+    assert!(skipped.contains("Fréchet distance skipped: there is no classifier for"), "{skipped}");
+    assert!(skipped.contains("lisa classifier --data"), "{skipped}");
+
     // Read as grey (the default data.channels = 1), the colour images are converted with a note.
     let grey = tmp.path().join("grey");
     let mut args = vec!["pretrain", "--quiet", "--steps", "1", "--threads", "1", "--output-dir", grey.to_str().unwrap()];
@@ -191,6 +242,71 @@ fn an_rgb_imagefolder_pretrains_trains_with_extracted_and_given_conditions_and_s
     assert!(ok, "{stderr}");
     assert!(stderr.contains("14 of 14 images are in colour and are read as grey"), "{stderr}");
     assert_eq!(stderr.lines().filter(|l| l.starts_with("note:")).count(), 1, "{stderr}");
+}
+
+/// A small classifier, trained briefly (`lisa classifier`).
+const TINY_CLASSIFIER: [&str; 10] = [
+    "--set",
+    "train.model.channels=[4, 8, 8]",
+    "--set",
+    "train.model.feature_dim=16",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.warmup_steps=1",
+    "--set",
+    "train.log_every=0",
+];
+
+/// A side network's tiny training and final evaluation.
+const TINY_EVAL: [&str; 12] = [
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "fidelity.num_images=2",
+    "--set",
+    "fidelity.sampler.steps=2",
+    "--set",
+    "fidelity.every_steps=1",
+    "--set",
+    "fidelity.loss_gain_every=0",
+    "--set",
+    "final_eval.num_images=2",
+];
+
+fn classifier_info(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("classifier.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn a_grey_imagefolder_gets_a_grey_classifier_that_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("grey");
+    std::fs::create_dir_all(&data).unwrap();
+    // 12 grey images of two classes: dark and bright squares; labels only.
+    let mut lines = vec![];
+    for i in 0..12u32 {
+        let level = if i % 2 == 0 { 60 } else { 220 };
+        let inside = |x: u32, y: u32| (3..9).contains(&x) && (3..9).contains(&y);
+        let img = image::GrayImage::from_fn(12, 12, |x, y| image::Luma([if inside(x, y) { level } else { 0 }]));
+        img.save(data.join(format!("{i}.png"))).unwrap();
+        lines.push(format!(r#"{{"image": "{i}.png", "label": {}}}"#, i % 2));
+    }
+    std::fs::write(data.join("metadata.jsonl"), lines.join("\n") + "\n").unwrap();
+    let out = tmp.path().join("classifier");
+    let mut args = vec!["classifier", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    args.extend(["--epochs", "2", "--threads", "1", "--set", "data.image_size=16", "--set", "data.eval_fraction=0.25"]);
+    args.extend(TINY_CLASSIFIER);
+    let (ok, stdout, stderr) = lisa(&args);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("classifier for 1-channel 16×16 images of 2 classes"), "{stdout}");
+    let info = classifier_info(&out);
+    assert_eq!(info["train"]["model"]["in_channels"], 1);
+    assert_eq!(info["data"]["config"]["image_size"], 16);
+    let (_vs, net, info) = lisa::eval::load_classifier_dir(&out, tch::Device::Cpu).unwrap();
+    assert_eq!((info.train.model.in_channels, info.train.model.num_classes), (1, 2));
+    let x = tch::Tensor::zeros([3, 1, 16, 16], (tch::Kind::Float, tch::Device::Cpu));
+    assert_eq!(net.features_batched(&x, 2).unwrap().size(), [3, 16]);
 }
 
 #[test]

@@ -1,12 +1,14 @@
-//! A small CNN classifier for Fashion-MNIST (`[N, 1, 32, 32]` in [-1, 1]). It serves two
+//! A small CNN classifier, shipped for Fashion-MNIST (`[N, 1, 32, 32]` in [-1, 1]) and trained by
+//! `lisa classifier` on users' labelled imagefolders (grey or RGB, any size from 8). It serves two
 //! evaluation purposes: its predictions measure whether samples are recognisable (and of the
 //! requested class), and its penultimate activations are the feature space of the Fréchet
 //! distance in [`super::frechet`].
 //!
 //! Architecture: three 3×3 conv → batch-norm → ReLU → 2×2 max-pool stages (32 → 16 → 8 → 4
-//! pixels), flatten, a linear layer to `feature_dim` with ReLU (the features), dropout, and a
-//! linear layer to the class logits. Pooling after every stage keeps a training epoch on 60,000
-//! images to about a minute on two CPU cores.
+//! pixels; other sizes are average-pooled to 4×4 after them), flatten, a linear layer to
+//! `feature_dim` with ReLU (the features), dropout, and a linear layer to the class logits.
+//! Pooling after every stage keeps a training epoch on 60,000 images to about a minute on two CPU
+//! cores.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -15,14 +17,24 @@ use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::fashion_mnist::{self, Source, Split};
+use crate::data::DataConfig;
 use crate::rng::SplitMix64;
 use crate::{Error, Result};
 
-/// Image side length the classifier accepts (Fashion-MNIST padded from 28 to 32).
+/// Image side length the shipped classifier accepts (Fashion-MNIST padded from 28 to 32).
 pub const IMAGE_SIZE: i64 = 32;
 
 /// Number of Fashion-MNIST classes.
 pub const NUM_CLASSES: i64 = 10;
+
+/// The smallest image side the classifier takes (three 2× poolings leave one pixel).
+pub const MIN_IMAGE_SIZE: i64 = 8;
+
+/// The weights' file name in a classifier folder.
+pub const WEIGHTS_FILE: &str = "classifier.safetensors";
+
+/// The metadata's file name ([`ClassifierInfo`] as JSON) in a classifier folder.
+pub const INFO_FILE: &str = "classifier.json";
 
 /// The shipped weights, trained by [`train_shipped_classifier`] on the full training split.
 pub const SHIPPED_WEIGHTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/classifier.safetensors");
@@ -43,11 +55,50 @@ pub struct ClassifierConfig {
     pub feature_dim: i64,
     /// Dropout probability on the features during training.
     pub dropout: f64,
+    /// Image channels it takes: 1 (grey) or 3 (RGB); `lisa classifier` sets it from the data. Default 1.
+    pub in_channels: i64,
+    /// Side of the square images it takes (at least [`MIN_IMAGE_SIZE`]); `lisa classifier` sets it from the
+    /// data. Default 32.
+    pub image_size: i64,
+    /// Classes it tells apart; `lisa classifier` sets it from the data. Default 10.
+    pub num_classes: i64,
 }
 
 impl Default for ClassifierConfig {
     fn default() -> Self {
-        Self { channels: [32, 64, 128], feature_dim: 128, dropout: 0.3 }
+        Self {
+            channels: [32, 64, 128],
+            feature_dim: 128,
+            dropout: 0.3,
+            in_channels: 1,
+            image_size: IMAGE_SIZE,
+            num_classes: NUM_CLASSES,
+        }
+    }
+}
+
+impl ClassifierConfig {
+    /// Rejects input shapes and class counts the network cannot be built for.
+    pub fn validate(&self) -> Result<()> {
+        if ![1, 3].contains(&self.in_channels) {
+            return Err(Error::Config(format!(
+                "classifier in_channels must be 1 (grey) or 3 (RGB), got {}; use data.channels = 1 or 3",
+                self.in_channels
+            )));
+        }
+        if self.image_size < MIN_IMAGE_SIZE {
+            return Err(Error::Config(format!(
+                "the classifier needs images of at least {MIN_IMAGE_SIZE}×{MIN_IMAGE_SIZE} pixels, got {0}×{0}; \
+                 set data.image_size to {MIN_IMAGE_SIZE} or more",
+                self.image_size
+            )));
+        }
+        if self.num_classes < 1 || self.channels.iter().any(|&c| c < 1) || self.feature_dim < 1 {
+            return Err(Error::Config(format!(
+                "classifier: num_classes, channels and feature_dim must be ≥ 1, got {self:?}"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -66,17 +117,17 @@ impl Classifier {
     pub fn new(p: nn::Path, cfg: ClassifierConfig) -> Self {
         let conv_cfg = nn::ConvConfig { padding: 1, ..Default::default() };
         let mut convs = Vec::new();
-        let mut c_in = 1;
+        let mut c_in = cfg.in_channels;
         for (i, &c_out) in cfg.channels.iter().enumerate() {
             let conv = nn::conv2d(&p / format!("conv{i}"), c_in, c_out, 3, conv_cfg);
             let bn = nn::batch_norm2d(&p / format!("bn{i}"), c_out, Default::default());
             convs.push((conv, bn));
             c_in = c_out;
         }
-        // Three 2× poolings take 32×32 down to 4×4.
-        let flat = c_in * (IMAGE_SIZE / 8) * (IMAGE_SIZE / 8);
+        // Three 2× poolings take 32×32 down to 4×4 (other sizes are average-pooled to 4×4 after them).
+        let flat = c_in * POOLED * POOLED;
         let fc = nn::linear(&p / "fc", flat, cfg.feature_dim, Default::default());
-        let head = nn::linear(&p / "head", cfg.feature_dim, NUM_CLASSES, Default::default());
+        let head = nn::linear(&p / "head", cfg.feature_dim, cfg.num_classes, Default::default());
         Self { convs, fc, head, cfg, device: p.device() }
     }
 
@@ -96,15 +147,18 @@ impl Classifier {
     }
 
     fn trunk(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        check_images(x)?;
+        check_images(&self.cfg, x)?;
         let mut h = x.f_to_device(self.device)?.f_to_kind(Kind::Float)?;
         for (conv, bn) in &self.convs {
             h = bn.forward_t(&conv.forward_t(&h, train), train).f_relu()?.f_max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)?;
         }
+        if h.size()[2..] != [POOLED, POOLED] {
+            h = h.f_adaptive_avg_pool2d([POOLED, POOLED])?;
+        }
         Ok(h.f_flatten(1, -1)?.apply(&self.fc).f_relu()?)
     }
 
-    /// Class logits `[N, 10]` for `x` (`[N, 1, 32, 32]` in [-1, 1]); `train` enables dropout and
+    /// Class logits `[N, K]` for `x` (`[N, C, S, S]` in [-1, 1], as configured); `train` enables dropout and
     /// batch-statistics batch norm (and updates its running statistics).
     pub fn logits(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let f = self.trunk(x, train)?.f_dropout(self.cfg.dropout, train)?;
@@ -146,8 +200,8 @@ impl Classifier {
         let labels = labels.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?;
         let correct = pred.f_eq_tensor(&labels)?.f_to_kind(Kind::Double)?;
         let overall = correct.f_mean(Kind::Double)?.double_value(&[]);
-        let mut per_class = Vec::with_capacity(NUM_CLASSES as usize);
-        for c in 0..NUM_CLASSES {
+        let mut per_class = Vec::with_capacity(self.cfg.num_classes as usize);
+        for c in 0..self.cfg.num_classes {
             let mask = labels.f_eq(c)?.f_to_kind(Kind::Double)?;
             let count = mask.f_sum(Kind::Double)?.double_value(&[]);
             let hits = correct.f_mul(&mask)?.f_sum(Kind::Double)?.double_value(&[]);
@@ -157,7 +211,7 @@ impl Classifier {
     }
 
     fn batched(&self, x: &Tensor, chunk: i64, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-        check_images(x)?;
+        check_images(&self.cfg, x)?;
         if chunk < 1 {
             return Err(Error::Config(format!("classifier: chunk size must be ≥ 1, got {chunk}")));
         }
@@ -179,13 +233,15 @@ impl Classifier {
     }
 }
 
-/// Rejects inputs that are not `[N, 1, 32, 32]`, with the shape in the message.
-fn check_images(x: &Tensor) -> Result<()> {
+/// The side of the feature maps that are flattened into the features.
+const POOLED: i64 = 4;
+
+/// Rejects inputs that are not `[N, C, S, S]` as `cfg` says, with the shape in the message.
+fn check_images(cfg: &ClassifierConfig, x: &Tensor) -> Result<()> {
     let s = x.size();
-    if s.len() != 4 || s[1] != 1 || s[2] != IMAGE_SIZE || s[3] != IMAGE_SIZE {
-        return Err(Error::Config(format!(
-            "classifier: expected images [N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}], got shape {s:?}"
-        )));
+    let (c, size) = (cfg.in_channels, cfg.image_size);
+    if s.len() != 4 || s[1] != c || s[2] != size || s[3] != size {
+        return Err(Error::Config(format!("classifier: expected images [N, {c}, {size}, {size}], got shape {s:?}")));
     }
     Ok(())
 }
@@ -262,8 +318,9 @@ pub struct ClassifierReport {
     pub epochs: Vec<EpochRecord>,
 }
 
-/// Trains a [`Classifier`] on `images` (`[N, 1, 32, 32]` in [-1, 1]) and `labels` (`[N]`
-/// classes 0–9) and evaluates it on the test set after every epoch, printing progress.
+/// Trains a [`Classifier`] on `images` (`[N, C, S, S]` in [-1, 1], as `cfg.model` says) and `labels`
+/// (`[N]` classes below `cfg.model.num_classes`) and evaluates it on the test set after every epoch,
+/// printing progress.
 ///
 /// Deterministic for a given `seed` on a given device and thread count: libtorch's generator is
 /// seeded (weight init, dropout, flips) and the data order comes from [`SplitMix64`]. Trains on
@@ -276,13 +333,25 @@ pub fn train_classifier(
     cfg: &ClassifierTrainConfig,
     seed: u64,
 ) -> Result<(nn::VarStore, Classifier, ClassifierReport)> {
-    check_images(images)?;
+    cfg.model.validate()?;
+    check_images(&cfg.model, images)?;
     let n = images.size()[0];
     if labels.size() != [n] || n == 0 {
         return Err(Error::Config(format!(
             "train_classifier: {n} images but labels of shape {:?}",
             labels.size()
         )));
+    }
+    for l in [labels, test_labels] {
+        if l.numel() > 0 {
+            let (lo, hi) = (l.f_min()?.int64_value(&[]), l.f_max()?.int64_value(&[]));
+            if lo < 0 || hi >= cfg.model.num_classes {
+                return Err(Error::Config(format!(
+                    "train_classifier: labels {lo}..={hi} do not fit {} classes",
+                    cfg.model.num_classes
+                )));
+            }
+        }
     }
     if cfg.epochs == 0 || cfg.batch_size == 0 || cfg.eval_chunk == 0 || !(cfg.lr > 0.0) {
         return Err(Error::Config(format!(
@@ -365,7 +434,7 @@ pub fn train_classifier(
     let (test_accuracy, per_class_accuracy) = if test_images.numel() > 0 {
         net.accuracy(test_images, test_labels, cfg.eval_chunk as i64)?
     } else {
-        (f64::NAN, vec![f64::NAN; NUM_CLASSES as usize])
+        (f64::NAN, vec![f64::NAN; cfg.model.num_classes as usize])
     };
     let report = ClassifierReport {
         test_accuracy,
@@ -436,7 +505,8 @@ pub struct ClassifierInfo {
     pub seed: u64,
     /// Epochs trained.
     pub epochs: usize,
-    /// Accuracy on the full Fashion-MNIST test split (10,000 images).
+    /// Accuracy on the held-out images: the full Fashion-MNIST test split (10,000 images) for the shipped
+    /// classifier, the data's held-out part for one trained by `lisa classifier`.
     pub test_accuracy: f64,
     /// Per-class test accuracy (index = label).
     pub per_class_accuracy: Vec<f64>,
@@ -449,6 +519,66 @@ pub struct ClassifierInfo {
     pub threads: i32,
     /// Per-epoch record.
     pub history: Vec<EpochRecord>,
+    /// What it was trained on, for a classifier trained by `lisa classifier` (absent for the shipped one,
+    /// trained on the full Fashion-MNIST training split).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<ClassifierData>,
+}
+
+/// The data a classifier was trained on (see [`ClassifierInfo::data`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassifierData {
+    /// The data configuration: the folder, its columns, channels, image size and held-out part.
+    pub config: DataConfig,
+    /// The class names, in the order of the class ids.
+    pub class_names: Vec<String>,
+    /// Training images.
+    pub train_images: usize,
+    /// Held-out images the accuracy was measured on.
+    pub held_out_images: usize,
+}
+
+impl ClassifierInfo {
+    /// Checks that the classifier takes the data's images (`channels`, square side `image_size`) and tells
+    /// apart its `num_classes` classes; the error names the classifier folder `dir` and says what to do.
+    pub fn check_fits(&self, dir: &Path, channels: i64, image_size: i64, num_classes: i64) -> Result<()> {
+        let m = &self.train.model;
+        if (m.in_channels, m.image_size, m.num_classes) != (channels, image_size, num_classes) {
+            return Err(Error::Config(format!(
+                "the classifier in {} takes {}-channel {}×{} images of {} classes but the data are {channels}-channel \
+                 {image_size}×{image_size} images of {num_classes} classes; train one on this data with \
+                 `lisa classifier --data DIR` (same data.channels and data.image_size)",
+                dir.display(),
+                m.in_channels,
+                m.image_size,
+                m.image_size,
+                m.num_classes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Loads a classifier folder written by `lisa classifier` (or [`train_shipped_classifier`]):
+/// [`INFO_FILE`] for the architecture, then [`WEIGHTS_FILE`].
+pub fn load_classifier_dir(dir: &Path, device: Device) -> Result<(nn::VarStore, Classifier, ClassifierInfo)> {
+    let info_path = dir.join(INFO_FILE);
+    if !info_path.is_file() {
+        return Err(Error::Format {
+            path: dir.to_path_buf(),
+            msg: format!(
+                "not a classifier folder (no {INFO_FILE}); give a folder written by `lisa classifier --data DIR \
+                 --out FOLDER`"
+            ),
+        });
+    }
+    let text = std::fs::read_to_string(&info_path).map_err(|e| Error::io(&info_path, e))?;
+    let info: ClassifierInfo = serde_json::from_str(&text).map_err(|e| {
+        Error::format(&info_path, format!("{e}; write it again with `lisa classifier --data DIR --out FOLDER`"))
+    })?;
+    info.train.model.validate()?;
+    let (vs, net) = load_classifier(dir.join(WEIGHTS_FILE), &info.train.model, device)?;
+    Ok((vs, net, info))
 }
 
 /// Loads the shipped classifier ([`SHIPPED_WEIGHTS`], architecture from [`SHIPPED_INFO`]).
@@ -479,12 +609,109 @@ pub fn train_shipped_classifier(dir: impl AsRef<Path>) -> Result<ClassifierInfo>
         train_seconds: report.train_seconds,
         threads: tch::get_num_threads(),
         history: report.epochs,
+        data: None,
     };
+    write_classifier_dir(dir, &vs, &info)?;
+    Ok(info)
+}
+
+/// Writes [`WEIGHTS_FILE`] and [`INFO_FILE`] into `dir` (created if needed).
+fn write_classifier_dir(dir: &Path, vs: &nn::VarStore, info: &ClassifierInfo) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    save_classifier(&vs, dir.join("classifier.safetensors"))?;
-    let json_path: PathBuf = dir.join("classifier.json");
-    let json = serde_json::to_string_pretty(&info).map_err(|e| Error::format(&json_path, e.to_string()))?;
-    std::fs::write(&json_path, json + "\n").map_err(|e| Error::io(&json_path, e))?;
+    save_classifier(vs, dir.join(WEIGHTS_FILE))?;
+    let json_path: PathBuf = dir.join(INFO_FILE);
+    let json = serde_json::to_string_pretty(info).map_err(|e| Error::format(&json_path, e.to_string()))?;
+    std::fs::write(&json_path, json + "\n").map_err(|e| Error::io(&json_path, e))
+}
+
+/// Configuration of `lisa classifier`: a classifier for the Fréchet distance on users' data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClassifierRunConfig {
+    /// Folder for [`WEIGHTS_FILE`] and [`INFO_FILE`]. Default `runs/classifier`.
+    pub output_dir: PathBuf,
+    /// CPU threads for libtorch (0 = libtorch's default). Default 0.
+    pub threads: i32,
+    /// Seed of the initialisation, data order, dropout and flips. Default 0.
+    pub seed: u64,
+    /// The labelled data: trained on its training part, measured on its held-out part (`data.eval_dataset` or
+    /// `data.eval_fraction`), as `train` and `compare` split it. Classes must come from integer labels.
+    pub data: DataConfig,
+    /// The training; `train.model.in_channels`, `image_size` and `num_classes` are set from the data.
+    /// Mirroring (`train.hflip`) is off by default here: not every kind of image may be mirrored.
+    pub train: ClassifierTrainConfig,
+}
+
+impl Default for ClassifierRunConfig {
+    fn default() -> Self {
+        Self {
+            output_dir: PathBuf::from("runs/classifier"),
+            threads: 0,
+            seed: 0,
+            data: DataConfig::default(),
+            train: ClassifierTrainConfig { hflip: false, ..ClassifierTrainConfig::default() },
+        }
+    }
+}
+
+/// `lisa classifier`: trains a [`Classifier`] on the training part of `cfg.data` with the data's channels,
+/// image size and class count, measures it on the held-out part, and writes [`WEIGHTS_FILE`] and
+/// [`INFO_FILE`] (with the data it fits, [`ClassifierData`]) into `cfg.output_dir`.
+pub fn train_data_classifier(cfg: &ClassifierRunConfig) -> Result<ClassifierInfo> {
+    cfg.data.validate()?;
+    if cfg.data.video.is_some() {
+        return Err(Error::Config(
+            "lisa classifier trains on images, not clips: remove data.video (a clip's frames are scored one by one \
+             as grey images)"
+                .into(),
+        ));
+    }
+    if cfg.data.is_imagefolder() {
+        let dir = Path::new(&cfg.data.dataset);
+        let records = crate::data::imagefolder::read_metadata_with(dir, &cfg.data.columns())?;
+        if let Some(r) = records.first().filter(|r| matches!(r.target, crate::data::imagefolder::Target::Text(_))) {
+            return Err(Error::Format {
+                path: dir.join(crate::data::imagefolder::METADATA_FILE),
+                msg: format!(
+                    "line {}: the classes come from captions (`{}`), but lisa classifier needs class labels: give \
+                     every line an integer `{}` (0, 1, 2, ...)",
+                    r.line,
+                    cfg.data.caption_column,
+                    if cfg.data.label_column.is_empty() { "label" } else { cfg.data.label_column.as_str() }
+                ),
+            });
+        }
+    }
+    if cfg.threads > 0 {
+        tch::set_num_threads(cfg.threads);
+    }
+    let train = cfg.data.load(false)?;
+    let held_out = cfg.data.load(true)?;
+    let mut tc = cfg.train.clone();
+    tc.model.in_channels = train.channels();
+    tc.model.image_size = train.image_size();
+    tc.model.num_classes = train.num_classes;
+    tc.model.validate()?;
+    let (vs, _net, report) =
+        train_classifier(&train.images, &train.labels, &held_out.images, &held_out.labels, &tc, cfg.seed)?;
+    let info = ClassifierInfo {
+        train: tc.clone(),
+        seed: cfg.seed,
+        epochs: tc.epochs,
+        test_accuracy: report.test_accuracy,
+        per_class_accuracy: report.per_class_accuracy,
+        parameters: report.parameters,
+        train_seconds: report.train_seconds,
+        threads: tch::get_num_threads(),
+        history: report.epochs,
+        data: Some(ClassifierData {
+            config: cfg.data.clone(),
+            class_names: train.class_names.clone(),
+            train_images: train.len(),
+            held_out_images: held_out.len(),
+        }),
+    };
+    write_classifier_dir(&cfg.output_dir, &vs, &info)?;
     Ok(info)
 }
 
@@ -506,7 +733,7 @@ mod tests {
     fn shapes_and_batched_inference_agree() {
         tch::manual_seed(0);
         let vs = nn::VarStore::new(Device::Cpu);
-        let cfg = ClassifierConfig { channels: [4, 8, 8], feature_dim: 16, dropout: 0.5 };
+        let cfg = ClassifierConfig { channels: [4, 8, 8], feature_dim: 16, dropout: 0.5, ..Default::default() };
         let net = Classifier::new(vs.root(), cfg);
         let x = Tensor::rand([5, 1, 32, 32], (Kind::Float, Device::Cpu)) * 2 - 1;
         let logits = tch::no_grad(|| net.logits(&x, false)).unwrap();
@@ -520,6 +747,45 @@ mod tests {
     }
 
     #[test]
+    fn colour_and_other_sizes_and_class_counts_and_the_fit_check() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = ClassifierConfig {
+            channels: [4, 8, 8],
+            feature_dim: 16,
+            in_channels: 3,
+            image_size: 16,
+            num_classes: 3,
+            ..Default::default()
+        };
+        let net = Classifier::new(vs.root(), cfg.clone());
+        let x = Tensor::rand([5, 3, 16, 16], (Kind::Float, Device::Cpu)) * 2 - 1;
+        assert_eq!(net.logits_batched(&x, 2).unwrap().size(), [5, 3]);
+        assert_eq!(net.features_batched(&x, 2).unwrap().size(), [5, 16]);
+        let err = net.features(&Tensor::zeros([2, 1, 16, 16], (Kind::Float, Device::Cpu))).unwrap_err().to_string();
+        assert!(err.contains("expected images [N, 3, 16, 16]"), "{err}");
+        let (acc, per_class) = net.accuracy(&x, &Tensor::from_slice(&[0i64, 1, 2, 0, 1]), 5).unwrap();
+        assert!((0.0..=1.0).contains(&acc) && per_class.len() == 3);
+        assert!(ClassifierConfig { image_size: 4, ..cfg.clone() }
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("at least 8×8"));
+        assert!(ClassifierConfig { in_channels: 2, ..cfg.clone() }.validate().is_err());
+        // The shipped classifier's metadata has none of the new fields: grey 32×32 images of 10 classes.
+        let shipped: ClassifierInfo = serde_json::from_str(&std::fs::read_to_string(SHIPPED_INFO).unwrap()).unwrap();
+        assert_eq!((shipped.train.model.in_channels, shipped.train.model.image_size), (1, 32));
+        assert_eq!((shipped.train.model.num_classes, shipped.data.is_none()), (10, true));
+        shipped.check_fits(Path::new("shipped"), 1, 32, 10).unwrap();
+        let err = shipped.check_fits(Path::new("c"), 3, 32, 10).unwrap_err().to_string();
+        assert!(
+            err.contains("the classifier in c takes 1-channel 32×32 images of 10 classes but the data are 3-channel"),
+            "{err}"
+        );
+        assert!(err.contains("lisa classifier --data DIR") && !err.contains('\n'), "{err}");
+    }
+
+    #[test]
     fn tiny_training_learns_and_weights_round_trip() {
         // Two trivially separable classes: dark vs bright images.
         let n = 64;
@@ -527,7 +793,7 @@ mod tests {
         let x = (labels.to_kind(Kind::Float) * 1.6 - 0.8).view([n, 1, 1, 1]).expand([n, 1, 32, 32], false)
             + Tensor::randn([n, 1, 32, 32], (Kind::Float, Device::Cpu)) * 0.1;
         let cfg = ClassifierTrainConfig {
-            model: ClassifierConfig { channels: [4, 8, 8], feature_dim: 16, dropout: 0.0 },
+            model: ClassifierConfig { channels: [4, 8, 8], feature_dim: 16, dropout: 0.0, ..Default::default() },
             epochs: 3,
             batch_size: 16,
             lr: 1e-2,

@@ -218,7 +218,7 @@ mod tests {
         use crate::eval::classifier::ClassifierConfig;
         tch::manual_seed(4);
         let vs = tch::nn::VarStore::new(Device::Cpu);
-        let cfg = ClassifierConfig { channels: [4, 8, 8], feature_dim: 8, dropout: 0.0 };
+        let cfg = ClassifierConfig { channels: [4, 8, 8], feature_dim: 8, dropout: 0.0, ..Default::default() };
         let net = Classifier::new(vs.root(), cfg);
         let x = Tensor::rand([40, 1, 32, 32], (Kind::Float, Device::Cpu)) * 2 - 1;
         let same = frechet_distance_of(&net, &x, &x, 16).unwrap();

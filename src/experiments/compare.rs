@@ -8,7 +8,7 @@ use tch::Tensor;
 
 use super::control_config::ControlConfig;
 use super::control::{
-    load_main, save_triptych, train_control, ArmSummary, LazyData, FINAL_SAMPLES,
+    frechet_skipped_note, load_main, save_triptych, train_control, ArmSummary, LazyData, FINAL_SAMPLES,
 };
 use crate::control::NUM_TIME_BUCKETS;
 use crate::eval::curves::{first_reaching, read_curve, speedups, EventTiming, SeedCurves, SpeedUp};
@@ -158,7 +158,17 @@ impl CompareReport {
         s += &row("mAUCC (mean fidelity over training)", &|r| r.mean_aucc, 4);
         s += &row("fidelity at step 0 (no control)", &|r| r.curve[0].1, 4);
         s += &row("final samples vs shuffled conditions", &|r| r.final_fidelity_shuffled, 4);
-        s += &row("Fréchet distance to held-out images", &|r| r.frechet, 2);
+        let runs = || b.runs.iter().chain(&l.runs);
+        if runs().all(|r| r.frechet.is_some()) {
+            s += &row("Fréchet distance to held-out images", &|r| r.frechet.unwrap_or(f64::NAN), 2);
+        } else {
+            let why = if runs().all(|r| r.frechet.is_none()) {
+                "no classifier for this data: `lisa classifier --data DIR`, then `--classifier`"
+            } else {
+                "not measured in every run"
+            };
+            s += &format!("| Fréchet distance to held-out images | skipped ({why}) | | |\n");
+        }
         if b.runs.iter().chain(&l.runs).all(|r| r.temporal_flicker.is_some()) {
             s += &row("temporal flicker (0 = rigid motion)", &|r| r.temporal_flicker.unwrap_or(f64::NAN), 4);
         }
@@ -183,6 +193,16 @@ impl CompareReport {
             l.runs[0].side_parameters,
             if seeds > 1 { "(± = standard deviation over seeds.)\n" } else { "" },
         );
+        // With a classifier of the user's: where the Fréchet distances lie between real data and noise.
+        let first = &b.runs[0];
+        if let (Some(floor), Some(ceiling), Some(dir)) =
+            (first.frechet_floor, first.frechet_ceiling, first.frechet_classifier.as_ref())
+        {
+            s += &format!(
+                "Fréchet distances on the features of the classifier in {dir}: real training images {floor:.2} \
+                 (floor), uniform noise {ceiling:.2} (ceiling), as many images each, vs the same held-out images.\n"
+            );
+        }
         // How finely the baseline's event was resolved: evaluations strictly inside its 10–90% span.
         let points = |curve: &dyn Fn(&ArmSummary) -> &[(u64, f64)], hib: bool| -> String {
             let n: Vec<String> = b
@@ -267,6 +287,9 @@ pub fn compare(cfg: &ControlConfig, resume: bool, quiet: bool) -> Result<Compare
             .map_err(|e| Error::io(out.join("config.toml"), e))?;
     }
     let main = load_main(cfg)?;
+    if let Some(note) = frechet_skipped_note(cfg).filter(|_| main_process) {
+        eprintln!("{note}");
+    }
     let mut data = LazyData::new(cfg);
 
     let (mut baseline, mut lisa) = (Vec::new(), Vec::new());
@@ -489,7 +512,10 @@ mod tests {
             mean_aucc: 0.0,
             final_fidelity,
             final_fidelity_shuffled: 0.4,
-            frechet: 10.0,
+            frechet: Some(10.0),
+            frechet_floor: None,
+            frechet_ceiling: None,
+            frechet_classifier: None,
             final_eval_images: 10,
             temporal_flicker: None,
             held_out: None,
@@ -531,5 +557,46 @@ mod tests {
         let mut odd = run(2, 0.1);
         odd.curve.pop();
         assert!(ArmAggregate::new("baseline", vec![run(0, 0.5), odd]).is_err(), "curves at different steps");
+    }
+
+    #[test]
+    fn a_skipped_frechet_distance_and_old_summaries() {
+        let report = |frechet: [Option<f64>; 2], floor: Option<f64>| {
+            let arm = |name: &str, f: Option<f64>| ArmSummary {
+                arm: name.into(),
+                frechet: f,
+                frechet_floor: floor,
+                frechet_ceiling: floor.map(|x| x * 10.0),
+                frechet_classifier: floor.map(|_| "my-classifier".into()),
+                ..run(0, 0.5)
+            };
+            aggregate(&ControlConfig::default(), vec![arm("baseline", frechet[0])], vec![arm("lisa", frechet[1])])
+                .unwrap()
+                .table()
+        };
+        let measured = report([Some(10.0), Some(12.0)], None);
+        assert!(measured.contains("| Fréchet distance to held-out images | 10.00 | 12.00 | +2.00 |"), "{measured}");
+        assert!(!measured.contains("floor"), "{measured}");
+        let skipped = report([None, None], None);
+        assert!(
+            skipped.contains("| Fréchet distance to held-out images | skipped (no classifier for this data"),
+            "{skipped}"
+        );
+        assert!(report([Some(1.0), None], None).contains("skipped (not measured in every run)"));
+        let own = report([Some(10.0), Some(12.0)], Some(2.0));
+        assert!(
+            own.contains("classifier in my-classifier: real training images 2.00 (floor), uniform noise 20.00"),
+            "{own}"
+        );
+        // A skipped distance is left out of summary.json; one written before it could be skipped still reads.
+        let json = serde_json::to_value(ArmSummary { frechet: None, ..run(0, 0.5) }).unwrap();
+        assert!(json.get("frechet").is_none() && json.get("frechet_floor").is_none(), "{json}");
+        let mut old = serde_json::to_value(run(0, 0.5)).unwrap();
+        assert_eq!(old["frechet"], 10.0);
+        old.as_object_mut().unwrap().remove("frechet_floor");
+        let read: ArmSummary = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!((read.frechet, read.frechet_floor), (Some(10.0), None));
+        old["frechet"] = serde_json::Value::Null;
+        assert_eq!(serde_json::from_value::<ArmSummary>(old).unwrap().frechet, None);
     }
 }

@@ -14,7 +14,7 @@ use crate::diffusion::{SamplerConfig, SamplerKind};
 use crate::eval::curves::{mean_aucc, mean_column, read_curve};
 use crate::eval::fidelity::{fidelity, higher_is_better, metric_name};
 use crate::eval::loss_gain::{HeldOutLoss, LossGain};
-use crate::eval::{frechet_distance, load_shipped, FeatureStats};
+use crate::eval::{frechet_distance, load_classifier_dir, load_shipped, Classifier, ClassifierInfo, FeatureStats};
 use crate::models::ControlNetConfig;
 use crate::pipeline::MainNetwork;
 use crate::train::log::{LogFormat, MetricsLog};
@@ -155,8 +155,22 @@ pub struct ArmSummary {
     pub final_fidelity: f64,
     /// The same samples scored against shuffled conditions: the level of a network that ignores them.
     pub final_fidelity_shuffled: f64,
-    /// Fréchet distance of the final samples to the held-out images (classifier features).
-    pub frechet: f64,
+    /// Fréchet distance of the final samples to the held-out images (classifier features): on the shipped
+    /// Fashion-MNIST classifier for Fashion-MNIST, on `final_eval.classifier` when one is given; absent for an
+    /// imagefolder without one (skipped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frechet: Option<f64>,
+    /// With `final_eval.classifier`: the Fréchet distance of as many real training images to the held-out
+    /// images (the floor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frechet_floor: Option<f64>,
+    /// With `final_eval.classifier`: the Fréchet distance of as many images of uniform noise to the held-out
+    /// images (the ceiling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frechet_ceiling: Option<f64>,
+    /// With `final_eval.classifier`: that classifier folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frechet_classifier: Option<String>,
     /// Images in the final evaluation.
     pub final_eval_images: i64,
     /// Clips only: the final samples' mean temporal flicker (see [`crate::eval::video`]; 0 for real clips).
@@ -228,6 +242,10 @@ pub fn train_control(
             data.train.num_classes,
             cfg.main_network_dir().display()
         )));
+    }
+    // A classifier that does not fit the data is refused before training, not after it.
+    if let Some((_, info)) = final_classifier(cfg)? {
+        check_classifier_fits(cfg, &info, &data.eval_images, data.train.num_classes)?;
     }
     let set = cfg.condition_set()?;
     let kind = set.primary();
@@ -435,17 +453,42 @@ fn final_evaluation(
     let score = fidelity(scored, &samples, &primary)?;
     // Shift by one: every sample meets another image's condition.
     let shuffled = fidelity(scored, &samples, &primary.roll([1], [0]))?;
-    let (_vs, classifier, _) = load_shipped(Device::Cpu)?;
-    let stats =
-        |t: &Tensor| -> Result<FeatureStats> { FeatureStats::from_features(&classifier.features_batched(t, 500)?) };
-    // Clips are scored frame by frame (frames folded into the batch); colour images by their luminance (the
-    // classifier is Fashion-MNIST's, on grey images).
-    let frames = |t: &Tensor| -> Result<Tensor> {
-        let t = if cfg.data.video.is_none() && t.size()[1] == 3 { luminance(t)? } else { t.shallow_clone() };
-        let s = t.size();
-        Ok(t.f_reshape([-1, 1, s[2], s[3]])?)
+    let x = x.to_device(Device::Cpu);
+    let (mut frechet_floor, mut frechet_ceiling) = (None, None);
+    let frechet = match final_classifier(cfg)? {
+        Some((classifier, info)) => {
+            check_classifier_fits(cfg, &info, &x, data.train.num_classes)?;
+            let stats = |t: &Tensor| -> Result<FeatureStats> {
+                FeatureStats::from_features(&classifier.features_batched(&classifier_view(cfg, t)?, 500)?)
+            };
+            let reference = stats(&x)?;
+            // The floor: as many training images (a fixed choice), the ceiling: uniform noise, against the same
+            // held-out images.
+            let mut idx: Vec<i64> = (0..data.train.len() as i64).collect();
+            crate::rng::SplitMix64::new(crate::rng::derive_seed(cfg.fidelity.seed, 2)).shuffle(&mut idx);
+            idx.truncate(n as usize);
+            let train_x = data.train.images.f_index_select(0, &Tensor::from_slice(&idx))?.to_device(Device::Cpu);
+            let noise = uniform_noise(&x.size(), crate::rng::derive_seed(cfg.fidelity.seed, 3))?;
+            frechet_floor = Some(frechet_distance(&stats(&train_x)?, &reference)?);
+            frechet_ceiling = Some(frechet_distance(&stats(&noise)?, &reference)?);
+            Some(frechet_distance(&stats(&samples)?, &reference)?)
+        }
+        None if cfg.data.is_imagefolder() => None,
+        None => {
+            let (_vs, classifier, _) = load_shipped(Device::Cpu)?;
+            let stats = |t: &Tensor| -> Result<FeatureStats> {
+                FeatureStats::from_features(&classifier.features_batched(t, 500)?)
+            };
+            // Clips are scored frame by frame (frames folded into the batch); colour images by their luminance
+            // (the classifier is Fashion-MNIST's, on grey images).
+            let frames = |t: &Tensor| -> Result<Tensor> {
+                let t = if cfg.data.video.is_none() && t.size()[1] == 3 { luminance(t)? } else { t.shallow_clone() };
+                let s = t.size();
+                Ok(t.f_reshape([-1, 1, s[2], s[3]])?)
+            };
+            Some(frechet_distance(&stats(&frames(&samples)?)?, &stats(&frames(&x)?)?)?)
+        }
     };
-    let frechet = frechet_distance(&stats(&frames(&samples)?)?, &stats(&frames(&x.to_device(Device::Cpu))?)?)?;
     Ok(ArmSummary {
         arm: cfg.arm().into(),
         seed: cfg.train.seed,
@@ -459,6 +502,10 @@ fn final_evaluation(
         final_fidelity: score.mean,
         final_fidelity_shuffled: shuffled.mean,
         frechet,
+        frechet_floor,
+        frechet_ceiling,
+        frechet_classifier: (!cfg.final_eval.classifier.as_os_str().is_empty())
+            .then(|| cfg.final_eval.classifier.display().to_string()),
         final_eval_images: n,
         temporal_flicker: match &cfg.data.video {
             Some(v) if samples.size()[1] > 1 => {
@@ -472,6 +519,54 @@ fn final_evaluation(
         decoder_parameters: 0,
         loss_gain_curve: vec![],
     })
+}
+
+/// The classifier of the final evaluation's Fréchet distance named by `final_eval.classifier` (loaded on
+/// the CPU), or `None` when none is named.
+pub fn final_classifier(cfg: &ControlConfig) -> Result<Option<(Classifier, ClassifierInfo)>> {
+    let dir = &cfg.final_eval.classifier;
+    if dir.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let (_vs, classifier, info) = load_classifier_dir(dir, Device::Cpu)?;
+    Ok(Some((classifier, info)))
+}
+
+/// What the run prints when its Fréchet distance is skipped (an imagefolder and no `final_eval.classifier`),
+/// saying how to get one; `None` when there is a Fréchet distance.
+pub fn frechet_skipped_note(cfg: &ControlConfig) -> Option<String> {
+    (cfg.data.is_imagefolder() && cfg.final_eval.classifier.as_os_str().is_empty()).then(|| {
+        format!(
+            "note: the Fréchet distance is skipped: there is no classifier for {0}; train one with `lisa classifier \
+             --data {0} --out DIR` and pass `--classifier DIR`",
+            cfg.data.dataset
+        )
+    })
+}
+
+/// Images as the final evaluation's own classifier takes them: clips frame by frame (frames folded into
+/// the batch, one grey channel each), images as they are.
+fn classifier_view(cfg: &ControlConfig, t: &Tensor) -> Result<Tensor> {
+    if cfg.data.video.is_none() {
+        return Ok(t.shallow_clone());
+    }
+    let s = t.size();
+    Ok(t.f_reshape([-1, 1, s[2], s[3]])?)
+}
+
+/// Refuses a `final_eval.classifier` that does not take the held-out `images` (as [`classifier_view`] gives
+/// them) or tell apart the data's `num_classes` classes.
+fn check_classifier_fits(cfg: &ControlConfig, info: &ClassifierInfo, images: &Tensor, num_classes: i64) -> Result<()> {
+    let s = classifier_view(cfg, &images.narrow(0, 0, images.size()[0].min(1)))?.size();
+    info.check_fits(&cfg.final_eval.classifier, s[1], s[2], num_classes)
+}
+
+/// Uniform noise in [-1, 1] of `shape`, drawn from `seed` (not from libtorch's global generator).
+fn uniform_noise(shape: &[i64], seed: u64) -> Result<Tensor> {
+    let mut rng = crate::rng::SplitMix64::new(seed);
+    let n: i64 = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0).collect();
+    Ok(Tensor::from_slice(&v).f_reshape(shape)?)
 }
 
 /// Writes rows of [condition | samples... | ground truth] for `k` examples (images in [-1, 1],

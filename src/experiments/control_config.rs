@@ -115,12 +115,22 @@ pub struct FinalEvalConfig {
     pub num_images: i64,
     /// Images per sampling batch. Default 250.
     pub chunk: i64,
+    /// A classifier folder written by `lisa classifier` (`--classifier`): the Fréchet distance is taken on its
+    /// features, with the floor (as many training images) and the ceiling (uniform noise). Empty: the shipped
+    /// Fashion-MNIST classifier on Fashion-MNIST, and no Fréchet distance on an imagefolder. Default empty.
+    #[serde(skip_serializing_if = "is_empty_path")]
+    pub classifier: PathBuf,
 }
 
 impl Default for FinalEvalConfig {
     fn default() -> Self {
-        Self { num_images: 500, chunk: 250 }
+        Self { num_images: 500, chunk: 250, classifier: PathBuf::new() }
     }
+}
+
+/// Whether a path setting is unset (empty); such a setting is left out of a saved config.
+fn is_empty_path(p: &std::path::Path) -> bool {
+    p.as_os_str().is_empty()
 }
 
 /// `lisa compare`'s repetition.

@@ -1,15 +1,18 @@
-//! Evaluating a main network: the Fréchet distance on the shipped classifier's features between its
-//! samples and held-out test images, next to the floor (real train vs real test) and the ceiling
-//! (uniform noise vs real test) measured the same way and with the same number of images.
+//! Evaluating a main network: the Fréchet distance on a classifier's features (the shipped Fashion-MNIST
+//! one, or one `lisa classifier` trained on the data) between its samples and held-out test images, next
+//! to the floor (real train vs real test) and the ceiling (uniform noise vs real test) measured the same
+//! way and with the same number of images.
+use std::path::Path;
+
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::diffusion::SamplerConfig;
-use crate::eval::classifier::load_shipped;
+use crate::eval::classifier::{load_classifier_dir, load_shipped};
 use crate::eval::frechet::{frechet_distance, FeatureStats};
 use crate::data::DataConfig;
 use crate::pipeline::MainNetwork;
-use crate::Result;
+use crate::{Error, Result};
 
 /// What `lisa eval` measures.
 #[derive(Debug, Clone, Serialize)]
@@ -30,13 +33,48 @@ pub struct EvalReport {
     pub sampler: SamplerConfig,
     /// Seconds spent sampling.
     pub sampling_seconds: f64,
+    /// The classifier folder whose features were used; absent: the shipped Fashion-MNIST classifier.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub classifier: Option<String>,
 }
 
-/// Samples `num_images` images from `net` (labels cycling over the classes) and measures them.
-pub fn evaluate(net: &MainNetwork, data: &DataConfig, num_images: i64, sampler: &SamplerConfig, seed: u64) -> Result<EvalReport> {
-    let (_vs, classifier, _) = load_shipped(Device::Cpu)?;
+/// Samples `num_images` images from `net` (labels cycling over the classes) and measures them on the
+/// features of the classifier in the folder `classifier` (written by `lisa classifier`), or of the shipped
+/// Fashion-MNIST classifier when `None`.
+pub fn evaluate(
+    net: &MainNetwork,
+    data: &DataConfig,
+    classifier: Option<&Path>,
+    num_images: i64,
+    sampler: &SamplerConfig,
+    seed: u64,
+) -> Result<EvalReport> {
     let test = data.load(true)?;
     let train = data.load(false)?;
+    let (_vs, classifier_net) = match classifier {
+        Some(dir) => {
+            let (vs, c, info) = load_classifier_dir(dir, Device::Cpu)?;
+            info.check_fits(dir, test.channels(), test.image_size(), train.num_classes)?;
+            (vs, c)
+        }
+        None => {
+            let (vs, c, _) = load_shipped(Device::Cpu)?;
+            (vs, c)
+        }
+    };
+    let size = net.config.sample_size();
+    if (net.config.in_channels(), size) != (test.channels(), test.image_size()) {
+        return Err(Error::Config(format!(
+            "the model makes {}-channel {size}×{size} images but the data are {}-channel {}×{} images; give `--model` \
+             a main network trained on this data",
+            net.config.in_channels(),
+            test.channels(),
+            test.image_size(),
+            test.image_size()
+        )));
+    }
+    let classifier_dir = classifier.map(|d| d.display().to_string());
+    let classifier = classifier_net;
     let n = num_images.min(test.len() as i64).min(train.len() as i64);
     let pick = |len: usize, salt: u64| -> Vec<i64> {
         let mut idx: Vec<i64> = (0..len as i64).collect();
@@ -65,14 +103,20 @@ pub fn evaluate(net: &MainNetwork, data: &DataConfig, num_images: i64, sampler: 
         sample_label_accuracy: correct,
         sampler: sampler.clone(),
         sampling_seconds,
+        classifier: classifier_dir,
     })
 }
 
 impl EvalReport {
     /// A small table for the terminal and the README.
     pub fn table(&self) -> String {
+        let n = self.num_images;
+        let on = match &self.classifier {
+            Some(dir) => format!("the features of the classifier in {dir}, {n} images each, vs the held-out images"),
+            None => format!("the Fashion-MNIST classifier's features, {n} images each, vs the test split"),
+        };
         format!(
-            "Fréchet distance on the Fashion-MNIST classifier's features, {n} images each, vs the test split:\n\
+            "Fréchet distance on {on}:\n\
              | set | Fréchet distance |\n|---|---|\n\
              | real train images (floor) | {:.3} |\n| model samples | {:.3} |\n| uniform noise (ceiling) | {:.3} |\n\
              samples classified as their label: {:.1}%",
@@ -80,7 +124,6 @@ impl EvalReport {
             self.frechet_samples,
             self.frechet_uniform_noise,
             100.0 * self.sample_label_accuracy,
-            n = self.num_images
         )
     }
 }
