@@ -864,6 +864,24 @@ fn build(root: &Path) -> Vec<Case> {
         );
     }
 
+    // A tinted colour folder written over an existing dataset, or of no images.
+    {
+        let d = c.dir("tinted-over-a-dataset");
+        let data = d.join("data");
+        fs::create_dir_all(&data).unwrap();
+        with_a(&[r#"{"image": "a.png", "label": 0}"#])(&data);
+        let args = os(&[&"tinted-folder", &"--out", &data, &"--data-source", &"embedded", &"--count", &"4"]);
+        c.add(
+            "tinted-over-a-dataset",
+            Run::Exec(lisa_bin(), args),
+            &[&format!("{} already exists", s(&data.join("metadata.jsonl"))), "give an empty or new folder"],
+            vec![d],
+        );
+        let d = c.dir("tinted-count-0");
+        let args = os(&[&"tinted-folder", &"--out", &d.join("out"), &"--data-source", &"embedded", &"--count", &"0"]);
+        c.add("tinted-count-0", Run::Exec(lisa_bin(), args), &["--count must be in 1..=4000", "got 0"], vec![d]);
+    }
+
     // Configs.
     c.config("cfg-unknown-key", &["train.stepz=3"], &["unknown key 'train.stepz'", "see --print-config"]);
     c.config("cfg-unknown-section", &["trainer.steps=3"], &["unknown section 'trainer'", "trainer.steps"]);
