@@ -127,22 +127,26 @@ fn an_rgb_imagefolder_pretrains_trains_with_extracted_and_given_conditions_and_s
 
     // The given-condition side network samples from a mask file, in colour.
     let grid = tmp.path().join("grid.png");
-    let (ok, _, stderr) = lisa(&[
-        "sample",
-        "--model",
-        main.join("model").to_str().unwrap(),
-        "--controlnet",
-        given_dir.join("side-network").to_str().unwrap(),
-        "--condition",
-        data.join("3_mask.png").to_str().unwrap(),
-        "--per-label",
-        "1",
-        "--sampling-steps",
-        "2",
-        "--out",
-        grid.to_str().unwrap(),
-    ]);
-    assert!(ok, "{stderr}");
+    let sample = |side_dir: &Path, how: &str, condition: &Path| {
+        let (model, side_net) = (main.join("model"), side_dir.join("side-network"));
+        let (ok, _, stderr) = lisa(&[
+            "sample",
+            "--model",
+            model.to_str().unwrap(),
+            "--controlnet",
+            side_net.to_str().unwrap(),
+            how,
+            condition.to_str().unwrap(),
+            "--per-label",
+            "1",
+            "--sampling-steps",
+            "2",
+            "--out",
+            grid.to_str().unwrap(),
+        ]);
+        assert!(ok, "{stderr}");
+    };
+    sample(&given_dir, "--condition", &data.join("3_mask.png"));
     let png = image::open(&grid).unwrap();
     assert!(png.color().has_color(), "the samples are in colour");
     let conditioning_channels = |dir: &Path| -> i64 {
@@ -164,22 +168,7 @@ fn an_rgb_imagefolder_pretrains_trains_with_extracted_and_given_conditions_and_s
     assert_eq!(lowres["metric"], "lowres_psnr");
     assert!(lowres["final_fidelity"].as_f64().unwrap().is_finite(), "{lowres}");
     assert_eq!(conditioning_channels(&lowres_dir), 3);
-    let (ok, _, stderr) = lisa(&[
-        "sample",
-        "--model",
-        main.join("model").to_str().unwrap(),
-        "--controlnet",
-        lowres_dir.join("side-network").to_str().unwrap(),
-        "--condition-from",
-        data.join("5.png").to_str().unwrap(),
-        "--per-label",
-        "1",
-        "--sampling-steps",
-        "2",
-        "--out",
-        grid.to_str().unwrap(),
-    ]);
-    assert!(ok, "{stderr}");
+    sample(&lowres_dir, "--condition-from", &data.join("5.png"));
     // Its top row is the colour low-resolution condition of 5.png: not grey.
     let png = image::open(&grid).unwrap().to_rgb8();
     let top = (0..png.width()).flat_map(|x| (0..png.height() / 3).map(move |y| (x, y)));

@@ -525,6 +525,30 @@ pub struct ClassifierInfo {
     pub data: Option<ClassifierData>,
 }
 
+impl ClassifierInfo {
+    /// The record of a classifier trained with `train` and `seed`, from its training `report`, with the
+    /// data it was trained on (`None` for the shipped Fashion-MNIST classifier).
+    pub fn from_report(
+        train: ClassifierTrainConfig,
+        seed: u64,
+        report: ClassifierReport,
+        data: Option<ClassifierData>,
+    ) -> Self {
+        Self {
+            epochs: train.epochs,
+            train,
+            seed,
+            test_accuracy: report.test_accuracy,
+            per_class_accuracy: report.per_class_accuracy,
+            parameters: report.parameters,
+            train_seconds: report.train_seconds,
+            threads: tch::get_num_threads(),
+            history: report.epochs,
+            data,
+        }
+    }
+}
+
 /// The data a classifier was trained on (see [`ClassifierInfo::data`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassifierData {
@@ -599,18 +623,7 @@ pub fn train_shipped_classifier(dir: impl AsRef<Path>) -> Result<ClassifierInfo>
     let (test_x, test_y) = load_full_split(false)?;
     let cfg = ClassifierTrainConfig::default();
     let (vs, _net, report) = train_classifier(&train_x, &train_y, &test_x, &test_y, &cfg, SHIPPED_SEED)?;
-    let info = ClassifierInfo {
-        train: cfg.clone(),
-        seed: SHIPPED_SEED,
-        epochs: cfg.epochs,
-        test_accuracy: report.test_accuracy,
-        per_class_accuracy: report.per_class_accuracy,
-        parameters: report.parameters,
-        train_seconds: report.train_seconds,
-        threads: tch::get_num_threads(),
-        history: report.epochs,
-        data: None,
-    };
+    let info = ClassifierInfo::from_report(cfg, SHIPPED_SEED, report, None);
     write_classifier_dir(dir, &vs, &info)?;
     Ok(info)
 }
@@ -694,23 +707,17 @@ pub fn train_data_classifier(cfg: &ClassifierRunConfig) -> Result<ClassifierInfo
     tc.model.validate()?;
     let (vs, _net, report) =
         train_classifier(&train.images, &train.labels, &held_out.images, &held_out.labels, &tc, cfg.seed)?;
-    let info = ClassifierInfo {
-        train: tc.clone(),
-        seed: cfg.seed,
-        epochs: tc.epochs,
-        test_accuracy: report.test_accuracy,
-        per_class_accuracy: report.per_class_accuracy,
-        parameters: report.parameters,
-        train_seconds: report.train_seconds,
-        threads: tch::get_num_threads(),
-        history: report.epochs,
-        data: Some(ClassifierData {
+    let info = ClassifierInfo::from_report(
+        tc,
+        cfg.seed,
+        report,
+        Some(ClassifierData {
             config: cfg.data.clone(),
             class_names: train.class_names.clone(),
             train_images: train.len(),
             held_out_images: held_out.len(),
         }),
-    };
+    );
     write_classifier_dir(&cfg.output_dir, &vs, &info)?;
     Ok(info)
 }
