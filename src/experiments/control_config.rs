@@ -118,7 +118,6 @@ pub struct FinalEvalConfig {
     /// A classifier folder written by `lisa classifier` (`--classifier`): the Fréchet distance is taken on its
     /// features, with the floor (as many training images) and the ceiling (uniform noise). Empty: the shipped
     /// Fashion-MNIST classifier on Fashion-MNIST, and no Fréchet distance on an imagefolder. Default empty.
-    #[serde(skip_serializing_if = "is_empty_path")]
     pub classifier: PathBuf,
 }
 
@@ -126,11 +125,6 @@ impl Default for FinalEvalConfig {
     fn default() -> Self {
         Self { num_images: 500, chunk: 250, classifier: PathBuf::new() }
     }
-}
-
-/// Whether a path setting is unset (empty); such a setting is left out of a saved config.
-fn is_empty_path(p: &std::path::Path) -> bool {
-    p.as_os_str().is_empty()
 }
 
 /// `lisa compare`'s repetition.
@@ -321,6 +315,14 @@ mod tests {
     use tch::Device;
 
     use super::*;
+
+    #[test]
+    fn the_classifier_and_condition_channels_can_be_set_like_every_key() {
+        let sets = ["final_eval.classifier=\"runs/c\"".to_string(), "data.conditioning_channels=3".to_string()];
+        let cfg: ControlConfig = crate::config::load(None, &sets).unwrap();
+        assert_eq!(cfg.final_eval.classifier, Path::new("runs/c"));
+        assert_eq!(cfg.data.conditioning_channels, 3);
+    }
 
     #[test]
     fn evaluations_follow_their_phases_then_every_steps() {
