@@ -91,20 +91,7 @@ fn an_rgb_imagefolder_pretrains_trains_with_extracted_and_given_conditions_and_s
         args.extend(task);
         args.extend(data_args);
         args.extend(["--set", main_model.as_str()]);
-        args.extend([
-            "--set",
-            "train.batch_size=4",
-            "--set",
-            "fidelity.num_images=2",
-            "--set",
-            "fidelity.sampler.steps=2",
-            "--set",
-            "fidelity.every_steps=1",
-            "--set",
-            "fidelity.loss_gain_every=0",
-            "--set",
-            "final_eval.num_images=2",
-        ]);
+        args.extend(TINY_EVAL);
         let (ok, stdout, stderr) = lisa(&args);
         assert!(ok, "{stderr}");
         let summary: serde_json::Value =
