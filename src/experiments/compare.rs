@@ -159,6 +159,9 @@ impl CompareReport {
         s += &row("fidelity at step 0 (no control)", &|r| r.curve[0].1, 4);
         s += &row("final samples vs shuffled conditions", &|r| r.final_fidelity_shuffled, 4);
         let runs = || b.runs.iter().chain(&l.runs);
+        let blind = runs().all(|r| {
+            (r.final_fidelity - r.final_fidelity_shuffled).abs() <= BLIND_TOLERANCE * r.final_fidelity.abs().max(1e-9)
+        });
         if runs().all(|r| r.frechet.is_some()) {
             s += &row("Fréchet distance to held-out images", &|r| r.frechet.unwrap_or(f64::NAN), 2);
         } else {
@@ -193,6 +196,12 @@ impl CompareReport {
             l.runs[0].side_parameters,
             if seeds > 1 { "(± = standard deviation over seeds.)\n" } else { "" },
         );
+        if blind {
+            s += "\n**Warning: the fidelity metric cannot see control here.** In every run the final samples score the \
+                  same against shuffled conditions as against their own, so the fidelity figures above do not measure \
+                  how well the samples obey their conditions (e.g. a mask metric on samples whose backgrounds are not \
+                  black); look at samples.png before reading them.\n";
+        }
         // With a classifier of the user's: where the Fréchet distances lie between real data and noise.
         let first = &b.runs[0];
         if let (Some(floor), Some(ceiling), Some(dir)) =
@@ -494,10 +503,24 @@ fn write_outputs(cfg: &ControlConfig, report: &CompareReport, conditions: &Tenso
     Ok(())
 }
 
+/// Final fidelity within this fraction of the shuffled-condition score, in every run: the metric is blind to
+/// the conditions on these samples, and the summary says so.
+const BLIND_TOLERANCE: f64 = 0.01;
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::eval::curves::{first_reaching, mean_aucc};
+
+    #[test]
+    fn a_metric_blind_to_the_conditions_is_flagged() {
+        let report = |shuffled: f64| {
+            let arm = |name: &str| ArmSummary { arm: name.into(), final_fidelity_shuffled: shuffled, ..run(0, 0.356) };
+            aggregate(&ControlConfig::default(), vec![arm("baseline")], vec![arm("lisa")]).unwrap().table()
+        };
+        assert!(report(0.3559).contains("the fidelity metric cannot see control here"));
+        assert!(!report(0.2).contains("cannot see control"));
+    }
 
     fn run(seed: u64, final_fidelity: f64) -> ArmSummary {
         ArmSummary {

@@ -684,32 +684,6 @@ mod tests {
     }
 
     #[test]
-    fn runs_started_at_once_in_one_process_take_turns_and_stay_reproducible() {
-        // No generator use outside `train`: the data and the weight are built without drawing.
-        let run = || -> f64 {
-            let dir = tempfile::tempdir().unwrap();
-            let w = Tensor::from_slice(&[0.0f32]).set_requires_grad(true);
-            let task = ScaleTask { w: w.shallow_clone(), poison: false };
-            let data = Dataset {
-                images: Tensor::linspace(-1.0, 1.0, 256, (Kind::Float, Device::Cpu)).view([16, 1, 4, 4]),
-                labels: Tensor::zeros([16], (Kind::Int64, Device::Cpu)),
-                num_classes: 1,
-                class_names: vec!["x".into()],
-                conditioning: None,
-            };
-            let c = TrainConfig { steps: 60, ..cfg() };
-            let params = vec![("w".into(), w.shallow_clone())];
-            train(&task, params, &data, &Objective::Flow, &c, &RunDir::plain(dir.path()), |_, _| Ok(())).unwrap();
-            w.double_value(&[0])
-        };
-        let alone = run();
-        let threads: Vec<_> = (0..3).map(|_| std::thread::spawn(run)).collect();
-        for t in threads {
-            assert_eq!(t.join().unwrap(), alone, "a run that shared the process with others drew other noise");
-        }
-    }
-
-    #[test]
     fn a_finite_run_learns_logs_and_checkpoints() {
         let dir = tempfile::tempdir().unwrap();
         let w = Tensor::from_slice(&[0.0f32]).set_requires_grad(true);
