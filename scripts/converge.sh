@@ -39,8 +39,14 @@ experiment() {
 
 case "${1:-}" in
   lane)
-    experiment "$2"; shift 2
+    EXP=$2; experiment "$EXP"; shift 2
     for s in "$@"; do
+      # The hook does not touch the baseline (bit-identical losses and fidelity), so the hook experiments
+      # share experiment i's baselines instead of training them again.
+      b=runs/converge-edges-s$s/seed-$s/baseline; d=runs/$NAME-s$s/seed-$s
+      if [[ $EXP == iii-* && ! -e $d/baseline && -f $b/summary.json ]]; then
+        mkdir -p "$d" && ln -s "../../converge-edges-s$s/seed-$s/baseline" "$d/baseline"
+      fi
       "$BIN" compare --config "$CFG" "${SET[@]}" --set train.seed="$s" --seeds 1 \
         --output-dir "runs/$NAME-s$s" --resume --quiet
     done ;;

@@ -167,6 +167,45 @@ fn compare_writes_curves_grids_and_a_summary_then_its_side_network_samples() {
     );
 }
 
+/// A run file's text without its timing columns (named `*seconds`), which differ between any two runs.
+fn without_timings(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+    let keep: Vec<usize> = (0..header.len()).filter(|&i| !header[i].ends_with("seconds")).collect();
+    text.lines()
+        .map(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            keep.iter().map(|&i| cells[i]).collect::<Vec<_>>().join(",")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_baseline_arm_does_not_depend_on_the_lisa_hook() {
+    // The hook experiments reuse one set of baselines (scripts/converge.sh); that holds only while the
+    // hook leaves the baseline's training and evaluation untouched, bit for bit.
+    let dir = tempfile::tempdir().unwrap();
+    let runs: Vec<_> = ["down_3", "mid"]
+        .iter()
+        .map(|hook| {
+            let out = dir.path().join(hook);
+            let set = format!("lisa.hook=\"{hook}\"");
+            let (ok, _, stderr) = compare_task("edges", &out, &["--set", &set, "--set", "fidelity.loss_gain_every=1"]);
+            assert!(ok, "{stderr}");
+            out.join("seed-0")
+        })
+        .collect();
+    for file in ["metrics.csv", "fidelity.csv"] {
+        let (a, b) = (without_timings(&runs[0].join("baseline").join(file)), without_timings(&runs[1].join("baseline").join(file)));
+        assert_eq!(a, b, "the baseline's {file} changed with the hook");
+    }
+    let samples = |r: &Path| std::fs::read(r.join("baseline/final-samples.safetensors")).unwrap();
+    assert_eq!(samples(&runs[0]), samples(&runs[1]), "the baseline's final samples changed with the hook");
+    let lisa_loss = |r: &Path| without_timings(&r.join("lisa/metrics.csv"));
+    assert_ne!(lisa_loss(&runs[0]), lisa_loss(&runs[1]), "the LISA arms should differ: the hook is read");
+}
+
 #[test]
 fn tensorboard_events_mirror_the_metrics_fidelity_and_validation_grids() {
     use tboard::tensorboard::{event::What, summary::value::Value};
