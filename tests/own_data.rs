@@ -189,6 +189,17 @@ fn an_rgb_imagefolder_pretrains_trains_with_extracted_and_given_conditions_and_s
     for key in ["frechet", "frechet_floor", "frechet_ceiling"] {
         assert!(summary[key].as_f64().unwrap().is_finite(), "{key}: {summary}");
     }
+    // Guidance on that comparison scores with the same classifier: scale 1 is the final evaluation again.
+    let (ok, _, stderr) = lisa(&["guidance", "--run-dir", compare.to_str().unwrap(), "--scales", "1,2"]);
+    assert!(ok, "{stderr}");
+    let text = std::fs::read_to_string(compare.join("guidance.json")).unwrap();
+    let guidance: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let points = guidance["points"].as_array().unwrap();
+    let at_1 = points.iter().find(|p| p["arm"] == "lisa" && p["guidance_scale"] == 1.0).unwrap();
+    assert_eq!(at_1["fidelity"], summary["final_fidelity"], "{text}");
+    assert_eq!(at_1["frechet"], summary["frechet"], "{text}");
+    assert!(points.iter().all(|p| p["frechet"].as_f64().is_some_and(f64::is_finite)), "{text}");
+
     let model = main.join("model");
     let eval = |extra: &[&str]| {
         let mut args = vec!["eval", "--model", model.to_str().unwrap(), "--num-images", "2", "--sampling-steps", "2"];

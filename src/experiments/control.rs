@@ -245,7 +245,7 @@ pub fn train_control(
     }
     // A classifier that does not fit the data is refused before training, not after it.
     if let Some((_, info)) = final_classifier(cfg)? {
-        check_classifier_fits(cfg, &info, &data.eval_images, data.train.num_classes)?;
+        check_classifier_fits(cfg, &info, &data.eval_images, Some(data.train.num_classes))?;
     }
     let set = cfg.condition_set()?;
     let kind = set.primary();
@@ -455,39 +455,26 @@ fn final_evaluation(
     let shuffled = fidelity(scored, &samples, &primary.roll([1], [0]))?;
     let x = x.to_device(Device::Cpu);
     let (mut frechet_floor, mut frechet_ceiling) = (None, None);
-    let frechet = match final_classifier(cfg)? {
-        Some((classifier, info)) => {
-            check_classifier_fits(cfg, &info, &x, data.train.num_classes)?;
-            let stats = |t: &Tensor| -> Result<FeatureStats> {
-                FeatureStats::from_features(&classifier.features_batched(&classifier_view(cfg, t)?, 500)?)
-            };
-            let reference = stats(&x)?;
-            // The floor: as many training images (a fixed choice), the ceiling: uniform noise, against the same
-            // held-out images.
-            let mut idx: Vec<i64> = (0..data.train.len() as i64).collect();
-            crate::rng::SplitMix64::new(crate::rng::derive_seed(cfg.fidelity.seed, 2)).shuffle(&mut idx);
-            idx.truncate(n as usize);
-            let train_x = data.train.images.f_index_select(0, &Tensor::from_slice(&idx))?.to_device(Device::Cpu);
-            let noise = uniform_noise(&x.size(), crate::rng::derive_seed(cfg.fidelity.seed, 3))?;
-            frechet_floor = Some(frechet_distance(&stats(&train_x)?, &reference)?);
-            frechet_ceiling = Some(frechet_distance(&stats(&noise)?, &reference)?);
-            Some(frechet_distance(&stats(&samples)?, &reference)?)
+    let frechet = match FrechetFeatures::load(cfg)? {
+        Some(features) => {
+            if let Some(info) = &features.own {
+                check_classifier_fits(cfg, info, &x, Some(data.train.num_classes))?;
+            }
+            let reference = features.stats(cfg, &x)?;
+            if features.own.is_some() {
+                // The floor: as many training images (a fixed choice), the ceiling: uniform noise, against the
+                // same held-out images.
+                let mut idx: Vec<i64> = (0..data.train.len() as i64).collect();
+                crate::rng::SplitMix64::new(crate::rng::derive_seed(cfg.fidelity.seed, 2)).shuffle(&mut idx);
+                idx.truncate(n as usize);
+                let train_x = data.train.images.f_index_select(0, &Tensor::from_slice(&idx))?.to_device(Device::Cpu);
+                let noise = uniform_noise(&x.size(), crate::rng::derive_seed(cfg.fidelity.seed, 3))?;
+                frechet_floor = Some(frechet_distance(&features.stats(cfg, &train_x)?, &reference)?);
+                frechet_ceiling = Some(frechet_distance(&features.stats(cfg, &noise)?, &reference)?);
+            }
+            Some(frechet_distance(&features.stats(cfg, &samples)?, &reference)?)
         }
-        None if cfg.data.is_imagefolder() => None,
-        None => {
-            let (_vs, classifier, _) = load_shipped(Device::Cpu)?;
-            let stats = |t: &Tensor| -> Result<FeatureStats> {
-                FeatureStats::from_features(&classifier.features_batched(t, 500)?)
-            };
-            // Clips are scored frame by frame (frames folded into the batch); colour images by their luminance
-            // (the classifier is Fashion-MNIST's, on grey images).
-            let frames = |t: &Tensor| -> Result<Tensor> {
-                let t = if cfg.data.video.is_none() && t.size()[1] == 3 { luminance(t)? } else { t.shallow_clone() };
-                let s = t.size();
-                Ok(t.f_reshape([-1, 1, s[2], s[3]])?)
-            };
-            Some(frechet_distance(&stats(&frames(&samples)?)?, &stats(&frames(&x)?)?)?)
-        }
+        None => None,
     };
     Ok(ArmSummary {
         arm: cfg.arm().into(),
@@ -532,6 +519,43 @@ pub fn final_classifier(cfg: &ControlConfig) -> Result<Option<(Classifier, Class
     Ok(Some((classifier, info)))
 }
 
+/// The classifier whose features give a run's Fréchet distance: the run's own (`final_eval.classifier`), or
+/// else, on Fashion-MNIST, the shipped one.
+pub struct FrechetFeatures {
+    classifier: Classifier,
+    /// The run's own classifier's description; `None` for the shipped one.
+    pub own: Option<ClassifierInfo>,
+}
+
+impl FrechetFeatures {
+    /// The run's classifier (loaded on the CPU); `None` for an imagefolder without its own, whose Fréchet
+    /// distance is skipped (see [`frechet_skipped_note`]).
+    pub fn load(cfg: &ControlConfig) -> Result<Option<Self>> {
+        if let Some((classifier, info)) = final_classifier(cfg)? {
+            return Ok(Some(Self { classifier, own: Some(info) }));
+        }
+        if cfg.data.is_imagefolder() {
+            return Ok(None);
+        }
+        let (_vs, classifier, _) = load_shipped(Device::Cpu)?;
+        Ok(Some(Self { classifier, own: None }))
+    }
+
+    /// Feature statistics of `images` ([N, C, H, W] in [-1, 1]) as this classifier takes them.
+    pub fn stats(&self, cfg: &ControlConfig, images: &Tensor) -> Result<FeatureStats> {
+        let view = if self.own.is_some() {
+            classifier_view(cfg, images)?
+        } else {
+            // Clips are scored frame by frame (frames folded into the batch); colour images by their luminance
+            // (the shipped classifier is Fashion-MNIST's, on grey images).
+            let t = if cfg.data.video.is_none() && images.size()[1] == 3 { luminance(images)? } else { images.shallow_clone() };
+            let s = t.size();
+            t.f_reshape([-1, 1, s[2], s[3]])?
+        };
+        FeatureStats::from_features(&self.classifier.features_batched(&view, 500)?)
+    }
+}
+
 /// What the run prints when its Fréchet distance is skipped (an imagefolder and no `final_eval.classifier`),
 /// saying how to get one; `None` when there is a Fréchet distance.
 pub fn frechet_skipped_note(cfg: &ControlConfig) -> Option<String> {
@@ -555,10 +579,15 @@ fn classifier_view(cfg: &ControlConfig, t: &Tensor) -> Result<Tensor> {
 }
 
 /// Refuses a `final_eval.classifier` that does not take the held-out `images` (as [`classifier_view`] gives
-/// them) or tell apart the data's `num_classes` classes.
-fn check_classifier_fits(cfg: &ControlConfig, info: &ClassifierInfo, images: &Tensor, num_classes: i64) -> Result<()> {
+/// them) or tell apart the data's `num_classes` classes (`None`: the classes are not checked).
+pub fn check_classifier_fits(
+    cfg: &ControlConfig,
+    info: &ClassifierInfo,
+    images: &Tensor,
+    num_classes: Option<i64>,
+) -> Result<()> {
     let s = classifier_view(cfg, &images.narrow(0, 0, images.size()[0].min(1)))?.size();
-    info.check_fits(&cfg.final_eval.classifier, s[1], s[2], num_classes)
+    info.check_fits(&cfg.final_eval.classifier, s[1], s[2], num_classes.unwrap_or(info.train.model.num_classes))
 }
 
 /// Uniform noise in [-1, 1] of `shape`, drawn from `seed` (not from libtorch's global generator).

@@ -7,15 +7,13 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use tch::Device;
 
-use super::control::{held_out_subset, load_main};
+use super::control::{check_classifier_fits, frechet_skipped_note, held_out_subset, load_main, FrechetFeatures};
 use super::control_config::ControlConfig;
 use crate::control::sampling::{sample_controlled_chunked, Control, ControlOptions};
 use crate::control::side::SideNetwork;
-use crate::eval::classifier::load_shipped;
 use crate::eval::fidelity::{fidelity, metric_name};
-use crate::eval::frechet::{frechet_distance, FeatureStats};
+use crate::eval::frechet::frechet_distance;
 use crate::{Error, Result};
 
 /// What `lisa guidance` measures; every field has the default shown.
@@ -46,8 +44,9 @@ pub struct GuidancePoint {
     pub guidance_scale: f64,
     /// Control fidelity of the samples against their conditions.
     pub fidelity: f64,
-    /// Fréchet distance of the samples to the held-out images.
-    pub frechet: f64,
+    /// Fréchet distance of the samples to the held-out images, on the features of the comparison's classifier
+    /// (`final_eval.classifier`, else the shipped Fashion-MNIST one); `None` for an imagefolder without one.
+    pub frechet: Option<f64>,
 }
 
 /// Everything `lisa guidance` measured.
@@ -66,8 +65,8 @@ pub struct GuidanceReport {
 }
 
 impl GuidanceReport {
-    fn values(&self, arm: &str, scale: f64, f: impl Fn(&GuidancePoint) -> f64) -> Vec<f64> {
-        self.points.iter().filter(|p| p.arm == arm && p.guidance_scale == scale).map(f).collect()
+    fn values(&self, arm: &str, scale: f64, f: impl Fn(&GuidancePoint) -> Option<f64>) -> Vec<f64> {
+        self.points.iter().filter(|p| p.arm == arm && p.guidance_scale == scale).filter_map(f).collect()
     }
 
     /// A markdown table: fidelity and Fréchet distance per arm and scale (mean ± sd over seeds), and
@@ -81,7 +80,7 @@ impl GuidanceReport {
         );
         for arm in &self.config.arms {
             for &g in &self.config.guidance_scales {
-                let fid = self.values(arm, g, |p| p.fidelity);
+                let fid = self.values(arm, g, |p| Some(p.fidelity));
                 if fid.is_empty() {
                     continue;
                 }
@@ -89,7 +88,7 @@ impl GuidanceReport {
                 let (dfid, dfd) = if arm == "baseline" {
                     ("".to_string(), "".to_string())
                 } else {
-                    (mean_sd(&self.paired(arm, g, |p| p.fidelity), 4), mean_sd(&self.paired(arm, g, |p| p.frechet), 2))
+                    (mean_sd(&self.paired(arm, g, |p| Some(p.fidelity)), 4), mean_sd(&self.paired(arm, g, |p| p.frechet), 2))
                 };
                 s += &format!("| {arm} | {g} | {} | {} | {dfid} | {dfd} |\n", mean_sd(&fid, 4), mean_sd(&fd, 2));
             }
@@ -97,10 +96,10 @@ impl GuidanceReport {
         s
     }
 
-    /// `f(arm) − f(baseline)` per seed at scale `g`.
-    pub fn paired(&self, arm: &str, g: f64, f: impl Fn(&GuidancePoint) -> f64) -> Vec<f64> {
+    /// `f(arm) − f(baseline)` per seed at scale `g`, where both have a value.
+    pub fn paired(&self, arm: &str, g: f64, f: impl Fn(&GuidancePoint) -> Option<f64>) -> Vec<f64> {
         let find = |a: &str, seed: u64| {
-            self.points.iter().find(|p| p.arm == a && p.seed == seed && p.guidance_scale == g).map(&f)
+            self.points.iter().find(|p| p.arm == a && p.seed == seed && p.guidance_scale == g).and_then(&f)
         };
         self.points
             .iter()
@@ -147,8 +146,19 @@ pub fn guidance_sweep(run_dir: &Path, cfg: &GuidanceConfig, log: &mut dyn FnMut(
         return Err(Error::Config(format!("at least 2 images are needed, got {n}")));
     }
     let (y, c, x) = (labels.narrow(0, 0, n), conditions.narrow(0, 0, n), images.narrow(0, 0, n));
-    let (_vs, classifier, _) = load_shipped(Device::Cpu)?;
-    let reference = FeatureStats::from_features(&classifier.features_batched(&x.to_device(Device::Cpu), 500)?)?;
+    let features = FrechetFeatures::load(&ctl)?;
+    if let Some(note) = frechet_skipped_note(&ctl) {
+        log(&note);
+    }
+    let reference = match &features {
+        Some(f) => {
+            if let Some(info) = &f.own {
+                check_classifier_fits(&ctl, info, &x, None)?;
+            }
+            Some(f.stats(&ctl, &x.to_device(tch::Device::Cpu))?)
+        }
+        None => None,
+    };
 
     let mut points = Vec::new();
     for seed in 0..ctl.compare.seeds as u64 {
@@ -173,12 +183,15 @@ pub fn guidance_sweep(run_dir: &Path, cfg: &GuidanceConfig, log: &mut dyn FnMut(
                     ctl.final_eval.chunk,
                 )?;
                 let score = fidelity(kind, &samples, &side.condition.channels_of(&c, kind)?)?;
-                let stats = FeatureStats::from_features(&classifier.features_batched(&samples, 500)?)?;
-                let frechet = frechet_distance(&stats, &reference)?;
+                let frechet = match (&features, &reference) {
+                    (Some(f), Some(r)) => Some(frechet_distance(&f.stats(&ctl, &samples)?, r)?),
+                    _ => None,
+                };
                 log(&format!(
-                    "seed {seed} {arm} guidance {g}: {} {:.4}, Fréchet {frechet:.2} ({:.0} s)",
+                    "seed {seed} {arm} guidance {g}: {} {:.4}, Fréchet {} ({:.0} s)",
                     metric_name(kind),
                     score.mean,
+                    frechet.map_or("skipped".into(), |d| format!("{d:.2}")),
                     t0.elapsed().as_secs_f64()
                 ));
                 points.push(GuidancePoint { arm: arm.clone(), seed, guidance_scale: g, fidelity: score.mean, frechet });
@@ -215,7 +228,7 @@ mod tests {
             seed,
             guidance_scale: g,
             fidelity,
-            frechet: 10.0 * fidelity,
+            frechet: Some(10.0 * fidelity),
         };
         let report = GuidanceReport {
             condition: "edges".into(),
@@ -231,7 +244,7 @@ mod tests {
                 p("lisa", 0, 2.0, 0.9),
             ],
         };
-        let d = report.paired("lisa", 1.0, |q| q.fidelity);
+        let d = report.paired("lisa", 1.0, |q| Some(q.fidelity));
         assert_eq!(d.len(), 2);
         assert!((d[0] - 0.1).abs() < 1e-12 && (d[1] + 0.1).abs() < 1e-12);
         let t = report.table();
