@@ -88,37 +88,58 @@ pub struct AblationReport {
 }
 
 impl AblationReport {
-    /// The table (Markdown).
+    /// The table (Markdown), with the final Fréchet distance of each arm (— where it was skipped) and, with a
+    /// classifier of the user's, its floor and ceiling.
     pub fn table(&self) -> String {
         let b = &self.baseline;
         let (bf, bfs) = b.mean_sd(|r| r.final_fidelity);
         let (ba, bas) = b.mean_sd(|r| r.mean_aucc);
         let mut s = format!(
             "condition `{}`, fidelity = {}, {} seed(s); differences are paired by seed (mean ± sd)\n\n\
-             | arm | final fidelity | Δ final vs baseline | mAUCC | Δ mAUCC vs baseline | speed-up | step overhead | decoder parameters |\n\
-             |---|---|---|---|---|---|---|---|\n\
-             | baseline | {bf:.4} ± {bfs:.4} | | {ba:.4} ± {bas:.4} | | | | 0 |\n",
+             | arm | final fidelity | Δ final vs baseline | mAUCC | Δ mAUCC vs baseline | Fréchet distance | speed-up | step overhead | decoder parameters |\n\
+             |---|---|---|---|---|---|---|---|---|\n\
+             | baseline | {bf:.4} ± {bfs:.4} | | {ba:.4} ± {bas:.4} | | {} | | | 0 |\n",
             self.condition,
             self.metric,
-            b.runs.len()
+            b.runs.len(),
+            frechet_cell(b)
         );
         for r in &self.rows {
             let (f, fs) = r.aggregate.mean_sd(|x| x.final_fidelity);
             let (a, as_) = r.aggregate.mean_sd(|x| x.mean_aucc);
             s += &format!(
-                "| {} | {f:.4} ± {fs:.4} | {:+.4} ± {:.4} | {a:.4} ± {as_:.4} | {:+.4} ± {:.4} | {} | {:+.1}% | {} |\n",
+                "| {} | {f:.4} ± {fs:.4} | {:+.4} ± {:.4} | {a:.4} ± {as_:.4} | {:+.4} ± {:.4} | {} | {} | {:+.1}% | {} |\n",
                 r.name,
                 r.final_vs_baseline.0,
                 r.final_vs_baseline.1,
                 r.maucc_vs_baseline.0,
                 r.maucc_vs_baseline.1,
+                frechet_cell(&r.aggregate),
                 r.speedup.map_or("not reached".into(), |x| format!("×{x:.2}")),
                 r.overhead_percent,
                 r.aggregate.runs[0].decoder_parameters
             );
         }
+        let first = &b.runs[0];
+        if let (Some(floor), Some(ceiling), Some(dir)) =
+            (first.frechet_floor, first.frechet_ceiling, first.frechet_classifier.as_ref())
+        {
+            s += &format!(
+                "\nFréchet distances on the features of the classifier in {dir}: real training images {floor:.2} \
+                 (floor), uniform noise {ceiling:.2} (ceiling), as many images each, vs the same held-out images.\n"
+            );
+        }
         s
     }
+}
+
+/// An arm's final Fréchet distance over seeds (mean ± sd), or — where any run skipped it.
+fn frechet_cell(arm: &ArmAggregate) -> String {
+    if arm.runs.iter().any(|r| r.frechet.is_none()) {
+        return "—".into();
+    }
+    let (m, sd) = arm.mean_sd(|r| r.frechet.unwrap_or(f64::NAN));
+    format!("{m:.2} ± {sd:.2}")
 }
 
 /// Runs (or with `resume`, completes) the baseline and every variant for `cfg.compare.seeds` seeds into
@@ -211,6 +232,45 @@ pub fn ablate(cfg: &ControlConfig, variants: &[Variant], resume: bool, quiet: bo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_shows_each_arms_frechet_distance_and_the_classifiers_floor_and_ceiling() {
+        let arm = |name: &str, frechet: [Option<f64>; 2], floor: Option<f64>| {
+            let runs = (0..2)
+                .map(|seed| ArmSummary {
+                    arm: name.into(),
+                    frechet: frechet[seed as usize],
+                    frechet_floor: floor,
+                    frechet_ceiling: floor.map(|x| x * 10.0),
+                    frechet_classifier: floor.map(|_| "my-classifier".into()),
+                    ..super::super::compare::example_summary(seed, 0.5)
+                })
+                .collect();
+            ArmAggregate::new(name, runs).unwrap()
+        };
+        let report = |baseline: ArmAggregate, other: ArmAggregate| AblationReport {
+            condition: "edges".into(),
+            metric: "edge_f1".into(),
+            rows: vec![AblationRow {
+                name: "lisa".into(),
+                overrides: vec![],
+                final_vs_baseline: (0.0, 0.0),
+                maucc_vs_baseline: (0.0, 0.0),
+                speedup: None,
+                overhead_percent: 0.0,
+                aggregate: other,
+            }],
+            baseline,
+        };
+        // Fréchet 10 and 12 over two seeds: 11 ± √2.
+        let t = report(arm("baseline", [Some(10.0), Some(12.0)], Some(2.0)), arm("lisa", [Some(9.0), Some(9.0)], Some(2.0)))
+            .table();
+        assert!(t.contains("| Fréchet distance |") && t.contains("| 11.00 ± 1.41 |") && t.contains("| 9.00 ± 0.00 |"), "{t}");
+        assert!(t.contains("my-classifier: real training images 2.00 (floor), uniform noise 20.00 (ceiling)"), "{t}");
+        // Skipped in one run, the cell says so; no classifier of the user's, no floor line.
+        let t = report(arm("baseline", [Some(10.0), None], None), arm("lisa", [Some(9.0), Some(9.0)], None)).table();
+        assert!(t.contains("| baseline | 0.5000 ± 0.0000 | | 0.0000 ± 0.0000 | | — |") && !t.contains("(floor)"), "{t}");
+    }
 
     #[test]
     fn variants_parse_and_apply_to_the_config() {

@@ -507,8 +507,37 @@ fn write_outputs(cfg: &ControlConfig, report: &CompareReport, conditions: &Tenso
 /// the conditions on these samples, and the summary says so.
 const BLIND_TOLERANCE: f64 = 0.01;
 
+/// A finished edges run of 100 steps, for tests of the reports.
+#[cfg(test)]
+pub(crate) fn example_summary(seed: u64, final_fidelity: f64) -> ArmSummary {
+    ArmSummary {
+        arm: "x".into(),
+        seed,
+        condition: "edges".into(),
+        steps: 100,
+        step_seconds: 1.0,
+        metric: "edge_f1".into(),
+        higher_is_better: true,
+        curve: vec![(0, 0.5), (50, 0.7), (100, 0.8)],
+        mean_aucc: 0.0,
+        final_fidelity,
+        final_fidelity_shuffled: 0.4,
+        frechet: Some(10.0),
+        frechet_floor: None,
+        frechet_ceiling: None,
+        frechet_classifier: None,
+        final_eval_images: 10,
+        temporal_flicker: None,
+        held_out: None,
+        side_parameters: 1,
+        decoder_parameters: 0,
+        loss_gain_curve: vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::example_summary as run;
     use super::*;
     use crate::eval::curves::{first_reaching, mean_aucc};
 
@@ -520,32 +549,6 @@ mod tests {
         };
         assert!(report(0.3559).contains("the fidelity metric cannot see control here"));
         assert!(!report(0.2).contains("cannot see control"));
-    }
-
-    fn run(seed: u64, final_fidelity: f64) -> ArmSummary {
-        ArmSummary {
-            arm: "x".into(),
-            seed,
-            condition: "edges".into(),
-            steps: 100,
-            step_seconds: 1.0,
-            metric: "edge_f1".into(),
-            higher_is_better: true,
-            curve: vec![(0, 0.5), (50, 0.7), (100, 0.8)],
-            mean_aucc: 0.0,
-            final_fidelity,
-            final_fidelity_shuffled: 0.4,
-            frechet: Some(10.0),
-            frechet_floor: None,
-            frechet_ceiling: None,
-            frechet_classifier: None,
-            final_eval_images: 10,
-            temporal_flicker: None,
-            held_out: None,
-            side_parameters: 1,
-            decoder_parameters: 0,
-            loss_gain_curve: vec![],
-        }
     }
 
     #[test]
