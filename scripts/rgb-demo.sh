@@ -21,7 +21,7 @@ for step in "${@:-folder main classifier edges given eval}"; do for s in $step; 
   folder) [ -f runs/tinted/metadata.jsonl ] || "$LISA" tinted-folder --out runs/tinted --count 6000 --seed 0 ;;
   main) [ -f runs/tinted-main/model/config.json ] ||
           "$LISA" pretrain --config configs/main-network.toml --output-dir runs/tinted-main "${DATA[@]}" \
-            --set train.steps=2000 --set threads=1 --quiet $(resume runs/tinted-main) ;;
+            --set threads=1 --quiet $(resume runs/tinted-main) ;;   # the recipe's 8,000 steps
   classifier) [ -f runs/tinted-classifier/classifier.json ] ||
           "$LISA" classifier --data runs/tinted --out runs/tinted-classifier --epochs 10 --threads 1 \
             --set data.channels=3 --set 'data.caption_column=""' ;;
