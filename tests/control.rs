@@ -78,6 +78,20 @@ fn compare_writes_curves_grids_and_a_summary_then_its_side_network_samples() {
     let (ok, stdout, stderr) = compare(&out, &["--resume"]);
     assert!(ok && stdout.contains("| final fidelity |"), "{stderr}");
     assert!(stderr.contains("samples.png not written") && !out.join("samples.png").exists(), "{stderr}");
+    // Resumed with a classifier the finished arms were not scored with: their final evaluation runs again, so
+    // both arms' Fréchet distances come from it (here the shipped classifier's folder, named explicitly).
+    let assets = concat!(env!("CARGO_MANIFEST_DIR"), "/assets");
+    let (ok, stdout, stderr) = compare(&out, &["--resume", "--classifier", assets]);
+    assert!(ok && stderr.matches("its final evaluation runs again").count() == 2, "{stderr}");
+    assert!(stdout.contains("(floor)"), "{stdout}");
+    for arm in ["baseline", "lisa"] {
+        let text = std::fs::read_to_string(out.join("seed-0").join(arm).join("summary.json")).unwrap();
+        let summary: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(summary["frechet_classifier"], assets, "{text}");
+        assert!(summary["frechet_floor"].as_f64().is_some_and(f64::is_finite), "{text}");
+    }
+    let (ok, _, stderr) = compare(&out, &["--resume", "--classifier", assets]);
+    assert!(ok && stderr.matches("finished earlier").count() == 2, "now they match: {stderr}");
 
     // Sampling with the LISA-trained side network: the baseline's architecture, timed side by side.
     let (ok, stdout, stderr) = lisa(&[

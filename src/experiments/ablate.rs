@@ -180,12 +180,7 @@ pub fn ablate(cfg: &ControlConfig, variants: &[Variant], resume: bool, quiet: bo
             let mut c = arm_cfg.clone();
             c.train.seed = cfg.train.seed + i;
             c.output_dir = out.join(format!("seed-{}", c.train.seed)).join(name);
-            let summary_path = c.output_dir.join("summary.json");
-            let finished = resume
-                .then(|| std::fs::read_to_string(&summary_path).ok())
-                .flatten()
-                .and_then(|t| serde_json::from_str::<ArmSummary>(&t).ok())
-                .filter(|s| s.steps == cfg.train.steps);
+            let finished = resume.then(|| super::control::finished_arm(&c)).flatten();
             let summary = match finished {
                 Some(s) => s,
                 None => {

@@ -8,7 +8,7 @@ use tch::Tensor;
 
 use super::control_config::ControlConfig;
 use super::control::{
-    frechet_skipped_note, load_main, save_triptych, train_control, ArmSummary, LazyData, FINAL_SAMPLES,
+    finished_arm, frechet_skipped_note, load_main, save_triptych, train_control, ArmSummary, LazyData, FINAL_SAMPLES,
 };
 use crate::control::NUM_TIME_BUCKETS;
 use crate::eval::curves::{first_reaching, read_curve, speedups, EventTiming, SeedCurves, SpeedUp};
@@ -308,8 +308,7 @@ pub fn compare(cfg: &ControlConfig, resume: bool, quiet: bool) -> Result<Compare
             arm.lisa.enabled = enabled;
             arm.train.seed = cfg.train.seed + i;
             arm.output_dir = out.join(format!("seed-{}", arm.train.seed)).join(arm.arm());
-            let summary_path = arm.output_dir.join("summary.json");
-            let finished = resume.then(|| read_summary(&summary_path)).flatten().filter(|s| s.steps == cfg.train.steps);
+            let finished = resume.then(|| finished_arm(&arm)).flatten();
             let summary = match finished {
                 Some(s) => {
                     eprintln!("{}: finished earlier", arm.output_dir.display());
@@ -374,10 +373,6 @@ fn late_bucket_ratios(metrics: &Path) -> Result<Vec<f64>> {
             Ok(if vals.is_empty() { f64::NAN } else { vals.iter().sum::<f64>() / vals.len() as f64 })
         })
         .collect()
-}
-
-fn read_summary(path: &Path) -> Option<ArmSummary> {
-    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
 fn aggregate(cfg: &ControlConfig, baseline: Vec<ArmSummary>, lisa: Vec<ArmSummary>) -> Result<CompareReport> {

@@ -508,6 +508,30 @@ fn final_evaluation(
     })
 }
 
+/// The summary of an arm that a resumed `compare` or `ablate` can reuse: finished (`summary.json` in
+/// `arm.output_dir`, at `arm.train.steps`) and scored with the classifier now configured. An arm finished with
+/// another classifier is not reused, so that its final evaluation runs again (from its last checkpoint) and
+/// every arm's Fréchet distance comes from the same classifier; it says so on stderr.
+pub fn finished_arm(arm: &ControlConfig) -> Option<ArmSummary> {
+    let path = arm.output_dir.join("summary.json");
+    let s: ArmSummary = serde_json::from_str(&std::fs::read_to_string(&path).ok()?).ok()?;
+    if s.steps != arm.train.steps {
+        return None;
+    }
+    let configured =
+        (!arm.final_eval.classifier.as_os_str().is_empty()).then(|| arm.final_eval.classifier.display().to_string());
+    if s.frechet_classifier != configured {
+        eprintln!(
+            "{}: finished, but its Fréchet distance was measured with {}; its final evaluation runs again with {}",
+            arm.output_dir.display(),
+            s.frechet_classifier.as_deref().unwrap_or("the shipped classifier or none"),
+            configured.as_deref().unwrap_or("the shipped classifier or none")
+        );
+        return None;
+    }
+    Some(s)
+}
+
 /// The classifier of the final evaluation's Fréchet distance named by `final_eval.classifier` (loaded on
 /// the CPU), or `None` when none is named.
 pub fn final_classifier(cfg: &ControlConfig) -> Result<Option<(Classifier, ClassifierInfo)>> {
