@@ -6,6 +6,8 @@
 #   scripts/converge.sh sweep LR...           baseline-only runs of the learning-rate sweep (one core)
 #   scripts/converge.sh aggregate EXP N       summary over seeds 0..N-1 of EXP (each must be finished)
 #   scripts/converge.sh report-sweep          the sweep's table and plots
+#   scripts/converge.sh report                every collected comparison's speed-ups side by side
+#                                             (docs/results/converge-*, into docs/results/converge-speedups)
 #
 # Two lanes side by side use the two cores, e.g.
 #   scripts/converge.sh lane i 0 2 4 &  scripts/converge.sh lane i 1 3 &  wait
@@ -84,5 +86,13 @@ case "${1:-}" in
       if [ ! -e "runs/lr-sweep/lr-$1" ] && [ -f "$b/summary.json" ]; then ln -s "../../$b" "runs/lr-sweep/lr-$1"; fi
     done
     report lr-sweep runs/lr-sweep ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  report)
+    # Reads the collected comparisons (scripts/collect-results.sh), so the table can be regenerated from the
+    # repository alone.
+    dirs=()
+    for e in i ii iii-mid iii-down5 iv-skeleton iv-mask v; do
+      experiment "$e"; [ -f "docs/results/$NAME/summary.json" ] && dirs+=("docs/results/$NAME")
+    done
+    report speedups "${dirs[@]}" --out docs/results/converge-speedups ;;
+  *) sed -n '2,15p' "$0"; exit 2 ;;
 esac

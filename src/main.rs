@@ -56,6 +56,9 @@ enum Command {
     /// Where the baseline's convergence event happens against the learning rate: reads the baseline runs
     /// (`lisa train --baseline`, one per learning rate) in the sub-folders of a folder; writes a table and plots.
     LrSweep(LrSweepArgs),
+    /// LISA's speed-up at several operating points side by side: reads finished `compare` folders and writes
+    /// one table (learning rate, task, hook, label, steps, seeds, speed-ups with intervals) and forest plots.
+    Speedups(SpeedupsArgs),
     /// Train the baseline, LISA and LISA's controls (other targets, decoder width, distance, λ, hook
     /// position) on one task with the same seeds, and write one table.
     Ablate(AblateArgs),
@@ -226,6 +229,16 @@ struct CompareArgs {
 struct LrSweepArgs {
     /// The folder whose sub-folders are the baseline runs; lr-sweep.md, lr-sweep.json and the plots go here.
     dir: PathBuf,
+}
+
+#[derive(Args)]
+struct SpeedupsArgs {
+    /// `lisa compare` output folders (each with summary.json and config.toml), one table row each, in this order.
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// Where speedups.md, speedups.json and the plots go.
+    #[arg(long, default_value = "runs/speedups")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -581,6 +594,7 @@ fn main() -> ExitCode {
         Command::ExportControlnet(a) => run_export_controlnet(a),
         Command::Compare(a) => run_compare(a),
         Command::LrSweep(a) => run_lr_sweep(a),
+        Command::Speedups(a) => run_speedups(a),
         Command::Ablate(a) => run_ablate(a),
         Command::Demo(a) => run_demo(a),
         Command::Toy(a) => run_toy(a),
@@ -975,6 +989,13 @@ fn run_lr_sweep(a: LrSweepArgs) -> Result<()> {
     let points = lisa::experiments::lr_sweep::lr_sweep(&a.dir)?;
     print!("{}", lisa::experiments::lr_sweep::sweep_table(&points));
     println!("plots: {}  {}", a.dir.join("lr-sweep-events.png").display(), a.dir.join("lr-sweep-curves.png").display());
+    Ok(())
+}
+
+fn run_speedups(a: SpeedupsArgs) -> Result<()> {
+    let points = lisa::experiments::speedups::speedups(&a.runs, &a.out)?;
+    print!("{}", lisa::experiments::speedups::speedup_table(&points));
+    println!("plots: {}  {}", a.out.join("speedups-50.png").display(), a.out.join("speedups-80.png").display());
     Ok(())
 }
 

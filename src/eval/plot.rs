@@ -4,7 +4,7 @@
 //! as a 2-px line and small markers at the points. A legend (colour swatch + label) goes in whichever corner of the
 //! data area holds the fewest data points.
 //!
-//! Non-finite values are skipped and break the line (and band) there; a series of one point shows as a marker;
+//! Non-finite values are skipped and break the line (and band) there; a point alone between gaps (or a series of one point) shows as a larger marker;
 //! a constant series gets a padded range so that it sits mid-plot. Points are joined in the order given.
 use std::path::Path;
 use std::sync::Once;
@@ -513,8 +513,11 @@ fn draw(root: &DrawingArea<BitMapBackend, Shift>, spec: &PlotSpec, series: &[Ser
             first = false;
         }
         if points <= MAX_MARKED_POINTS {
-            let radius = if points == 1 { 3 } else { 2 };
-            let marks = segments.iter().flat_map(|r| r.clone()).map(|i| Circle::new((s.x[i], s.mean[i]), radius, color.filled()));
+            // A point with no line through it (alone between gaps) gets the larger marker.
+            let marks = segments.iter().flat_map(|r| {
+                let radius = if r.len() == 1 { 3 } else { 2 };
+                r.clone().map(move |i| Circle::new((s.x[i], s.mean[i]), radius, color.filled()))
+            });
             chart.draw_series(marks)?;
         }
     }

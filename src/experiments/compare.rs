@@ -375,7 +375,7 @@ fn late_bucket_ratios(metrics: &Path) -> Result<Vec<f64>> {
         .collect()
 }
 
-fn aggregate(cfg: &ControlConfig, baseline: Vec<ArmSummary>, lisa: Vec<ArmSummary>) -> Result<CompareReport> {
+pub(crate) fn aggregate(cfg: &ControlConfig, baseline: Vec<ArmSummary>, lisa: Vec<ArmSummary>) -> Result<CompareReport> {
     let (b, l) = (ArmAggregate::new("baseline", baseline)?, ArmAggregate::new("lisa", lisa)?);
     let hib = b.runs[0].higher_is_better;
     let b_final = *b.mean.last().unwrap_or(&f64::NAN);

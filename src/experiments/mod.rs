@@ -13,3 +13,4 @@ pub mod guidance;
 pub mod latent;
 pub mod lr_sweep;
 pub mod pretrain;
+pub mod speedups;

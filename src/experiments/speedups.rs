@@ -1,0 +1,280 @@
+//! `lisa speedups`: LISA's speed-up over the baseline at several operating points, side by side. Reads
+//! finished `lisa compare` folders. Each folder's `config.toml` names its operating point: task, learning
+//! rate, hook, label, steps. Its `summary.json` gives the speed-ups with their intervals and the paired
+//! final difference. Writes one Markdown table, a JSON file and a forest plot per gain level, so that
+//! the verdict's table is generated from the runs instead of copied by hand.
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::compare::{arm_speedups, paired_difference, CompareReport};
+use super::control_config::ControlConfig;
+use crate::eval::curves::{EventTiming, SpeedUp};
+use crate::eval::plot::{line_plot, PlotSpec, Series};
+use crate::{Error, Result};
+
+/// One comparison: where it was measured and what it found.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OperatingPoint {
+    /// The comparison's folder name (its row's name).
+    pub name: String,
+    /// The folder.
+    pub run: PathBuf,
+    /// The condition (task).
+    pub condition: String,
+    /// The fidelity metric.
+    pub metric: String,
+    /// The learning rate both arms trained at.
+    pub learning_rate: f64,
+    /// LISA's hook.
+    pub hook: String,
+    /// The label the main network sees (`class` or `null`).
+    pub label: String,
+    /// Training steps per arm.
+    pub steps: u64,
+    /// Seeds per arm.
+    pub seeds: usize,
+    /// Final fidelity, LISA − baseline paired by seed: mean and standard deviation over seeds.
+    pub final_difference: (f64, f64),
+    /// The fewest evaluations inside a seed's baseline event (10–90% of its gain): sampled fidelity, then the
+    /// held-out loss gain (`None` where it was not measured).
+    pub fewest_points_in_event: (Option<usize>, Option<usize>),
+    /// The comparison's speed-ups (see [`crate::eval::curves::speedups`]).
+    pub speedups: Vec<SpeedUp>,
+}
+
+impl OperatingPoint {
+    /// The speed-up at `measure` on `signal` (the fidelity metric or `loss_gain`).
+    pub fn speedup(&self, signal: &str, measure: &str) -> Option<&SpeedUp> {
+        self.speedups.iter().find(|s| s.signal == signal && s.measure == measure)
+    }
+}
+
+/// The gain levels the table and the plots report.
+const LEVELS: [(&str, &str); 3] =
+    [("50%", "50% of the baseline's gain"), ("80%", "80% of the baseline's gain"), ("90%", "90% of the baseline's gain")];
+
+/// Reads the comparisons in `runs` (in that order), writes `speedups.md`, `speedups.json`,
+/// `speedups-50.png` and `speedups-80.png` into `out` and returns the operating points.
+pub fn speedups(runs: &[PathBuf], out: &Path) -> Result<Vec<OperatingPoint>> {
+    if runs.is_empty() {
+        return Err(Error::Config("no comparison folders given; pass the output folders of `lisa compare`".into()));
+    }
+    let points = runs.iter().map(|r| read_point(r)).collect::<Result<Vec<_>>>()?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let table = speedup_table(&points);
+    std::fs::write(out.join("speedups.md"), &table).map_err(|e| Error::io(out.join("speedups.md"), e))?;
+    let json = serde_json::to_string_pretty(&points).map_err(|e| Error::Config(e.to_string()))?;
+    std::fs::write(out.join("speedups.json"), json).map_err(|e| Error::io(out.join("speedups.json"), e))?;
+    for (short, measure) in &LEVELS[..2] {
+        let name = format!("speedups-{}.png", short.trim_end_matches('%'));
+        plot_level(&out.join(name), &points, short, measure)?;
+    }
+    Ok(points)
+}
+
+fn read_point(run: &Path) -> Result<OperatingPoint> {
+    let summary = run.join("summary.json");
+    let config = run.join("config.toml");
+    if !summary.is_file() || !config.is_file() {
+        return Err(Error::Config(format!(
+            "{} holds no finished comparison (summary.json and config.toml); pass a `lisa compare` output folder",
+            run.display()
+        )));
+    }
+    let text = std::fs::read_to_string(&summary).map_err(|e| Error::io(&summary, e))?;
+    let report: CompareReport = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&summary, format!("not a `lisa compare` summary ({e})")))?;
+    let cfg: ControlConfig = crate::config::load(Some(&config), &[])?;
+    let label = serde_json::to_value(cfg.label).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+    let (b, l) = (&report.baseline.runs, &report.lisa.runs);
+    let fewest = |curve: &dyn Fn(&super::control::ArmSummary) -> &[(u64, f64)], hib: bool| {
+        b.iter().map(|r| EventTiming::of(curve(r), hib).map(|t| t.points_in_event)).min().flatten()
+    };
+    let gain_measured = b.iter().all(|r| !r.loss_gain_curve.is_empty());
+    // Summaries written before compare reported speed-ups hold the curves to compute them from.
+    let speedups =
+        if report.speedups.is_empty() { arm_speedups(b, l, report.higher_is_better) } else { report.speedups.clone() };
+    Ok(OperatingPoint {
+        name: run.file_name().map_or_else(|| run.display().to_string(), |n| n.to_string_lossy().into_owned()),
+        run: run.to_path_buf(),
+        condition: report.condition.clone(),
+        metric: report.metric.clone(),
+        learning_rate: cfg.train.learning_rate,
+        hook: cfg.lisa.hook.to_string(),
+        label,
+        steps: cfg.train.steps,
+        seeds: b.len(),
+        final_difference: paired_difference(b, l, |r| r.final_fidelity),
+        fewest_points_in_event: (
+            fewest(&|r| r.curve.as_slice(), report.higher_is_better),
+            if gain_measured { fewest(&|r| r.loss_gain_curve.as_slice(), true) } else { None },
+        ),
+        speedups,
+    })
+}
+
+/// `×1.09 [1.03, 1.18]`, `×1.09` (one seed) or `—`.
+fn estimate(s: Option<&SpeedUp>) -> String {
+    match s.and_then(|s| s.estimate.map(|e| (e, s.interval))) {
+        Some((e, Some((lo, hi)))) => format!("×{e:.2} [{lo:.2}, {hi:.2}]"),
+        Some((e, None)) => format!("×{e:.2}"),
+        None => "—".into(),
+    }
+}
+
+/// The Markdown table: one row per operating point.
+pub fn speedup_table(points: &[OperatingPoint]) -> String {
+    let count = |n: Option<usize>| n.map_or("—".to_string(), |n| n.to_string());
+    let mut s = String::from(
+        "LISA's speed-up over the baseline: the baseline's steps over LISA's to reach a level (a fraction of the \
+         baseline's gain from step 0 to its plateau), per seed, then the geometric mean over seeds [95% bootstrap \
+         interval]; > 1: LISA gets there sooner. \"fidelity\" is the sampled control fidelity (the task's metric), \
+         \"loss gain\" the held-out diffusion-loss gain. \"points\": the fewest evaluations inside a seed's baseline \
+         event (10–90% of its gain), fidelity / loss gain. \"final\": final fidelity, LISA − baseline paired by \
+         seed (mean ± sd).\n\n\
+         | comparison | task (metric) | lr | hook | label | steps | seeds | points | final | 50%: fidelity | 50%: \
+         loss gain | 80%: fidelity | 80%: loss gain | 90%: fidelity | 90%: loss gain |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for p in points {
+        let mut cells = Vec::new();
+        for (_, measure) in LEVELS {
+            cells.push(estimate(p.speedup(&p.metric, measure)));
+            cells.push(estimate(p.speedup("loss_gain", measure)));
+        }
+        s += &format!(
+            "| {} | {} ({}) | {:e} | `{}` | {} | {} | {} | {} / {} | {:+.4} ± {:.4} | {} |\n",
+            p.name,
+            p.condition,
+            p.metric,
+            p.learning_rate,
+            p.hook,
+            p.label,
+            p.steps,
+            p.seeds,
+            count(p.fewest_points_in_event.0),
+            count(p.fewest_points_in_event.1),
+            p.final_difference.0,
+            p.final_difference.1,
+            cells.join(" | ")
+        );
+    }
+    s
+}
+
+/// A forest plot at one level: per operating point (x = its row, 1-based), the estimate and its interval on
+/// the sampled fidelity (left) and the loss gain (right), and the line of no speed-up.
+fn plot_level(path: &Path, points: &[OperatingPoint], short: &str, measure: &str) -> Result<()> {
+    const FIDELITY: [u8; 3] = [60, 110, 200];
+    const LOSS_GAIN: [u8; 3] = [220, 90, 40];
+    const NONE: [u8; 3] = [150, 150, 150];
+    // Each operating point draws as a vertical segment from low to high and, between gaps, the estimate as a
+    // larger marker.
+    let whiskers = |label: &str, color: [u8; 3], offset: f64, pick: &dyn Fn(&OperatingPoint) -> Option<&SpeedUp>| {
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        for (i, p) in points.iter().enumerate() {
+            let Some(s) = pick(p) else { continue };
+            let Some(e) = s.estimate else { continue };
+            let (lo, hi) = s.interval.unwrap_or((e, e));
+            let at = (i + 1) as f64 + offset;
+            x.extend([at, at, at, at, at]);
+            y.extend([lo, hi, f64::NAN, e, f64::NAN]);
+        }
+        Series { label: label.into(), color, x, mean: y, band: None }
+    };
+    let mut series = vec![
+        Series {
+            label: "no speed-up".into(),
+            color: NONE,
+            x: vec![0.5, points.len() as f64 + 0.5],
+            mean: vec![1.0, 1.0],
+            band: None,
+        },
+        whiskers("sampled control fidelity", FIDELITY, -0.1, &|p| p.speedup(&p.metric, measure)),
+        whiskers("held-out loss gain", LOSS_GAIN, 0.1, &|p| p.speedup("loss_gain", measure)),
+    ];
+    series.retain(|s| !s.x.is_empty());
+    let title = format!("LISA's speed-up to {short} of the baseline's gain (95% interval over seeds)");
+    line_plot(
+        path,
+        &PlotSpec {
+            title: &title,
+            x_label: "comparison (row of speedups.md)",
+            y_label: "baseline's steps / LISA's steps",
+            width: 720,
+            height: 440,
+        },
+        &series,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::experiments::compare::{aggregate, example_summary};
+
+    /// A finished comparison folder: `config.toml` at `lr` and hook `down_3`, and a summary in which LISA's
+    /// curve is the baseline's reached in `1/factor` of the steps.
+    fn comparison(dir: &Path, lr: f64, factor: f64) -> CompareReport {
+        let mut cfg = ControlConfig::default();
+        cfg.train.learning_rate = lr;
+        cfg.lisa.hook = "down_3".parse().unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("config.toml"), crate::config::to_toml(&cfg).unwrap()).unwrap();
+        let curve = |seed: u64, f: f64| -> Vec<(u64, f64)> {
+            (0..=20).map(|i| (i * 10, 0.5 + 0.4 / (1.0 + (-(i as f64 * 10.0 * f - 100.0 - seed as f64) / 10.0).exp()))).collect()
+        };
+        let arm = |seed: u64, f: f64| {
+            let mut r = example_summary(seed, curve(seed, f).last().unwrap().1);
+            r.curve = curve(seed, f);
+            r.steps = 200;
+            r
+        };
+        let baseline = (0..3).map(|s| arm(s, 1.0)).collect();
+        let lisa = (0..3).map(|s| arm(s, factor)).collect();
+        let report = aggregate(&cfg, baseline, lisa).unwrap();
+        std::fs::write(dir.join("summary.json"), serde_json::to_string(&report).unwrap()).unwrap();
+        report
+    }
+
+    #[test]
+    fn the_table_names_each_operating_point_and_its_speedups() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("slow"), tmp.path().join("fast"));
+        let ra = comparison(&a, 1e-4, 1.25);
+        comparison(&b, 3e-5, 1.0);
+        let out = tmp.path().join("out");
+        let points = speedups(&[a, b], &out).unwrap();
+        assert_eq!(points.len(), 2);
+        assert_eq!((points[0].learning_rate, points[0].hook.as_str(), points[0].label.as_str()), (1e-4, "down_3", "class"));
+        assert_eq!(points[0].seeds, 3);
+        // The row carries the summary's estimate, which recovers the known factor.
+        let s = points[0].speedup("edge_f1", "50% of the baseline's gain").unwrap();
+        assert_eq!(s.estimate, ra.speedups.iter().find(|x| x.measure == s.measure && x.signal == "edge_f1").unwrap().estimate);
+        assert!((s.estimate.unwrap() - 1.25).abs() < 0.03, "{:?}", s.estimate);
+        assert!((points[1].speedup("edge_f1", "50% of the baseline's gain").unwrap().estimate.unwrap() - 1.0).abs() < 1e-9);
+        let table = std::fs::read_to_string(out.join("speedups.md")).unwrap();
+        let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| slow") || l.starts_with("| fast")).collect();
+        assert_eq!(rows.len(), 2, "{table}");
+        assert!(rows[0].contains("| 1e-4 | `down_3` | class |") && rows[0].contains(&estimate(Some(s))), "{}", rows[0]);
+        assert!(rows[1].starts_with("| fast | edges (edge_f1) | 3e-5 |"), "{}", rows[1]);
+        // No loss gain was measured: its cells are dashes, and both forest plots exist.
+        assert!(rows[0].contains("| — |"));
+        for f in ["speedups.json", "speedups-50.png", "speedups-80.png"] {
+            assert!(out.join(f).is_file(), "{f}");
+        }
+    }
+
+    #[test]
+    fn a_folder_without_a_finished_comparison_is_a_clear_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = speedups(&[tmp.path().to_path_buf()], &tmp.path().join("out")).unwrap_err().to_string();
+        assert!(err.contains("no finished comparison"), "{err}");
+        assert!(speedups(&[], tmp.path()).is_err());
+        std::fs::write(tmp.path().join("summary.json"), "{}").unwrap();
+        std::fs::write(tmp.path().join("config.toml"), "").unwrap();
+        let err = speedups(&[tmp.path().to_path_buf()], &tmp.path().join("out")).unwrap_err().to_string();
+        assert!(err.contains("not a `lisa compare` summary"), "{err}");
+    }
+}
