@@ -156,20 +156,25 @@ impl SpeedUp {
         self.seeds.iter().filter(|s| s.ratio.is_some()).count()
     }
 
+    /// The estimate and its interval as the tables print them: `×1.09 [1.03, 1.18]`, `×1.09` (one seed) or `—`.
+    pub fn estimate_text(&self) -> String {
+        match (self.estimate, self.interval) {
+            (Some(e), Some((lo, hi))) => format!("×{e:.2} [{lo:.2}, {hi:.2}]"),
+            (Some(e), None) => format!("×{e:.2}"),
+            _ => "—".into(),
+        }
+    }
+
     /// One Markdown table row: measure | signal | per-seed ratios | estimate [interval] | seeds reached.
     pub fn row(&self) -> String {
         let per_seed: Vec<String> =
             self.seeds.iter().map(|s| s.ratio.map_or("—".to_string(), |r| format!("{r:.2}"))).collect();
-        let est = match (self.estimate, self.interval) {
-            (Some(e), Some((lo, hi))) => format!("×{e:.2} [{lo:.2}, {hi:.2}]"),
-            (Some(e), None) => format!("×{e:.2}"),
-            _ => "—".into(),
-        };
         format!(
-            "| {} | {} | {} | {est} | {} of {} |\n",
+            "| {} | {} | {} | {} | {} of {} |\n",
             self.measure,
             self.signal,
             per_seed.join(" · "),
+            self.estimate_text(),
             self.reached(),
             self.seeds.len()
         )

@@ -114,15 +114,6 @@ fn read_point(run: &Path) -> Result<OperatingPoint> {
     })
 }
 
-/// `×1.09 [1.03, 1.18]`, `×1.09` (one seed) or `—`.
-fn estimate(s: Option<&SpeedUp>) -> String {
-    match s.and_then(|s| s.estimate.map(|e| (e, s.interval))) {
-        Some((e, Some((lo, hi)))) => format!("×{e:.2} [{lo:.2}, {hi:.2}]"),
-        Some((e, None)) => format!("×{e:.2}"),
-        None => "—".into(),
-    }
-}
-
 /// The Markdown table: one row per operating point.
 pub fn speedup_table(points: &[OperatingPoint]) -> String {
     let count = |n: Option<usize>| n.map_or("—".to_string(), |n| n.to_string());
@@ -140,8 +131,9 @@ pub fn speedup_table(points: &[OperatingPoint]) -> String {
     for p in points {
         let mut cells = Vec::new();
         for (_, measure) in LEVELS {
-            cells.push(estimate(p.speedup(&p.metric, measure)));
-            cells.push(estimate(p.speedup("loss_gain", measure)));
+            for signal in [p.metric.as_str(), "loss_gain"] {
+                cells.push(p.speedup(signal, measure).map_or("—".into(), SpeedUp::estimate_text));
+            }
         }
         s += &format!(
             "| {} | {} ({}) | {:e} | `{}` | {} | {} | {} | {} / {} | {:+.4} ± {:.4} | {} |\n",
@@ -257,7 +249,7 @@ mod tests {
         let table = std::fs::read_to_string(out.join("speedups.md")).unwrap();
         let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| slow") || l.starts_with("| fast")).collect();
         assert_eq!(rows.len(), 2, "{table}");
-        assert!(rows[0].contains("| 1e-4 | `down_3` | class |") && rows[0].contains(&estimate(Some(s))), "{}", rows[0]);
+        assert!(rows[0].contains("| 1e-4 | `down_3` | class |") && rows[0].contains(&s.estimate_text()), "{}", rows[0]);
         assert!(rows[1].starts_with("| fast | edges (edge_f1) | 3e-5 |"), "{}", rows[1]);
         // No loss gain was measured: its cells are dashes, and both forest plots exist.
         assert!(rows[0].contains("| — |"));
