@@ -3,6 +3,9 @@
 # baseline's learning-rate sweep. Every run is resumable: rerun the same command after an interruption.
 #
 #   scripts/converge.sh lane EXP SEED...      train seeds of one experiment, one after another (one core)
+#   scripts/converge.sh arm EXP SEED ARM      one arm (baseline or lisa) of one seed, with the configuration
+#                                             compare gives it: a seed's two arms on the two cores, after
+#                                             which `lane EXP SEED` finds both finished and writes the summary
 #   scripts/converge.sh sweep LR...           baseline-only runs of the learning-rate sweep (one core)
 #   scripts/converge.sh aggregate EXP N       summary over seeds 0..N-1 of EXP (each must be finished)
 #   scripts/converge.sh report-sweep          the sweep's table and plots
@@ -53,6 +56,22 @@ case "${1:-}" in
       "$BIN" compare --config "$CFG" "${SET[@]}" --set train.seed="$s" --seeds 1 \
         --output-dir "runs/$NAME-s$s" --resume --quiet
     done ;;
+  arm)
+    EXP=$2; s=$3; experiment "$EXP"
+    case "${4:-}" in
+      baseline) B=(--baseline) ;;
+      lisa)     B=() ;;
+      *) echo "the arm is baseline or lisa" >&2; exit 2 ;;
+    esac
+    if [[ $EXP == iii-* && $4 == baseline ]]; then
+      echo "experiment $EXP shares experiment i's baselines: run \`lane i $s\`" >&2; exit 2
+    fi
+    d=runs/$NAME-s$s/seed-$s/$4
+    [ -f "$d/summary.json" ] && exit 0
+    resume=(); ls "$d"/checkpoint-* >/dev/null 2>&1 && resume=(--resume latest)
+    # compare.seeds=1 as in `lane`, so that the arm's config.toml is byte-identical to the one compare writes.
+    "$BIN" train "${B[@]}" --config "$CFG" "${SET[@]}" --set train.seed="$s" --set compare.seeds=1 \
+      --output-dir "$d" "${resume[@]}" --quiet ;;
   sweep)
     shift
     for lr in "$@"; do
