@@ -25,6 +25,8 @@ if [ ! -x "$BIN" ]; then
 fi
 CFG=configs/converge-edges.toml
 report() { cargo run --release --quiet -- "$@"; }
+# `--resume latest` for `lisa train` when run folder $1 holds a checkpoint (a fresh run refuses the flag).
+resume_from() { RESUME=(); if ls "$1"/checkpoint-* >/dev/null 2>&1; then RESUME=(--resume latest); fi; }
 
 # An experiment's run-folder name and its overrides of configs/converge-edges.toml.
 experiment() {
@@ -69,10 +71,10 @@ case "${1:-}" in
     fi
     d=runs/$NAME-s$s/seed-$s/$4
     [ -f "$d/summary.json" ] && exit 0
-    resume=(); ls "$d"/checkpoint-* >/dev/null 2>&1 && resume=(--resume latest)
+    resume_from "$d"
     # compare.seeds=1 as in `lane`, so that the arm's config.toml is byte-identical to the one compare writes.
     "$BIN" train "${B[@]}" --config "$CFG" "${SET[@]}" --set train.seed="$s" --set compare.seeds=1 \
-      --output-dir "$d" "${resume[@]}" --quiet ;;
+      --output-dir "$d" "${RESUME[@]}" --quiet ;;
   sweep)
     shift
     for lr in "$@"; do
@@ -86,8 +88,8 @@ case "${1:-}" in
       esac
       d=runs/lr-sweep/lr-$lr
       [ -f "$d/summary.json" ] && continue
-      resume=(); ls "$d"/checkpoint-* >/dev/null 2>&1 && resume=(--resume latest)
-      "$BIN" train --baseline --config "$CFG" --set train.learning_rate="$lr" "${X[@]}" --output-dir "$d" "${resume[@]}" --quiet
+      resume_from "$d"
+      "$BIN" train --baseline --config "$CFG" --set train.learning_rate="$lr" "${X[@]}" --output-dir "$d" "${RESUME[@]}" --quiet
     done ;;
   aggregate)
     experiment "$2"; n=$3; out=runs/$NAME
