@@ -190,8 +190,11 @@ pub const BOOTSTRAP_SEED: u64 = 20_261_206;
 pub type SeedCurves<'a> = (u64, &'a [(u64, f64)], &'a [(u64, f64)]);
 
 /// Speed-ups of LISA over the baseline, from paired per-seed curves `(seed, baseline, lisa)`: the
-/// times to [`GAIN_FRACTIONS`] of the baseline's gain, then the time to the baseline's final value
-/// (the baseline's last step over LISA's first crossing of it).
+/// times to [`GAIN_FRACTIONS`] of the baseline's gain, then the time to the baseline's final value,
+/// twice: the baseline's last step over LISA's first crossing of it (the usual "steps to the baseline's
+/// final fidelity"), and both arms' first crossings of it. The two differ when the baseline's curve
+/// reached that value long before its last step; a last point that dips below the plateau's mean makes
+/// the first ratio large although neither arm got there sooner.
 pub fn speedups(signal: &str, pairs: &[SeedCurves], higher_is_better: bool) -> Vec<SpeedUp> {
     let mut out: Vec<SpeedUp> = GAIN_FRACTIONS
         .iter()
@@ -212,14 +215,20 @@ pub fn speedups(signal: &str, pairs: &[SeedCurves], higher_is_better: bool) -> V
             SpeedUp::new(&format!("{:.0}% of the baseline's gain", f * 100.0), signal, seeds)
         })
         .collect();
-    let seeds = pairs
-        .iter()
-        .filter_map(|&(seed, b, l)| {
-            let &(last, level) = b.last()?;
-            Some(SeedTimes::new(seed, Some(level), Some(last as f64), crossing_step(l, level, higher_is_better)))
-        })
-        .collect();
-    out.push(SpeedUp::new("the baseline's final value (its last step)", signal, seeds));
+    let final_value = |baseline_step: &dyn Fn(&[(u64, f64)], f64) -> Option<f64>| -> Vec<SeedTimes> {
+        pairs
+            .iter()
+            .filter_map(|&(seed, b, l)| {
+                let &(_, level) = b.last()?;
+                let lisa_step = crossing_step(l, level, higher_is_better);
+                Some(SeedTimes::new(seed, Some(level), baseline_step(b, level), lisa_step))
+            })
+            .collect()
+    };
+    let last_step = final_value(&|b, _| b.last().map(|&(step, _)| step as f64));
+    out.push(SpeedUp::new("the baseline's final value (its last step)", signal, last_step));
+    let first_crossing = final_value(&|b, level| crossing_step(b, level, higher_is_better));
+    out.push(SpeedUp::new("the baseline's final value (first crossings)", signal, first_crossing));
     out
 }
 
@@ -396,7 +405,7 @@ mod tests {
         let pairs: Vec<SeedCurves> =
             curves.iter().enumerate().map(|(i, (b, l))| (i as u64, b.as_slice(), l.as_slice())).collect();
         let s = speedups("edge_f1", &pairs, true);
-        assert_eq!(s.len(), GAIN_FRACTIONS.len() + 1);
+        assert_eq!(s.len(), GAIN_FRACTIONS.len() + 2);
         for su in &s[..GAIN_FRACTIONS.len()] {
             let (lo, hi) = su.interval.unwrap();
             assert!(lo <= 2.0 && 2.0 <= hi, "{}: [{lo}, {hi}] misses the true ×2", su.measure);
@@ -410,6 +419,31 @@ mod tests {
         for su in &speedups("edge_f1", &same, true)[..GAIN_FRACTIONS.len()] {
             assert_eq!((su.estimate, su.interval), (Some(1.0), Some((1.0, 1.0))), "{}", su.measure);
         }
+    }
+
+    #[test]
+    fn the_final_value_is_timed_from_the_last_step_and_from_first_crossings() {
+        // The baseline reaches 0.9 at step 18 (interpolated) and ends on a dip to 0.9 at step 30; LISA
+        // crosses 0.9 at step 9.
+        let b = [(0, 0.0), (10, 0.5), (20, 1.0), (30, 0.9)];
+        let l = [(0, 0.0), (10, 1.0), (20, 1.0), (30, 1.0)];
+        let s = speedups("x", &[(0, &b, &l)], true);
+        let (last, first) = (&s[GAIN_FRACTIONS.len()], &s[GAIN_FRACTIONS.len() + 1]);
+        assert_eq!(last.measure, "the baseline's final value (its last step)");
+        assert_eq!(first.measure, "the baseline's final value (first crossings)");
+        assert_eq!((last.seeds[0].level, first.seeds[0].level), (Some(0.9), Some(0.9)));
+        assert_eq!((last.seeds[0].baseline_step, last.seeds[0].lisa_step), (Some(30.0), Some(9.0)));
+        assert!((last.estimate.unwrap() - 30.0 / 9.0).abs() < 1e-12, "{last:?}");
+        assert!((first.seeds[0].baseline_step.unwrap() - 18.0).abs() < 1e-12, "{first:?}");
+        assert!((first.estimate.unwrap() - 2.0).abs() < 1e-12, "{first:?}");
+        // Identical arms: the last step still gives a "speed-up", first crossings ×1.
+        let s = speedups("x", &[(0, &b, &b)], true);
+        assert!((s[GAIN_FRACTIONS.len()].estimate.unwrap() - 30.0 / 18.0).abs() < 1e-12);
+        assert_eq!(s[GAIN_FRACTIONS.len() + 1].estimate, Some(1.0));
+        // Lower is better: the same timing on a falling curve.
+        let down: Vec<(u64, f64)> = b.iter().map(|&(t, v)| (t, 1.0 - v)).collect();
+        let s = speedups("x", &[(0, &down, &down)], false);
+        assert_eq!(s[GAIN_FRACTIONS.len() + 1].seeds[0].baseline_step.map(|x| x.round()), Some(18.0));
     }
 
     #[test]

@@ -116,6 +116,10 @@ pub struct CompareReport {
     pub speedup: Option<f64>,
     /// First evaluated step at which the baseline's mean curve reaches LISA's final mean fidelity.
     pub baseline_reaches_lisa_final_at: Option<u64>,
+    /// First evaluated step at which the baseline's mean curve reaches its own final mean fidelity: when it
+    /// is well before the last step, [`Self::speedup`] reflects a last point below the plateau, not speed.
+    #[serde(default)]
+    pub baseline_reaches_own_final_at: Option<u64>,
     /// LISA's training-step time over the baseline's, minus one, in percent: the mean over seeds of each
     /// seed's ratio (a seed's two arms share a machine; seeds may not).
     pub step_overhead_percent: f64,
@@ -183,12 +187,16 @@ impl CompareReport {
             format!("| training step, LISA over baseline | | | {om:+.1}% ± {os:.1}% |\n")
         };
         s += &format!(
-            "\nLISA reaches the baseline's final fidelity ({:.4}) at step {}{}; the baseline reaches LISA's final \
+            "\nLISA reaches the baseline's final fidelity ({:.4}) at step {}{}{}; the baseline reaches LISA's final \
              fidelity ({:.4}) at step {}. LISA's step costs {:+.1}% vs the baseline's (decoder: {} parameters, \
              side network: {}; the decoder is not saved).\n{}",
             b.mean.last().unwrap_or(&f64::NAN),
             self.lisa_reaches_baseline_final_at.map_or("— (not reached)".into(), |s| s.to_string()),
             self.speedup.map_or(String::new(), |x| format!(" (speed-up ×{x:.2})")),
+            match (self.baseline_reaches_own_final_at, b.steps.last()) {
+                (Some(own), Some(&last)) if own < last => format!(", the baseline's own curve at step {own}"),
+                _ => String::new(),
+            },
             l.mean.last().unwrap_or(&f64::NAN),
             self.baseline_reaches_lisa_final_at.map_or("— (not reached)".into(), |s| s.to_string()),
             self.step_overhead_percent,
@@ -389,6 +397,7 @@ pub(crate) fn aggregate(cfg: &ControlConfig, baseline: Vec<ArmSummary>, lisa: Ve
         speedup: reach.filter(|&s| s > 0).map(|s| last / s as f64),
         lisa_reaches_baseline_final_at: reach,
         baseline_reaches_lisa_final_at: first_reaching(&b.steps, &b.mean, l_final, hib),
+        baseline_reaches_own_final_at: first_reaching(&b.steps, &b.mean, b_final, hib),
         step_overhead_percent: paired_step_overhead_percent(&b.runs, &l.runs).0,
         lisa_ratio_by_bucket: vec![],
         speedups: arm_speedups(&b.runs, &l.runs, hib),
@@ -578,6 +587,30 @@ mod tests {
         let mut odd = run(2, 0.1);
         odd.curve.pop();
         assert!(ArmAggregate::new("baseline", vec![run(0, 0.5), odd]).is_err(), "curves at different steps");
+    }
+
+    #[test]
+    fn the_summary_says_when_the_baseline_reached_its_final_value_itself() {
+        // The baseline reaches 0.8 at step 50 and ends there after a dip; LISA reaches it at step 50 too.
+        let arm = |name: &str, curve: Vec<(u64, f64)>| ArmSummary { arm: name.into(), curve, ..run(0, 0.8) };
+        let dip = vec![(0, 0.5), (50, 0.8), (100, 0.9), (150, 0.8)];
+        let report =
+            aggregate(&ControlConfig::default(), vec![arm("baseline", dip.clone())], vec![arm("lisa", dip)]).unwrap();
+        assert_eq!((report.lisa_reaches_baseline_final_at, report.baseline_reaches_own_final_at), (Some(50), Some(50)));
+        assert_eq!(report.speedup, Some(3.0));
+        let table = report.table();
+        assert!(
+            table.contains("at step 50 (speed-up ×3.00), the baseline's own curve at step 50; the baseline reaches"),
+            "{table}"
+        );
+        let first = report.speedups.iter().find(|s| s.measure == "the baseline's final value (first crossings)");
+        assert_eq!(first.and_then(|s| s.estimate), Some(1.0));
+        // A baseline that first gets there at its last step adds nothing.
+        let (rising, lisa) = (run(0, 0.8).curve, vec![(0, 0.5), (50, 0.8), (100, 0.8)]);
+        let rising =
+            aggregate(&ControlConfig::default(), vec![arm("baseline", rising)], vec![arm("lisa", lisa)]).unwrap();
+        assert_eq!(rising.baseline_reaches_own_final_at, Some(100));
+        assert!(!rising.table().contains("own curve"), "{}", rising.table());
     }
 
     #[test]
