@@ -215,19 +215,14 @@ pub fn speedups(signal: &str, pairs: &[SeedCurves], higher_is_better: bool) -> V
             SpeedUp::new(&format!("{:.0}% of the baseline's gain", f * 100.0), signal, seeds)
         })
         .collect();
-    let final_value = |baseline_step: &dyn Fn(&[(u64, f64)], f64) -> Option<f64>| -> Vec<SeedTimes> {
-        pairs
-            .iter()
-            .filter_map(|&(seed, b, l)| {
-                let &(_, level) = b.last()?;
-                let lisa_step = crossing_step(l, level, higher_is_better);
-                Some(SeedTimes::new(seed, Some(level), baseline_step(b, level), lisa_step))
-            })
-            .collect()
-    };
-    let last_step = final_value(&|b, _| b.last().map(|&(step, _)| step as f64));
+    let (mut last_step, mut first_crossing) = (Vec::new(), Vec::new());
+    for &(seed, b, l) in pairs {
+        let Some(&(last, level)) = b.last() else { continue };
+        let lisa_step = crossing_step(l, level, higher_is_better);
+        last_step.push(SeedTimes::new(seed, Some(level), Some(last as f64), lisa_step));
+        first_crossing.push(SeedTimes::new(seed, Some(level), crossing_step(b, level, higher_is_better), lisa_step));
+    }
     out.push(SpeedUp::new("the baseline's final value (its last step)", signal, last_step));
-    let first_crossing = final_value(&|b, level| crossing_step(b, level, higher_is_better));
     out.push(SpeedUp::new("the baseline's final value (first crossings)", signal, first_crossing));
     out
 }
