@@ -6,9 +6,15 @@
 #   scripts/converge.sh arm EXP SEED ARM      one arm (baseline or lisa) of one seed, with the configuration
 #                                             compare gives it: a seed's two arms on the two cores, after
 #                                             which `lane EXP SEED` finds both finished and writes the summary
+#   scripts/converge.sh control EXP SEED C    a control arm of one seed beside that experiment's baseline and
+#                                             LISA: C = random, condition or raw (LISA's decoder regressing
+#                                             onto another target), lr1.12 or lr1.25 (the baseline at a larger
+#                                             learning rate), sub8 (LISA on a sub-batch of 8)
 #   scripts/converge.sh sweep LR...           baseline-only runs of the learning-rate sweep (one core)
 #   scripts/converge.sh aggregate EXP N       summary over seeds 0..N-1 of EXP (each must be finished)
 #   scripts/converge.sh report-sweep          the sweep's table and plots
+#   scripts/converge.sh reaggregate           rewrites every collected comparison's summary (docs/results/*/)
+#                                             from its arms' committed summaries, with today's statistics
 #   scripts/converge.sh report                every collected comparison's speed-ups side by side
 #                                             (docs/results/converge-*, into docs/results/converge-speedups)
 #
@@ -75,6 +81,22 @@ case "${1:-}" in
     # compare.seeds=1 as in `lane`, so that the arm's config.toml is byte-identical to the one compare writes.
     "$BIN" train "${B[@]}" --config "$CFG" "${SET[@]}" --set train.seed="$s" --set compare.seeds=1 \
       --output-dir "$d" "${RESUME[@]}" --quiet ;;
+  control)
+    EXP=$2; s=$3; experiment "$EXP"
+    lr=1e-4   # the configuration's, unless the experiment sets another
+    for a in "${SET[@]}"; do if [[ $a == train.learning_rate=* ]]; then lr=${a#*=}; fi; done
+    case "${4:-}" in
+      random|condition|raw) B=(); C=(--set "lisa.target=\"$4\"") ;;
+      lr1.12|lr1.25)        B=(--baseline); C=(--set "train.learning_rate=$(python3 -c "print(f'{$lr * ${4#lr}:.4g}')")") ;;
+      sub8)                 B=(); C=(--set lisa.sub_batch=8) ;;
+      *) echo "the control is random, condition, raw, lr1.12, lr1.25 or sub8" >&2; exit 2 ;;
+    esac
+    d=runs/$NAME-controls/seed-$s/$4
+    [ -f "$d/summary.json" ] && exit 0
+    resume_from "$d"
+    # The same command line as `arm` (so every other setting is the experiment's), the control's key last.
+    "$BIN" train "${B[@]}" --config "$CFG" "${SET[@]}" --set train.seed="$s" --set compare.seeds=1 \
+      "${C[@]}" --output-dir "$d" "${RESUME[@]}" --quiet ;;
   sweep)
     shift
     for lr in "$@"; do
@@ -109,12 +131,33 @@ case "${1:-}" in
       if [ ! -e "runs/lr-sweep/lr-$1" ] && [ -f "$b/summary.json" ]; then ln -s "../../$b" "runs/lr-sweep/lr-$1"; fi
     done
     report lr-sweep runs/lr-sweep ;;
+  reaggregate)
+    for d in docs/results/*/; do
+      d=${d%/}
+      [[ -d $d/seed-0 && ! -f $d/ablation.json ]] || continue
+      # A main network trained by an earlier run is read from its shipped copy in assets/ (the arms are finished:
+      # it is loaded, never run); without one the comparison is left as it is.
+      main=$(sed -n 's/^main_network = "\(.*\)"$/\1/p' "$d/config.toml")
+      M=()
+      if [[ -n $main && ! -e $main/config.json ]]; then
+        shipped=assets/$(basename "$(dirname "$main")")
+        if [[ -e $shipped/config.json ]]; then M=(--set "main_network=\"$shipped\""); else
+          echo "$d: its main network ($main) is not here; left as it is" >&2; continue; fi
+      fi
+      cp "$d/config.toml" "$d/config.toml.kept"
+      report compare --config "$d/config.toml" "${M[@]}" --output-dir "$d" --resume --quiet >/dev/null
+      mv "$d/config.toml.kept" "$d/config.toml"   # the configuration the arms ran with, not this command's
+    done ;;
   report)
     # Reads the collected comparisons (scripts/collect-results.sh), so the table can be regenerated from the
     # repository alone.
     dirs=()
     for e in i ii iii-mid iii-down5 iv-skeleton iv-mask v; do
       experiment "$e"; [ -f "docs/results/$NAME/summary.json" ] && dirs+=("docs/results/$NAME")
+    done
+    # The fast-learning-rate comparisons (lr 1e-3, configs/compare*.toml), whose events span few evaluations.
+    for n in edges mask depth flow-edges flow-mask dit-edges dit-mask video-edges video-trajectory; do
+      [ -f "docs/results/$n/summary.json" ] && dirs+=("docs/results/$n")
     done
     report speedups "${dirs[@]}" --out docs/results/converge-speedups ;;
   *) sed -n '2,15p' "$0"; exit 2 ;;

@@ -1,6 +1,6 @@
 //! Reading training curves: from a run's CSV logs, their mean level (mAUCC), the step at which a curve first reaches a level
 //! (interpolated between evaluations), the plateau it settles at, and the speed-up of one arm over
-//! another with a bootstrap interval over seeds.
+//! another over seeds, with a Student-t interval, k of n and a sign test (see [`crate::eval::stats`]).
 //!
 //! The speed-up estimator is built to be robust to noise on the plateau: the baseline's gain is
 //! measured from step 0 to the mean of its last evaluations (not its last point), and each arm's
@@ -10,6 +10,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::eval::stats::{
+    bootstrap_interval, geometric_mean, t_interval, SignTest, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, LEVEL,
+};
 use crate::{Error, Result};
 
 /// The part of a curve's step range, counted from its end, whose mean is its plateau.
@@ -106,40 +109,75 @@ pub fn gain_level(baseline: &[(u64, f64)], fraction: f64, higher_is_better: bool
 pub struct SeedTimes {
     /// The seed.
     pub seed: u64,
-    /// The level both arms are timed to (`None` when the baseline did not improve, so there is none).
+    /// The level the reference is timed to (`None` when the reference did not improve, so there is none).
     pub level: Option<f64>,
-    /// The baseline's step at that level (`None`: not reached).
-    pub baseline_step: Option<f64>,
-    /// LISA's step at that level (`None`: not reached).
-    pub lisa_step: Option<f64>,
-    /// `baseline_step / lisa_step` (> 1: LISA got there sooner); `None` unless both reached it.
+    /// The level the candidate is timed to, where it differs from the reference's (own-gain timing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_level: Option<f64>,
+    /// The reference's step at its level (`None`: not reached).
+    pub reference_step: Option<f64>,
+    /// The candidate's step at its level (`None`: not reached).
+    pub candidate_step: Option<f64>,
+    /// `reference_step / candidate_step` (> 1: the candidate got there sooner), as it enters the estimate: an
+    /// arm that never reached its level is timed at its last step (see [`Self::censored`]); `None` when there
+    /// is no level.
     pub ratio: Option<f64>,
+    /// One arm never reached its level. The candidate's ratio is then an upper bound (it would have needed
+    /// longer), at most 1 when the reference got there within the same steps, so a censored candidate can
+    /// only count against it; a censored reference gives a lower bound.
+    #[serde(default)]
+    pub censored: bool,
 }
 
 impl SeedTimes {
-    /// Times both arms to `level`.
-    pub fn new(seed: u64, level: Option<f64>, baseline_step: Option<f64>, lisa_step: Option<f64>) -> Self {
-        let ratio = match (baseline_step, lisa_step) {
-            (Some(b), Some(l)) if l > 0.0 => Some(b / l),
-            _ => None,
-        };
-        Self { seed, level, baseline_step, lisa_step, ratio }
+    /// Times both arms to their levels; `last` holds each arm's last evaluated step, where an arm that
+    /// never reached its level is timed.
+    pub fn new(
+        seed: u64,
+        level: Option<f64>,
+        reference_step: Option<f64>,
+        candidate_step: Option<f64>,
+        last: (u64, u64),
+    ) -> Self {
+        let censored = level.is_some() && (reference_step.is_none() || candidate_step.is_none());
+        let b = reference_step.unwrap_or(last.0 as f64);
+        let l = candidate_step.unwrap_or(last.1 as f64);
+        let ratio = (level.is_some() && b > 0.0 && l > 0.0).then(|| b / l);
+        Self { seed, level, candidate_level: None, reference_step, candidate_step, ratio, censored }
+    }
+
+    /// The ratio as the tables print it: `1.09`, `≤0.85` (censored candidate), `≥1.20` (censored reference),
+    /// `~1.00` (both censored) or `—` (no level).
+    pub fn ratio_text(&self) -> String {
+        match (self.ratio, self.censored, self.reference_step.is_some(), self.candidate_step.is_some()) {
+            (None, ..) => "—".into(),
+            (Some(r), false, ..) => format!("{r:.2}"),
+            (Some(r), true, true, false) => format!("≤{r:.2}"),
+            (Some(r), true, false, true) => format!("≥{r:.2}"),
+            (Some(r), true, ..) => format!("~{r:.2}"),
+        }
     }
 }
 
-/// A speed-up over seeds: per-seed times, their geometric-mean ratio and its bootstrap interval.
+/// A speed-up over seeds: per-seed times, their geometric-mean ratio with its Student-t interval (the
+/// headline), a percentile bootstrap interval (secondary: it undercovers over few seeds), how many seeds
+/// reached the level, and a sign test.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpeedUp {
-    /// What is timed, e.g. `50% of the baseline's gain` or `the baseline's final value`.
+    /// What is timed, e.g. `50% of the reference's gain` or `50% of each arm's own gain`.
     pub measure: String,
     /// The curve it is read from (a fidelity metric or `loss_gain`).
     pub signal: String,
     /// Per seed.
     pub seeds: Vec<SeedTimes>,
-    /// Geometric mean over the seeds with a ratio.
+    /// Geometric mean of the ratios over every seed with a level, censored seeds included.
     pub estimate: Option<f64>,
-    /// 95% percentile bootstrap interval of that mean, resampling seeds.
-    pub interval: Option<(f64, f64)>,
+    /// The 95% Student-t interval of that mean (on log ratios, n − 1 degrees of freedom).
+    pub t_interval: Option<(f64, f64)>,
+    /// The 95% percentile bootstrap interval of that mean, resampling seeds (secondary).
+    pub bootstrap_interval: Option<(f64, f64)>,
+    /// The sign test over the seeds with a ratio.
+    pub sign_test: SignTest,
 }
 
 impl SpeedUp {
@@ -147,118 +185,140 @@ impl SpeedUp {
     pub fn new(measure: &str, signal: &str, seeds: Vec<SeedTimes>) -> Self {
         let ratios: Vec<f64> = seeds.iter().filter_map(|s| s.ratio).collect();
         let estimate = (!ratios.is_empty()).then(|| geometric_mean(&ratios));
-        let interval = bootstrap_interval(&ratios, geometric_mean, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, 0.95);
-        Self { measure: measure.into(), signal: signal.into(), seeds, estimate, interval }
-    }
-
-    /// Seeds at which both arms reached the level.
-    pub fn reached(&self) -> usize {
-        self.seeds.iter().filter(|s| s.ratio.is_some()).count()
-    }
-
-    /// The estimate and its interval as the tables print them: `×1.09 [1.03, 1.18]`, `×1.09` (one seed) or `—`.
-    pub fn estimate_text(&self) -> String {
-        match (self.estimate, self.interval) {
-            (Some(e), Some((lo, hi))) => format!("×{e:.2} [{lo:.2}, {hi:.2}]"),
-            (Some(e), None) => format!("×{e:.2}"),
-            _ => "—".into(),
+        Self {
+            measure: measure.into(),
+            signal: signal.into(),
+            estimate,
+            t_interval: t_interval(&ratios, LEVEL),
+            bootstrap_interval: bootstrap_interval(&ratios, geometric_mean, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, LEVEL),
+            sign_test: SignTest::of(&ratios),
+            seeds,
         }
     }
 
-    /// One Markdown table row: measure | signal | per-seed ratios | estimate [interval] | seeds reached.
+    /// Seeds at which both arms reached their levels (the k of "k of n").
+    pub fn reached(&self) -> usize {
+        self.seeds.iter().filter(|s| s.ratio.is_some() && !s.censored).count()
+    }
+
+    /// Seeds that entered the estimate with an arm censored.
+    pub fn censored(&self) -> usize {
+        self.seeds.iter().filter(|s| s.ratio.is_some() && s.censored).count()
+    }
+
+    /// "k of n" (n = every seed), naming the censored seeds: `4 of 5 (1 censored)`.
+    pub fn reached_text(&self) -> String {
+        let c = self.censored();
+        let censored = if c > 0 { format!(" ({c} censored)") } else { String::new() };
+        format!("{} of {}{censored}", self.reached(), self.seeds.len())
+    }
+
+    /// The estimate and its t-interval as the tables print them: `×1.09 [0.98, 1.22]`, `×1.09` (one seed) or `—`.
+    pub fn estimate_text(&self) -> String {
+        interval_text(self.estimate, self.t_interval)
+    }
+
+    /// The secondary bootstrap interval: `[1.03, 1.18]` or `—`.
+    pub fn bootstrap_text(&self) -> String {
+        self.bootstrap_interval.map_or("—".into(), |(lo, hi)| format!("[{lo:.2}, {hi:.2}]"))
+    }
+
+    /// The header of [`Self::row`]'s table.
+    pub const ROW_HEADER: &'static str = "| level | curve | per seed | over seeds [95% t-interval] | k of n | \
+        sign test | bootstrap 95% (secondary) |\n|---|---|---|---|---|---|---|\n";
+
+    /// One Markdown table row under [`Self::ROW_HEADER`].
     pub fn row(&self) -> String {
-        let per_seed: Vec<String> =
-            self.seeds.iter().map(|s| s.ratio.map_or("—".to_string(), |r| format!("{r:.2}"))).collect();
+        let per_seed: Vec<String> = self.seeds.iter().map(SeedTimes::ratio_text).collect();
         format!(
-            "| {} | {} | {} | {} | {} of {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
             self.measure,
             self.signal,
             per_seed.join(" · "),
             self.estimate_text(),
-            self.reached(),
-            self.seeds.len()
+            self.reached_text(),
+            self.sign_test.text(),
+            self.bootstrap_text()
         )
     }
 }
 
-/// Bootstrap resamples of a speed-up interval.
-pub const BOOTSTRAP_RESAMPLES: usize = 10_000;
-/// Seed of the bootstrap's resampling (fixed: the same curves give the same interval).
-pub const BOOTSTRAP_SEED: u64 = 20_261_206;
+/// An estimate and its interval: `×1.09 [0.98, 1.22]`, `×1.09` (no interval) or `—`.
+pub fn interval_text(estimate: Option<f64>, interval: Option<(f64, f64)>) -> String {
+    match (estimate, interval) {
+        (Some(e), Some((lo, hi))) => format!("×{e:.2} [{lo:.2}, {hi:.2}]"),
+        (Some(e), None) => format!("×{e:.2}"),
+        _ => "—".into(),
+    }
+}
 
-/// One seed's pair of curves: `(seed, baseline, lisa)`, each `(step, value)` points.
+/// One seed's pair of curves: `(seed, reference, candidate)`, each `(step, value)` points.
 pub type SeedCurves<'a> = (u64, &'a [(u64, f64)], &'a [(u64, f64)]);
 
-/// Speed-ups of LISA over the baseline, from paired per-seed curves `(seed, baseline, lisa)`: the
-/// times to [`GAIN_FRACTIONS`] of the baseline's gain, then the time to the baseline's final value,
-/// twice: the baseline's last step over LISA's first crossing of it (the usual "steps to the baseline's
-/// final fidelity"), and both arms' first crossings of it. The two differ when the baseline's curve
-/// reached that value long before its last step; a last point that dips below the plateau's mean makes
-/// the first ratio large although neither arm got there sooner.
+/// The measure of both arms' times to `fraction` of the reference's gain (one level for both).
+pub fn shared_measure(fraction: f64) -> String {
+    format!("{:.0}% of the reference's gain", fraction * 100.0)
+}
+
+/// The measure of each arm's time to `fraction` of its own gain.
+pub fn own_measure(fraction: f64) -> String {
+    format!("{:.0}% of each arm's own gain", fraction * 100.0)
+}
+
+/// The measures of the time to the reference's final value: from its last step, and from first crossings.
+pub const FINAL_MEASURES: [&str; 2] =
+    ["the reference's final value (its last step)", "the reference's final value (first crossings)"];
+
+/// Speed-ups of a candidate arm over a reference arm from paired per-seed curves `(seed, reference,
+/// candidate)`, in this order:
+/// - for each of [`GAIN_FRACTIONS`], both arms timed to that fraction of the reference's gain (one shared
+///   level: a candidate whose curve only ends higher reaches it sooner at equal speed);
+/// - for each of them, each arm timed to that fraction of its own gain (the same time course ending
+///   higher is ×1);
+/// - the time to the reference's final value, twice: the reference's last step over the candidate's first
+///   crossing of it, and both arms' first crossings of it. They differ when the reference reached that
+///   value long before its last step: a last point that dips below the plateau makes the first large
+///   although neither arm got there sooner.
+///
+/// An arm that never reaches its level is timed at its last step and its seed marked censored, never dropped.
 pub fn speedups(signal: &str, pairs: &[SeedCurves], higher_is_better: bool) -> Vec<SpeedUp> {
-    let mut out: Vec<SpeedUp> = GAIN_FRACTIONS
-        .iter()
-        .map(|&f| {
-            // A seed whose baseline did not improve has no level and so no ratio.
-            let seeds = pairs
-                .iter()
-                .map(|&(seed, b, l)| match gain_level(b, f, higher_is_better) {
-                    Some(level) => SeedTimes::new(
-                        seed,
-                        Some(level),
-                        crossing_step(b, level, higher_is_better),
-                        crossing_step(l, level, higher_is_better),
-                    ),
-                    None => SeedTimes::new(seed, None, None, None),
-                })
-                .collect();
-            SpeedUp::new(&format!("{:.0}% of the baseline's gain", f * 100.0), signal, seeds)
-        })
-        .collect();
+    let last = |c: &[(u64, f64)]| c.last().map_or(0, |p| p.0);
+    let cross = |c: &[(u64, f64)], level: f64| crossing_step(c, level, higher_is_better);
+    let mut out = Vec::new();
+    for &f in &GAIN_FRACTIONS {
+        // A seed whose reference did not improve has no level and so no ratio.
+        let seeds = pairs
+            .iter()
+            .map(|&(seed, b, l)| {
+                let level = gain_level(b, f, higher_is_better);
+                let (bs, ls) = level.map_or((None, None), |v| (cross(b, v), cross(l, v)));
+                SeedTimes::new(seed, level, bs, ls, (last(b), last(l)))
+            })
+            .collect();
+        out.push(SpeedUp::new(&shared_measure(f), signal, seeds));
+    }
+    for &f in &GAIN_FRACTIONS {
+        // A candidate that did not improve has no level of its own: censored at its last step.
+        let seeds = pairs
+            .iter()
+            .map(|&(seed, b, l)| {
+                let (level, own) = (gain_level(b, f, higher_is_better), gain_level(l, f, higher_is_better));
+                let (bs, ls) = (level.and_then(|v| cross(b, v)), own.and_then(|v| cross(l, v)));
+                SeedTimes { candidate_level: own, ..SeedTimes::new(seed, level, bs, ls, (last(b), last(l))) }
+            })
+            .collect();
+        out.push(SpeedUp::new(&own_measure(f), signal, seeds));
+    }
     let (mut last_step, mut first_crossing) = (Vec::new(), Vec::new());
     for &(seed, b, l) in pairs {
-        let Some(&(last, level)) = b.last() else { continue };
-        let lisa_step = crossing_step(l, level, higher_is_better);
-        last_step.push(SeedTimes::new(seed, Some(level), Some(last as f64), lisa_step));
-        first_crossing.push(SeedTimes::new(seed, Some(level), crossing_step(b, level, higher_is_better), lisa_step));
+        let Some(&(end, level)) = b.last() else { continue };
+        let ls = cross(l, level);
+        last_step.push(SeedTimes::new(seed, Some(level), Some(end as f64), ls, (end, last(l))));
+        first_crossing.push(SeedTimes::new(seed, Some(level), cross(b, level), ls, (end, last(l))));
     }
-    out.push(SpeedUp::new("the baseline's final value (its last step)", signal, last_step));
-    out.push(SpeedUp::new("the baseline's final value (first crossings)", signal, first_crossing));
+    out.push(SpeedUp::new(FINAL_MEASURES[0], signal, last_step));
+    out.push(SpeedUp::new(FINAL_MEASURES[1], signal, first_crossing));
     out
-}
-
-/// The geometric mean (the natural mean of ratios: ×2 and ×½ average to ×1).
-pub fn geometric_mean(values: &[f64]) -> f64 {
-    (values.iter().map(|v| v.ln()).sum::<f64>() / values.len() as f64).exp()
-}
-
-/// The percentile bootstrap interval at `level` of `statistic` over `values`, resampled with
-/// replacement `resamples` times from a generator seeded with `seed`; `None` for fewer than 2 values.
-pub fn bootstrap_interval(
-    values: &[f64],
-    statistic: impl Fn(&[f64]) -> f64,
-    resamples: usize,
-    seed: u64,
-    level: f64,
-) -> Option<(f64, f64)> {
-    if values.len() < 2 || resamples == 0 {
-        return None;
-    }
-    let mut rng = crate::rng::SplitMix64::new(seed);
-    let n = values.len();
-    let mut draw = vec![0.0; n];
-    let mut stats: Vec<f64> = (0..resamples)
-        .map(|_| {
-            for d in draw.iter_mut() {
-                *d = values[rng.below(n as u64) as usize];
-            }
-            statistic(&draw)
-        })
-        .collect();
-    stats.sort_by(f64::total_cmp);
-    let q = |p: f64| stats[((p * (resamples - 1) as f64).round() as usize).min(resamples - 1)];
-    let tail = (1.0 - level) / 2.0;
-    Some((q(tail), q(1.0 - tail)))
 }
 
 /// The fractions of a run's own gain at which its event is timed: start, middle, end.
@@ -384,10 +444,13 @@ mod tests {
             .collect()
     }
 
+    /// Index of the first final-value row in [`speedups`]' output.
+    const FINAL: usize = 2 * GAIN_FRACTIONS.len();
+
     #[test]
-    fn the_bootstrap_interval_covers_a_known_speed_up() {
-        // Five seeds whose baseline events sit at different steps; LISA's are the same curves with time
-        // compressed by a factor whose geometric mean over seeds is exactly 2 (2·1.1, 2/1.1, 2·1.05,
+    fn the_interval_covers_a_known_speed_up() {
+        // Five seeds whose reference events sit at different steps; the candidate's are the same curves with
+        // time compressed by a factor whose geometric mean over seeds is exactly 2 (2·1.1, 2/1.1, 2·1.05,
         // 2/1.05, 2: seeds differ, as real ones do), with independent plateau noise.
         let mut rng = crate::rng::SplitMix64::new(3);
         let centres = [500.0, 620.0, 450.0, 700.0, 560.0];
@@ -400,63 +463,98 @@ mod tests {
         let pairs: Vec<SeedCurves> =
             curves.iter().enumerate().map(|(i, (b, l))| (i as u64, b.as_slice(), l.as_slice())).collect();
         let s = speedups("edge_f1", &pairs, true);
-        assert_eq!(s.len(), GAIN_FRACTIONS.len() + 2);
-        for su in &s[..GAIN_FRACTIONS.len()] {
-            let (lo, hi) = su.interval.unwrap();
+        assert_eq!(s.len(), FINAL + 2);
+        for su in &s[..FINAL] {
+            let (lo, hi) = su.t_interval.unwrap();
             assert!(lo <= 2.0 && 2.0 <= hi, "{}: [{lo}, {hi}] misses the true ×2", su.measure);
             assert!(hi - lo < 0.6, "{}: [{lo}, {hi}] too wide to say anything", su.measure);
             assert!((su.estimate.unwrap() - 2.0).abs() < 0.15, "{}: {:?}", su.measure, su.estimate);
-            assert_eq!(su.reached(), 5);
+            assert_eq!((su.reached(), su.censored()), (5, 0));
+            assert_eq!((su.sign_test.faster, su.sign_test.slower), (5, 0));
+            // The bootstrap interval lies inside the t-interval here (it undercovers).
+            let (blo, bhi) = su.bootstrap_interval.unwrap();
+            assert!(lo <= blo && bhi <= hi, "{}: bootstrap [{blo}, {bhi}] vs t [{lo}, {hi}]", su.measure);
         }
-        // Identical arms: ×1 exactly.
+        // Identical arms: ×1 exactly, every seed a tie.
         let same: Vec<SeedCurves> =
             curves.iter().enumerate().map(|(i, (b, _))| (i as u64, b.as_slice(), b.as_slice())).collect();
-        for su in &speedups("edge_f1", &same, true)[..GAIN_FRACTIONS.len()] {
-            assert_eq!((su.estimate, su.interval), (Some(1.0), Some((1.0, 1.0))), "{}", su.measure);
+        for su in &speedups("edge_f1", &same, true)[..FINAL] {
+            assert_eq!((su.estimate, su.t_interval), (Some(1.0), Some((1.0, 1.0))), "{}", su.measure);
+            assert_eq!((su.sign_test.ties, su.sign_test.p_value), (5, 1.0));
+        }
+    }
+
+    #[test]
+    fn a_curve_that_only_ends_higher_is_not_faster_on_its_own_gain() {
+        // The candidate follows the reference's time course exactly but rises to a higher plateau: the
+        // shared level (a fraction of the reference's gain) is reached sooner, its own fractions at the
+        // same steps.
+        let shape = |s: u64| 1.0 / (1.0 + (-(s as f64 - 500.0) / 60.0).exp());
+        let b: Curve = (0..=100).map(|i| (i * 10, 0.7 + 0.2 * shape(i * 10))).collect();
+        let l: Curve = (0..=100).map(|i| (i * 10, 0.7 + 0.26 * shape(i * 10))).collect();
+        let s = speedups("x", &[(0, &b, &l)], true);
+        for (k, &f) in GAIN_FRACTIONS.iter().enumerate() {
+            let (shared, own) = (&s[k], &s[GAIN_FRACTIONS.len() + k]);
+            assert_eq!((shared.measure.clone(), own.measure.clone()), (shared_measure(f), own_measure(f)));
+            assert!(shared.estimate.unwrap() > 1.05, "{f}: shared level {:?}", shared.estimate);
+            assert!((own.estimate.unwrap() - 1.0).abs() < 0.01, "{f}: own gain {:?}", own.estimate);
+            assert!(own.seeds[0].candidate_level.unwrap() > own.seeds[0].level.unwrap());
         }
     }
 
     #[test]
     fn the_final_value_is_timed_from_the_last_step_and_from_first_crossings() {
-        // The baseline reaches 0.9 at step 18 (interpolated) and ends on a dip to 0.9 at step 30; LISA
-        // crosses 0.9 at step 9.
+        // The reference reaches 0.9 at step 18 (interpolated) and ends on a dip to 0.9 at step 30; the
+        // candidate crosses 0.9 at step 9.
         let b = [(0, 0.0), (10, 0.5), (20, 1.0), (30, 0.9)];
         let l = [(0, 0.0), (10, 1.0), (20, 1.0), (30, 1.0)];
         let s = speedups("x", &[(0, &b, &l)], true);
-        let (last, first) = (&s[GAIN_FRACTIONS.len()], &s[GAIN_FRACTIONS.len() + 1]);
-        assert_eq!(last.measure, "the baseline's final value (its last step)");
-        assert_eq!(first.measure, "the baseline's final value (first crossings)");
+        let (last, first) = (&s[FINAL], &s[FINAL + 1]);
+        assert_eq!(last.measure, FINAL_MEASURES[0]);
+        assert_eq!(first.measure, FINAL_MEASURES[1]);
         assert_eq!((last.seeds[0].level, first.seeds[0].level), (Some(0.9), Some(0.9)));
-        assert_eq!((last.seeds[0].baseline_step, last.seeds[0].lisa_step), (Some(30.0), Some(9.0)));
+        assert_eq!((last.seeds[0].reference_step, last.seeds[0].candidate_step), (Some(30.0), Some(9.0)));
         assert!((last.estimate.unwrap() - 30.0 / 9.0).abs() < 1e-12, "{last:?}");
-        assert!((first.seeds[0].baseline_step.unwrap() - 18.0).abs() < 1e-12, "{first:?}");
+        assert!((first.seeds[0].reference_step.unwrap() - 18.0).abs() < 1e-12, "{first:?}");
         assert!((first.estimate.unwrap() - 2.0).abs() < 1e-12, "{first:?}");
         // Identical arms: the last step still gives a "speed-up", first crossings ×1.
         let s = speedups("x", &[(0, &b, &b)], true);
-        assert!((s[GAIN_FRACTIONS.len()].estimate.unwrap() - 30.0 / 18.0).abs() < 1e-12);
-        assert_eq!(s[GAIN_FRACTIONS.len() + 1].estimate, Some(1.0));
+        assert!((s[FINAL].estimate.unwrap() - 30.0 / 18.0).abs() < 1e-12);
+        assert_eq!(s[FINAL + 1].estimate, Some(1.0));
         // Lower is better: the same timing on a falling curve.
         let down: Vec<(u64, f64)> = b.iter().map(|&(t, v)| (t, 1.0 - v)).collect();
         let s = speedups("x", &[(0, &down, &down)], false);
-        assert_eq!(s[GAIN_FRACTIONS.len() + 1].seeds[0].baseline_step.map(|x| x.round()), Some(18.0));
+        assert_eq!(s[FINAL + 1].seeds[0].reference_step.map(|x| x.round()), Some(18.0));
     }
 
     #[test]
-    fn an_arm_that_never_reaches_the_level_has_no_ratio() {
+    fn a_censored_seed_is_counted_not_dropped() {
+        // Seed 0: the candidate never reaches the reference's level. Seed 1: it is twice as fast.
         let b = [(0, 0.0), (10, 0.5), (20, 1.0), (30, 1.0)];
-        let l = [(0, 0.0), (10, 0.1), (20, 0.2), (30, 0.3)];
-        let s = speedups("x", &[(0, &b, &l)], true);
-        assert_eq!(s[0].seeds[0].lisa_step, None);
-        assert_eq!((s[0].estimate, s[0].reached()), (None, 0));
-        assert!(s[0].row().contains("| — | 0 of 1 |"), "{}", s[0].row());
+        let stuck = [(0, 0.0), (10, 0.1), (20, 0.2), (30, 0.3)];
+        let fast = [(0, 0.0), (5, 0.5), (10, 1.0), (30, 1.0)];
+        let s = speedups("x", &[(0, &b, &stuck), (1, &b, &fast)], true);
+        let half = &s[0];
+        // Seed 0 is timed at its last step: 10 / 30, marked censored, and counts as slower.
+        assert_eq!((half.seeds[0].candidate_step, half.seeds[0].censored), (None, true));
+        assert!((half.seeds[0].ratio.unwrap() - 10.0 / 30.0).abs() < 1e-12);
+        assert!((half.estimate.unwrap() - (10.0f64 / 30.0 * 2.0).sqrt()).abs() < 1e-12, "{:?}", half.estimate);
+        assert_eq!((half.reached(), half.censored(), half.reached_text()), (1, 1, "1 of 2 (1 censored)".into()));
+        assert_eq!((half.sign_test.faster, half.sign_test.slower), (1, 1));
+        assert!(half.row().contains("| ≤0.33 · 2.00 |"), "{}", half.row());
+        // Dropping seed 0 (as an estimator over the seeds that reached would) would have claimed ×2.
+        assert!(half.estimate.unwrap() < 1.0);
         // One seed: an estimate, no interval.
         let s = speedups("x", &[(0, &b, &b)], true);
-        assert_eq!((s[0].estimate, s[0].interval), (Some(1.0), None));
-        // A baseline that did not improve gives its seed no level, still listed.
+        assert_eq!((s[0].estimate, s[0].t_interval, s[0].bootstrap_interval), (Some(1.0), None, None));
+        // A reference that did not improve gives its seed no level, still listed.
         let flat = [(0, 0.5), (10, 0.4), (20, 0.45)];
         let s = speedups("x", &[(0, &flat, &b)], true);
-        assert!(s[0].seeds[0].level.is_none() && s[0].seeds[0].ratio.is_none());
+        assert!(s[0].seeds[0].level.is_none() && s[0].seeds[0].ratio.is_none() && !s[0].seeds[0].censored);
         assert!(s[0].row().contains("| — | — | 0 of 1 |"), "{}", s[0].row());
+        // A reference that never reaches its own level (a late dip far below) is censored the other way.
+        let dip = SeedTimes::new(0, Some(0.5), None, Some(10.0), (30, 30));
+        assert_eq!((dip.ratio, dip.ratio_text()), (Some(3.0), "≥3.00".into()));
     }
 
     #[test]

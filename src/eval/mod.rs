@@ -6,6 +6,7 @@
 //! plots.
 pub mod classifier;
 pub mod curves;
+pub mod stats;
 pub mod flops;
 pub mod disentangle;
 pub mod fidelity;

@@ -11,7 +11,7 @@ use super::control::{
     finished_arm, frechet_skipped_note, load_main, save_triptych, train_control, ArmSummary, LazyData, FINAL_SAMPLES,
 };
 use crate::control::NUM_TIME_BUCKETS;
-use crate::eval::curves::{first_reaching, read_curve, speedups, EventTiming, SeedCurves, SpeedUp};
+use crate::eval::curves::{read_curve, speedups, EventTiming, SeedCurves, SpeedUp, FINAL_MEASURES};
 use crate::eval::plot::{line_plot, PlotSpec, Series};
 use crate::{Error, Result};
 
@@ -110,25 +110,20 @@ pub struct CompareReport {
     pub baseline: ArmAggregate,
     /// LISA over seeds.
     pub lisa: ArmAggregate,
-    /// First evaluated step at which LISA's mean curve reaches the baseline's final mean fidelity.
-    pub lisa_reaches_baseline_final_at: Option<u64>,
-    /// Baseline's last step divided by that step (>1: LISA gets there sooner).
-    pub speedup: Option<f64>,
-    /// First evaluated step at which the baseline's mean curve reaches LISA's final mean fidelity.
-    pub baseline_reaches_lisa_final_at: Option<u64>,
-    /// First evaluated step at which the baseline's mean curve reaches its own final mean fidelity: when it
-    /// is well before the last step, [`Self::speedup`] reflects a last point below the plateau, not speed.
+    /// Held-out images each point of the training curves is sampled on (`fidelity.num_images`).
     #[serde(default)]
-    pub baseline_reaches_own_final_at: Option<u64>,
+    pub curve_images: i64,
     /// LISA's training-step time over the baseline's, minus one, in percent: the mean over seeds of each
     /// seed's ratio (a seed's two arms share a machine; seeds may not).
     pub step_overhead_percent: f64,
     /// `L_lisa / mean(r²)` per timestep bucket (t/T in tenths) over the last fifth of training, mean over
     /// seeds: the fraction of the likelihood residual the decoder leaves unexplained.
     pub lisa_ratio_by_bucket: Vec<f64>,
-    /// LISA's speed-up over the baseline per seed and over seeds (with 95% bootstrap intervals), on the
-    /// sampled fidelity and, where measured, the held-out loss gain (see [`crate::eval::curves`]).
-    #[serde(default)]
+    /// LISA's speed-up over the baseline per seed and over seeds (Student-t intervals, k of n, sign tests), on
+    /// the sampled fidelity and, where measured, the held-out loss gain (see [`crate::eval::curves`]). Written
+    /// for the reader; never read back: readers recompute it from the curves, so an older summary gets
+    /// today's statistics.
+    #[serde(default, skip_deserializing)]
     pub speedups: Vec<SpeedUp>,
 }
 
@@ -186,19 +181,25 @@ impl CompareReport {
         } else {
             format!("| training step, LISA over baseline | | | {om:+.1}% ± {os:.1}% |\n")
         };
+        // The curves are sampled on `fidelity.num_images` held-out images at every evaluation, the final
+        // evaluation on more: two sets, so the curves' last values differ from the table's final fidelity.
+        let crossing = self
+            .speedups
+            .iter()
+            .find(|x| x.signal == self.metric && x.measure == FINAL_MEASURES[1])
+            .map_or("—".to_string(), SpeedUp::estimate_text);
         s += &format!(
-            "\nLISA reaches the baseline's final fidelity ({:.4}) at step {}{}{}; the baseline reaches LISA's final \
-             fidelity ({:.4}) at step {}. LISA's step costs {:+.1}% vs the baseline's (decoder: {} parameters, \
-             side network: {}; the decoder is not saved).\n{}",
+            "\nDuring training the fidelity is sampled on {} held-out images (the final evaluation uses {}, so the \
+             curves end elsewhere than the final fidelity above): the baseline's curve ends at {:.4}, LISA's at {:.4} \
+             (means over seeds), and LISA first reaches the baseline's last value {crossing} sooner than the \
+             baseline itself (both arms' first crossings, interpolated, per seed; row \"{}\" below). LISA's step \
+             costs {:+.1}% vs the baseline's (decoder: {} parameters, side network: {}; the decoder is not \
+             saved).\n{}",
+            self.curve_images,
+            b.runs[0].final_eval_images,
             b.mean.last().unwrap_or(&f64::NAN),
-            self.lisa_reaches_baseline_final_at.map_or("— (not reached)".into(), |s| s.to_string()),
-            self.speedup.map_or(String::new(), |x| format!(" (speed-up ×{x:.2})")),
-            match (self.baseline_reaches_own_final_at, b.steps.last()) {
-                (Some(own), Some(&last)) if own < last => format!(", the baseline's own curve at step {own}"),
-                _ => String::new(),
-            },
             l.mean.last().unwrap_or(&f64::NAN),
-            self.baseline_reaches_lisa_final_at.map_or("— (not reached)".into(), |s| s.to_string()),
+            FINAL_MEASURES[1],
             self.step_overhead_percent,
             l.runs[0].decoder_parameters,
             l.runs[0].side_parameters,
@@ -239,11 +240,7 @@ impl CompareReport {
         }
         s += ".\n";
         if !self.speedups.is_empty() {
-            s += "\nSpeed-up of LISA over the baseline (steps the baseline needs / steps LISA needs to reach a level, \
-                  interpolated between evaluations; levels are fractions of the baseline's gain from step 0 to its \
-                  plateau, the mean of its last fifth of evaluations; over seeds: geometric mean [95% bootstrap \
-                  interval over seeds]):\n\n| level | curve | per seed | over seeds | seeds where both arms reach it |\n\
-                  |---|---|---|---|---|\n";
+            s += &format!("\n{SPEEDUP_LEGEND}\n\n{}", SpeedUp::ROW_HEADER);
             for su in &self.speedups {
                 s += &su.row();
             }
@@ -386,18 +383,11 @@ fn late_bucket_ratios(metrics: &Path) -> Result<Vec<f64>> {
 pub(crate) fn aggregate(cfg: &ControlConfig, baseline: Vec<ArmSummary>, lisa: Vec<ArmSummary>) -> Result<CompareReport> {
     let (b, l) = (ArmAggregate::new("baseline", baseline)?, ArmAggregate::new("lisa", lisa)?);
     let hib = b.runs[0].higher_is_better;
-    let b_final = *b.mean.last().unwrap_or(&f64::NAN);
-    let l_final = *l.mean.last().unwrap_or(&f64::NAN);
-    let reach = first_reaching(&l.steps, &l.mean, b_final, hib);
-    let last = *b.steps.last().unwrap_or(&0) as f64;
     Ok(CompareReport {
         condition: cfg.condition.clone(),
         metric: b.runs[0].metric.clone(),
         higher_is_better: hib,
-        speedup: reach.filter(|&s| s > 0).map(|s| last / s as f64),
-        lisa_reaches_baseline_final_at: reach,
-        baseline_reaches_lisa_final_at: first_reaching(&b.steps, &b.mean, l_final, hib),
-        baseline_reaches_own_final_at: first_reaching(&b.steps, &b.mean, b_final, hib),
+        curve_images: cfg.fidelity.num_images,
         step_overhead_percent: paired_step_overhead_percent(&b.runs, &l.runs).0,
         lisa_ratio_by_bucket: vec![],
         speedups: arm_speedups(&b.runs, &l.runs, hib),
@@ -427,6 +417,17 @@ pub fn arm_speedups(baseline: &[ArmSummary], lisa: &[ArmSummary], higher_is_bett
     }
     out
 }
+
+/// What the speed-up rows of a summary mean, printed above them.
+pub const SPEEDUP_LEGEND: &str = "Speed-up of LISA (the candidate) over the baseline (the reference): the steps the \
+    reference needs over the steps the candidate needs to reach a level, interpolated between evaluations, per seed \
+    (> 1: LISA sooner). Levels are fractions of a gain from step 0 to the plateau, the mean of the evaluations in the \
+    last fifth of the step range: of the reference's gain (one level for both arms), or of each arm's own gain (so \
+    that a curve that only ends higher is not counted as faster). Over seeds: the geometric mean with its 95% \
+    Student-t interval on the log ratios (n − 1 degrees of freedom). k of n: seeds at which both arms reached the \
+    level; an arm that never reached it is timed at its last step and counted as censored (≤: an upper bound of \
+    the seed's ratio), never dropped. Sign test: seeds faster (+), slower (−), tied (=) and the exact two-sided \
+    binomial p-value. The percentile bootstrap interval is secondary: over 3–5 seeds it covers far less than 95%.";
 
 /// Plot colours of the two arms.
 const BASELINE_COLOR: [u8; 3] = [60, 110, 200];
@@ -590,27 +591,33 @@ mod tests {
     }
 
     #[test]
-    fn the_summary_says_when_the_baseline_reached_its_final_value_itself() {
-        // The baseline reaches 0.8 at step 50 and ends there after a dip; LISA reaches it at step 50 too.
+    fn the_summary_times_the_final_value_by_first_crossings_as_its_table_does() {
+        // The baseline reaches 0.8 at step 50 and ends there after a peak; LISA follows the same curve. The
+        // baseline's last step over LISA's crossing would claim ×3; first crossings give ×1, and the sentence
+        // quotes the same row as the table, with both image counts.
         let arm = |name: &str, curve: Vec<(u64, f64)>| ArmSummary { arm: name.into(), curve, ..run(0, 0.8) };
         let dip = vec![(0, 0.5), (50, 0.8), (100, 0.9), (150, 0.8)];
         let report =
             aggregate(&ControlConfig::default(), vec![arm("baseline", dip.clone())], vec![arm("lisa", dip)]).unwrap();
-        assert_eq!((report.lisa_reaches_baseline_final_at, report.baseline_reaches_own_final_at), (Some(50), Some(50)));
-        assert_eq!(report.speedup, Some(3.0));
+        let row = |m: &str| report.speedups.iter().find(|s| s.signal == "edge_f1" && s.measure == m).unwrap();
+        assert!((row(FINAL_MEASURES[0]).estimate.unwrap() - 3.0).abs() < 1e-12);
+        assert_eq!(row(FINAL_MEASURES[1]).estimate, Some(1.0));
         let table = report.table();
+        let images = ControlConfig::default().fidelity.num_images;
         assert!(
-            table.contains("at step 50 (speed-up ×3.00), the baseline's own curve at step 50; the baseline reaches"),
+            table.contains(&format!("sampled on {images} held-out images (the final evaluation uses 10,")),
             "{table}"
         );
-        let first = report.speedups.iter().find(|s| s.measure == "the baseline's final value (first crossings)");
-        assert_eq!(first.and_then(|s| s.estimate), Some(1.0));
-        // A baseline that first gets there at its last step adds nothing.
-        let (rising, lisa) = (run(0, 0.8).curve, vec![(0, 0.5), (50, 0.8), (100, 0.8)]);
-        let rising =
-            aggregate(&ControlConfig::default(), vec![arm("baseline", rising)], vec![arm("lisa", lisa)]).unwrap();
-        assert_eq!(rising.baseline_reaches_own_final_at, Some(100));
-        assert!(!rising.table().contains("own curve"), "{}", rising.table());
+        assert!(table.contains("LISA first reaches the baseline's last value ×1.00 sooner"), "{table}");
+        assert!(table.contains(&format!("| {} | edge_f1 | 1.00 | ×1.00 | 1 of 1 | 0+ 0− 1= p=1.000 | — |", FINAL_MEASURES[1])), "{table}");
+        // A summary written by an older version, with speed-ups of another form, still reads; its speed-ups are
+        // recomputed from the curves by the readers.
+        let mut old = serde_json::to_value(&report).unwrap();
+        old["speedups"] = serde_json::json!([{"measure": "50% of the baseline's gain", "interval": [1.0, 2.0]}]);
+        old.as_object_mut().unwrap().remove("curve_images");
+        let read: CompareReport = serde_json::from_value(old).unwrap();
+        assert!(read.speedups.is_empty());
+        assert_eq!(read.curve_images, 0);
     }
 
     #[test]

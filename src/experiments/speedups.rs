@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::compare::{arm_speedups, paired_difference, CompareReport};
+use super::compare::{arm_speedups, paired_difference, CompareReport, SPEEDUP_LEGEND};
 use super::control_config::ControlConfig;
-use crate::eval::curves::{EventTiming, SpeedUp};
+use crate::eval::curves::{shared_measure, EventTiming, SpeedUp};
 use crate::eval::plot::{line_plot, PlotSpec, Series};
 use crate::{Error, Result};
 
@@ -50,9 +50,8 @@ impl OperatingPoint {
     }
 }
 
-/// The gain levels the table and the plots report.
-const LEVELS: [(&str, &str); 3] =
-    [("50%", "50% of the baseline's gain"), ("80%", "80% of the baseline's gain"), ("90%", "90% of the baseline's gain")];
+/// The gain levels the table and the plots report: short name and fraction.
+const LEVELS: [(&str, f64); 3] = [("50%", 0.5), ("80%", 0.8), ("90%", 0.9)];
 
 /// Reads the comparisons in `runs` (in that order), writes `speedups.md`, `speedups.json`,
 /// `speedups-50.png` and `speedups-80.png` into `out` and returns the operating points.
@@ -66,9 +65,9 @@ pub fn speedups(runs: &[PathBuf], out: &Path) -> Result<Vec<OperatingPoint>> {
     std::fs::write(out.join("speedups.md"), &table).map_err(|e| Error::io(out.join("speedups.md"), e))?;
     let json = serde_json::to_string_pretty(&points).map_err(|e| Error::Config(e.to_string()))?;
     std::fs::write(out.join("speedups.json"), json).map_err(|e| Error::io(out.join("speedups.json"), e))?;
-    for (short, measure) in &LEVELS[..2] {
+    for (short, f) in &LEVELS[..2] {
         let name = format!("speedups-{}.png", short.trim_end_matches('%'));
-        plot_level(&out.join(name), &points, short, measure)?;
+        plot_level(&out.join(name), &points, short, &shared_measure(*f))?;
     }
     Ok(points)
 }
@@ -92,9 +91,8 @@ fn read_point(run: &Path) -> Result<OperatingPoint> {
         b.iter().map(|r| EventTiming::of(curve(r), hib).map(|t| t.points_in_event)).min().flatten()
     };
     let gain_measured = b.iter().all(|r| !r.loss_gain_curve.is_empty());
-    // Summaries written before compare reported speed-ups hold the curves to compute them from.
-    let speedups =
-        if report.speedups.is_empty() { arm_speedups(b, l, report.higher_is_better) } else { report.speedups.clone() };
+    // Recomputed from the curves, so that a summary written by an older version gets today's statistics.
+    let speedups = arm_speedups(b, l, report.higher_is_better);
     Ok(OperatingPoint {
         name: run.file_name().map_or_else(|| run.display().to_string(), |n| n.to_string_lossy().into_owned()),
         run: run.to_path_buf(),
@@ -114,25 +112,29 @@ fn read_point(run: &Path) -> Result<OperatingPoint> {
     })
 }
 
-/// The Markdown table: one row per operating point.
+/// The Markdown report: one row per operating point with the headline cells, then every speed-up of every
+/// point in full (shared-level and own-gain timing, per-seed ratios, t-interval, k of n, sign test, bootstrap).
 pub fn speedup_table(points: &[OperatingPoint]) -> String {
     let count = |n: Option<usize>| n.map_or("—".to_string(), |n| n.to_string());
     let mut s = String::from(
         "LISA's speed-up over the baseline: the baseline's steps over LISA's to reach a level (a fraction of the \
-         baseline's gain from step 0 to its plateau), per seed, then the geometric mean over seeds [95% bootstrap \
-         interval]; > 1: LISA gets there sooner. \"fidelity\" is the sampled control fidelity (the task's metric), \
-         \"loss gain\" the held-out diffusion-loss gain. \"points\": the fewest evaluations inside a seed's baseline \
-         event (10–90% of its gain), fidelity / loss gain. \"final\": final fidelity, LISA − baseline paired by \
-         seed (mean ± sd).\n\n\
+         baseline's gain from step 0 to its plateau), per seed, then the geometric mean over seeds [95% Student-t \
+         interval on the log ratios] and k/n, the seeds at which both arms reached the level (an arm that never did \
+         is timed at its last step and counted as censored, never dropped); > 1: LISA gets there sooner. \
+         \"fidelity\" is the sampled control fidelity (the task's metric), \"loss gain\" the held-out \
+         diffusion-loss gain. \"points\": the fewest evaluations inside a seed's baseline event (10–90% of its \
+         gain), fidelity / loss gain. \"final\": final fidelity, LISA − baseline paired by seed (mean ± sd). Below \
+         the table: every speed-up in full, with the sign test, the secondary bootstrap interval and the timing of \
+         each arm to its own gain.\n\n\
          | comparison | task (metric) | lr | hook | label | steps | seeds | points | final | 50%: fidelity | 50%: \
          loss gain | 80%: fidelity | 80%: loss gain | 90%: fidelity | 90%: loss gain |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for p in points {
         let mut cells = Vec::new();
-        for (_, measure) in LEVELS {
+        for (_, f) in LEVELS {
             for signal in [p.metric.as_str(), "loss_gain"] {
-                cells.push(p.speedup(signal, measure).map_or("—".into(), SpeedUp::estimate_text));
+                cells.push(p.speedup(signal, &shared_measure(f)).map_or("—".into(), headline_cell));
             }
         }
         s += &format!(
@@ -152,7 +154,31 @@ pub fn speedup_table(points: &[OperatingPoint]) -> String {
             cells.join(" | ")
         );
     }
+    s += &format!("\n## Every speed-up in full\n\n{SPEEDUP_LEGEND}\n");
+    for p in points {
+        s += &format!(
+            "\n### {} ({}, lr {:e}, `{}`, {} label, {} steps, {} seeds)\n\n{}",
+            p.name,
+            p.condition,
+            p.learning_rate,
+            p.hook,
+            p.label,
+            p.steps,
+            p.seeds,
+            SpeedUp::ROW_HEADER
+        );
+        for su in &p.speedups {
+            s += &su.row();
+        }
+    }
     s
+}
+
+/// A headline cell: `×1.09 [0.98, 1.22] 5/5`, censored seeds named (`4/5, 1 censored`).
+fn headline_cell(s: &SpeedUp) -> String {
+    let c = s.censored();
+    let censored = if c > 0 { format!(", {c} censored") } else { String::new() };
+    format!("{} {}/{}{censored}", s.estimate_text(), s.reached(), s.seeds.len())
 }
 
 /// A forest plot at one level: per operating point (x = its row, 1-based), the estimate and its interval on
@@ -168,7 +194,7 @@ fn plot_level(path: &Path, points: &[OperatingPoint], short: &str, measure: &str
         for (i, p) in points.iter().enumerate() {
             let Some(s) = pick(p) else { continue };
             let Some(e) = s.estimate else { continue };
-            let (lo, hi) = s.interval.unwrap_or((e, e));
+            let (lo, hi) = s.t_interval.unwrap_or((e, e));
             let at = (i + 1) as f64 + offset;
             x.extend([at, at, at, at, at]);
             y.extend([lo, hi, f64::NAN, e, f64::NAN]);
@@ -187,7 +213,7 @@ fn plot_level(path: &Path, points: &[OperatingPoint], short: &str, measure: &str
         whiskers("held-out loss gain", LOSS_GAIN, 0.1, &|p| p.speedup("loss_gain", measure)),
     ];
     series.retain(|s| !s.x.is_empty());
-    let title = format!("LISA's speed-up to {short} of the baseline's gain (95% interval over seeds)");
+    let title = format!("LISA's speed-up to {short} of the baseline's gain (95% t-interval over seeds)");
     line_plot(
         path,
         &PlotSpec {
@@ -242,10 +268,10 @@ mod tests {
         assert_eq!((points[0].learning_rate, points[0].hook.as_str(), points[0].label.as_str()), (1e-4, "down_3", "class"));
         assert_eq!(points[0].seeds, 3);
         // The row carries the summary's estimate, which recovers the known factor.
-        let s = points[0].speedup("edge_f1", "50% of the baseline's gain").unwrap();
+        let s = points[0].speedup("edge_f1", &shared_measure(0.5)).unwrap();
         assert_eq!(s.estimate, ra.speedups.iter().find(|x| x.measure == s.measure && x.signal == "edge_f1").unwrap().estimate);
         assert!((s.estimate.unwrap() - 1.25).abs() < 0.03, "{:?}", s.estimate);
-        assert!((points[1].speedup("edge_f1", "50% of the baseline's gain").unwrap().estimate.unwrap() - 1.0).abs() < 1e-9);
+        assert!((points[1].speedup("edge_f1", &shared_measure(0.5)).unwrap().estimate.unwrap() - 1.0).abs() < 1e-9);
         let table = std::fs::read_to_string(out.join("speedups.md")).unwrap();
         let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| slow") || l.starts_with("| fast")).collect();
         assert_eq!(rows.len(), 2, "{table}");
