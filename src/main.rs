@@ -59,6 +59,9 @@ enum Command {
     /// LISA's speed-up at several operating points side by side: reads finished `compare` folders and writes
     /// one table (learning rate, task, hook, label, steps, seeds, speed-ups with intervals) and forest plots.
     Speedups(SpeedupsArgs),
+    /// The arms of one operating point against each other (controls): every arm against the reference, the
+    /// candidate against every other arm, per step and, with `lisa bench --config`'s costs, per second.
+    Contrast(ContrastArgs),
     /// Train the baseline, LISA and LISA's controls (other targets, decoder width, distance, λ, hook
     /// position) on one task with the same seeds, and write one table.
     Ablate(AblateArgs),
@@ -238,6 +241,25 @@ struct SpeedupsArgs {
     runs: Vec<PathBuf>,
     /// Where speedups.md, speedups.json and the plots go.
     #[arg(long, default_value = "runs/speedups")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct ContrastArgs {
+    /// Folders holding `seed-S/ARM/summary.json` (a `lisa compare` output, `scripts/converge.sh control`'s).
+    #[arg(required = true)]
+    dirs: Vec<PathBuf>,
+    /// The arm every other arm is timed against.
+    #[arg(long, default_value = "baseline")]
+    reference: String,
+    /// The arm timed against every other arm.
+    #[arg(long, default_value = "lisa")]
+    candidate: String,
+    /// A `lisa bench --config ... --out FILE` result: per-second speed-ups beside the per-step ones.
+    #[arg(long)]
+    step_costs: Option<PathBuf>,
+    /// Where contrast.md and contrast.json go.
+    #[arg(long, default_value = "runs/contrast")]
     out: PathBuf,
 }
 
@@ -576,6 +598,17 @@ struct BenchArgs {
     /// Images per sampling timing (with --sampling-run).
     #[arg(long, default_value_t = 64)]
     sampling_images: i64,
+    /// Instead, time the arms of one operating point: its configuration (as `lisa train --config` takes it),
+    /// at its own batch and threads; the arms are named by `--arm`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// With --config: override a key, KEY=VALUE (TOML value), repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// With --config: an arm to time, repeatable (baseline, lisa, random, condition, raw, sub8; default all);
+    /// the first is the one the others are compared with.
+    #[arg(long = "arm")]
+    arms: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -595,6 +628,7 @@ fn main() -> ExitCode {
         Command::Compare(a) => run_compare(a),
         Command::LrSweep(a) => run_lr_sweep(a),
         Command::Speedups(a) => run_speedups(a),
+        Command::Contrast(a) => run_contrast(a),
         Command::Ablate(a) => run_ablate(a),
         Command::Demo(a) => run_demo(a),
         Command::Toy(a) => run_toy(a),
@@ -992,6 +1026,15 @@ fn run_lr_sweep(a: LrSweepArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_contrast(a: ContrastArgs) -> Result<()> {
+    let list =
+        lisa::experiments::contrast::contrast(&a.dirs, &a.reference, &a.candidate, a.step_costs.as_deref(), &a.out)?;
+    let md = a.out.join("contrast.md");
+    print!("{}", std::fs::read_to_string(&md).with_context(|| format!("reading {}", md.display()))?);
+    eprintln!("{} contrasts written to {}", list.len(), a.out.display());
+    Ok(())
+}
+
 fn run_speedups(a: SpeedupsArgs) -> Result<()> {
     let points = lisa::experiments::speedups::speedups(&a.runs, &a.out)?;
     print!("{}", lisa::experiments::speedups::speedup_table(&points));
@@ -1132,6 +1175,24 @@ fn run_device_check(a: DeviceCheckArgs) -> Result<()> {
 
 fn run_bench(a: BenchArgs) -> Result<()> {
     use lisa::experiments::bench::{repo_root, BenchConfig, ReferenceCommand};
+    if let Some(config) = &a.config {
+        use lisa::experiments::arm_cost::{bench_arms, ArmKind};
+        let cfg: lisa::experiments::control_config::ControlConfig =
+            lisa::config::load_with_defaults(Some(config), &[], &a.set)?;
+        let arms: Vec<ArmKind> = if a.arms.is_empty() {
+            ArmKind::ALL.to_vec()
+        } else {
+            a.arms.iter().map(|n| ArmKind::parse(n)).collect::<lisa::Result<_>>()?
+        };
+        let report = bench_arms(&cfg, &arms, a.warmup, a.reps, &mut |m| eprintln!("{m}"))?;
+        println!("{}", report.table());
+        if let Some(out) = &a.out {
+            std::fs::write(out, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("results: {}", out.display());
+        }
+        return Ok(());
+    }
     if let Some(dir) = &a.sampling_run {
         let report = lisa::experiments::bench::bench_sampling(dir, a.sampling_images, a.reps, a.threads)?;
         println!("{}", report.table());

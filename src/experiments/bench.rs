@@ -694,7 +694,7 @@ struct OursArm {
 /// One training step of ours: the trainer's own [`train_step`] (host-drawn noise reseeded from the
 /// step, autocast, backward, clip, the host reads, AdamW, zero_grad); its seconds.
 #[allow(clippy::too_many_arguments)]
-fn ours_step(
+pub(crate) fn ours_step(
     task: &ControlTask,
     opt: &mut AdamW,
     objective: &Objective,

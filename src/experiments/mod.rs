@@ -1,9 +1,11 @@
 //! Experiments: orchestration only (load data, build networks, call the trainer, sample, evaluate).
 //! No model or loss code lives here except the one-line task that says what is regressed onto what.
 pub mod ablate;
+pub mod arm_cost;
 pub mod bench;
 pub mod compare;
 pub mod compose;
+pub mod contrast;
 pub mod control;
 pub mod control_config;
 pub mod device_check;
