@@ -9,7 +9,8 @@
 #   scripts/converge.sh control EXP SEED C    a control arm of one seed beside that experiment's baseline and
 #                                             LISA: C = random, condition or raw (LISA's decoder regressing
 #                                             onto another target), lr1.12 or lr1.25 (the baseline at a larger
-#                                             learning rate), sub8 (LISA on a sub-batch of 8)
+#                                             learning rate), sub8 (LISA on a sub-batch of 8), untilN
+#                                             (LISA on the first N steps, the baseline's step after)
 #   scripts/converge.sh sweep LR...           baseline-only runs of the learning-rate sweep (one core)
 #   scripts/converge.sh aggregate EXP N       summary over seeds 0..N-1 of EXP (each must be finished)
 #   scripts/converge.sh report-sweep          the sweep's table and plots
@@ -89,7 +90,8 @@ case "${1:-}" in
       random|condition|raw) B=(); C=(--set "lisa.target=\"$4\"") ;;
       lr1.12|lr1.25)        B=(--baseline); C=(--set "train.learning_rate=$(python3 -c "print(f'{$lr * ${4#lr}:.4g}')")") ;;
       sub8)                 B=(); C=(--set lisa.sub_batch=8) ;;
-      *) echo "the control is random, condition, raw, lr1.12, lr1.25 or sub8" >&2; exit 2 ;;
+      until[0-9]*)          B=(); C=(--set "lisa.last_step=${4#until}") ;;
+      *) echo "the control is random, condition, raw, lr1.12, lr1.25, sub8 or untilN" >&2; exit 2 ;;
     esac
     d=runs/$NAME-controls/seed-$s/$4
     [ -f "$d/summary.json" ] && exit 0

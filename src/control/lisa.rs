@@ -81,6 +81,10 @@ pub struct LisaConfig {
     /// reference pass and the decoder then run on those alone: an unbiased estimate of the same loss,
     /// with more variance, at a fraction of LISA's cost. 0 = the whole batch (the authors'). Default 0.
     pub sub_batch: i64,
+    /// The last training step (counted from 1) with the LISA term: later steps train as the baseline does,
+    /// at the baseline's cost (the decoder is dropped at inference anyway). For LISA used only through the
+    /// early convergence event. 0 = every step (the authors'). Default 0.
+    pub last_step: u64,
 }
 
 impl Default for LisaConfig {
@@ -95,6 +99,7 @@ impl Default for LisaConfig {
             distance: LisaDistance::Mse,
             decoder_channel_multiplier: 1,
             sub_batch: 0,
+            last_step: 0,
         }
     }
 }
@@ -155,6 +160,8 @@ pub struct LisaHead {
     pub frames: i64,
     /// Examples per step that get the LISA term (0 = all; see [`LisaConfig::sub_batch`]).
     pub sub_batch: i64,
+    /// The last training step with the LISA term (0 = every step; see [`LisaConfig::last_step`]).
+    pub last_step: u64,
 }
 
 impl LisaHead {
@@ -201,6 +208,7 @@ impl LisaHead {
             distance: cfg.distance,
             frames,
             sub_batch: cfg.sub_batch,
+            last_step: cfg.last_step,
         })
     }
 
@@ -273,13 +281,34 @@ impl LisaHead {
         let loss = regression_loss(decoded, &r, self.distance)?;
         let r_sq = r.square().mean(Kind::Float);
         let (err_b, rsq_b) = bucket_sums(&decoded.detach(), &r, &unit_t.f_narrow(0, 0, n)?)?;
-        let mut metrics = vec![("l_lisa".into(), loss.detach()), ("r_sq".into(), r_sq)];
+        let mut values = vec![loss.detach(), r_sq];
         for b in 0..NUM_TIME_BUCKETS {
-            metrics.push((format!("lisa_err_b{b}"), err_b.get(b as i64)));
-            metrics.push((format!("r_sq_b{b}"), rsq_b.get(b as i64)));
+            values.push(err_b.get(b as i64));
+            values.push(rsq_b.get(b as i64));
         }
-        Ok(LisaTerm { loss, metrics })
+        Ok(LisaTerm { loss, metrics: term_metric_names().into_iter().zip(values).collect() })
     }
+
+    /// Whether the training step with 0-based index `step` gets the LISA term (see [`LisaConfig::last_step`]).
+    pub fn active_at(&self, step: u64) -> bool {
+        self.last_step == 0 || step < self.last_step
+    }
+}
+
+/// The names of the LISA term's logged metrics, in the order [`LisaHead::term`] returns them.
+pub fn term_metric_names() -> Vec<String> {
+    let mut names = vec!["l_lisa".to_string(), "r_sq".to_string()];
+    for b in 0..NUM_TIME_BUCKETS {
+        names.push(format!("lisa_err_b{b}"));
+        names.push(format!("r_sq_b{b}"));
+    }
+    names
+}
+
+/// The LISA term's metrics on a step without the term (after `lisa.last_step`): the same names, NaN values,
+/// so that the log keeps its columns and the interval means that include such a step are NaN, not mixed.
+pub fn absent_term_metrics() -> Vec<(String, Tensor)> {
+    term_metric_names().into_iter().map(|n| (n, Tensor::from(f64::NAN).to_kind(Kind::Float))).collect()
 }
 
 /// The LISA term of one step (before λ).

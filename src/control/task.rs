@@ -1,9 +1,11 @@
 //! The side network's training task: the controlled prediction and its diffusion loss, composed with
 //! the LISA term ([`super::lisa`]: the reference prediction's residual and the decoder's regression
 //! onto it) when LISA is on.
+use std::cell::Cell;
+
 use tch::{Kind, Tensor};
 
-use super::lisa::{log_ratios, LisaHead, LisaTarget, ReferencePass};
+use super::lisa::{absent_term_metrics, log_ratios, LisaHead, LisaTarget, ReferencePass};
 use super::side::SideNetwork;
 use crate::diffusion::TrainingSample;
 use crate::pipeline::MainNetwork;
@@ -26,6 +28,8 @@ pub struct ControlTask<'a> {
     side: &'a SideNetwork,
     lisa: Option<&'a LisaHead>,
     condition_dropout: f64,
+    /// The 0-based index of the training step being taken (set by the trainer), for `lisa.last_step`.
+    step: Cell<u64>,
 }
 
 impl<'a> ControlTask<'a> {
@@ -35,7 +39,7 @@ impl<'a> ControlTask<'a> {
         if main.vs.variables().values().any(Tensor::requires_grad) {
             return Err(Error::Config("the main network must be frozen before training a side network".into()));
         }
-        Ok(Self { main, side, lisa, condition_dropout: 0.0 })
+        Ok(Self { main, side, lisa, condition_dropout: 0.0, step: Cell::new(0) })
     }
 
     /// Zeroes each condition channel of each training sample with probability `p` (condition dropout:
@@ -48,16 +52,22 @@ impl<'a> ControlTask<'a> {
         Ok(self)
     }
 
+    /// The LISA head if this step gets the term (LISA on, and not past `lisa.last_step`).
+    fn active_lisa(&self) -> Option<&'a LisaHead> {
+        self.lisa.filter(|h| h.active_at(self.step.get()))
+    }
+
     /// The forward pass of one step: side network, the frozen main encoder once, the up path with
     /// residuals and (LISA) without them, and the decoder on the hooked feature.
     pub fn forward(&self, x_t: &Tensor, model_t: &Tensor, y: &Tensor, condition: &Tensor) -> Result<ControlForward> {
         let encoder_hidden_states = tch::no_grad(|| self.main.label_encoder.forward(y))?;
-        let side = self.side.residuals(x_t, model_t, &encoder_hidden_states, condition, 1.0, self.lisa.map(|h| h.hook))?;
+        let lisa = self.active_lisa();
+        let side = self.side.residuals(x_t, model_t, &encoder_hidden_states, condition, 1.0, lisa.map(|h| h.hook))?;
         // The residuals enter only after the encoder (UNet) or the embeddings (transformer), so that
         // part serves both passes (spec §6).
         let shared = tch::no_grad(|| self.main.down_mid(x_t, model_t, &encoder_hidden_states))?;
         let pred_full = self.main.up(&shared, Some(&side.residuals))?;
-        let (pred_main, decoded) = match self.lisa {
+        let (pred_main, decoded) = match lisa {
             None => (None, None),
             Some(head) => {
                 // Only the residual and its random control need the frozen network's own prediction.
@@ -106,13 +116,22 @@ impl TrainTask for ControlTask<'_> {
         let f = self.forward(&sample.x_t, &sample.model_t, &batch.labels, condition)?;
         let l_main = f.pred_full.f_mse_loss(&sample.target, tch::Reduction::Mean)?;
         let (Some(head), Some(decoded)) = (self.lisa, &f.decoded) else {
-            return Ok(TaskLoss { metrics: vec![("l_main".into(), l_main.detach())], loss: l_main });
+            let mut metrics = vec![("l_main".into(), l_main.detach())];
+            if self.lisa.is_some() {
+                // Past `lisa.last_step`: the baseline's step, logged under LISA's columns.
+                metrics.extend(absent_term_metrics());
+            }
+            return Ok(TaskLoss { metrics, loss: l_main });
         };
         let term = head.term(decoded, &sample.target, f.pred_main.as_ref(), condition, &sample.unit_t)?;
         let loss = &l_main + &term.loss * head.lambda;
         let mut metrics = vec![("l_main".into(), l_main.detach())];
         metrics.extend(term.metrics);
         Ok(TaskLoss { loss, metrics })
+    }
+
+    fn begin_step(&self, step: u64) {
+        self.step.set(step);
     }
 
     /// With LISA, the interval means of its sums become ratios (see [`super::lisa::log_ratios`]).

@@ -644,3 +644,41 @@ fn held_out_loss_gain_is_zero_at_initialisation_and_rises_with_controlled_traini
     // The same network measured twice gives the same value: the batch, noise and timesteps are fixed.
     assert_eq!(held_out.gain(&main, &side).unwrap(), g);
 }
+
+#[test]
+fn lisa_switched_off_after_its_last_step_is_the_baselines_step_with_the_same_log_columns() {
+    let main = tiny_main(eps());
+    let side = side_for(&main);
+    let cfg = LisaConfig { hook: Hook::Mid, decoder_channel_floor: 8, last_step: 2, ..LisaConfig::default() };
+    let head = LisaHead::new(&main, &side, &cfg).unwrap();
+    let (task, baseline) = (ControlTask::new(&main, &side, Some(&head)).unwrap(), ControlTask::new(&main, &side, None).unwrap());
+    let (b, s) = batch(&main);
+    let names = |l: &trainer::TaskLoss| l.metrics.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    task.begin_step(0);
+    let on = task.loss(&b, &s).unwrap();
+    // Steps 1 and 2 (indices 0, 1) carry the term: the zero decoder's L_lisa = mean(r²) > 0 adds λ·L_lisa.
+    assert!(metric(&on, "l_lisa") > 0.0);
+    assert!(on.loss.double_value(&[]) > metric(&on, "l_main"));
+    task.begin_step(1);
+    assert!(task.loss(&b, &s).unwrap().loss.double_value(&[]) > metric(&on, "l_main"));
+    // Step 3 (index 2) on: the baseline's loss, bit for bit, and LISA's columns kept as NaN.
+    task.begin_step(2);
+    let off = task.loss(&b, &s).unwrap();
+    assert!(bitwise_equal(&off.loss, &baseline.loss(&b, &s).unwrap().loss));
+    assert_eq!(names(&off), names(&on));
+    assert!(metric(&off, "l_lisa").is_nan() && metric(&off, "r_sq_b9").is_nan());
+    // 0 keeps the term on every step.
+    let always = LisaHead::new(&main, &side, &LisaConfig { last_step: 0, ..cfg.clone() }).unwrap();
+    assert!(always.active_at(0) && always.active_at(1_000_000));
+    assert!(head.active_at(1) && !head.active_at(2));
+
+    // Through the trainer: the log's rows for steps 1-2 carry the term, step 3 NaN, in the same columns.
+    let dir = tempfile::tempdir().unwrap();
+    train_three_steps(&main, &side, &head, dir.path());
+    let log = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    let rows: Vec<&str> = log.lines().collect();
+    let col = rows[0].split(',').position(|c| c == "l_lisa").unwrap();
+    let l_lisa: Vec<f64> = rows[1..].iter().map(|r| r.split(',').nth(col).unwrap().parse().unwrap()).collect();
+    assert_eq!(l_lisa.len(), 3, "{log}");
+    assert!(l_lisa[0].is_finite() && l_lisa[1].is_finite() && l_lisa[2].is_nan(), "{l_lisa:?}");
+}

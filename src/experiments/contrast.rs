@@ -59,13 +59,20 @@ pub fn read_arms(dirs: &[PathBuf]) -> Result<Arms> {
     Ok(arms)
 }
 
-/// The step cost that an arm's folder name stands for: a baseline at another learning rate (`lr…`) costs
-/// the baseline's step; otherwise the arm of that name.
-pub fn cost_arm(name: &str) -> Option<ArmKind> {
+/// The step cost, relative to the bench's first arm, of the arm named `name` that trained `steps` steps:
+/// a baseline at another learning rate (`lr…`) costs the baseline's step; LISA switched off after step N
+/// (`untilN`, `lisa.last_step = N`) LISA's for N steps and the baseline's after; any other arm the bench's
+/// arm of that name. `None` where the bench did not time what is needed.
+pub fn relative_cost(costs: &ArmCostReport, name: &str, steps: u64) -> Option<f64> {
     if name.starts_with("lr") {
-        return Some(ArmKind::Baseline);
+        return costs.relative(ArmKind::Baseline);
     }
-    ArmKind::parse(name).ok()
+    if let Some(n) = name.strip_prefix("until").and_then(|n| n.parse::<u64>().ok()) {
+        let (on, off) = (costs.relative(ArmKind::Lisa)?, costs.relative(ArmKind::Baseline)?);
+        let (n, t) = (n.min(steps) as f64, steps.max(1) as f64);
+        return Some((n * on + (t - n) * off) / t);
+    }
+    costs.relative(ArmKind::parse(name).ok()?)
 }
 
 /// One arm against another over the seeds both ran.
@@ -132,8 +139,7 @@ pub fn contrasts(arms: &Arms, reference: &str, candidate: &str, costs: Option<&A
             let hib = rs[0].higher_is_better;
             let d: Vec<f64> = rs.iter().zip(&cs).map(|(a, b)| b.final_fidelity - a.final_fidelity).collect();
             let cost_ratio = costs.and_then(|k| {
-                let (a, b) = (k.relative(cost_arm(r)?)?, k.relative(cost_arm(c)?)?);
-                Some(b / a)
+                Some(relative_cost(k, c, cs[0].steps)? / relative_cost(k, r, rs[0].steps)?)
             });
             Ok(Contrast {
                 reference: r.into(),
@@ -259,6 +265,7 @@ mod tests {
             write(&ctl, "random", &arm(seed, (400.0 + seed as f64 * 10.0) / 1.1));
         }
         write(&ctl, "lr1.12", &arm(0, 380.0));
+        write(&ctl, "until250", &arm(0, 330.0));
         let stats = |m: f64| TimingStats::from_times(vec![m]);
         let costs = ArmCostReport {
             operating_point: "test".into(),
@@ -282,20 +289,26 @@ mod tests {
                 pair("baseline", "lisa"),
                 pair("baseline", "lr1.12"),
                 pair("baseline", "random"),
+                pair("baseline", "until250"),
                 pair("lr1.12", "lisa"),
-                pair("random", "lisa")
+                pair("random", "lisa"),
+                pair("until250", "lisa")
             ]
         );
         let half = shared_measure(0.5);
         let est = |i: usize| list[i].speedup("edge_f1", &half).unwrap().estimate.unwrap();
         assert!((est(0) - 1.25).abs() < 0.02, "{}", est(0));
         assert!((est(2) - 1.1).abs() < 0.02, "{}", est(2));
-        assert!((est(4) - 1.25 / 1.1).abs() < 0.02, "{}", est(4));
+        assert!((est(5) - 1.25 / 1.1).abs() < 0.02, "{}", est(5));
         // lr1.12 ran one seed: its contrasts pair that seed only; it costs the baseline's step.
         assert_eq!((list[1].seeds.clone(), list[1].cost_ratio), (vec![0], Some(1.0)));
-        assert_eq!(list[3].cost_ratio, Some(1.4));
+        assert_eq!(list[4].cost_ratio, Some(1.4));
         // LISA over random: the same cost, so per second equals per step.
-        assert_eq!(list[4].cost_ratio, Some(1.0));
+        assert_eq!(list[5].cost_ratio, Some(1.0));
+        // LISA for the first 250 of 1,000 steps: a quarter at LISA's cost, the rest at the baseline's.
+        let until = (250.0 * 1.4 + 750.0) / 1000.0;
+        assert!((list[3].cost_ratio.unwrap() - until).abs() < 1e-12, "{:?}", list[3].cost_ratio);
+        assert!((list[6].cost_ratio.unwrap() - 1.4 / until).abs() < 1e-12);
         // Per second over the baseline: ×1.25 / 1.4.
         let table = std::fs::read_to_string(out.join("contrast.md")).unwrap();
         let row = table.lines().find(|l| l.starts_with("| lisa over baseline |")).unwrap();

@@ -173,6 +173,10 @@ pub trait TrainTask {
     /// Computes the loss; gradients flow to the parameters handed to [`train`].
     fn loss(&self, batch: &Batch, sample: &TrainingSample) -> Result<TaskLoss>;
 
+    /// Told the 0-based index of the step about to be taken, before its losses (for tasks that change over
+    /// training, e.g. LISA switched off after `lisa.last_step`). Default: nothing.
+    fn begin_step(&self, _step: u64) {}
+
     /// Rewrites a logged row (interval means of `loss`, `grad_norm`, the task's metrics, ...) before
     /// it is written, e.g. to turn summed terms into ratios. Default: unchanged.
     fn log_row(&self, row: Vec<(String, f64)>) -> Vec<(String, f64)> {
@@ -406,6 +410,7 @@ pub fn train(
             .collect::<Result<Vec<_>>>()?;
         let noise = Noise::Seeded { seed: cfg.seed, first_counter: step * cfg.gradient_accumulation_steps };
         let settings = StepSettings { max_grad_norm: cfg.max_grad_norm, mixed_precision: cfg.mixed_precision };
+        task.begin_step(step);
         let r = train_step(task, &mut opt, objective, &micro_batches, noise, lr, settings, scaler.as_mut())?;
         let (loss, gnorm) = (r.loss, r.grad_norm);
         match r.outcome {
