@@ -7,10 +7,16 @@
 #                                             compare gives it: a seed's two arms on the two cores, after
 #                                             which `lane EXP SEED` finds both finished and writes the summary
 #   scripts/converge.sh control EXP SEED C    a control arm of one seed beside that experiment's baseline and
-#                                             LISA: C = random, condition or raw (LISA's decoder regressing
-#                                             onto another target), lr1.12 or lr1.25 (the baseline at a larger
-#                                             learning rate), sub8 (LISA on a sub-batch of 8), untilN
-#                                             (LISA on the first N steps, the baseline's step after)
+#                                             LISA, configured by configs/controls/NAME-C.toml: random,
+#                                             condition or raw (the decoder regressing onto another target),
+#                                             lr1.12 or lr1.25 (the baseline at a larger learning rate), sub8
+#                                             (LISA on a sub-batch of 8), until2400 (LISA on the first 2,400
+#                                             steps only)
+#   scripts/converge.sh step-costs EXP        each arm's training-step cost at EXP's point, on an idle machine
+#                                             (docs/results/NAME-controls/step-costs.json)
+#   scripts/converge.sh contrast EXP          copies EXP's finished control arms into docs/results/NAME-controls
+#                                             and times them against its baseline and LISA, per step and per
+#                                             second (contrast.md there)
 #   scripts/converge.sh sweep LR...           baseline-only runs of the learning-rate sweep (one core)
 #   scripts/converge.sh aggregate EXP N       summary over seeds 0..N-1 of EXP (each must be finished)
 #   scripts/converge.sh report-sweep          the sweep's table and plots
@@ -30,27 +36,26 @@ if [ ! -x "$BIN" ]; then
   cargo build --release
   mkdir -p runs/bin && cp target/release/lisa "$BIN"
 fi
-CFG=configs/converge-edges.toml
 report() { cargo run --release --quiet -- "$@"; }
 # `--resume latest` for `lisa train` when run folder $1 holds a checkpoint (a fresh run refuses the flag).
 resume_from() { RESUME=(); if ls "$1"/checkpoint-* >/dev/null 2>&1; then RESUME=(--resume latest); fi; }
 
-# An experiment's run-folder name and its overrides of configs/converge-edges.toml.
+# Every operating point is a configuration file read by lisa's strict loader: configs/NAME.toml per experiment
+# (NAME is also its run folder's name), configs/controls/NAME-C.toml per control, configs/lr-sweep/ per rate.
+# This script names configurations, seeds and arms; it sets no keys of its own but the seed.
+# An experiment's configuration.
 experiment() {
   case "$1" in
-    i)            NAME=converge-edges;             SET=() ;;
-    ii)           NAME=converge-edges-null;        SET=(--set 'label="null"') ;;
-    iii-mid)      NAME=converge-edges-mid;         SET=(--set 'lisa.hook="mid"') ;;
-    iii-down5)    NAME=converge-edges-down5;       SET=(--set 'lisa.hook="down_5"') ;;
-    iv-skeleton)  NAME=converge-skeleton;          SET=(--task skeleton) ;;
-    # Mask IoU reaches its plateau slowly and noisily (lr 1e-4, seed 0: most of the rise at steps 80-240, the
-    # rest by step ~1,000), so its dense phase runs to step 1,000.
-    iv-mask)      NAME=converge-mask;              SET=(--task mask --set 'fidelity.phases=[{ until = 1000, every = 40 }]') ;;
-    v)            NAME=converge-edges-3e-5;        SET=(--set train.learning_rate=3e-5 --steps 4500
-                                                        --set 'fidelity.phases=[{ until = 2400, every = 120 }]'
-                                                        --set fidelity.every_steps=300 --set fidelity.loss_gain_every=30) ;;
+    i)            NAME=converge-edges ;;
+    ii)           NAME=converge-edges-null ;;
+    iii-mid)      NAME=converge-edges-mid ;;
+    iii-down5)    NAME=converge-edges-down5 ;;
+    iv-skeleton)  NAME=converge-skeleton ;;
+    iv-mask)      NAME=converge-mask ;;
+    v)            NAME=converge-edges-3e-5 ;;
     *) echo "unknown experiment $1 (i, ii, iii-mid, iii-down5, iv-skeleton, iv-mask, v)" >&2; exit 2 ;;
   esac
+  CFG=configs/$NAME.toml
 }
 
 case "${1:-}" in
@@ -63,7 +68,7 @@ case "${1:-}" in
       if [[ $EXP == iii-* && ! -e $d/baseline && -f $b/summary.json ]]; then
         mkdir -p "$d" && ln -s "../../converge-edges-s$s/seed-$s/baseline" "$d/baseline"
       fi
-      "$BIN" compare --config "$CFG" "${SET[@]}" --set train.seed="$s" --seeds 1 \
+      "$BIN" compare --config "$CFG" --set train.seed="$s" --seeds 1 \
         --output-dir "runs/$NAME-s$s" --resume --quiet
     done ;;
   arm)
@@ -80,40 +85,33 @@ case "${1:-}" in
     [ -f "$d/summary.json" ] && exit 0
     resume_from "$d"
     # compare.seeds=1 as in `lane`, so that the arm's config.toml is byte-identical to the one compare writes.
-    "$BIN" train "${B[@]}" --config "$CFG" "${SET[@]}" --set train.seed="$s" --set compare.seeds=1 \
+    "$BIN" train "${B[@]}" --config "$CFG" --set train.seed="$s" --set compare.seeds=1 \
       --output-dir "$d" "${RESUME[@]}" --quiet ;;
   control)
-    EXP=$2; s=$3; experiment "$EXP"
-    lr=1e-4   # the configuration's, unless the experiment sets another
-    for a in "${SET[@]}"; do if [[ $a == train.learning_rate=* ]]; then lr=${a#*=}; fi; done
-    case "${4:-}" in
-      random|condition|raw) B=(); C=(--set "lisa.target=\"$4\"") ;;
-      lr1.12|lr1.25)        B=(--baseline); C=(--set "train.learning_rate=$(python3 -c "print(f'{$lr * ${4#lr}:.4g}')")") ;;
-      sub8)                 B=(); C=(--set lisa.sub_batch=8) ;;
-      until[0-9]*)          B=(); C=(--set "lisa.last_step=${4#until}") ;;
-      *) echo "the control is random, condition, raw, lr1.12, lr1.25, sub8 or untilN" >&2; exit 2 ;;
-    esac
-    d=runs/$NAME-controls/seed-$s/$4
+    # configs/controls/NAME-C.toml: the experiment's configuration with the control's one change.
+    EXP=$2; s=$3; C=${4:-}; experiment "$EXP"
+    CC=configs/controls/$NAME-$C.toml
+    [ -f "$CC" ] || { echo "no control $C of $NAME: $(ls configs/controls/$NAME-*.toml 2>/dev/null | sed "s|.*/$NAME-||; s|\.toml$||" | tr '\n' ' ')" >&2; exit 2; }
+    case "$C" in lr*) B=(--baseline) ;; *) B=() ;; esac   # a learning-rate control is the baseline's arm
+    d=runs/$NAME-controls/seed-$s/$C
     [ -f "$d/summary.json" ] && exit 0
     resume_from "$d"
-    # The same command line as `arm` (so every other setting is the experiment's), the control's key last.
-    "$BIN" train "${B[@]}" --config "$CFG" "${SET[@]}" --set train.seed="$s" --set compare.seeds=1 \
-      "${C[@]}" --output-dir "$d" "${RESUME[@]}" --quiet ;;
+    "$BIN" train "${B[@]}" --config "$CC" --set train.seed="$s" --set compare.seeds=1 \
+      --output-dir "$d" "${RESUME[@]}" --quiet ;;
   sweep)
     shift
     for lr in "$@"; do
-      case "$lr" in   # steps until the curve has flattened, and a schedule dense through the event
-        1e-3) X=(--steps 500 --set fidelity.loss_gain_every=5 --set 'fidelity.phases=[{until=300, every=10}]' --set fidelity.every_steps=50) ;;
-        3e-4) X=(--steps 1000 --set fidelity.loss_gain_every=5 --set 'fidelity.phases=[{until=600, every=20}]' --set fidelity.every_steps=50) ;;
-        1e-4) X=() ;;   # the configuration's own schedule (1,500 steps); report-sweep reuses experiment i's seed-0 baseline
-        3e-5) X=(--steps 4500 --set fidelity.loss_gain_every=30 --set 'fidelity.phases=[{until=2400, every=120}]' --set fidelity.every_steps=300) ;;
-        1e-5) X=(--steps 12000 --set fidelity.loss_gain_every=60 --set 'fidelity.phases=[{until=7000, every=300}]' --set fidelity.every_steps=1000) ;;
-        *) echo "no schedule for lr $lr" >&2; exit 2 ;;
+      # Each rate's configuration: steps until the curve has flattened, and a schedule dense through the event.
+      case "$lr" in
+        1e-4) CFG=configs/converge-edges.toml ;;       # experiment i's; report-sweep reuses its seed-0 baseline
+        3e-5) CFG=configs/converge-edges-3e-5.toml ;;  # experiment v's
+        *)    CFG=configs/lr-sweep/lr-$lr.toml ;;
       esac
+      [ -f "$CFG" ] || { echo "no configuration for lr $lr (configs/lr-sweep/)" >&2; exit 2; }
       d=runs/lr-sweep/lr-$lr
       [ -f "$d/summary.json" ] && continue
       resume_from "$d"
-      "$BIN" train --baseline --config "$CFG" --set train.learning_rate="$lr" "${X[@]}" --output-dir "$d" "${RESUME[@]}" --quiet
+      "$BIN" train --baseline --config "$CFG" --output-dir "$d" "${RESUME[@]}" --quiet
     done ;;
   aggregate)
     experiment "$2"; n=$3; out=runs/$NAME
@@ -124,7 +122,7 @@ case "${1:-}" in
       done
       [ -e "$out/seed-$s" ] || ln -s "../$NAME-s$s/seed-$s" "$out/seed-$s"
     done
-    report compare --config "$CFG" "${SET[@]}" --seeds "$n" --output-dir "$out" --resume --quiet ;;
+    report compare --config "$CFG" --seeds "$n" --output-dir "$out" --resume --quiet ;;
   report-sweep)
     # lr 1e-4 is the baseline of experiment i, seed 0, and 3e-5 that of experiment v, seed 0, when it has run
     # (the same settings as the sweep's; the hook does not touch the baseline).
@@ -150,6 +148,18 @@ case "${1:-}" in
       report compare --config "$d/config.toml" "${M[@]}" --output-dir "$d" --resume --quiet >/dev/null
       mv "$d/config.toml.kept" "$d/config.toml"   # the configuration the arms ran with, not this command's
     done ;;
+  step-costs)
+    experiment "$2"; out=docs/results/$NAME-controls; mkdir -p "$out"
+    report bench --config "$CFG" --reps 30 --warmup 3 --out "$out/step-costs.json" | tee "$out/step-costs.md" ;;
+  contrast)
+    experiment "$2"; out=docs/results/$NAME-controls
+    for armdir in runs/$NAME-controls/seed-*/*/; do
+      [ -f "$armdir/summary.json" ] || continue
+      rel=${armdir#runs/$NAME-controls/}; mkdir -p "$out/$rel"
+      cp "$armdir"/{config.toml,fidelity.csv,metrics.csv,summary.json} "$out/$rel"
+    done
+    C=(); [ -f "$out/step-costs.json" ] && C=(--step-costs "$out/step-costs.json")
+    report contrast "docs/results/$NAME" "$out" "${C[@]}" --out "$out" >/dev/null ;;
   report)
     # Reads the collected comparisons (scripts/collect-results.sh), so the table can be regenerated from the
     # repository alone.

@@ -1,5 +1,7 @@
 //! Config files: TOML, layered as built-in defaults ← config file ← `--set key=value` overrides.
-//! Unknown keys are errors (a typo must not silently fall back to a default).
+//! Unknown keys are errors (a typo must not silently fall back to a default). A file may start from
+//! another with a top-level `extends = "other.toml"` (a path relative to the file): the other file's
+//! keys first, then its own, so an operating point is written as its differences from a shared base.
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
@@ -50,9 +52,7 @@ fn from_text_with_defaults<T: DeserializeOwned + Serialize + Default>(
         apply_override(&mut value, &defaults, item, &mut Vec::new())?;
     }
     if let Some((text, path)) = file {
-        let file: toml::Value = toml::from_str(text)
-            .map_err(|e| Error::format(path, format!("invalid TOML: {}", one_line(&e.to_string()))))?;
-        merge(&mut value, file);
+        merge(&mut value, layered(text, path, &mut Vec::new())?);
     }
     let mut created = Vec::new();
     for item in overrides {
@@ -125,6 +125,36 @@ fn parse_value(raw: &str) -> toml::Value {
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+/// The key with which a config file names the file it extends.
+pub const EXTENDS: &str = "extends";
+
+/// How many files a chain of `extends` may hold.
+const MAX_EXTENDS_DEPTH: usize = 8;
+
+/// The TOML `text` of the file at `path`, on top of the file it `extends` (recursively); `chain` holds
+/// the files already read, to refuse a cycle.
+fn layered(text: &str, path: &Path, chain: &mut Vec<std::path::PathBuf>) -> Result<toml::Value> {
+    let mut value: toml::Value = toml::from_str(text)
+        .map_err(|e| Error::format(path, format!("invalid TOML: {}", one_line(&e.to_string()))))?;
+    let Some(base) = value.as_table_mut().and_then(|t| t.remove(EXTENDS)) else { return Ok(value) };
+    let base = base.as_str().ok_or_else(|| {
+        Error::format(path, format!("`{EXTENDS}` must be a path to another config file, e.g. {EXTENDS} = \"base.toml\""))
+    })?;
+    let base_path = path.parent().unwrap_or(Path::new("")).join(base);
+    let canonical = base_path.canonicalize().map_err(|e| Error::io(&base_path, e))?;
+    chain.push(path.canonicalize().unwrap_or_else(|_| path.to_path_buf()));
+    if chain.contains(&canonical) || chain.len() >= MAX_EXTENDS_DEPTH {
+        return Err(Error::format(
+            path,
+            format!("`{EXTENDS}` chain loops or is deeper than {MAX_EXTENDS_DEPTH} files at {}", base_path.display()),
+        ));
+    }
+    let base_text = std::fs::read_to_string(&base_path).map_err(|e| Error::io(&base_path, e))?;
+    let mut merged = layered(&base_text, &base_path, chain)?;
+    merge(&mut merged, value);
+    Ok(merged)
 }
 
 fn merge(base: &mut toml::Value, over: toml::Value) {
@@ -246,5 +276,35 @@ mod tests {
         std::fs::write(&f, "[train\n").unwrap();
         let e = load::<Outer>(Some(&f), &[]).unwrap_err().to_string();
         assert!(e.contains("invalid TOML") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn a_file_extends_another_and_loops_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("base.toml"), "seed = 3\n[train]\nlr = 0.5\nsteps = 20\n").unwrap();
+        let f = dir.path().join("sub").join("point.toml");
+        std::fs::write(&f, "extends = \"../base.toml\"\n[train]\nlr = 0.25\n").unwrap();
+        let c: Outer = load(Some(&f), &["train.name=bee".into()]).unwrap();
+        assert_eq!(c, Outer { train: Inner { steps: 20, lr: 0.25, name: "bee".into() }, seed: 3, extra: None });
+        // Two levels.
+        let g = dir.path().join("sub").join("deeper.toml");
+        std::fs::write(&g, "extends = \"point.toml\"\nseed = 9\n").unwrap();
+        let c: Outer = load(Some(&g), &[]).unwrap();
+        assert_eq!((c.seed, c.train.lr, c.train.steps), (9, 0.25, 20));
+        // A loop, a missing base and a non-string are clear errors.
+        std::fs::write(dir.path().join("a.toml"), "extends = \"b.toml\"\n").unwrap();
+        std::fs::write(dir.path().join("b.toml"), "extends = \"a.toml\"\n").unwrap();
+        let e = load::<Outer>(Some(&dir.path().join("a.toml")), &[]).unwrap_err().to_string();
+        assert!(e.contains("loops"), "{e}");
+        std::fs::write(&f, "extends = \"missing.toml\"\n").unwrap();
+        let e = load::<Outer>(Some(&f), &[]).unwrap_err().to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+        std::fs::write(&f, "extends = 3\n").unwrap();
+        let e = load::<Outer>(Some(&f), &[]).unwrap_err().to_string();
+        assert!(e.contains("must be a path"), "{e}");
+        // A key the base does not know is still refused.
+        std::fs::write(&f, "extends = \"../base.toml\"\n[train]\nlrr = 1\n").unwrap();
+        assert!(load::<Outer>(Some(&f), &[]).unwrap_err().to_string().contains("lrr"));
     }
 }

@@ -355,4 +355,53 @@ mod tests {
         let class = ControlConfig::default();
         assert_eq!(Vec::<i64>::try_from(class.main_labels(&main, &y).unwrap()).unwrap(), vec![0, 3, 9]);
     }
+
+    /// The configuration a committed run folder ran with, with what differs between runs of one operating
+    /// point (output folder, seed, number of seeds) set as in `other`.
+    fn as_point_of(mut ran: ControlConfig, other: &ControlConfig) -> ControlConfig {
+        ran.output_dir = other.output_dir.clone();
+        ran.train.seed = other.train.seed;
+        ran.compare.seeds = other.compare.seeds;
+        ran
+    }
+
+    #[test]
+    fn every_committed_operating_point_is_a_config_file_that_gives_the_configuration_it_ran_with() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        // (configuration file, a committed run folder whose config.toml it must reproduce).
+        let mut points: Vec<(String, String)> = [
+            "converge-edges",
+            "converge-edges-null",
+            "converge-edges-mid",
+            "converge-edges-down5",
+            "converge-skeleton",
+            "converge-mask",
+            "converge-edges-3e-5",
+        ]
+        .iter()
+        .map(|n| (format!("configs/{n}.toml"), format!("docs/results/{n}")))
+        .collect();
+        for lr in ["1e-3", "3e-4"] {
+            points.push((format!("configs/lr-sweep/lr-{lr}.toml"), format!("docs/results/lr-sweep/lr-{lr}")));
+        }
+        // Control arms, once collected (seed 0 of each).
+        for entry in std::fs::read_dir(root.join("configs/controls")).unwrap().filter_map(|e| e.ok()) {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(control) = file.strip_prefix("converge-edges-3e-5-").and_then(|f| f.strip_suffix(".toml")) else {
+                continue;
+            };
+            let run = format!("docs/results/converge-edges-3e-5-controls/seed-0/{control}");
+            if root.join(&run).join("config.toml").is_file() {
+                points.push((format!("configs/controls/{file}"), run));
+            }
+        }
+        assert!(points.len() >= 9);
+        for (config, run) in points {
+            let mut cfg: ControlConfig = crate::config::load(Some(&root.join(&config)), &[]).unwrap();
+            let ran: ControlConfig = crate::config::load(Some(&root.join(&run).join("config.toml")), &[]).unwrap();
+            // A baseline-only run (the sweep's, a learning-rate control) was trained with `--baseline`.
+            cfg.lisa.enabled = ran.lisa.enabled;
+            assert_eq!(as_point_of(ran, &cfg), cfg, "{config} does not give the configuration {run} ran with");
+        }
+    }
 }
