@@ -336,14 +336,14 @@ struct ScaleTask {
     w: Tensor,
 }
 
-impl lisa::train::trainer::TrainTask for ScaleTask {
+impl lisa::train::step::TrainTask for ScaleTask {
     fn loss(
         &self,
-        _batch: &lisa::train::trainer::Batch,
+        _batch: &lisa::train::step::Batch,
         sample: &lisa::diffusion::TrainingSample,
-    ) -> lisa::Result<lisa::train::trainer::TaskLoss> {
+    ) -> lisa::Result<lisa::train::step::TaskLoss> {
         let loss = (&sample.x_t * &self.w).mse_loss(&sample.target, tch::Reduction::Mean);
-        Ok(lisa::train::trainer::TaskLoss { loss, metrics: vec![] })
+        Ok(lisa::train::step::TaskLoss { loss, metrics: vec![] })
     }
 }
 

@@ -25,7 +25,7 @@ use lisa::diffusion::{BetaSchedule, Prediction};
 use lisa::models::{diffusers, AutoencoderKL, ClipTextModel, ClipTokenizer, ControlNetConfig, UNetConfig};
 use lisa::pipeline::{MainNetwork, MainNetworkConfig};
 use lisa::train::optim::{AdamW, AdamWConfig};
-use lisa::train::trainer::{Batch, TrainTask};
+use lisa::train::step::{Batch, TrainTask};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 

@@ -34,7 +34,7 @@ use lisa::pipeline::{MainNetwork, MainNetworkConfig};
 use lisa::models::precision::MixedPrecision;
 use lisa::train::optim::{AdamW, AdamWConfig};
 use lisa::train::step::{Noise, StepOutcome, StepSettings};
-use lisa::train::trainer::{Batch, TrainTask};
+use lisa::train::step::{Batch, TrainTask};
 use tch::{Device, Kind, Tensor};
 
 /// `max |ours − ref| ≤ TOL · (1 + max |ref|)`.

@@ -3,7 +3,8 @@
 //! run, which the trainer's lock cannot keep out.
 use lisa::data::Dataset;
 use lisa::diffusion::{Objective, TrainingSample};
-use lisa::train::trainer::{train, Batch, RunDir, TaskLoss, TrainConfig, TrainTask};
+use lisa::train::step::{Batch, TaskLoss, TrainTask};
+use lisa::train::trainer::{train, RunDir, TrainConfig};
 use tch::{Device, Kind, Tensor};
 
 /// A loss that is a multiple of one parameter.

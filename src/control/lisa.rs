@@ -7,11 +7,9 @@ use tch::{nn, Kind, Tensor};
 
 use super::side::SideNetwork;
 use crate::models::{DecoderConfig, Hook, LisaDecoder};
+pub use super::side::DECODER_PREFIX;
 use crate::pipeline::MainNetwork;
 use crate::{Error, Result};
-
-/// Prefix of the decoder's parameter names in training checkpoints (never in a saved side network).
-pub const DECODER_PREFIX: &str = "lisa_decoder.";
 
 /// Timestep buckets of the per-bucket `L_lisa / mean(r²)` log (equal widths of the unit time `t/T`).
 pub const NUM_TIME_BUCKETS: usize = 10;

@@ -14,6 +14,11 @@ use crate::models::{
 use crate::pipeline::{save_model_dir, MainNetwork, Residuals, CONFIG_FILE};
 use crate::{Error, Result};
 
+/// Prefix of the LISA decoder's parameter names in a side-network run's training checkpoints: they are saved
+/// beside the side network's but never belong to it, so loading a side network skips them. Named here, with
+/// the network whose checkpoints hold them, so that the side network never imports the LISA room.
+pub const DECODER_PREFIX: &str = "lisa_decoder.";
+
 /// What a saved side network folder records besides its weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -235,7 +240,7 @@ impl SideNetwork {
         let tensors = crate::weights::read_tensors(&dir.join(file))?;
         // A side-network run's checkpoint also holds the LISA decoder; it is not part of the side network.
         let tensors =
-            tensors.into_iter().filter(|(n, _)| !n.starts_with(crate::control::lisa::DECODER_PREFIX)).collect();
+            tensors.into_iter().filter(|(n, _)| !n.starts_with(DECODER_PREFIX)).collect();
         crate::weights::load_into(&side.named_parameters(), tensors, &dir.join(file))?;
         Ok(side)
     }

@@ -9,7 +9,7 @@ use super::lisa::{absent_term_metrics, log_ratios, LisaHead, LisaTarget, Referen
 use super::side::SideNetwork;
 use crate::diffusion::TrainingSample;
 use crate::pipeline::MainNetwork;
-use crate::train::trainer::{Batch, TaskLoss, TrainTask};
+use crate::train::step::{Batch, TaskLoss, TrainTask};
 use crate::{Error, Result};
 
 /// What one forward of the training step computes.

@@ -12,7 +12,8 @@ use crate::diffusion::objective::ObjectiveKind;
 use crate::diffusion::{Objective, ObjectiveConfig, Prediction};
 use crate::models::{ControlNetConfig, Hook, LabelEncoderConfig, UNetConfig};
 use crate::pipeline::{MainNetwork, MainNetworkConfig};
-use crate::train::trainer::{self, Batch, RunDir, TrainConfig, TrainTask};
+use crate::train::step::{Batch, TaskLoss, TrainTask};
+use crate::train::trainer::{self, RunDir, TrainConfig};
 
 const CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
 
@@ -93,7 +94,7 @@ pub(super) fn bitwise_equal(a: &Tensor, b: &Tensor) -> bool {
     a.size() == b.size() && a.equal(b)
 }
 
-fn metric(loss: &trainer::TaskLoss, name: &str) -> f64 {
+fn metric(loss: &TaskLoss, name: &str) -> f64 {
     loss.metrics.iter().find(|(n, _)| n == name).map(|(_, v)| v.double_value(&[])).unwrap()
 }
 
@@ -653,7 +654,7 @@ fn lisa_switched_off_after_its_last_step_is_the_baselines_step_with_the_same_log
     let head = LisaHead::new(&main, &side, &cfg).unwrap();
     let (task, baseline) = (ControlTask::new(&main, &side, Some(&head)).unwrap(), ControlTask::new(&main, &side, None).unwrap());
     let (b, s) = batch(&main);
-    let names = |l: &trainer::TaskLoss| l.metrics.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    let names = |l: &TaskLoss| l.metrics.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
     task.begin_step(0);
     let on = task.loss(&b, &s).unwrap();
     // Steps 1 and 2 (indices 0, 1) carry the term: the zero decoder's L_lisa = mean(r²) > 0 adds λ·L_lisa.

@@ -13,7 +13,7 @@ use crate::diffusion::objective::ObjectiveKind;
 use crate::diffusion::{ObjectiveConfig, SamplerConfig, SamplerKind};
 use crate::models::{ControlNetConfig, DiTConfig, Hook, LabelEncoderConfig};
 use crate::pipeline::{Backbone, MainNetwork, MainNetworkConfig};
-use crate::train::trainer::{Batch, TrainTask};
+use crate::train::step::{Batch, TrainTask};
 
 const CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
 

@@ -90,7 +90,7 @@ pub fn forward_flops(name: &str, shape: &[i64], ctx: &FlopContext) -> Option<f64
     let idx = |k: usize| parts.get(k).and_then(|s| s.parse::<usize>().ok());
     let n = ctx.unet.block_out_channels.len();
     let per_sample_vector = name.starts_with("time_embedding.") || name.contains(".time_emb_proj.");
-    let res: i64 = if let Some(rest) = name.strip_prefix(crate::control::lisa::DECODER_PREFIX) {
+    let res: i64 = if let Some(rest) = name.strip_prefix(crate::control::side::DECODER_PREFIX) {
         if rest.starts_with("time_linear.") {
             1
         } else if rest.starts_with("blocks.") {

@@ -6,14 +6,14 @@
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::bench::{ours_step, TimingStats};
+use super::bench::{loss_scaler_for, ours_step, TimingStats};
 use super::control::{condition_channels, load_main};
 use super::control_config::ControlConfig;
 use crate::control::{ControlTask, LisaHead, LisaTarget, SideNetwork};
 use crate::models::ControlNetConfig;
+use crate::train::loss_scaler::LossScaler;
 use crate::train::optim::AdamW;
-use crate::train::step::StepSettings;
-use crate::train::trainer::Batch;
+use crate::train::step::{Batch, StepSettings};
 use crate::{Error, Result};
 
 /// One arm: the operating point's configuration with one switch changed.
@@ -183,6 +183,8 @@ pub fn bench_arms(
         })
         .collect();
     let settings = StepSettings { max_grad_norm: cfg.train.max_grad_norm, mixed_precision: cfg.train.mixed_precision };
+    // Under fp16 each arm steps with the trainer's loss scaler, kept across its steps.
+    let mut scalers: Vec<Option<LossScaler>> = built.iter().map(|_| loss_scaler_for(settings)).collect();
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); built.len()];
     for round in 0..warmup + reps {
         log(&format!("round {}/{}{}", round + 1, warmup + reps, if round < warmup { " (warm-up)" } else { "" }));
@@ -193,7 +195,8 @@ pub fn bench_arms(
         for j in 0..built.len() {
             let i = (round + j) % built.len();
             let lr = built[i].cfg.train.learning_rate;
-            let dt = ours_step(&tasks[i], &mut opts[i], &main.objective, &b, cfg.train.seed, round as u64, lr, settings)?;
+            let scaler = scalers[i].as_mut();
+            let dt = ours_step(&tasks[i], &mut opts[i], &main.objective, &b, cfg.train.seed, round as u64, lr, settings, scaler)?;
             if round >= warmup {
                 times[i].push(dt);
             }
@@ -256,5 +259,9 @@ mod tests {
         let table = r.table();
         assert!(table.contains("| sub8 |") && table.contains("relative to baseline"), "{table}");
         assert!(bench_arms(&cfg, &[], 0, 2, &mut |_| {}).is_err());
+        // Under fp16 the arms step with the trainer's loss scaler: an overflowed first step is timed, not an error.
+        cfg.train.mixed_precision = crate::models::precision::MixedPrecision::Fp16;
+        let r = bench_arms(&cfg, &[ArmKind::Baseline, ArmKind::Lisa], 0, 2, &mut |_| {}).unwrap();
+        assert!(r.arms.iter().all(|a| a.stats.times_s.len() == 2));
     }
 }

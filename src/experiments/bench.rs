@@ -26,9 +26,10 @@ use crate::diffusion::Objective;
 use crate::eval::flops::{shapes, FlopContext, StepFlops, FLOP_NOTE};
 use crate::models::ControlNetConfig;
 use crate::pipeline::MainNetwork;
+use crate::models::precision::MixedPrecision;
+use crate::train::loss_scaler::LossScaler;
 use crate::train::optim::AdamW;
-use crate::train::step::{train_step, Noise, StepOutcome, StepSettings};
-use crate::train::trainer::Batch;
+use crate::train::step::{train_step, Batch, Noise, StepOutcome, StepSettings};
 use crate::{Error, Result};
 
 /// What the benchmark feeds every step (stated in the output).
@@ -692,7 +693,9 @@ struct OursArm {
 }
 
 /// One training step of ours: the trainer's own [`train_step`] (host-drawn noise reseeded from the
-/// step, autocast, backward, clip, the host reads, AdamW, zero_grad); its seconds.
+/// step, autocast, backward, clip, the host reads, AdamW, zero_grad), under fp16 with the trainer's loss
+/// scaler (`scaler`, one per arm, kept across its steps); its seconds. An fp16 step whose gradients overflowed
+/// is timed like any other (the trainer skips its update too); any other non-finite step is an error.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn ours_step(
     task: &ControlTask,
@@ -703,17 +706,28 @@ pub(crate) fn ours_step(
     round: u64,
     lr: f64,
     settings: StepSettings,
+    scaler: Option<&mut LossScaler>,
 ) -> Result<f64> {
     let t0 = Instant::now();
     let noise = Noise::Seeded { seed, first_counter: round };
-    let r = train_step(task, opt, objective, std::slice::from_ref(batch), noise, lr, settings, None)?;
-    if r.outcome != StepOutcome::Applied {
-        return Err(Error::Training(format!(
-            "bench: non-finite loss ({}) or gradient norm ({})",
-            r.loss, r.grad_norm
-        )));
+    let scaled = scaler.is_some();
+    let r = train_step(task, opt, objective, std::slice::from_ref(batch), noise, lr, settings, scaler)?;
+    match r.outcome {
+        StepOutcome::Applied => {}
+        StepOutcome::Overflow if scaled => {}
+        _ => {
+            return Err(Error::Training(format!(
+                "bench: non-finite loss ({}) or gradient norm ({})",
+                r.loss, r.grad_norm
+            )))
+        }
     }
     Ok(t0.elapsed().as_secs_f64())
+}
+
+/// The trainer's loss scaler for an arm, where the step runs under fp16 (`None` otherwise).
+pub(crate) fn loss_scaler_for(settings: StepSettings) -> Option<LossScaler> {
+    (settings.mixed_precision == MixedPrecision::Fp16).then(LossScaler::new)
 }
 
 /// A step slot of the round-robin.
@@ -842,6 +856,8 @@ pub fn run_bench(cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRe
     let (ga, gb) =
         (Tensor::randn([n, n], (Kind::Float, Device::Cpu)), Tensor::randn([n, n], (Kind::Float, Device::Cpu)));
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); arms.len()];
+    let settings = StepSettings { max_grad_norm: ctl.train.max_grad_norm, mixed_precision: ctl.train.mixed_precision };
+    let mut scalers: Vec<Option<LossScaler>> = arms.iter().map(|_| loss_scaler_for(settings)).collect();
     let (mut ref_times, mut gemm_times) = ((Vec::new(), Vec::new()), Vec::new());
     let (res, in_ch, classes) = (u.sample_size, u.in_channels, main.config.label_encoder.num_classes);
     let rounds = cfg.warmup + cfg.reps;
@@ -855,12 +871,9 @@ pub fn run_bench(cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRe
         for j in 0..slots.len() {
             match slots[(round + j) % slots.len()] {
                 Slot::Ours(i) => {
-                    let settings = StepSettings {
-                        max_grad_norm: ctl.train.max_grad_norm,
-                        mixed_precision: ctl.train.mixed_precision,
-                    };
                     let lr = ctl.train.learning_rate;
-                    let dt = ours_step(&tasks[i], &mut opts[i], &main.objective, &batch, cfg.seed, round as u64, lr, settings)?;
+                    let scaler = scalers[i].as_mut();
+                    let dt = ours_step(&tasks[i], &mut opts[i], &main.objective, &batch, cfg.seed, round as u64, lr, settings, scaler)?;
                     if timed {
                         times[i].push(dt);
                     }

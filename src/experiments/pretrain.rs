@@ -7,7 +7,8 @@ use tch::{Device, Kind, Tensor};
 use crate::data::{DataConfig, Dataset};
 use crate::diffusion::{SamplerConfig, TrainingSample};
 use crate::pipeline::{MainNetwork, MainNetworkConfig, CONFIG_FILE};
-use crate::train::trainer::{self, Batch, RunDir, TaskLoss, TrainConfig, TrainSummary, TrainTask};
+use crate::train::step::{Batch, TaskLoss, TrainTask};
+use crate::train::trainer::{self, RunDir, TrainConfig, TrainSummary};
 use crate::{Error, Result};
 
 /// Validation samples written at each checkpoint (`samples/step-N.png`).

@@ -12,11 +12,45 @@ use tch::{Kind, Tensor};
 
 use super::optim::{clip_grad_norm, AdamW};
 use super::loss_scaler::LossScaler;
-use super::trainer::{Batch, TrainTask};
 use crate::diffusion::{Objective, TrainingSample};
 use crate::models::precision::{autocast, MixedPrecision};
 use crate::rng::{derive_seed, per_example, randn_on_host, Rows};
 use crate::Result;
+
+/// One micro-batch as the task sees it.
+pub struct Batch {
+    /// Clean images, [B, C, H, W] in [-1, 1].
+    pub x0: Tensor,
+    /// Class labels (the `y` conditioning), [B] i64.
+    pub labels: Tensor,
+    /// Condition images, [B, C, H, W] in [0, 1], when the dataset has them.
+    pub condition: Option<Tensor>,
+}
+
+/// The loss of one micro-batch and the scalars to log with it.
+pub struct TaskLoss {
+    /// The scalar to minimise.
+    pub loss: Tensor,
+    /// Extra scalars (0-d tensors) averaged over the logging interval, e.g. LISA's loss terms.
+    pub metrics: Vec<(String, Tensor)>,
+}
+
+/// What is trained: the loss of a noised micro-batch. Randomness inside (e.g. label dropout) must
+/// use libtorch's global generator, which the loop reseeds deterministically before each call.
+pub trait TrainTask {
+    /// Computes the loss; gradients flow to the parameters the optimizer holds.
+    fn loss(&self, batch: &Batch, sample: &TrainingSample) -> Result<TaskLoss>;
+
+    /// Told the 0-based index of the step about to be taken, before its losses (for tasks that change over
+    /// training, e.g. LISA switched off after `lisa.last_step`). Default: nothing.
+    fn begin_step(&self, _step: u64) {}
+
+    /// Rewrites a logged row (interval means of `loss`, `grad_norm`, the task's metrics, ...) before
+    /// it is written, e.g. to turn summed terms into ratios. Default: unchanged.
+    fn log_row(&self, row: Vec<(String, f64)>) -> Vec<(String, f64)> {
+        row
+    }
+}
 
 /// Where each micro-batch's noise and timesteps come from.
 pub enum Noise<'a> {

@@ -21,10 +21,10 @@ use super::tensorboard::{self, ReportTo};
 use super::lr::{lr_at, LrSchedule};
 use super::loss_scaler::LossScaler;
 use super::optim::{AdamW, AdamWConfig};
-use super::step::{train_step, Noise, StepOutcome, StepSettings};
+use super::step::{train_step, Batch, Noise, StepOutcome, StepSettings, TrainTask};
 use crate::data::loader::{DataOrder, DataOrderState};
 use crate::data::Dataset;
-use crate::diffusion::{Objective, TrainingSample};
+use crate::diffusion::Objective;
 use crate::models::precision::MixedPrecision;
 use crate::{weights, Error, Result};
 
@@ -146,41 +146,6 @@ impl TrainConfig {
             return bad("train.adam.weight_decay must be a number ≥ 0");
         }
         Ok(())
-    }
-}
-
-/// One micro-batch as the task sees it.
-pub struct Batch {
-    /// Clean images, [B, C, H, W] in [-1, 1].
-    pub x0: Tensor,
-    /// Class labels (the `y` conditioning), [B] i64.
-    pub labels: Tensor,
-    /// Condition images, [B, C, H, W] in [0, 1], when the dataset has them.
-    pub condition: Option<Tensor>,
-}
-
-/// The loss of one micro-batch and the scalars to log with it.
-pub struct TaskLoss {
-    /// The scalar to minimise.
-    pub loss: Tensor,
-    /// Extra scalars (0-d tensors) averaged over the logging interval, e.g. LISA's loss terms.
-    pub metrics: Vec<(String, Tensor)>,
-}
-
-/// What is trained: the loss of a noised micro-batch. Randomness inside (e.g. label dropout) must
-/// use libtorch's global generator, which the loop reseeds deterministically before each call.
-pub trait TrainTask {
-    /// Computes the loss; gradients flow to the parameters handed to [`train`].
-    fn loss(&self, batch: &Batch, sample: &TrainingSample) -> Result<TaskLoss>;
-
-    /// Told the 0-based index of the step about to be taken, before its losses (for tasks that change over
-    /// training, e.g. LISA switched off after `lisa.last_step`). Default: nothing.
-    fn begin_step(&self, _step: u64) {}
-
-    /// Rewrites a logged row (interval means of `loss`, `grad_norm`, the task's metrics, ...) before
-    /// it is written, e.g. to turn summed terms into ratios. Default: unchanged.
-    fn log_row(&self, row: Vec<(String, f64)>) -> Vec<(String, f64)> {
-        row
     }
 }
 
@@ -597,6 +562,8 @@ fn description_differences(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::diffusion::TrainingSample;
+    use crate::train::step::TaskLoss;
     use tch::Kind;
     use crate::diffusion::Objective;
     use tch::Device;
