@@ -59,32 +59,17 @@ pub struct Rows {
     pub total: i64,
 }
 
-thread_local! {
-    static ROWS: std::cell::Cell<Option<Rows>> = const { std::cell::Cell::new(None) };
-}
-
-/// Runs `f` with per-example draws sliced to `rows` (`None`: this process holds the whole batch).
-pub fn with_rows<T>(rows: Option<Rows>, f: impl FnOnce() -> T) -> T {
-    let before = ROWS.with(|r| r.replace(rows));
-    let out = f();
-    ROWS.with(|r| r.set(before));
-    out
-}
-
-/// The rows set by [`with_rows`], if any.
-pub fn rows() -> Option<Rows> {
-    ROWS.with(|r| r.get())
-}
-
-/// A per-example random tensor of `shape` (examples along dimension 0) from `draw`: under [`with_rows`],
-/// `draw` makes the draw of the whole global batch and this process keeps its rows; otherwise `draw(shape)`.
-/// Tasks draw their per-example randomness (dropout masks, random targets) through it, so that training
-/// on several processes draws what one process would.
+/// A per-example random tensor of `shape` (examples along dimension 0) from `draw`: for a micro-batch that
+/// holds `rows` of a larger global batch (a data-parallel shard, [`crate::train::step::Batch::rows`]), `draw`
+/// makes the draw of the whole global batch and the shard keeps its rows; otherwise `draw(shape)`. Tasks draw
+/// their per-example randomness (dropout masks, random targets) through it with their batch's rows, so that
+/// training on several processes draws what one process would.
 pub fn per_example(
+    rows: Option<Rows>,
     shape: &[i64],
     draw: impl FnOnce(&[i64]) -> crate::Result<tch::Tensor>,
 ) -> crate::Result<tch::Tensor> {
-    match rows() {
+    match rows {
         Some(r) if !shape.is_empty() && r.start + shape[0] <= r.total && shape[0] < r.total => {
             let mut full = shape.to_vec();
             full[0] = r.total;
@@ -123,11 +108,10 @@ mod tests {
         // (and the test leaves libtorch's process-wide generator to the tests that train).
         let numbered = |s: &[i64]| tch::Tensor::arange(s.iter().product::<i64>(), (tch::Kind::Float, tch::Device::Cpu));
         let draw = |s: &[i64]| Ok(numbered(s).view(s));
-        let whole = per_example(&[6, 2], draw).unwrap();
-        let second_half = with_rows(Some(Rows { start: 3, total: 6 }), || per_example(&[3, 2], draw)).unwrap();
+        let whole = per_example(None, &[6, 2], draw).unwrap();
+        let second_half = per_example(Some(Rows { start: 3, total: 6 }), &[3, 2], draw).unwrap();
         assert!(second_half.equal(&whole.narrow(0, 3, 3)));
-        assert_eq!(rows(), None, "the rows end with the closure");
-        let alone = with_rows(Some(Rows { start: 0, total: 6 }), || per_example(&[6, 2], draw)).unwrap();
+        let alone = per_example(Some(Rows { start: 0, total: 6 }), &[6, 2], draw).unwrap();
         assert!(alone.equal(&whole), "a process holding the whole batch draws exactly that");
     }
 

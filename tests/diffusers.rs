@@ -493,7 +493,7 @@ fn sd_folder_as_main_network_trains_a_controlnet_with_lisa_in_latent_space() {
     let side = SideNetwork::from_main(&main, ConditionKind::Edges, side_cfg).unwrap();
     let head = LisaHead::new(&main, &side, &LisaConfig::default()).unwrap();
     let task = ControlTask::new(&main, &side, Some(&head)).unwrap();
-    let batch = Batch { x0, labels: Tensor::from_slice(&[0i64, 2]), condition: Some(condition) };
+    let batch = Batch { x0, labels: Tensor::from_slice(&[0i64, 2]), condition: Some(condition), rows: None };
     let noise = Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu));
     let sample = main.objective.training_sample(&batch.x0, &noise, &Tensor::from_slice(&[100i64, 700])).unwrap();
     let mut params = side.named_parameters();

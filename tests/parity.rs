@@ -234,7 +234,12 @@ fn lisa_step_matches_the_pytorch_diffusers_reference() {
     rep.compare("forward", "pred_main (shared-encoder pass)", fs.pred_main.as_ref().unwrap(), &step["pred_main"]);
 
     // Loss and backward through our training step.
-    let batch = Batch { x0: step["x0"].shallow_clone(), labels: labels.shallow_clone(), condition: Some(condition.shallow_clone()) };
+    let batch = Batch {
+        x0: step["x0"].shallow_clone(),
+        labels: labels.shallow_clone(),
+        condition: Some(condition.shallow_clone()),
+        rows: None,
+    };
     let loss = task.loss(&batch, &sample).unwrap();
     let metric = |name: &str| loss.metrics.iter().find(|(n, _)| n == name).map(|(_, v)| v.shallow_clone()).unwrap();
     rep.compare("loss", "l_main", &metric("l_main"), &step["l_main"]);

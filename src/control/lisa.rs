@@ -223,12 +223,12 @@ impl LisaHead {
         Ok(y.f_reshape([b, self.frames * s[1], s[2], s[3]])?)
     }
 
-    /// How many of a batch of `batch` examples get the LISA term. A process holding `batch` rows of a
-    /// larger global batch ([`crate::rng::rows`]) takes its share of `sub_batch` (rounded up), so that several
-    /// processes give about `sub_batch` examples the term in all, as one process would.
-    pub fn lisa_examples(&self, batch: i64) -> i64 {
+    /// How many of a batch of `batch` examples get the LISA term. A shard holding `batch` of the `rows` of a
+    /// larger global batch takes its share of `sub_batch` (rounded up), so that several processes give about
+    /// `sub_batch` examples the term in all, as one process would.
+    pub fn lisa_examples(&self, batch: i64, rows: Option<crate::rng::Rows>) -> i64 {
         if self.sub_batch > 0 {
-            let share = match crate::rng::rows() {
+            let share = match rows {
                 Some(r) if r.total > batch => (self.sub_batch * batch + r.total - 1) / r.total,
                 _ => self.sub_batch,
             };
@@ -252,7 +252,9 @@ impl LisaHead {
     ///
     /// `target` and `unit_t` cover the whole batch; `pred_main` (the frozen network's prediction
     /// without residuals, needed by the residual and random targets) and `decoded` cover its first
-    /// `n` examples; `condition` is the batch's condition in [0, 1].
+    /// `n` examples; `condition` is the batch's condition in [0, 1]; `rows` the batch's rows of a
+    /// data-parallel step's global batch, for the random target's per-example draw.
+    #[allow(clippy::too_many_arguments)]
     pub fn term(
         &self,
         decoded: &Tensor,
@@ -260,6 +262,7 @@ impl LisaHead {
         pred_main: Option<&Tensor>,
         condition: &Tensor,
         unit_t: &Tensor,
+        rows: Option<crate::rng::Rows>,
     ) -> Result<LisaTerm> {
         let reference = || pred_main.ok_or_else(|| Error::Training("no reference prediction".into()));
         let n = decoded.size()[0];
@@ -271,7 +274,7 @@ impl LisaHead {
                 let res = likelihood_residual(&target, reference()?);
                 let rms =
                     res.square().f_flatten(1, -1)?.f_mean_dim(1, true, Kind::Float)?.sqrt().f_view([-1, 1, 1, 1])?;
-                crate::rng::per_example(&res.size(), |s| crate::rng::randn_on_host(s, res.kind(), res.device()))? * rms
+                crate::rng::per_example(rows, &res.size(), |s| crate::rng::randn_on_host(s, res.kind(), res.device()))? * rms
             }
             LisaTarget::Raw => target.detach(),
             LisaTarget::Condition => condition.f_narrow(0, 0, n)?.detach() * 2.0 - 1.0,

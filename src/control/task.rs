@@ -57,9 +57,22 @@ impl<'a> ControlTask<'a> {
         self.lisa.filter(|h| h.active_at(self.step.get()))
     }
 
-    /// The forward pass of one step: side network, the frozen main encoder once, the up path with
-    /// residuals and (LISA) without them, and the decoder on the hooked feature.
+    /// The forward pass of one step on a whole batch: see [`Self::forward_rows`].
     pub fn forward(&self, x_t: &Tensor, model_t: &Tensor, y: &Tensor, condition: &Tensor) -> Result<ControlForward> {
+        self.forward_rows(x_t, model_t, y, condition, None)
+    }
+
+    /// The forward pass of one step: side network, the frozen main encoder once, the up path with
+    /// residuals and (LISA) without them, and the decoder on the hooked feature. `rows`: the batch's rows of
+    /// a data-parallel step's global batch ([`Batch::rows`]), which set its share of `lisa.sub_batch`.
+    pub fn forward_rows(
+        &self,
+        x_t: &Tensor,
+        model_t: &Tensor,
+        y: &Tensor,
+        condition: &Tensor,
+        rows: Option<crate::rng::Rows>,
+    ) -> Result<ControlForward> {
         let encoder_hidden_states = tch::no_grad(|| self.main.label_encoder.forward(y))?;
         let lisa = self.active_lisa();
         let side = self.side.residuals(x_t, model_t, &encoder_hidden_states, condition, 1.0, lisa.map(|h| h.hook))?;
@@ -73,7 +86,7 @@ impl<'a> ControlTask<'a> {
                 // Only the residual and its random control need the frozen network's own prediction.
                 let needs_reference = matches!(head.target, LisaTarget::Residual | LisaTarget::Random);
                 // The LISA term covers the first `n` examples (all unless `lisa.sub_batch` is set).
-                let n = head.lisa_examples(x_t.size()[0]);
+                let n = head.lisa_examples(x_t.size()[0], rows);
                 let first = |t: &Tensor| t.f_narrow(0, 0, n);
                 let pred_main = if needs_reference {
                     Some(tch::no_grad(|| match head.reference_pass {
@@ -105,7 +118,7 @@ impl TrainTask for ControlTask<'_> {
         let condition = if self.condition_dropout > 0.0 {
             let size = condition.size();
             let draw = |s: &[i64]| Ok(Tensor::f_rand(s, (Kind::Float, condition.device()))?);
-            let keep = crate::rng::per_example(&[size[0], size[1], 1, 1], draw)?
+            let keep = crate::rng::per_example(batch.rows, &[size[0], size[1], 1, 1], draw)?
                 .ge(self.condition_dropout)
                 .to_kind(condition.kind());
             dropped = condition * keep;
@@ -113,7 +126,7 @@ impl TrainTask for ControlTask<'_> {
         } else {
             condition
         };
-        let f = self.forward(&sample.x_t, &sample.model_t, &batch.labels, condition)?;
+        let f = self.forward_rows(&sample.x_t, &sample.model_t, &batch.labels, condition, batch.rows)?;
         let l_main = f.pred_full.f_mse_loss(&sample.target, tch::Reduction::Mean)?;
         let (Some(head), Some(decoded)) = (self.lisa, &f.decoded) else {
             let mut metrics = vec![("l_main".into(), l_main.detach())];
@@ -123,7 +136,7 @@ impl TrainTask for ControlTask<'_> {
             }
             return Ok(TaskLoss { metrics, loss: l_main });
         };
-        let term = head.term(decoded, &sample.target, f.pred_main.as_ref(), condition, &sample.unit_t)?;
+        let term = head.term(decoded, &sample.target, f.pred_main.as_ref(), condition, &sample.unit_t, batch.rows)?;
         let loss = &l_main + &term.loss * head.lambda;
         let mut metrics = vec![("l_main".into(), l_main.detach())];
         metrics.extend(term.metrics);

@@ -83,7 +83,7 @@ fn batch(main: &MainNetwork) -> (Batch, crate::diffusion::TrainingSample) {
 pub(super) fn batch_with_labels(main: &MainNetwork, labels: [i64; 4]) -> (Batch, crate::diffusion::TrainingSample) {
     tch::manual_seed(11);
     let x0 = Tensor::rand([4, 1, 8, 8], CPU) * 2.0 - 1.0;
-    let b = Batch { labels: Tensor::from_slice(&labels), condition: Some(Tensor::rand([4, 1, 8, 8], CPU)), x0 };
+    let b = Batch { labels: Tensor::from_slice(&labels), condition: Some(Tensor::rand([4, 1, 8, 8], CPU)), x0, rows: None };
     let t = main.objective.sample_times(4, Device::Cpu);
     let s = main.objective.training_sample(&b.x0, &b.x0.randn_like(), &t).unwrap();
     (b, s)
@@ -525,7 +525,8 @@ fn condition_dropout_zeroes_whole_channels_of_a_stacked_condition() {
     let masked_loss = |bits: u32| {
         let keep: Vec<f32> = (0..8).map(|i| ((bits >> i) & 1) as f32).collect();
         let keep = Tensor::from_slice(&keep).view([4, 2, 1, 1]);
-        let by_hand = Batch { x0: b.x0.shallow_clone(), labels: b.labels.shallow_clone(), condition: Some(&cond * keep) };
+        let by_hand =
+            Batch { x0: b.x0.shallow_clone(), labels: b.labels.shallow_clone(), condition: Some(&cond * keep), rows: None };
         plain.loss(&by_hand, &s).unwrap().loss.double_value(&[])
     };
     tch::manual_seed(3);

@@ -191,7 +191,7 @@ pub fn bench_arms(
         let x0 = Tensor::rand([batch, in_ch, res, res], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
         let condition = Tensor::rand([batch, cond_channels, res, res], (Kind::Float, Device::Cpu));
         let labels = Tensor::randint(classes, [batch], (Kind::Int64, Device::Cpu));
-        let b = Batch { x0, labels, condition: Some(condition) };
+        let b = Batch { x0, labels, condition: Some(condition), rows: None };
         for j in 0..built.len() {
             let i = (round + j) % built.len();
             let lr = built[i].cfg.train.learning_rate;

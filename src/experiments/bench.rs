@@ -867,7 +867,7 @@ pub fn run_bench(cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRe
         let x0 = Tensor::rand([cfg.batch, in_ch, res, res], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
         let condition = Tensor::rand([cfg.batch, 1, res, res], (Kind::Float, Device::Cpu));
         let labels = Tensor::randint(classes, [cfg.batch], (Kind::Int64, Device::Cpu));
-        let batch = Batch { x0, labels, condition: Some(condition) };
+        let batch = Batch { x0, labels, condition: Some(condition), rows: None };
         for j in 0..slots.len() {
             match slots[(round + j) % slots.len()] {
                 Slot::Ours(i) => {

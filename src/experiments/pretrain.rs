@@ -102,7 +102,7 @@ impl TrainTask for PretrainTask<'_> {
         let mut y = batch.labels.shallow_clone();
         if self.label_dropout > 0.0 {
             let draw = |s: &[i64]| Ok(Tensor::f_rand(s, (Kind::Float, y.device()))?);
-            let drop = crate::rng::per_example(&[y.size()[0]], draw)?.lt(self.label_dropout);
+            let drop = crate::rng::per_example(batch.rows, &[y.size()[0]], draw)?.lt(self.label_dropout);
             y = y.where_self(&drop.logical_not(), &Tensor::from(self.net.label_encoder.null_label()).to_device(y.device()));
         }
         let pred = self.net.predict(&sample.x_t, &sample.model_t, &y)?;

@@ -25,6 +25,10 @@ pub struct Batch {
     pub labels: Tensor,
     /// Condition images, [B, C, H, W] in [0, 1], when the dataset has them.
     pub condition: Option<Tensor>,
+    /// The rows of the global batch this micro-batch holds, when it is one process's shard of a data-parallel
+    /// step (`None`: the whole batch). Per-example draws ([`per_example`]) take these rows of the global draw,
+    /// so that several processes draw what one would.
+    pub rows: Option<Rows>,
 }
 
 /// The loss of one micro-batch and the scalars to log with it.
@@ -122,13 +126,13 @@ impl Gradients {
     }
 }
 
-/// The noised sample of one micro-batch drawn from `(seed, counter)` (see [`Noise::Seeded`]); under
-/// [`crate::rng::with_rows`], this process's rows of the global batch's draw.
+/// The noised sample of one micro-batch drawn from `(seed, counter)` (see [`Noise::Seeded`]); for a shard
+/// ([`Batch::rows`]), its rows of the global batch's draw.
 pub fn seeded_sample(objective: &Objective, batch: &Batch, seed: u64, counter: u64) -> Result<TrainingSample> {
     tch::manual_seed(derive_seed(seed, counter) as i64);
     let x0 = &batch.x0;
-    let noise = per_example(&x0.size(), |s| randn_on_host(s, x0.kind(), x0.device()))?;
-    let t = per_example(&[x0.size()[0]], |s| Ok(objective.sample_times(s[0], tch::Device::Cpu)))?;
+    let noise = per_example(batch.rows, &x0.size(), |s| randn_on_host(s, x0.kind(), x0.device()))?;
+    let t = per_example(batch.rows, &[x0.size()[0]], |s| Ok(objective.sample_times(s[0], tch::Device::Cpu)))?;
     let t = t.to_device(x0.device());
     objective.training_sample(&batch.x0, &noise, &t)
 }
@@ -166,23 +170,17 @@ pub fn backward(
     let mut metric_sums: Vec<(String, Tensor)> = Vec::new();
     let group = crate::distributed::current();
     for (micro, batch) in micro_batches.iter().enumerate() {
-        let rows = group.as_ref().map(|g| {
-            let b = batch.x0.size()[0];
-            Rows { start: g.rank() as i64 * b, total: g.world_size() as i64 * b }
-        });
-        let out = crate::rng::with_rows(rows, || {
-            let drawn;
-            let sample = match &noise {
-                Noise::Seeded { seed, first_counter } => {
-                    drawn = seeded_sample(objective, batch, *seed, first_counter + micro as u64)?;
-                    &drawn
-                }
-                Noise::Given(samples) => samples.get(micro).ok_or_else(|| {
-                    crate::Error::Training(format!("{} given samples for {} micro-batches", samples.len(), n))
-                })?,
-            };
-            autocast(settings.mixed_precision, || task.loss(batch, sample))
-        })?;
+        let drawn;
+        let sample = match &noise {
+            Noise::Seeded { seed, first_counter } => {
+                drawn = seeded_sample(objective, batch, *seed, first_counter + micro as u64)?;
+                &drawn
+            }
+            Noise::Given(samples) => samples.get(micro).ok_or_else(|| {
+                crate::Error::Training(format!("{} given samples for {} micro-batches", samples.len(), n))
+            })?,
+        };
+        let out = autocast(settings.mixed_precision, || task.loss(batch, sample))?;
         (&out.loss * (loss_scale / n)).backward();
         loss_sum += out.loss.detach().to_device(tch::Device::Cpu);
         for (i, (name, v)) in out.metrics.into_iter().enumerate() {

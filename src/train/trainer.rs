@@ -26,6 +26,7 @@ use crate::data::loader::{DataOrder, DataOrderState};
 use crate::data::Dataset;
 use crate::diffusion::Objective;
 use crate::models::precision::MixedPrecision;
+use crate::rng::Rows;
 use crate::{weights, Error, Result};
 
 /// Settings of the training loop.
@@ -370,7 +371,9 @@ pub fn train(
             .map(|_| {
                 let indices = order.next_batch(cfg.batch_size)?;
                 let (x0, labels, condition) = data.batch(&indices[rank * shard..(rank + 1) * shard])?;
-                Ok(Batch { x0, labels, condition })
+                // Each process's shard is its rows of the global batch, handed to the step with the batch.
+                let rows = (world > 1).then(|| Rows { start: (rank * shard) as i64, total: cfg.batch_size as i64 });
+                Ok(Batch { x0, labels, condition, rows })
             })
             .collect::<Result<Vec<_>>>()?;
         let noise = Noise::Seeded { seed: cfg.seed, first_counter: step * cfg.gradient_accumulation_steps };
