@@ -171,6 +171,8 @@ case "${1:-}" in
     for n in edges mask depth flow-edges flow-mask dit-edges dit-mask video-edges video-trajectory; do
       [ -f "docs/results/$n/summary.json" ] && dirs+=("docs/results/$n")
     done
-    report speedups "${dirs[@]}" --out docs/results/converge-speedups ;;
+    # Per-second speed-ups where a point runs the step the idle bench timed (`step-costs v`).
+    K=(); k=docs/results/converge-edges-3e-5-controls/step-costs.json; [ -f "$k" ] && K=(--step-costs "$k")
+    report speedups "${dirs[@]}" "${K[@]}" --out docs/results/converge-speedups ;;
   *) sed -n '2,15p' "$0"; exit 2 ;;
 esac

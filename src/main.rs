@@ -242,6 +242,10 @@ struct SpeedupsArgs {
     /// Where speedups.md, speedups.json and the plots go.
     #[arg(long, default_value = "runs/speedups")]
     out: PathBuf,
+    /// A `lisa bench --config ... --out FILE` result (baseline and LISA timed): per-second speed-ups for the
+    /// points that run the step it timed.
+    #[arg(long)]
+    step_costs: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -1036,8 +1040,10 @@ fn run_contrast(a: ContrastArgs) -> Result<()> {
 }
 
 fn run_speedups(a: SpeedupsArgs) -> Result<()> {
-    let points = lisa::experiments::speedups::speedups(&a.runs, &a.out)?;
-    print!("{}", lisa::experiments::speedups::speedup_table(&points));
+    let points = lisa::experiments::speedups::speedups(&a.runs, &a.out, a.step_costs.as_deref())?;
+    let md = a.out.join("speedups.md");
+    print!("{}", std::fs::read_to_string(&md).with_context(|| format!("reading {}", md.display()))?);
+    eprintln!("{} operating points", points.len());
     println!("plots: {}  {}", a.out.join("speedups-50.png").display(), a.out.join("speedups-80.png").display());
     Ok(())
 }

@@ -90,6 +90,12 @@ pub struct ArmCost {
 pub struct ArmCostReport {
     /// The operating point: condition, hook, batch, threads, learning rate, label, as configured.
     pub operating_point: String,
+    /// The LISA hook the arms were timed at (the decoder's size, and so LISA's cost, depends on it).
+    pub hook: String,
+    /// The main network's folder.
+    pub main_network: String,
+    /// Examples per step.
+    pub batch: i64,
     /// Untimed rounds before the timed ones.
     pub warmup: usize,
     /// Timed rounds (one step of every arm each).
@@ -214,6 +220,9 @@ pub fn bench_arms(
             cfg.label,
             cfg.main_network_dir().display()
         ),
+        hook: cfg.lisa.hook.to_string(),
+        main_network: cfg.main_network_dir().display().to_string(),
+        batch,
         warmup,
         reps,
         arms: arms

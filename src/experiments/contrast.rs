@@ -269,6 +269,9 @@ mod tests {
         let stats = |m: f64| TimingStats::from_times(vec![m]);
         let costs = ArmCostReport {
             operating_point: "test".into(),
+            hook: "down_3".into(),
+            main_network: "assets/main-network".into(),
+            batch: 32,
             warmup: 0,
             reps: 1,
             arms: vec![

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::compare::{arm_speedups, paired_difference, CompareReport, SPEEDUP_LEGEND};
 use super::control_config::ControlConfig;
-use crate::eval::curves::{shared_measure, EventTiming, SpeedUp};
+use super::arm_cost::{ArmCostReport, ArmKind};
+use crate::eval::curves::{interval_text, shared_measure, EventTiming, SpeedUp};
 use crate::eval::plot::{line_plot, PlotSpec, Series};
 use crate::{Error, Result};
 
@@ -34,6 +35,12 @@ pub struct OperatingPoint {
     pub steps: u64,
     /// Seeds per arm.
     pub seeds: usize,
+    /// Examples per step.
+    #[serde(default)]
+    pub batch: i64,
+    /// The main network's folder.
+    #[serde(default)]
+    pub main_network: PathBuf,
     /// Final fidelity, LISA − baseline paired by seed: mean and standard deviation over seeds.
     pub final_difference: (f64, f64),
     /// The fewest evaluations inside a seed's baseline event (10–90% of its gain): sampled fidelity, then the
@@ -41,6 +48,41 @@ pub struct OperatingPoint {
     pub fewest_points_in_event: (Option<usize>, Option<usize>),
     /// The comparison's speed-ups (see [`crate::eval::curves::speedups`]).
     pub speedups: Vec<SpeedUp>,
+    /// LISA's step cost over the baseline's at this point, from an idle `lisa bench --config` (`None`: not
+    /// measured here).
+    #[serde(default)]
+    pub lisa_step_cost: Option<f64>,
+}
+
+/// LISA's step cost over the baseline's at one operating point, from a `lisa bench --config` result.
+#[derive(Debug, Clone)]
+pub struct StepCost {
+    /// The bench's result.
+    pub report: ArmCostReport,
+    /// Where it was read from.
+    pub path: PathBuf,
+}
+
+impl StepCost {
+    /// Reads a `lisa bench --config ... --out FILE` result that timed the baseline and LISA.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let report: ArmCostReport = serde_json::from_str(&text)
+            .map_err(|e| Error::format(path, format!("not a `lisa bench --config` result ({e})")))?;
+        if report.relative(ArmKind::Baseline).is_none() || report.relative(ArmKind::Lisa).is_none() {
+            return Err(Error::format(path, "the bench timed no baseline or no LISA arm; run it with both"));
+        }
+        Ok(Self { report, path: path.to_path_buf() })
+    }
+
+    /// LISA's cost over the baseline's where the point runs the step the bench timed: the same hook, main
+    /// network and batch (the task changes the condition's content, not the step's shapes).
+    pub fn applies_to(&self, p: &OperatingPoint) -> Option<f64> {
+        let r = &self.report;
+        (r.hook == p.hook && r.batch == p.batch && Path::new(&r.main_network) == p.main_network.as_path())
+            .then(|| r.relative(ArmKind::Lisa).zip(r.relative(ArmKind::Baseline)).map(|(l, b)| l / b))
+            .flatten()
+    }
 }
 
 impl OperatingPoint {
@@ -54,14 +96,20 @@ impl OperatingPoint {
 const LEVELS: [(&str, f64); 3] = [("50%", 0.5), ("80%", 0.8), ("90%", 0.9)];
 
 /// Reads the comparisons in `runs` (in that order), writes `speedups.md`, `speedups.json`,
-/// `speedups-50.png` and `speedups-80.png` into `out` and returns the operating points.
-pub fn speedups(runs: &[PathBuf], out: &Path) -> Result<Vec<OperatingPoint>> {
+/// `speedups-50.png` and `speedups-80.png` into `out` and returns the operating points. With `step_costs` (a
+/// `lisa bench --config` result), the points it applies to (see [`StepCost::applies_to`]) also get their
+/// speed-ups per second.
+pub fn speedups(runs: &[PathBuf], out: &Path, step_costs: Option<&Path>) -> Result<Vec<OperatingPoint>> {
     if runs.is_empty() {
         return Err(Error::Config("no comparison folders given; pass the output folders of `lisa compare`".into()));
     }
-    let points = runs.iter().map(|r| read_point(r)).collect::<Result<Vec<_>>>()?;
+    let costs = step_costs.map(StepCost::read).transpose()?;
+    let mut points = runs.iter().map(|r| read_point(r)).collect::<Result<Vec<_>>>()?;
+    for p in &mut points {
+        p.lisa_step_cost = costs.as_ref().and_then(|c| c.applies_to(p));
+    }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let table = speedup_table(&points);
+    let table = speedup_table(&points, costs.as_ref());
     std::fs::write(out.join("speedups.md"), &table).map_err(|e| Error::io(out.join("speedups.md"), e))?;
     let json = serde_json::to_string_pretty(&points).map_err(|e| Error::Config(e.to_string()))?;
     std::fs::write(out.join("speedups.json"), json).map_err(|e| Error::io(out.join("speedups.json"), e))?;
@@ -103,6 +151,9 @@ fn read_point(run: &Path) -> Result<OperatingPoint> {
         label,
         steps: cfg.train.steps,
         seeds: b.len(),
+        batch: cfg.train.batch_size as i64,
+        main_network: cfg.main_network_dir(),
+        lisa_step_cost: None,
         final_difference: paired_difference(b, l, |r| r.final_fidelity),
         fewest_points_in_event: (
             fewest(&|r| r.curve.as_slice(), report.higher_is_better),
@@ -114,7 +165,7 @@ fn read_point(run: &Path) -> Result<OperatingPoint> {
 
 /// The Markdown report: one row per operating point with the headline cells, then every speed-up of every
 /// point in full (shared-level and own-gain timing, per-seed ratios, t-interval, k of n, sign test, bootstrap).
-pub fn speedup_table(points: &[OperatingPoint]) -> String {
+pub fn speedup_table(points: &[OperatingPoint], costs: Option<&StepCost>) -> String {
     let count = |n: Option<usize>| n.map_or("—".to_string(), |n| n.to_string());
     let mut s = String::from(
         "LISA's speed-up over the baseline: the baseline's steps over LISA's to reach a level (a fraction of the \
@@ -127,9 +178,22 @@ pub fn speedup_table(points: &[OperatingPoint]) -> String {
          the table: every speed-up in full, with the sign test, the secondary bootstrap interval and the timing of \
          each arm to its own gain.\n\n\
          | comparison | task (metric) | lr | hook | label | steps | seeds | points | final | 50%: fidelity | 50%: \
-         loss gain | 80%: fidelity | 80%: loss gain | 90%: fidelity | 90%: loss gain |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         loss gain | 80%: fidelity | 80%: loss gain | 90%: fidelity | 90%: loss gain | LISA's step cost | 50% per \
+         second: fidelity / loss gain |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
+    if let Some(c) = costs {
+        s.insert_str(
+            s.find("\n\n|").unwrap_or(s.len()),
+            &format!(
+                " \"LISA's step cost\": LISA's training step over the baseline's, measured idle by `lisa bench --config` \
+                 at {} ({}), given where a point runs the same step (hook, main network and batch); \"per second\": \
+                 the per-step speed-up and its interval divided by that cost (> 1: LISA sooner per second of compute).",
+                c.report.operating_point,
+                c.path.display()
+            ),
+        );
+    }
     for p in points {
         let mut cells = Vec::new();
         for (_, f) in LEVELS {
@@ -137,6 +201,14 @@ pub fn speedup_table(points: &[OperatingPoint]) -> String {
                 cells.push(p.speedup(signal, &shared_measure(f)).map_or("—".into(), headline_cell));
             }
         }
+        let per_second = |signal: &str| -> String {
+            let (Some(k), Some(su)) = (p.lisa_step_cost, p.speedup(signal, &shared_measure(0.5))) else {
+                return "—".into();
+            };
+            interval_text(su.estimate.map(|e| e / k), su.t_interval.map(|(lo, hi)| (lo / k, hi / k)))
+        };
+        cells.push(p.lisa_step_cost.map_or("—".into(), |k| format!("×{k:.2}")));
+        cells.push(format!("{} / {}", per_second(&p.metric), per_second("loss_gain")));
         s += &format!(
             "| {} | {} ({}) | {:e} | `{}` | {} | {} | {} | {} / {} | {:+.4} ± {:.4} | {} |\n",
             p.name,
@@ -263,7 +335,7 @@ mod tests {
         let ra = comparison(&a, 1e-4, 1.25);
         comparison(&b, 3e-5, 1.0);
         let out = tmp.path().join("out");
-        let points = speedups(&[a, b], &out).unwrap();
+        let points = speedups(&[a, b], &out, None).unwrap();
         assert_eq!(points.len(), 2);
         assert_eq!((points[0].learning_rate, points[0].hook.as_str(), points[0].label.as_str()), (1e-4, "down_3", "class"));
         assert_eq!(points[0].seeds, 3);
@@ -277,6 +349,38 @@ mod tests {
         assert_eq!(rows.len(), 2, "{table}");
         assert!(rows[0].contains("| 1e-4 | `down_3` | class |") && rows[0].contains(&s.estimate_text()), "{}", rows[0]);
         assert!(rows[1].starts_with("| fast | edges (edge_f1) | 3e-5 |"), "{}", rows[1]);
+        // Given LISA's step cost where these points ran (hook down_3, the default network and batch), the
+        // per-second speed-up is the per-step one over the cost.
+        let cfg = ControlConfig::default();
+        let report = ArmCostReport {
+            operating_point: "test".into(),
+            hook: "down_3".into(),
+            main_network: cfg.main_network_dir().display().to_string(),
+            batch: cfg.train.batch_size as i64,
+            warmup: 0,
+            reps: 1,
+            arms: [(ArmKind::Baseline, 1.0), (ArmKind::Lisa, 1.4)]
+                .into_iter()
+                .map(|(arm, t)| crate::experiments::arm_cost::ArmCost {
+                    arm,
+                    stats: crate::experiments::bench::TimingStats::from_times(vec![t]),
+                    relative: t,
+                })
+                .collect(),
+        };
+        let costs = tmp.path().join("costs.json");
+        std::fs::write(&costs, serde_json::to_string(&report).unwrap()).unwrap();
+        let points = speedups(&[tmp.path().join("slow")], &out, Some(&costs)).unwrap();
+        assert_eq!(points[0].lisa_step_cost, Some(1.4));
+        let table = std::fs::read_to_string(out.join("speedups.md")).unwrap();
+        let row = table.lines().find(|l| l.starts_with("| slow")).unwrap();
+        let per_second = format!("| ×1.40 | ×{:.2}", s.estimate.unwrap() / 1.4);
+        assert!(row.contains(&per_second), "{row}");
+        assert!(table.contains("divided by that cost"), "{table}");
+        let mut elsewhere = report.clone();
+        elsewhere.hook = "mid".into();
+        std::fs::write(&costs, serde_json::to_string(&elsewhere).unwrap()).unwrap();
+        assert_eq!(speedups(&[tmp.path().join("slow")], &out, Some(&costs)).unwrap()[0].lisa_step_cost, None);
         // No loss gain was measured: its cells are dashes, and both forest plots exist.
         assert!(rows[0].contains("| — |"));
         for f in ["speedups.json", "speedups-50.png", "speedups-80.png"] {
@@ -287,12 +391,12 @@ mod tests {
     #[test]
     fn a_folder_without_a_finished_comparison_is_a_clear_error() {
         let tmp = tempfile::tempdir().unwrap();
-        let err = speedups(&[tmp.path().to_path_buf()], &tmp.path().join("out")).unwrap_err().to_string();
+        let err = speedups(&[tmp.path().to_path_buf()], &tmp.path().join("out"), None).unwrap_err().to_string();
         assert!(err.contains("no finished comparison"), "{err}");
-        assert!(speedups(&[], tmp.path()).is_err());
+        assert!(speedups(&[], tmp.path(), None).is_err());
         std::fs::write(tmp.path().join("summary.json"), "{}").unwrap();
         std::fs::write(tmp.path().join("config.toml"), "").unwrap();
-        let err = speedups(&[tmp.path().to_path_buf()], &tmp.path().join("out")).unwrap_err().to_string();
+        let err = speedups(&[tmp.path().to_path_buf()], &tmp.path().join("out"), None).unwrap_err().to_string();
         assert!(err.contains("not a `lisa compare` summary"), "{err}");
     }
 }
