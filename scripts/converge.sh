@@ -150,7 +150,7 @@ case "${1:-}" in
     done ;;
   step-costs)
     experiment "$2"; out=docs/results/$NAME-controls; mkdir -p "$out"
-    report bench --config "$CFG" --reps 30 --warmup 3 --out "$out/step-costs.json" | tee "$out/step-costs.md" ;;
+    report bench --config "$CFG" --reps 20 --warmup 2 --out "$out/step-costs.json" | tee "$out/step-costs.md" ;;
   contrast)
     experiment "$2"; out=docs/results/$NAME-controls
     for armdir in runs/$NAME-controls/seed-*/*/; do

@@ -142,6 +142,12 @@ pub fn shipped_main_network() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/main-network"))
 }
 
+/// `path` as a report should name it: relative to the project when it lies inside it (the shipped networks),
+/// so that committed results name `assets/main-network`, not the machine they ran on.
+pub fn report_path(path: &Path) -> String {
+    path.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap_or(path).display().to_string()
+}
+
 /// The file holding a model folder's [`MainNetworkConfig`].
 pub const CONFIG_FILE: &str = "config.json";
 

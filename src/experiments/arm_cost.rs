@@ -92,7 +92,7 @@ pub struct ArmCostReport {
     pub operating_point: String,
     /// The LISA hook the arms were timed at (the decoder's size, and so LISA's cost, depends on it).
     pub hook: String,
-    /// The main network's folder.
+    /// The main network as configured ([`ControlConfig::main_network_name`]).
     pub main_network: String,
     /// Examples per step.
     pub batch: i64,
@@ -218,10 +218,10 @@ pub fn bench_arms(
             cfg.threads,
             cfg.train.learning_rate,
             cfg.label,
-            cfg.main_network_dir().display()
+            cfg.main_network_name()
         ),
         hook: cfg.lisa.hook.to_string(),
-        main_network: cfg.main_network_dir().display().to_string(),
+        main_network: cfg.main_network_name(),
         batch,
         warmup,
         reps,

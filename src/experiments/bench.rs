@@ -932,7 +932,7 @@ pub fn run_bench(cfg: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<BenchRe
          slot per round"
     };
     Ok(BenchReport {
-        main_network: cfg.main_network.display().to_string(),
+        main_network: crate::pipeline::report_path(&cfg.main_network),
         main_parameters: crate::models::parameter_count(&main.vs),
         side_parameters: crate::models::parameter_count(&arms[0].side.vs),
         decoder_parameters: arms[1].head.as_ref().map_or(0, |h| crate::models::parameter_count(&h.vs)),

@@ -232,6 +232,16 @@ impl ControlConfig {
         }
     }
 
+    /// The main network as configured, for reports: its folder as given, or `assets/main-network` (the
+    /// shipped one) when none is (never this machine's absolute path).
+    pub fn main_network_name(&self) -> String {
+        if self.main_network.as_os_str().is_empty() {
+            "assets/main-network".into()
+        } else {
+            self.main_network.display().to_string()
+        }
+    }
+
     /// The condition(s) the side network is fed.
     pub fn condition_set(&self) -> Result<ConditionSet> {
         self.condition.parse()

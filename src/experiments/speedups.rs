@@ -38,9 +38,9 @@ pub struct OperatingPoint {
     /// Examples per step.
     #[serde(default)]
     pub batch: i64,
-    /// The main network's folder.
+    /// The main network as configured ([`ControlConfig::main_network_name`]).
     #[serde(default)]
-    pub main_network: PathBuf,
+    pub main_network: String,
     /// Final fidelity, LISA − baseline paired by seed: mean and standard deviation over seeds.
     pub final_difference: (f64, f64),
     /// The fewest evaluations inside a seed's baseline event (10–90% of its gain): sampled fidelity, then the
@@ -79,7 +79,7 @@ impl StepCost {
     /// network and batch (the task changes the condition's content, not the step's shapes).
     pub fn applies_to(&self, p: &OperatingPoint) -> Option<f64> {
         let r = &self.report;
-        (r.hook == p.hook && r.batch == p.batch && Path::new(&r.main_network) == p.main_network.as_path())
+        (r.hook == p.hook && r.batch == p.batch && r.main_network == p.main_network)
             .then(|| r.relative(ArmKind::Lisa).zip(r.relative(ArmKind::Baseline)).map(|(l, b)| l / b))
             .flatten()
     }
@@ -152,7 +152,7 @@ fn read_point(run: &Path) -> Result<OperatingPoint> {
         steps: cfg.train.steps,
         seeds: b.len(),
         batch: cfg.train.batch_size as i64,
-        main_network: cfg.main_network_dir(),
+        main_network: cfg.main_network_name(),
         lisa_step_cost: None,
         final_difference: paired_difference(b, l, |r| r.final_fidelity),
         fewest_points_in_event: (
@@ -355,7 +355,7 @@ mod tests {
         let report = ArmCostReport {
             operating_point: "test".into(),
             hook: "down_3".into(),
-            main_network: cfg.main_network_dir().display().to_string(),
+            main_network: cfg.main_network_name(),
             batch: cfg.train.batch_size as i64,
             warmup: 0,
             reps: 1,
