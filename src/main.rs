@@ -1191,23 +1191,11 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             a.arms.iter().map(|n| ArmKind::parse(n)).collect::<lisa::Result<_>>()?
         };
         let report = bench_arms(&cfg, &arms, a.warmup, a.reps, &mut |m| eprintln!("{m}"))?;
-        println!("{}", report.table());
-        if let Some(out) = &a.out {
-            std::fs::write(out, serde_json::to_string_pretty(&report)?)
-                .with_context(|| format!("writing {}", out.display()))?;
-            println!("results: {}", out.display());
-        }
-        return Ok(());
+        return print_and_save(&report.table(), &report, a.out.as_deref());
     }
     if let Some(dir) = &a.sampling_run {
         let report = lisa::experiments::bench::bench_sampling(dir, a.sampling_images, a.reps, a.threads)?;
-        println!("{}", report.table());
-        if let Some(out) = &a.out {
-            std::fs::write(out, serde_json::to_string_pretty(&report)?)
-                .with_context(|| format!("writing {}", out.display()))?;
-            println!("results: {}", out.display());
-        }
-        return Ok(());
+        return print_and_save(&report.table(), &report, a.out.as_deref());
     }
     let reference = (!a.no_reference).then(|| {
         let mut cmd = ReferenceCommand::in_repo(&repo_root());
@@ -1228,10 +1216,14 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         reference,
     };
     let report = lisa::experiments::bench::run_bench(&cfg, &mut |m| eprintln!("{m}"))?;
-    println!("{}", report.table());
-    if let Some(out) = &a.out {
-        let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))?;
+    print_and_save(&report.table(), &report, a.out.as_deref())
+}
+
+/// Prints a bench's table and, with `--out`, writes its result as JSON there.
+fn print_and_save(table: &str, report: &impl serde::Serialize, out: Option<&std::path::Path>) -> Result<()> {
+    println!("{table}");
+    if let Some(out) = out {
+        std::fs::write(out, serde_json::to_string_pretty(report)?).with_context(|| format!("writing {}", out.display()))?;
         println!("results: {}", out.display());
     }
     Ok(())
