@@ -218,6 +218,19 @@ impl SpeedUp {
         interval_text(self.estimate, self.t_interval)
     }
 
+    /// A table cell: the estimate, its t-interval and k/n, censored seeds named: `×1.09 [0.98, 1.22] 4/5, 1 censored`.
+    pub fn headline_text(&self) -> String {
+        let c = self.censored();
+        let censored = if c > 0 { format!(", {c} censored") } else { String::new() };
+        format!("{} {}/{}{censored}", self.estimate_text(), self.reached(), self.seeds.len())
+    }
+
+    /// The speed-up per second of compute when a step of the candidate costs `cost` of the reference's: the
+    /// estimate and its t-interval divided by it.
+    pub fn per_second_text(&self, cost: f64) -> String {
+        interval_text(self.estimate.map(|e| e / cost), self.t_interval.map(|(lo, hi)| (lo / cost, hi / cost)))
+    }
+
     /// The secondary bootstrap interval: `[1.03, 1.18]` or `—`.
     pub fn bootstrap_text(&self) -> String {
         self.bootstrap_interval.map_or("—".into(), |(lo, hi)| format!("[{lo:.2}, {hi:.2}]"))

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::arm_cost::{ArmCostReport, ArmKind};
 use super::compare::{arm_speedups, SPEEDUP_LEGEND};
 use super::control::ArmSummary;
-use crate::eval::curves::{interval_text, own_measure, shared_measure, SpeedUp};
+use crate::eval::curves::{own_measure, shared_measure, SpeedUp};
 use crate::{Error, Result};
 
 /// Every arm found: name → seed → its summary.
@@ -103,14 +103,10 @@ impl Contrast {
     /// known (`×1.09 [1.03, 1.16] 4/4 · /s ×0.78 [0.74, 0.83]`).
     pub fn cell(&self, signal: &str, measure: &str) -> String {
         let Some(s) = self.speedup(signal, measure) else { return "—".into() };
-        let c = s.censored();
-        let censored = if c > 0 { format!(", {c} censored") } else { String::new() };
-        let mut cell = format!("{} {}/{}{censored}", s.estimate_text(), s.reached(), s.seeds.len());
-        if let Some(k) = self.cost_ratio {
-            let per_second = interval_text(s.estimate.map(|e| e / k), s.t_interval.map(|(lo, hi)| (lo / k, hi / k)));
-            cell += &format!(" · /s {per_second}");
+        match self.cost_ratio {
+            Some(k) => format!("{} · /s {}", s.headline_text(), s.per_second_text(k)),
+            None => s.headline_text(),
         }
-        cell
     }
 }
 

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::compare::{arm_speedups, paired_difference, CompareReport, SPEEDUP_LEGEND};
 use super::control_config::ControlConfig;
 use super::arm_cost::{ArmCostReport, ArmKind};
-use crate::eval::curves::{interval_text, shared_measure, EventTiming, SpeedUp};
+use crate::eval::curves::{shared_measure, EventTiming, SpeedUp};
 use crate::eval::plot::{line_plot, PlotSpec, Series};
 use crate::{Error, Result};
 
@@ -198,14 +198,14 @@ pub fn speedup_table(points: &[OperatingPoint], costs: Option<&StepCost>) -> Str
         let mut cells = Vec::new();
         for (_, f) in LEVELS {
             for signal in [p.metric.as_str(), "loss_gain"] {
-                cells.push(p.speedup(signal, &shared_measure(f)).map_or("—".into(), headline_cell));
+                cells.push(p.speedup(signal, &shared_measure(f)).map_or("—".into(), SpeedUp::headline_text));
             }
         }
         let per_second = |signal: &str| -> String {
             let (Some(k), Some(su)) = (p.lisa_step_cost, p.speedup(signal, &shared_measure(0.5))) else {
                 return "—".into();
             };
-            interval_text(su.estimate.map(|e| e / k), su.t_interval.map(|(lo, hi)| (lo / k, hi / k)))
+            su.per_second_text(k)
         };
         cells.push(p.lisa_step_cost.map_or("—".into(), |k| format!("×{k:.2}")));
         cells.push(format!("{} / {}", per_second(&p.metric), per_second("loss_gain")));
@@ -244,13 +244,6 @@ pub fn speedup_table(points: &[OperatingPoint], costs: Option<&StepCost>) -> Str
         }
     }
     s
-}
-
-/// A headline cell: `×1.09 [0.98, 1.22] 5/5`, censored seeds named (`4/5, 1 censored`).
-fn headline_cell(s: &SpeedUp) -> String {
-    let c = s.censored();
-    let censored = if c > 0 { format!(", {c} censored") } else { String::new() };
-    format!("{} {}/{}{censored}", s.estimate_text(), s.reached(), s.seeds.len())
 }
 
 /// A forest plot at one level: per operating point (x = its row, 1-based), the estimate and its interval on
