@@ -11,7 +11,9 @@
 #                                             condition or raw (the decoder regressing onto another target),
 #                                             lr1.12 or lr1.25 (the baseline at a larger learning rate), sub8
 #                                             (LISA on a sub-batch of 8), until2400 (LISA on the first 2,400
-#                                             steps only)
+#                                             steps only), crossnorm and crossnorm-lisa (the rival: ControlNeXt's
+#                                             cross-normalization in place of the zero convolutions, without and
+#                                             with LISA)
 #   scripts/converge.sh step-costs EXP        each arm's training-step cost at EXP's point, on an idle machine
 #                                             (docs/results/NAME-controls/step-costs.json)
 #   scripts/converge.sh contrast EXP          copies EXP's finished control arms into docs/results/NAME-controls
@@ -159,7 +161,13 @@ case "${1:-}" in
       cp "$armdir"/{config.toml,fidelity.csv,metrics.csv,summary.json} "$out/$rel"
     done
     C=(); [ -f "$out/step-costs.json" ] && C=(--step-costs "$out/step-costs.json")
-    report contrast "docs/results/$NAME" "$out" "${C[@]}" --out "$out" >/dev/null ;;
+    report contrast "docs/results/$NAME" "$out" "${C[@]}" --out "$out" >/dev/null
+    # LISA on the rival's side network against the rival alone (crossnorm-lisa over crossnorm), once both ran.
+    if compgen -G "$out/seed-*/crossnorm/summary.json" >/dev/null && compgen -G "$out/seed-*/crossnorm-lisa/summary.json" >/dev/null; then
+      mkdir -p "$out/crossnorm"
+      report contrast "docs/results/$NAME" "$out" "${C[@]}" --reference crossnorm --candidate crossnorm-lisa \
+        --out "$out/crossnorm" >/dev/null
+    fi ;;
   report)
     # Reads the collected comparisons (scripts/collect-results.sh), so the table can be regenerated from the
     # repository alone.

@@ -54,8 +54,12 @@ if [ "$have" != "$TORCH_VERSION" ] || [ ! -f "$want_marker" ]; then
   if [ "$LISA_TORCH" = full ]; then
     .venv/bin/python -m pip install -q "torch==$TORCH_VERSION"
   else
+    # The lean install leaves torch's Python-side requirements (sympy, networkx, the CUDA libraries, ...) out on
+    # purpose: lisa links libtorch and never imports torch. torch goes in last and without its dependencies, so
+    # that pip's check of the installed set has nothing to report.
+    .venv/bin/python -m pip install -q --no-warn-conflicts "cuda-toolkit[cudart,cupti]==$CUDA_TOOLKIT_VERSION"
     .venv/bin/python -m pip install -q --no-deps "torch==$TORCH_VERSION"
-    .venv/bin/python -m pip install -q "cuda-toolkit[cudart,cupti]==$CUDA_TOOLKIT_VERSION"
+    echo "setup: installed the torch wheel for its libtorch only, without its Python requirements (lisa never imports torch), plus the CUDA runtime libraries libtorch_cpu.so loads"
   fi
   rm -f .venv/.lisa-torch-*
   touch "$want_marker"

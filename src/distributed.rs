@@ -376,7 +376,8 @@ const LAUNCH_GRACE: Duration = Duration::from_secs(30);
 /// Runs `command` as `nproc` processes on this machine, as `torchrun --nproc-per-node` does: each gets
 /// `RANK` = `LOCAL_RANK` = its index, `WORLD_SIZE` = `nproc`, `MASTER_ADDR` = 127.0.0.1 and `MASTER_PORT` =
 /// `port` (a free one when `None`). Waits for all; once one fails the others get a grace period to stop,
-/// then are killed. Returns the exit code of the first process to fail (0 when all succeed).
+/// then are killed. Returns the exit code of the first process to fail (0 when all succeed; 128 + N for one
+/// killed by signal N, as a shell reports it).
 pub fn launch(nproc: usize, port: Option<u16>, command: &[String]) -> Result<i32> {
     let (program, args) = command
         .split_first()
@@ -410,7 +411,7 @@ pub fn launch(nproc: usize, port: Option<u16>, command: &[String]) -> Result<i32
             .map_err(|e| Error::io(&exe, e))?;
         children.push(Some(child));
     }
-    let mut first_failure: Option<(usize, i32)> = None;
+    let mut first_failure: Option<(usize, std::process::ExitStatus)> = None;
     let mut failed_at = None;
     loop {
         for (rank, slot) in children.iter_mut().enumerate() {
@@ -418,7 +419,7 @@ pub fn launch(nproc: usize, port: Option<u16>, command: &[String]) -> Result<i32
             if let Some(status) = child.try_wait().map_err(|e| Error::io(&exe, e))? {
                 *slot = None;
                 if !status.success() && first_failure.is_none() {
-                    first_failure = Some((rank, status.code().unwrap_or(1)));
+                    first_failure = Some((rank, status));
                     failed_at = Some(std::time::Instant::now());
                 }
             }
@@ -436,11 +437,33 @@ pub fn launch(nproc: usize, port: Option<u16>, command: &[String]) -> Result<i32
         std::thread::sleep(Duration::from_millis(100));
     }
     match first_failure {
-        Some((rank, code)) => {
-            eprintln!("lisa launch: rank {rank} of {nproc} failed first (exit code {code})");
-            Ok(if code == 0 { 1 } else { code })
+        Some((rank, status)) => {
+            let (how, code) = failure(status);
+            eprintln!("lisa launch: rank {rank} of {nproc} failed first ({how})");
+            Ok(code)
         }
         None => Ok(0),
+    }
+}
+
+/// How a failed process ended, in words, and the exit code that reports it (never 0).
+fn failure(status: std::process::ExitStatus) -> (String, i32) {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => (format!("exit code {code}"), if code == 0 { 1 } else { code }),
+        (None, Some(sig)) => {
+            let name = match sig {
+                1 => " (SIGHUP)",
+                2 => " (SIGINT)",
+                6 => " (SIGABRT)",
+                9 => " (SIGKILL, e.g. the out-of-memory killer)",
+                11 => " (SIGSEGV)",
+                15 => " (SIGTERM)",
+                _ => "",
+            };
+            (format!("killed by signal {sig}{name}"), 128 + sig)
+        }
+        (None, None) => ("ended without an exit code".into(), 1),
     }
 }
 

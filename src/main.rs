@@ -288,6 +288,9 @@ struct SamplerArgs {
     /// ddim, ddpm (DDPM objectives) or euler (flow matching). Default: ddim, or euler for flow models.
     #[arg(long)]
     sampler: Option<SamplerKind>,
+    /// libtorch CPU threads (0 = libtorch's default), as every other command takes.
+    #[arg(long, default_value_t = 0)]
+    threads: i32,
     /// Sampling steps.
     #[arg(long, default_value_t = 50)]
     sampling_steps: usize,
@@ -300,6 +303,13 @@ struct SamplerArgs {
 }
 
 impl SamplerArgs {
+    /// Applies `--threads`.
+    fn set_threads(&self) {
+        if self.threads > 0 {
+            tch::set_num_threads(self.threads);
+        }
+    }
+
     fn config(&self, net: &MainNetwork) -> SamplerConfig {
         let default_kind = match net.objective {
             lisa::diffusion::Objective::Flow => SamplerKind::Euler,
@@ -329,12 +339,17 @@ struct SampleArgs {
     /// Output PNG.
     #[arg(long, default_value = "samples.png")]
     out: PathBuf,
+    /// Also write every sample as its own PNG into this new (or empty) folder, with a `metadata.jsonl` naming each
+    /// file's label, seed and conditions: for an external scorer, for browsing, or to read back as an imagefolder.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
     /// A side network folder (a `lisa train` run's `side-network/`, or one of its checkpoints): sample
     /// under its control. Repeat to compose several (their residuals are summed, as diffusers'
     /// MultiControlNet). Needs --condition (one per side network) or --condition-from.
     #[arg(long)]
     controlnet: Vec<PathBuf>,
-    /// A condition image (PNG/JPEG/BMP; grey, resized to the model's size; white = 1), one per --controlnet, in order.
+    /// A condition image (PNG/JPEG/BMP, resized to the model's size; white = 1), one per --controlnet, in order;
+    /// read with as many channels as its side network takes (grey, or colour for one trained on colour maps).
     #[arg(long)]
     condition: Vec<PathBuf>,
     /// An ordinary image from which every side network extracts its own condition (e.g. edges, mask).
@@ -609,7 +624,8 @@ struct BenchArgs {
     /// With --config: override a key, KEY=VALUE (TOML value), repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// With --config: an arm to time, repeatable (baseline, lisa, random, condition, raw, sub8; default all);
+    /// With --config: an arm to time, repeatable (baseline, lisa, random, condition, raw, sub8, crossnorm,
+    /// crossnorm-lisa; default all);
     /// the first is the one the others are compared with.
     #[arg(long = "arm")]
     arms: Vec<String>,
@@ -661,7 +677,14 @@ fn main() -> ExitCode {
                     msg.push(cause);
                 }
             }
-            eprintln!("error: {}", msg.join(": "));
+            // Under `lisa launch` / torchrun every process reads the same configuration and refuses it alike:
+            // rank 0 alone says so.
+            let config_error =
+                e.chain().any(|c| matches!(c.downcast_ref::<lisa::Error>(), Some(lisa::Error::Config(_))));
+            let other_rank = lisa::distributed::Launch::from_env().ok().flatten().is_some_and(|l| l.rank != 0);
+            if !(config_error && other_rank) {
+                eprintln!("error: {}", msg.join(": "));
+            }
             ExitCode::FAILURE
         }
     }
@@ -706,6 +729,7 @@ fn load_model(dir: &std::path::Path) -> Result<MainNetwork> {
 }
 
 fn run_sample(a: SampleArgs) -> Result<()> {
+    a.sampler.set_threads();
     let net = load_model(&a.model.clone().unwrap_or_else(shipped_model))?;
     let k = net.config.label_encoder.num_classes;
     let labels: Vec<i64> = if a.labels.is_empty() { (0..k).collect() } else { a.labels.clone() };
@@ -714,6 +738,9 @@ fn run_sample(a: SampleArgs) -> Result<()> {
     }
     if a.per_label < 1 {
         anyhow::bail!("--per-label must be ≥ 1");
+    }
+    if let Some(dir) = &a.out_dir {
+        lisa::eval::grid::check_sample_folder(dir)?;
     }
     // Column-major grid: one column per label.
     let ys: Vec<i64> = (0..a.per_label).flat_map(|_| labels.iter().copied()).collect();
@@ -796,6 +823,32 @@ fn run_sample(a: SampleArgs) -> Result<()> {
             _ => r.shallow_clone(),
         })
         .collect();
+    if let Some(dir) = &a.out_dir {
+        let paths = |v: &[PathBuf]| v.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
+        let fields: Vec<serde_json::Map<String, serde_json::Value>> = ys
+            .iter()
+            .enumerate()
+            .map(|(i, &label)| {
+                let mut m = serde_json::Map::new();
+                m.insert("label".into(), label.into());
+                m.insert("unconditional".into(), (label == k).into());
+                m.insert("seed".into(), a.sampler.seed.into());
+                m.insert("index".into(), i.into());
+                m.insert("guidance_scale".into(), a.guidance_scale.into());
+                if !sides.is_empty() {
+                    m.insert("controlnet".into(), paths(&a.controlnet).into());
+                    m.insert("conditioning_scale".into(), scales.clone().into());
+                    match &a.condition_from {
+                        Some(p) => m.insert("condition_from".into(), p.display().to_string().into()),
+                        None => m.insert("condition".into(), paths(&a.condition).into()),
+                    };
+                }
+                m
+            })
+            .collect();
+        lisa::eval::grid::save_sample_folder(&images, &fields, dir)?;
+        println!("wrote {} samples and their metadata.jsonl into {}", ys.len(), dir.display());
+    }
     cond_rows.push(images);
     lisa::eval::grid::save_grid_scaled(&Tensor::cat(&cond_rows, 0), labels.len(), 2, 2, &a.out)?;
     let kinds: Vec<String> = sides.iter().map(|s| s.condition.to_string()).collect();
@@ -813,6 +866,7 @@ fn run_sample(a: SampleArgs) -> Result<()> {
 }
 
 fn run_eval(a: EvalArgs) -> Result<()> {
+    a.sampler.set_threads();
     let info = match &a.classifier {
         Some(dir) => Some(lisa::eval::load_classifier_dir(dir, Device::Cpu)?.2),
         None => None,

@@ -485,6 +485,18 @@ fn build(root: &Path) -> Vec<Case> {
         &[m, "empty dataset", "add one"],
     );
     c.folder("if-missing-image-key", with_a(&[r#"{"label": 0}"#]), &[], &[m, "line 1: missing `image` key"]);
+    // Two images, a batch of two: the default held-out fraction took one of them (ceil(0.1 · 2) = 1), and the
+    // message says so.
+    c.folder(
+        "if-held-out-leaves-less-than-a-batch",
+        |d| {
+            png(&d.join("a.png"), 8, 8);
+            png(&d.join("b.png"), 8, 8);
+            meta(d, &[r#"{"image": "a.png", "label": 0}"#, r#"{"image": "b.png", "label": 1}"#]);
+        },
+        &["--set", "train.batch_size=2"],
+        &["has 1 example(s) once data.eval_fraction = 0.1", "held out", "data.eval_dataset"],
+    );
     c.folder(
         "if-neither-text-nor-label",
         with_a(&[r#"{"image": "a.png", "label": 0}"#, r#"{"image": "a.png"}"#]),
@@ -708,6 +720,18 @@ fn build(root: &Path) -> Vec<Case> {
     );
     c.config("cfg-eval-fraction-one", &["data.eval_fraction=1.0"], &["data.eval_fraction must be in [0, 1)"]);
     c.folder(
+        "if-pretrain-eval-dataset",
+        with_a(&[r#"{"image": "a.png", "label": 0}"#]),
+        &["--set", "data.eval_dataset=\"elsewhere\""],
+        &["lisa pretrain evaluates on no held-out images", "data.eval_fraction = 0"],
+    );
+    // A setting that cannot apply to Fashion-MNIST is refused, not recorded and ignored.
+    c.config(
+        "cfg-image-size-on-fashion-mnist",
+        &["data.image_size=100000"],
+        &["data.image_size applies only to an imagefolder", "remove it, or set data.dataset"],
+    );
+    c.folder(
         "if-utf16-metadata",
         |d| {
             png(&d.join("a.png"), 8, 8);
@@ -806,7 +830,9 @@ fn build(root: &Path) -> Vec<Case> {
     // Classifiers for the Fréchet distance on users' data (`lisa classifier`, `--classifier`).
     let rgb = c.dir("clf-fixture").join("rgb");
     fs::create_dir_all(&rgb).unwrap();
-    let lines: Vec<String> = (0..4).map(|i| format!(r#"{{"image": "{i}.png", "label": {}}}"#, i % 2)).collect();
+    // Lines with a caption and a label, as many datasets have: the classifier learns the labels.
+    let lines: Vec<String> =
+        (0..4).map(|i| format!(r#"{{"image": "{i}.png", "text": "item {i}", "label": {}}}"#, i % 2)).collect();
     (0..4).for_each(|i| png(&rgb.join(format!("{i}.png")), 8, 8));
     meta(&rgb, &lines.iter().map(String::as_str).collect::<Vec<_>>());
     let clf3 = rgb.with_file_name("classifier");

@@ -130,9 +130,44 @@ fn compare_writes_curves_grids_and_a_summary_then_its_side_network_samples() {
         "2",
         "--out",
         grid.to_str().unwrap(),
+        "--out-dir",
+        dir.path().join("samples").to_str().unwrap(),
+        "--threads",
+        "1",
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("mask") && grid.is_file(), "{stdout}");
+    // One PNG per sample, and a metadata.jsonl that reads back as an imagefolder with the labels asked for.
+    let samples = dir.path().join("samples");
+    let meta = std::fs::read_to_string(samples.join("metadata.jsonl")).unwrap();
+    assert_eq!(meta.lines().count(), 2, "{meta}");
+    assert!(meta.contains("\"condition_from\"") && meta.contains("side-network"), "{meta}");
+    let back = lisa::data::DataConfig {
+        dataset: samples.to_str().unwrap().into(),
+        caption_column: String::new(),
+        eval_fraction: 0.0,
+        ..Default::default()
+    }
+    .load(false)
+    .unwrap();
+    assert_eq!(Vec::<i64>::try_from(&back.labels).unwrap().len(), 2);
+    assert_eq!(back.images.size(), vec![2, 1, 32, 32]);
+    // A folder that is not empty is refused, and kept as it was.
+    let (ok, _, stderr) = lisa(&[
+        "sample",
+        "--labels",
+        "0",
+        "--per-label",
+        "1",
+        "--sampling-steps",
+        "1",
+        "--out",
+        grid.to_str().unwrap(),
+        "--out-dir",
+        samples.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("is not empty; give a new or empty folder"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(samples.join("metadata.jsonl")).unwrap(), meta);
 
     // Composition with guidance: two side networks (here the same one twice at half scale), guided on the label.
     let (ok, stdout, stderr) = lisa(&[

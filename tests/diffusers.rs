@@ -223,7 +223,7 @@ fn controlnet_matches_diffusers() {
     let mut rep = Report::default();
     tch::no_grad(|| {
         let out = cn
-            .forward(&g["sample"], &g["timesteps"], &g["encoder_hidden_states"], &g["controlnet_cond"], scale, None)
+            .forward(&g["sample"], &g["timesteps"], &g["encoder_hidden_states"], &g["controlnet_cond"], scale, None, None)
             .unwrap();
         compare_controlnet(&mut rep, "controlnet", &out.down_block_res_samples, &out.mid_block_res_sample, &g);
         let pred = unet
@@ -325,6 +325,7 @@ fn controlnet_export_loads_in_diffusers_and_imports_back() {
                 &g["controlnet_cond"],
                 scale,
                 None,
+                None,
             )
         })
         .unwrap()
@@ -374,7 +375,7 @@ fn controlnet_export_loads_in_diffusers_and_imports_back() {
     }
     assert!(back.mid_block_res_sample.equal(&ours.mid_block_res_sample));
     let out = again
-        .residuals(&g["sample"], &g["timesteps"], &g["encoder_hidden_states"], &g["controlnet_cond"], 1.0, None)
+        .residuals(&g["sample"], &g["timesteps"], &g["encoder_hidden_states"], &g["controlnet_cond"], 1.0, None, None)
         .unwrap()
         .into_controlnet()
         .unwrap();
@@ -683,7 +684,7 @@ fn train_sd_trains_a_latent_controlnet_on_a_captioned_imagefolder_resumes_and_ex
     let t = Tensor::from_slice(&[10i64, 500]);
     let encoder_hidden_states = main.label_encoder.forward(&Tensor::from_slice(&[0i64, 1])).unwrap();
     let (a, b) = tch::no_grad(|| {
-        let run = |s: &SideNetwork| s.residuals(&x, &t, &encoder_hidden_states, &c, 1.0, None).unwrap().into_controlnet().unwrap();
+        let run = |s: &SideNetwork| s.residuals(&x, &t, &encoder_hidden_states, &c, 1.0, None, None).unwrap().into_controlnet().unwrap();
         (run(&saved), run(&imported))
     });
     assert!(a.mid_block_res_sample.equal(&b.mid_block_res_sample));

@@ -326,5 +326,12 @@ fn lisa_launch_pretrains_in_two_processes_as_one_would() {
     launch.extend(pretrain(&config, &three));
     let (ok, text) = lisa(&launch);
     assert!(!ok);
-    assert!(text.contains("train.batch_size = 8 is not a multiple of the 3 processes"), "{text}");
+    assert_eq!(text.matches("train.batch_size = 8 is not a multiple of the 3 processes").count(), 1, "{text}");
+}
+
+#[test]
+fn lisa_launch_names_the_signal_that_killed_a_rank() {
+    let (ok, text) = lisa(&["launch", "--nproc", "2", "--", "sh", "-c", "if [ \"$RANK\" = 1 ]; then kill -9 $$; fi"]);
+    assert!(!ok);
+    assert!(text.contains("rank 1 of 2 failed first (killed by signal 9 (SIGKILL"), "{text}");
 }

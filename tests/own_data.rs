@@ -212,6 +212,8 @@ fn an_rgb_imagefolder_pretrains_trains_with_extracted_and_given_conditions_and_s
     let table = eval(&["--classifier", clf.to_str().unwrap()]);
     let on = format!("Fréchet distance on the features of the classifier in {}, 2 images", clf.display());
     assert!(table.contains(&on), "{table}");
+    // It names the held-out set it compared with, the one recorded with the classifier.
+    assert!(table.contains("vs a held-out fraction (data.eval_fraction ="), "{table}");
     for set in ["| real train images (floor) |", "| model samples |", "| uniform noise (ceiling) |"] {
         assert!(table.contains(set), "{table}");
     }

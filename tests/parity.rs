@@ -181,6 +181,7 @@ fn build(cfg: &serde_json::Value, reference_pass: ReferencePass) -> Nets {
         conditioning_channels: cn["conditioning_channels"].as_i64().unwrap(),
         conditioning_embedding_out_channels: serde_json::from_value(cn["conditioning_embedding_out_channels"].clone()).unwrap(),
         conditioning_downscale: cn["conditioning_downscale"].as_i64().unwrap(),
+        cross_norm_scale: None,
     };
     let side = SideNetwork::from_main(&main, ConditionKind::Mask, controlnet).unwrap();
     load("side network", &side.named_parameters(), &read("side.safetensors"));
@@ -215,7 +216,7 @@ fn lisa_step_matches_the_pytorch_diffusers_reference() {
     // Forward: the side network's hooked feature and mid residual, then the step's predictions.
     tch::no_grad(|| {
         let encoder_hidden_states = main.label_encoder.forward(labels).unwrap();
-        let out = side.residuals(&sample.x_t, &sample.model_t, &encoder_hidden_states, condition, 1.0, Some(head.hook)).unwrap();
+        let out = side.residuals(&sample.x_t, &sample.model_t, &encoder_hidden_states, condition, 1.0, Some(head.hook), None).unwrap();
         rep.compare("forward", "hooked (mid-block output of the side network)", out.hooked.as_ref().unwrap(), &step["hooked"]);
         let lisa::pipeline::Residuals::UNet { mid, .. } = &out.residuals else { panic!("a UNet side network") };
         rep.compare("forward", "mid_residual (controlnet_mid_block output)", mid, &step["mid_residual"]);

@@ -84,16 +84,18 @@ pub fn controlled_prediction(
         (x.shallow_clone(), model_t.shallow_clone(), y.shallow_clone())
     };
     let encoder_hidden_states = main.label_encoder.forward(&yy)?;
+    let shared = main.down_mid(&xx, &tt, &encoder_hidden_states)?;
     let mut residuals: Option<Residuals> = None;
     for c in controls.iter().filter(|c| c.options.active(i, n) && c.options.conditioning_scale != 0.0) {
         let cond = if guided { Tensor::cat(&[&c.condition, &c.condition], 0) } else { c.condition.shallow_clone() };
-        let out = c.side.residuals(&xx, &tt, &encoder_hidden_states, &cond, c.options.conditioning_scale, None)?;
+        let scale = c.options.conditioning_scale;
+        let out = c.side.residuals(&xx, &tt, &encoder_hidden_states, &cond, scale, None, Some(&shared))?;
         residuals = Some(match residuals {
             None => out.residuals,
             Some(r) => r.add(out.residuals)?,
         });
     }
-    let out = main.forward(&xx, &tt, &encoder_hidden_states, residuals.as_ref())?;
+    let out = main.up(&shared, residuals.as_ref())?;
     if !guided {
         return Ok(out);
     }

@@ -11,7 +11,7 @@ use crate::data::conditions::{ConditionKind, ConditionSet};
 use crate::models::{
     diffusers, ControlNetConfig, ControlNetModel, ControlNetOutput, DiTControlNetConfig, DiTControlNetModel, Hook,
 };
-use crate::pipeline::{save_model_dir, MainNetwork, Residuals, CONFIG_FILE};
+use crate::pipeline::{save_model_dir, MainNetwork, Residuals, SharedPass, CONFIG_FILE};
 use crate::{Error, Result};
 
 /// Prefix of the LISA decoder's parameter names in a side-network run's training checkpoints: they are saved
@@ -174,6 +174,11 @@ impl SideNetwork {
         let condition = condition.into();
         match &main.config.transformer {
             None => Self::from_main(main, condition, controlnet),
+            Some(_) if controlnet.cross_norm_scale.is_some() => Err(Error::Config(
+                "cross-normalization (side_connection = \"cross_norm\") is built for UNet side networks; a \
+                 transformer's side network joins through its zero linear layers (side_connection = \"zero_conv\")"
+                    .into(),
+            )),
             Some(t) => {
                 let layers = if transformer_layers > 0 { transformer_layers } else { (t.num_layers / 2).max(1) };
                 let cfg = DiTControlNetConfig {
@@ -288,8 +293,17 @@ impl SideNetwork {
         v
     }
 
+    /// Whether [`Self::residuals`] needs the main network's own pass on the same inputs (a cross-normalized
+    /// ControlNet, [`ControlNetConfig::cross_norm_scale`]).
+    pub fn needs_main_features(&self) -> bool {
+        matches!(&self.model, SideModel::ControlNet(m) if m.config.cross_norm_scale.is_some())
+    }
+
     /// Runs the side network: residuals for the main network (times `scale`) and, with `hook`, the
-    /// hooked feature. `encoder_hidden_states` is the main network's label encoding of `y`.
+    /// hooked feature. `encoder_hidden_states` is the main network's label encoding of `y`; `main` the main
+    /// network's own [`MainNetwork::down_mid`] on the same inputs, required when
+    /// [`Self::needs_main_features`] (the residuals then depend on it), ignored otherwise.
+    #[allow(clippy::too_many_arguments)]
     pub fn residuals(
         &self,
         x_t: &Tensor,
@@ -298,10 +312,15 @@ impl SideNetwork {
         condition: &Tensor,
         scale: f64,
         hook: Option<Hook>,
+        main: Option<&SharedPass>,
     ) -> Result<SideOutput> {
         Ok(match &self.model {
             SideModel::ControlNet(m) => {
-                let out = m.forward(x_t, model_t, encoder_hidden_states, condition, scale, hook)?;
+                let main = match main {
+                    Some(SharedPass::UNet(e)) => Some(e),
+                    _ => None,
+                };
+                let out = m.forward(x_t, model_t, encoder_hidden_states, condition, scale, hook, main)?;
                 SideOutput {
                     residuals: Residuals::UNet { down: out.down_block_res_samples, mid: out.mid_block_res_sample },
                     hooked: out.hooked,
@@ -333,8 +352,9 @@ impl SideNetwork {
         scale: f64,
     ) -> Result<Tensor> {
         let encoder_hidden_states = main.label_encoder.forward(y)?;
-        let side = self.residuals(x_t, model_t, &encoder_hidden_states, condition, scale, None)?;
-        main.forward(x_t, model_t, &encoder_hidden_states, Some(&side.residuals))
+        let shared = main.down_mid(x_t, model_t, &encoder_hidden_states)?;
+        let side = self.residuals(x_t, model_t, &encoder_hidden_states, condition, scale, None, Some(&shared))?;
+        main.up(&shared, Some(&side.residuals))
     }
 }
 

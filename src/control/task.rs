@@ -75,10 +75,11 @@ impl<'a> ControlTask<'a> {
     ) -> Result<ControlForward> {
         let encoder_hidden_states = tch::no_grad(|| self.main.label_encoder.forward(y))?;
         let lisa = self.active_lisa();
-        let side = self.side.residuals(x_t, model_t, &encoder_hidden_states, condition, 1.0, lisa.map(|h| h.hook))?;
         // The residuals enter only after the encoder (UNet) or the embeddings (transformer), so that
-        // part serves both passes (spec §6).
+        // part serves both passes (spec §6), and a cross-normalized side network reads its features.
         let shared = tch::no_grad(|| self.main.down_mid(x_t, model_t, &encoder_hidden_states))?;
+        let hook = lisa.map(|h| h.hook);
+        let side = self.side.residuals(x_t, model_t, &encoder_hidden_states, condition, 1.0, hook, Some(&shared))?;
         let pred_full = self.main.up(&shared, Some(&side.residuals))?;
         let (pred_main, decoded) = match lisa {
             None => (None, None),

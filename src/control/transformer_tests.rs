@@ -326,3 +326,11 @@ fn a_video_transformer_attends_across_frames_and_lisa_decodes_frame_by_frame() {
     // A condition with the wrong number of frames is refused.
     assert!(task.forward(&x, &t, &y, &c.narrow(1, 0, 1)).is_err());
 }
+
+#[test]
+fn cross_normalization_is_refused_for_a_transformer_side_network_with_the_setting_to_use() {
+    let main = dit_main(flow());
+    let cn = ControlNetConfig { cross_norm_scale: Some(0.35), ..ControlNetConfig::default() };
+    let e = SideNetwork::for_main(&main, ConditionKind::Edges, cn, 2).err().unwrap().to_string();
+    assert!(e.contains("UNet side networks") && e.contains("zero_conv"), "{e}");
+}

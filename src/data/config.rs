@@ -104,8 +104,44 @@ impl DataConfig {
         }
         if self.is_imagefolder() {
             self.columns().validate()?;
+        } else {
+            let d = DataConfig::default();
+            let unused: Vec<&str> = [
+                ("data.channels", self.channels != d.channels),
+                ("data.conditioning_channels", self.conditioning_channels != d.conditioning_channels),
+                ("data.image_size", self.image_size != d.image_size),
+                ("data.image_column", self.image_column != d.image_column),
+                ("data.conditioning_image_column", self.conditioning_image_column != d.conditioning_image_column),
+                ("data.caption_column", self.caption_column != d.caption_column),
+                ("data.label_column", self.label_column != d.label_column),
+                ("data.follow_symlinks", self.follow_symlinks != d.follow_symlinks),
+                ("data.eval_dataset", self.eval_dataset != d.eval_dataset),
+                ("data.eval_fraction", self.eval_fraction != d.eval_fraction),
+            ]
+            .into_iter()
+            .filter_map(|(name, set)| set.then_some(name))
+            .collect();
+            if !unused.is_empty() {
+                return Err(Error::Config(format!(
+                    "{} applies only to an imagefolder (data.dataset = a folder with metadata.jsonl), and the data is \
+                     Fashion-MNIST (grey 28×28 images padded to 32×32, its own test split held out); remove it, or \
+                     set data.dataset to your folder",
+                    unused.join(", ")
+                )));
+            }
         }
         Ok(())
+    }
+
+    /// The configuration as its dataset uses it: on an imagefolder, the Fashion-MNIST-only `source` at its
+    /// default, so that a run started from a Fashion-MNIST configuration (e.g. `configs/main-network.toml`,
+    /// which reads the Debian copy) does not record a setting its folder never used.
+    pub fn as_applied(&self) -> DataConfig {
+        if self.is_imagefolder() {
+            DataConfig { source: DataConfig::default().source, ..self.clone() }
+        } else {
+            self.clone()
+        }
     }
 
     /// What the held-out set is, for a run's summary: `None` for Fashion-MNIST (its test split).
@@ -122,6 +158,29 @@ impl DataConfig {
         } else {
             format!("the imagefolder {} (data.eval_dataset)", self.eval_dataset)
         })
+    }
+
+    /// Refuses a training split of `examples` examples smaller than a batch of `batch_size`, saying where the
+    /// other images went when an imagefolder's held-out fraction took them.
+    pub fn check_training_size(&self, examples: usize, batch_size: usize) -> Result<()> {
+        if examples >= batch_size {
+            return Ok(());
+        }
+        let split = if self.is_imagefolder() && self.eval_dataset.is_empty() {
+            format!(
+                "the training split of {} has {examples} example(s) once data.eval_fraction = {} of its images (chosen \
+                 by file name) is held out for evaluation, fewer than train.batch_size = {batch_size}; lower \
+                 train.batch_size, add images, or give the held-out images as a separate folder (data.eval_dataset) \
+                 so that every image of this one trains",
+                self.dataset, self.eval_fraction
+            )
+        } else {
+            format!(
+                "the dataset has {examples} examples, fewer than train.batch_size = {batch_size}; lower \
+                 train.batch_size or add data"
+            )
+        };
+        Err(Error::Config(split))
     }
 
     /// Loads the training split, or with `test` the held-out set: Fashion-MNIST's test split; for an
@@ -219,5 +278,28 @@ mod tests {
         assert_eq!(DataConfig::default().held_out_description(), None);
         let bad = DataConfig { eval_fraction: 1.0, ..Default::default() };
         assert!(bad.load(false).unwrap_err().to_string().contains("data.eval_fraction must be in [0, 1)"));
+    }
+
+    #[test]
+    fn a_setting_that_cannot_apply_is_refused_or_left_unrecorded() {
+        let fm = DataConfig { image_size: 64, eval_fraction: 0.2, ..DataConfig::default() };
+        let e = fm.validate().unwrap_err().to_string();
+        assert!(e.contains("data.image_size, data.eval_fraction applies only to an imagefolder"), "{e}");
+        assert!(DataConfig::default().validate().is_ok());
+        // A Fashion-MNIST configuration's `source` is not recorded for a folder that never read it.
+        let folder = DataConfig { dataset: "my-folder".into(), source: "debian".into(), ..DataConfig::default() };
+        assert_eq!(folder.as_applied(), DataConfig { source: "auto".into(), ..folder.clone() });
+        let debian = DataConfig { source: "debian".into(), ..DataConfig::default() };
+        assert_eq!(debian.as_applied(), debian);
+    }
+
+    #[test]
+    fn a_training_split_smaller_than_a_batch_says_where_the_held_out_images_went() {
+        let folder = DataConfig { dataset: "two-images".into(), ..DataConfig::default() };
+        let e = folder.check_training_size(1, 2).unwrap_err().to_string();
+        assert!(e.contains("has 1 example(s) once data.eval_fraction = 0.1") && e.contains("data.eval_dataset"), "{e}");
+        assert!(folder.check_training_size(2, 2).is_ok());
+        let e = DataConfig::default().check_training_size(3, 4).unwrap_err().to_string();
+        assert!(e.contains("the dataset has 3 examples, fewer than train.batch_size = 4"), "{e}");
     }
 }

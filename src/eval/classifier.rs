@@ -679,9 +679,16 @@ pub fn train_data_classifier(cfg: &ClassifierRunConfig) -> Result<ClassifierInfo
                 .into(),
         ));
     }
-    if cfg.data.is_imagefolder() {
-        let dir = Path::new(&cfg.data.dataset);
-        let records = crate::data::imagefolder::read_metadata_with(dir, &cfg.data.columns())?;
+    // A classifier learns class ids: with a label column, a line's caption is not read (a line may carry both).
+    let data = match cfg.data.label_column.is_empty() {
+        false => DataConfig { caption_column: String::new(), ..cfg.data.clone() },
+        true => cfg.data.clone(),
+    };
+    if data.is_imagefolder() {
+        let dir = Path::new(&data.dataset);
+        // Where lines have no label, say that the classes come from captions if they do.
+        let records = crate::data::imagefolder::read_metadata_with(dir, &data.columns())
+            .or_else(|e| crate::data::imagefolder::read_metadata_with(dir, &cfg.data.columns()).map_err(|_| e))?;
         if let Some(r) = records.first().filter(|r| matches!(r.target, crate::data::imagefolder::Target::Text(_))) {
             return Err(Error::Format {
                 path: dir.join(crate::data::imagefolder::METADATA_FILE),
@@ -698,8 +705,8 @@ pub fn train_data_classifier(cfg: &ClassifierRunConfig) -> Result<ClassifierInfo
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads);
     }
-    let train = cfg.data.load(false)?;
-    let held_out = cfg.data.load(true)?;
+    let train = data.load(false)?;
+    let held_out = data.load(true)?;
     let mut tc = cfg.train.clone();
     tc.model.in_channels = train.channels();
     tc.model.image_size = train.image_size();
@@ -712,7 +719,7 @@ pub fn train_data_classifier(cfg: &ClassifierRunConfig) -> Result<ClassifierInfo
         cfg.seed,
         report,
         Some(ClassifierData {
-            config: cfg.data.clone(),
+            config: data.clone(),
             class_names: train.class_names.clone(),
             train_images: train.len(),
             held_out_images: held_out.len(),

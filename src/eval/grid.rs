@@ -93,6 +93,52 @@ pub fn save_image(image: &Tensor, scale: usize, path: impl AsRef<Path>) -> Resul
     save_grid_scaled(&image, 1, 0, scale, path)
 }
 
+/// The name of a sample folder's index file (one JSON object per image, as an imagefolder's).
+pub const SAMPLE_METADATA: &str = "metadata.jsonl";
+
+/// Refuses a sample folder that is a file or holds anything (see [`save_sample_folder`]): checked before
+/// sampling, so that a refused folder costs nothing.
+pub fn check_sample_folder(dir: &Path) -> Result<()> {
+    if dir.is_file() {
+        return Err(Error::Config(format!("{} is a file; give a new or empty folder for the samples", dir.display())));
+    }
+    if dir.is_dir() && std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.next().is_some() {
+        return Err(Error::Config(format!(
+            "{} is not empty; give a new or empty folder for the samples (nothing in it is overwritten)",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes each of `images` (`[N, C, H, W]` in [-1, 1], `C` = 1 or 3) as its own PNG, `dir/00000.png` …, and
+/// `dir/metadata.jsonl` with one line per image: `{"image": "00000.png"}` merged with `fields[i]` (e.g. its
+/// label and condition). The folder reads back as an imagefolder (`data.dataset = dir`) when the fields hold
+/// a `label`. `dir` must be new or empty: nothing of the user's is overwritten.
+pub fn save_sample_folder(
+    images: &Tensor,
+    fields: &[serde_json::Map<String, serde_json::Value>],
+    dir: &Path,
+) -> Result<()> {
+    let n = images.size().first().copied().unwrap_or(0);
+    if n != fields.len() as i64 {
+        return Err(Error::Config(format!("{n} images but {} metadata rows", fields.len())));
+    }
+    check_sample_folder(dir)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut lines = String::new();
+    for (i, extra) in fields.iter().enumerate() {
+        let name = format!("{i:05}.png");
+        save_image(&images.get(i as i64), 1, dir.join(&name))?;
+        let mut line = serde_json::Map::new();
+        line.insert("image".into(), name.into());
+        line.extend(extra.clone());
+        lines += &serde_json::Value::Object(line).to_string();
+        lines.push('\n');
+    }
+    crate::weights::write_atomic(&dir.join(SAMPLE_METADATA), lines.as_bytes())
+}
+
 /// Encodes a `[C, H, W]` `u8` tensor as PNG at `path` via a temporary file in the same folder
 /// (a rename within one filesystem is atomic).
 fn write_png(img: &Tensor, path: &Path) -> Result<()> {

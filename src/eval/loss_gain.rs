@@ -126,7 +126,8 @@ impl HeldOutLoss {
     pub fn gain(&self, main: &MainNetwork, side: &SideNetwork) -> Result<LossGain> {
         tch::no_grad(|| {
             let encoder_hidden_states = main.label_encoder.forward(&self.labels)?;
-            let out = side.residuals(&self.x_t, &self.model_t, &encoder_hidden_states, &self.condition, 1.0, None)?;
+            let (x_t, t, c) = (&self.x_t, &self.model_t, &self.condition);
+            let out = side.residuals(x_t, t, &encoder_hidden_states, c, 1.0, None, Some(&self.shared))?;
             let pred = main.up(&self.shared, Some(&out.residuals))?;
             let controlled = per_example_mse(&pred, &self.target)?.unsqueeze(0).matmul(&self.buckets).squeeze_dim(0);
             let c: Vec<f64> = Vec::<f64>::try_from(&controlled)?;

@@ -8,9 +8,8 @@ use tch::{Device, Kind, Tensor};
 
 use super::bench::{loss_scaler_for, ours_step, TimingStats};
 use super::control::{condition_channels, load_main};
-use super::control_config::ControlConfig;
+use super::control_config::{ControlConfig, SideConnection};
 use crate::control::{ControlTask, LisaHead, LisaTarget, SideNetwork};
-use crate::models::ControlNetConfig;
 use crate::train::loss_scaler::LossScaler;
 use crate::train::optim::AdamW;
 use crate::train::step::{Batch, StepSettings};
@@ -32,12 +31,25 @@ pub enum ArmKind {
     Raw,
     /// LISA with its term on the first 8 examples of each batch (`lisa.sub_batch = 8`).
     Sub8,
+    /// No LISA term, the side network joined by ControlNeXt's cross-normalization instead of zero convolutions
+    /// (`side_connection = "cross_norm"`): the rival method.
+    CrossNorm,
+    /// LISA on the cross-normalized side network.
+    CrossNormLisa,
 }
 
 impl ArmKind {
     /// Every arm, in table order.
-    pub const ALL: [ArmKind; 6] =
-        [ArmKind::Baseline, ArmKind::Lisa, ArmKind::Random, ArmKind::Condition, ArmKind::Raw, ArmKind::Sub8];
+    pub const ALL: [ArmKind; 8] = [
+        ArmKind::Baseline,
+        ArmKind::Lisa,
+        ArmKind::Random,
+        ArmKind::Condition,
+        ArmKind::Raw,
+        ArmKind::Sub8,
+        ArmKind::CrossNorm,
+        ArmKind::CrossNormLisa,
+    ];
 
     /// The arm's name, as `scripts/converge.sh control` names its run folder.
     pub fn name(self) -> &'static str {
@@ -48,6 +60,8 @@ impl ArmKind {
             ArmKind::Condition => "condition",
             ArmKind::Raw => "raw",
             ArmKind::Sub8 => "sub8",
+            ArmKind::CrossNorm => "crossnorm",
+            ArmKind::CrossNormLisa => "crossnorm-lisa",
         }
     }
 
@@ -62,12 +76,13 @@ impl ArmKind {
     /// `cfg` with this arm's switch.
     pub fn configure(self, cfg: &ControlConfig) -> ControlConfig {
         let mut c = cfg.clone();
-        c.lisa.enabled = self != ArmKind::Baseline;
+        c.lisa.enabled = !matches!(self, ArmKind::Baseline | ArmKind::CrossNorm);
         match self {
             ArmKind::Random => c.lisa.target = LisaTarget::Random,
             ArmKind::Condition => c.lisa.target = LisaTarget::Condition,
             ArmKind::Raw => c.lisa.target = LisaTarget::Raw,
             ArmKind::Sub8 => c.lisa.sub_batch = 8,
+            ArmKind::CrossNorm | ArmKind::CrossNormLisa => c.side_connection = SideConnection::CrossNorm,
             ArmKind::Baseline | ArmKind::Lisa => {}
         }
         c
@@ -154,11 +169,7 @@ pub fn bench_arms(
     let set = cfg.condition_set()?;
     let cond_channels = set.len() as i64;
     let probe = Tensor::zeros([1, cond_channels, res, res], (Kind::Float, Device::Cpu));
-    let controlnet = ControlNetConfig {
-        conditioning_channels: condition_channels(cfg, &probe)?,
-        conditioning_embedding_out_channels: cfg.conditioning_embedding_out_channels.clone(),
-        ..ControlNetConfig::for_unet(u)
-    };
+    let controlnet = cfg.controlnet_config(u, condition_channels(cfg, &probe)?);
     struct Arm {
         side: SideNetwork,
         head: Option<LisaHead>,

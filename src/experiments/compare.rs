@@ -297,7 +297,8 @@ pub fn compare(cfg: &ControlConfig, resume: bool, quiet: bool) -> Result<Compare
     // In a multi-process run rank 0 alone writes the folder's files (the trainer does the same per arm).
     let main_process = crate::distributed::is_main_process();
     if main_process {
-        std::fs::write(out.join("config.toml"), crate::config::to_toml(cfg)?)
+        let recorded = ControlConfig { data: cfg.data.as_applied(), ..cfg.clone() };
+        std::fs::write(out.join("config.toml"), crate::config::to_toml(&recorded)?)
             .map_err(|e| Error::io(out.join("config.toml"), e))?;
     }
     let main = load_main(cfg)?;

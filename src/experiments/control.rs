@@ -15,7 +15,6 @@ use crate::eval::curves::{mean_aucc, mean_column, read_curve};
 use crate::eval::fidelity::{fidelity, higher_is_better, metric_name};
 use crate::eval::loss_gain::{HeldOutLoss, LossGain};
 use crate::eval::{frechet_distance, load_classifier_dir, load_shipped, Classifier, ClassifierInfo, FeatureStats};
-use crate::models::ControlNetConfig;
 use crate::pipeline::MainNetwork;
 use crate::train::log::{LogFormat, MetricsLog};
 use crate::train::tensorboard::{self, ReportTo};
@@ -230,6 +229,8 @@ pub fn train_control(
     quiet: bool,
 ) -> Result<ArmSummary> {
     cfg.validate()?;
+    // The run records the settings its data used.
+    let cfg = &ControlConfig { data: cfg.data.as_applied(), ..cfg.clone() };
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads);
     }
@@ -255,11 +256,7 @@ pub fn train_control(
 
     // The same seed gives both arms the same side-network initialisation (the decoder is built after it).
     tch::manual_seed(cfg.train.seed as i64);
-    let controlnet = ControlNetConfig {
-        conditioning_channels: condition_channels(cfg, &data.eval_conditions)?,
-        conditioning_embedding_out_channels: cfg.conditioning_embedding_out_channels.clone(),
-        ..ControlNetConfig::for_unet(&main.config.unet)
-    };
+    let controlnet = cfg.controlnet_config(&main.config.unet, condition_channels(cfg, &data.eval_conditions)?);
     let side = SideNetwork::for_main(main, set.clone(), controlnet, cfg.side_transformer_layers)?;
     let head = if cfg.lisa.enabled { Some(LisaHead::new(main, &side, &cfg.lisa)?) } else { None };
     let task = ControlTask::new(main, &side, head.as_ref())?.with_condition_dropout(cfg.condition_dropout)?;
@@ -293,6 +290,7 @@ pub fn train_control(
         files: side_run_files(cfg, &side)?,
     };
     // Everything the trainer would refuse is refused before the folder is touched.
+    cfg.data.check_training_size(train_data.len(), train_cfg.batch_size)?;
     trainer::preflight(&train_data, &train_cfg, &run)?;
     let _lock = crate::train::lock::RunLock::acquire(out)?;
     let resume_step = match resume {

@@ -10,7 +10,7 @@ use crate::control::{LisaConfig, NUM_TIME_BUCKETS};
 use crate::data::conditions::{ConditionKind, ConditionSet};
 use crate::data::DataConfig;
 use crate::diffusion::SamplerConfig;
-use crate::models::ControlNetConfig;
+use crate::models::{ControlNetConfig, UNetConfig};
 use crate::pipeline::{shipped_main_network, MainNetwork};
 use crate::train::trainer::TrainConfig;
 use crate::{Error, Result};
@@ -95,6 +95,18 @@ impl FidelityEvalConfig {
     }
 }
 
+/// How a UNet side network's features reach the main network (see [`ControlNetConfig::cross_norm_scale`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SideConnection {
+    /// diffusers' ControlNet: a zero-initialised 1×1 convolution per site.
+    #[default]
+    ZeroConv,
+    /// ControlNeXt's cross-normalization: per example, the side feature re-centred and re-scaled to the main
+    /// network's feature at the same site, added times `cross_norm_scale`; no zero convolutions.
+    CrossNorm,
+}
+
 /// The class label the frozen main network is given while the side network trains and samples.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -175,6 +187,13 @@ pub struct ControlConfig {
     /// Blocks copied into the side network when the main network is a transformer (0 = half of its
     /// blocks). Default 0.
     pub side_transformer_layers: i64,
+    /// How a UNet side network's features join the main network: `zero_conv` (diffusers' ControlNet) or
+    /// `cross_norm` (ControlNeXt's cross-normalization in place of every zero convolution; such a network cannot
+    /// be exported to diffusers). Default `zero_conv`.
+    pub side_connection: SideConnection,
+    /// With `side_connection = "cross_norm"`: the scale the cross-normalized side features are added with.
+    /// Default 0.35 (ControlNeXt's Stable Diffusion 1.5 training recipe).
+    pub cross_norm_scale: f64,
     /// The label the main network sees: `class` or `null`. Default `class`.
     pub label: LabelInput,
     /// LISA (`lisa.enabled = false` is the baseline).
@@ -202,6 +221,8 @@ impl Default for ControlConfig {
             data: DataConfig::default(),
             conditioning_embedding_out_channels: ControlNetConfig::default().conditioning_embedding_out_channels,
             side_transformer_layers: 0,
+            side_connection: SideConnection::ZeroConv,
+            cross_norm_scale: 0.35,
             label: LabelInput::Class,
             lisa: LisaConfig::default(),
             train: TrainConfig {
@@ -239,6 +260,20 @@ impl ControlConfig {
             "assets/main-network".into()
         } else {
             self.main_network.display().to_string()
+        }
+    }
+
+    /// The ControlNet of a UNet main network `unet` for a condition of `conditioning_channels` channels, as
+    /// configured (conditioning embedding, side connection).
+    pub fn controlnet_config(&self, unet: &UNetConfig, conditioning_channels: i64) -> ControlNetConfig {
+        ControlNetConfig {
+            conditioning_channels,
+            conditioning_embedding_out_channels: self.conditioning_embedding_out_channels.clone(),
+            cross_norm_scale: match self.side_connection {
+                SideConnection::ZeroConv => None,
+                SideConnection::CrossNorm => Some(self.cross_norm_scale),
+            },
+            ..ControlNetConfig::for_unet(unet)
         }
     }
 
@@ -413,5 +448,29 @@ mod tests {
             cfg.lisa.enabled = ran.lisa.enabled;
             assert_eq!(as_point_of(ran, &cfg), cfg, "{config} does not give the configuration {run} ran with");
         }
+    }
+
+    #[test]
+    fn the_side_connection_is_a_key_that_reaches_the_controlnet_config() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let unet = UNetConfig::tiny();
+        let point = root.join("configs/converge-edges-3e-5.toml");
+        let zero: ControlConfig = crate::config::load(Some(&point), &[]).unwrap();
+        assert_eq!(zero.controlnet_config(&unet, 1).cross_norm_scale, None);
+        let file = root.join("configs/controls/converge-edges-3e-5-crossnorm-lisa.toml");
+        let cn: ControlConfig = crate::config::load(Some(&file), &[]).unwrap();
+        assert_eq!(cn.controlnet_config(&unet, 1).cross_norm_scale, Some(0.35));
+        assert!(cn.lisa.enabled);
+        let set = ["cross_norm_scale=0.1".to_string()];
+        let cn: ControlConfig = crate::config::load(Some(&file), &set).unwrap();
+        assert_eq!(cn.controlnet_config(&unet, 1).cross_norm_scale, Some(0.1));
+        // Everything else is the point's own configuration.
+        let mut back = cn.clone();
+        back.side_connection = SideConnection::ZeroConv;
+        back.cross_norm_scale = zero.cross_norm_scale;
+        assert_eq!(back, zero);
+        let bad = ["side_connection=\"cross-norm\"".to_string()];
+        let e = crate::config::load::<ControlConfig>(Some(&file), &bad).unwrap_err().to_string();
+        assert!(e.contains("side_connection") || e.contains("cross_norm"), "{e}");
     }
 }

@@ -89,7 +89,10 @@ pub fn side_feature_shares(
     let c = grid.conditions.to_device(device).repeat_interleave_self_int(n_x, 0, None);
     let hooked = tch::no_grad(|| -> Result<Tensor> {
         let encoder_hidden_states = main.label_encoder.forward(&y)?;
-        let out = side.residuals(&x_t, &model_t, &encoder_hidden_states, &c, 1.0, Some(hook))?;
+        // Only a cross-normalized side network reads the main network's features (its hooked feature does not).
+        let shared =
+            side.needs_main_features().then(|| main.down_mid(&x_t, &model_t, &encoder_hidden_states)).transpose()?;
+        let out = side.residuals(&x_t, &model_t, &encoder_hidden_states, &c, 1.0, Some(hook), shared.as_ref())?;
         out.hooked.ok_or_else(|| Error::Training("the side network returned no hooked feature".into()))
     })?;
     // Clips come with their frames folded into the batch, example-major, as a strided view of the tokens: the

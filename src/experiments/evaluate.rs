@@ -21,6 +21,9 @@ pub struct EvalReport {
     pub num_images: i64,
     /// Where the real images came from.
     pub data: String,
+    /// The held-out images the sets are compared with (the test split, a held-out fraction or a folder).
+    #[serde(default)]
+    pub held_out: String,
     /// Fréchet distance (classifier features) of the model's samples to the test images.
     pub frechet_samples: f64,
     /// The floor: real training images vs the test images.
@@ -97,6 +100,7 @@ pub fn evaluate(
     Ok(EvalReport {
         num_images: n,
         data: if data.dataset == "fashion-mnist" { format!("fashion-mnist ({})", data.source) } else { data.dataset.clone() },
+        held_out: data.held_out_description().unwrap_or_else(|| "the Fashion-MNIST test split".into()),
         frechet_samples: frechet_distance(&stats(&samples)?, &test_stats)?,
         frechet_real_train: frechet_distance(&stats(&train_x)?, &test_stats)?,
         frechet_uniform_noise: frechet_distance(&stats(&noise)?, &test_stats)?,
@@ -112,7 +116,7 @@ impl EvalReport {
     pub fn table(&self) -> String {
         let n = self.num_images;
         let on = match &self.classifier {
-            Some(dir) => format!("the features of the classifier in {dir}, {n} images each, vs the held-out images"),
+            Some(dir) => format!("the features of the classifier in {dir}, {n} images each, vs {}", self.held_out),
             None => format!("the Fashion-MNIST classifier's features, {n} images each, vs the test split"),
         };
         format!(

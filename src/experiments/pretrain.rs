@@ -120,6 +120,14 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
     }
     // Settings are checked before the data is read (which can take a while) and before anything is written.
     cfg.train.validate()?;
+    if !cfg.data.eval_dataset.is_empty() {
+        return Err(Error::Config(format!(
+            "lisa pretrain evaluates on no held-out images, so data.eval_dataset ({}) would only make every image of \
+             data.dataset train; remove it (to train on every image, set data.eval_fraction = 0). lisa train, \
+             compare and classifier use it",
+            cfg.data.eval_dataset
+        )));
+    }
     let device = device_from(&cfg.device)?;
     let m = &cfg.model;
     let section = if m.transformer.is_some() { "model.transformer" } else { "model.unet" };
@@ -132,7 +140,7 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
     }
     let data = cfg.data.load(false)?;
     // From here on the run uses the model with the settings left to the data filled in.
-    let cfg = &PretrainConfig { model: resolved_model(m, &data)?, ..cfg.clone() };
+    let cfg = &PretrainConfig { model: resolved_model(m, &data)?, data: cfg.data.as_applied(), ..cfg.clone() };
     let m = &cfg.model;
     if data.channels() != m.in_channels() || data.image_size() != m.sample_size() {
         return Err(Error::Config(format!(
@@ -179,6 +187,7 @@ pub fn pretrain(cfg: &PretrainConfig, resume: Option<&str>, quiet: bool) -> Resu
         ],
     };
     // Everything the trainer would refuse is refused before the folder is touched.
+    cfg.data.check_training_size(data.len(), cfg.train.batch_size)?;
     trainer::preflight(&data, &cfg.train, &run)?;
     let _lock = crate::train::lock::RunLock::acquire(out)?;
     if resume.is_none() {

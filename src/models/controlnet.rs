@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Tensor};
 
 use super::blocks::{Conv2d, DownBlock2D, TimestepEmbedding, Timesteps, UNetMidBlock2DCrossAttn};
-use super::unet::UNetConfig;
+use super::unet::{UNetConfig, UNetDownMid};
 use crate::{Error, Result};
 
 /// Prefixes of the parameters a ControlNet shares (by name and shape) with its UNet.
@@ -43,6 +43,13 @@ pub struct ControlNetConfig {
     /// Our model works in pixel space, so the condition already has the sample's resolution and
     /// the embedding must keep it (`1`, the default). Use `8` with four stages to reproduce SD.
     pub conditioning_downscale: i64,
+    /// How the side features reach the main network. `None` (the default, diffusers' ControlNet): a
+    /// zero-initialised 1×1 convolution per site. `Some(s)`: ControlNeXt's cross-normalization in place of
+    /// every zero convolution, the side feature re-centred and re-scaled per example to the main network's
+    /// feature at the same site ([`cross_normalize`]) and added times `s`; such a network has no zero
+    /// convolutions and no diffusers equivalent. Not a diffusers field (absent from a diffusers config).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cross_norm_scale: Option<f64>,
 }
 
 impl Default for ControlNetConfig {
@@ -55,6 +62,7 @@ impl Default for ControlNetConfig {
             conditioning_channels: 1,
             conditioning_embedding_out_channels: vec![16, 32],
             conditioning_downscale: 1,
+            cross_norm_scale: None,
         }
     }
 }
@@ -93,6 +101,13 @@ impl ControlNetConfig {
                 self.num_stride2(),
                 ch.len() - 1
             )));
+        }
+        if let Some(scale) = self.cross_norm_scale {
+            if !(scale.is_finite() && scale > 0.0) {
+                return Err(Error::Config(format!(
+                    "cross_norm_scale must be a positive number (ControlNeXt's recipe: 0.35), got {scale}"
+                )));
+            }
         }
         Ok(())
     }
@@ -266,12 +281,12 @@ pub struct ControlNetModel {
     pub controlnet_cond_embedding: ControlNetConditioningEmbedding,
     /// `down_blocks.N`, built exactly as the UNet's.
     pub down_blocks: Vec<DownBlock2D>,
-    /// `controlnet_down_blocks.N`: zero 1×1 convs, one per skip sample.
+    /// `controlnet_down_blocks.N`: zero 1×1 convs, one per skip sample (none with cross-normalization).
     pub controlnet_down_blocks: Vec<Conv2d>,
     /// `mid_block`, built exactly as the UNet's.
     pub mid_block: UNetMidBlock2DCrossAttn,
-    /// `controlnet_mid_block`: zero 1×1 conv.
-    pub controlnet_mid_block: Conv2d,
+    /// `controlnet_mid_block`: zero 1×1 conv (none with cross-normalization).
+    pub controlnet_mid_block: Option<Conv2d>,
 }
 
 impl ControlNetModel {
@@ -290,15 +305,18 @@ impl ControlNetModel {
         let down_blocks = (0..n)
             .map(|i| DownBlock2D::new(&p / "down_blocks" / i, &u.down_block_config(i)))
             .collect::<Result<Vec<_>>>()?;
+        let zero_convs = cfg.cross_norm_scale.is_none();
         let controlnet_down_blocks = u
             .skip_channels()
             .into_iter()
             .enumerate()
+            .filter(|_| zero_convs)
             .map(|(i, c)| zero_conv(&p / "controlnet_down_blocks" / i, c, c, 1, 0))
             .collect::<Result<Vec<_>>>()?;
         let mid_block = UNetMidBlock2DCrossAttn::new(&p / "mid_block", &u.mid_block_config())?;
         let cm = u.block_out_channels[n - 1];
-        let controlnet_mid_block = zero_conv(&p / "controlnet_mid_block", cm, cm, 1, 0)?;
+        let controlnet_mid_block =
+            zero_convs.then(|| zero_conv(&p / "controlnet_mid_block", cm, cm, 1, 0)).transpose()?;
         Ok(Self {
             config: cfg.clone(),
             time_proj,
@@ -377,9 +395,10 @@ impl ControlNetModel {
         self.config.hookable_layers(height, width)
     }
 
-    /// Number of skip samples (= zero convs in `controlnet_down_blocks`).
+    /// Number of skip samples (= residuals, one per site; zero convs in `controlnet_down_blocks` unless
+    /// cross-normalized).
     pub fn num_skips(&self) -> usize {
-        self.controlnet_down_blocks.len()
+        self.config.unet.skip_channels().len()
     }
 
     /// Runs the side network on `sample` [B, in, H, W] at `timesteps` ([B] or scalar) with
@@ -387,6 +406,13 @@ impl ControlNetModel {
     /// [B, conditioning_channels, H·d, W·d] (d = `conditioning_downscale`). The residuals are the
     /// zero-conv outputs times `conditioning_scale`; `hook` selects the side feature returned in
     /// [`ControlNetOutput::hooked`] (the zero conv's input, still attached to the graph).
+    ///
+    /// `main`: the main UNet's own encoder pass on the same inputs ([`UNet2DConditionModel::down_mid`]),
+    /// which a cross-normalized network ([`ControlNetConfig::cross_norm_scale`]) needs and a zero-conv one
+    /// ignores.
+    ///
+    /// [`UNet2DConditionModel::down_mid`]: super::unet::UNet2DConditionModel::down_mid
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         sample: &Tensor,
@@ -395,6 +421,7 @@ impl ControlNetModel {
         controlnet_cond: &Tensor,
         conditioning_scale: f64,
         hook: Option<Hook>,
+        main: Option<&UNetDownMid>,
     ) -> Result<ControlNetOutput> {
         let exists = match hook {
             None | Some(Hook::Mid) => true,
@@ -440,14 +467,71 @@ impl ControlNetModel {
             Some(Hook::Down(i)) => Some(skips[i].shallow_clone()),
             Some(Hook::Block(_)) => None, // rejected above
         };
-        let down_block_res_samples = skips
-            .iter()
-            .zip(&self.controlnet_down_blocks)
-            .map(|(s, c)| Ok(c.forward(s)?.f_mul_scalar(conditioning_scale)?))
-            .collect::<Result<Vec<_>>>()?;
-        let mid_block_res_sample = self.controlnet_mid_block.forward(&mid)?.f_mul_scalar(conditioning_scale)?;
+        let (down_block_res_samples, mid_block_res_sample) = match (self.config.cross_norm_scale, main) {
+            (None, _) => {
+                let mid_conv = self
+                    .controlnet_mid_block
+                    .as_ref()
+                    .ok_or_else(|| Error::Config("a zero-conv ControlNet has no controlnet_mid_block".into()))?;
+                let down = skips
+                    .iter()
+                    .zip(&self.controlnet_down_blocks)
+                    .map(|(s, c)| Ok(c.forward(s)?.f_mul_scalar(conditioning_scale)?))
+                    .collect::<Result<Vec<_>>>()?;
+                (down, mid_conv.forward(&mid)?.f_mul_scalar(conditioning_scale)?)
+            }
+            (Some(scale), Some(main)) => {
+                if main.down_block_res_samples.len() != skips.len() {
+                    return Err(Error::Config(format!(
+                        "cross-normalization: the main network has {} skip samples but the side network {}",
+                        main.down_block_res_samples.len(),
+                        skips.len()
+                    )));
+                }
+                let scale = scale * conditioning_scale;
+                let down = skips
+                    .iter()
+                    .zip(&main.down_block_res_samples)
+                    .map(|(s, m)| Ok(cross_normalize(s, m)?.f_mul_scalar(scale)?))
+                    .collect::<Result<Vec<_>>>()?;
+                (down, cross_normalize(&mid, &main.mid)?.f_mul_scalar(scale)?)
+            }
+            (Some(_), None) => {
+                return Err(Error::Config(
+                    "a cross-normalized side network needs the main network's encoder features at each site; \
+                     pass the main UNet's down_mid output"
+                        .into(),
+                ))
+            }
+        };
         Ok(ControlNetOutput { down_block_res_samples, mid_block_res_sample, hooked })
     }
+}
+
+/// Guards the division by a side feature's standard deviation (a constant feature maps to the main one's mean).
+pub const CROSS_NORM_EPS: f64 = 1e-6;
+
+/// ControlNeXt's cross-normalization of a side feature `h_c` [B, …] to the main network's feature `h_m`
+/// at the same site: per example, over all its other dimensions,
+/// `(h_c − mean(h_c)) · std(h_m) / (std(h_c) + ε) + mean(h_m)` (standard deviations unbiased, as
+/// `torch.std`'s; ε = [`CROSS_NORM_EPS`]). Computed in `h_c`'s precision; the gradient flows through
+/// `h_c` only where `h_m` carries none (the frozen main network's).
+pub fn cross_normalize(h_c: &Tensor, h_m: &Tensor) -> Result<Tensor> {
+    if h_c.size() != h_m.size() {
+        return Err(Error::Config(format!(
+            "cross-normalization: the side feature {:?} and the main feature {:?} differ in shape",
+            h_c.size(),
+            h_m.size()
+        )));
+    }
+    let h_m = if h_m.kind() == h_c.kind() { h_m.shallow_clone() } else { h_m.f_to_kind(h_c.kind())? };
+    let dims: Vec<i64> = (1..h_c.dim() as i64).collect();
+    let stats = |h: &Tensor| -> Result<(Tensor, Tensor)> {
+        Ok((h.f_mean_dim(dims.as_slice(), true, None)?, h.f_std_dim(dims.as_slice(), true, true)?))
+    };
+    let (mean_c, std_c) = stats(h_c)?;
+    let (mean_m, std_m) = stats(&h_m)?;
+    Ok((h_c - mean_c).f_mul(&std_m)?.f_div(&(std_c + CROSS_NORM_EPS))?.f_add(&mean_m)?)
 }
 
 /// The variable `name` (dotted, e.g. `down_blocks.0.resnets.0.conv1.weight`) under `p`.

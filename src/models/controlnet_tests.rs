@@ -127,10 +127,10 @@ fn conditioning_downscale_sets_the_condition_resolution() {
     let cn = ControlNetModel::new(vs.root(), &cfg).unwrap();
     let (x, t, c, _) = inputs(2);
     tch::no_grad(|| {
-        let out = cn.forward(&x, &t, &c, &Tensor::rand([2, 1, 16, 16], CPU), 1.0, None).unwrap();
+        let out = cn.forward(&x, &t, &c, &Tensor::rand([2, 1, 16, 16], CPU), 1.0, None, None).unwrap();
         assert_eq!(out.down_block_res_samples[0].size(), vec![2, 8, 8, 8]);
         // A condition at the sample's resolution is an error that says what to do.
-        let e = cn.forward(&x, &t, &c, &Tensor::rand([2, 1, 8, 8], CPU), 1.0, None).unwrap_err();
+        let e = cn.forward(&x, &t, &c, &Tensor::rand([2, 1, 8, 8], CPU), 1.0, None, None).unwrap_err();
         assert!(e.to_string().contains("conditioning_downscale"), "{e}");
     });
 }
@@ -186,7 +186,7 @@ fn controlled_output_equals_uncontrolled_at_init_and_scale_zero() {
     let (x, t, c, cond) = inputs(2);
     tch::no_grad(|| {
         let base = unet.forward(&x, &t, &c, None, None).unwrap();
-        let out = cn.forward(&x, &t, &c, &cond, 1.0, None).unwrap();
+        let out = cn.forward(&x, &t, &c, &cond, 1.0, None, None).unwrap();
         assert_eq!(out.down_block_res_samples.len(), unet.num_skips());
         let y = unet.forward(&x, &t, &c, Some(&out.down_block_res_samples), Some(&out.mid_block_res_sample)).unwrap();
         assert!(y.equal(&base), "zero-initialised ControlNet changed the output");
@@ -199,14 +199,14 @@ fn controlled_output_equals_uncontrolled_at_init_and_scale_zero() {
                 let _ = v.shallow_clone().copy_(&(Tensor::randn_like(&v) * 0.1));
             }
         }
-        let out = cn.forward(&x, &t, &c, &cond, 1.0, None).unwrap();
+        let out = cn.forward(&x, &t, &c, &cond, 1.0, None, None).unwrap();
         let y = unet.forward(&x, &t, &c, Some(&out.down_block_res_samples), Some(&out.mid_block_res_sample)).unwrap();
         assert!(!y.equal(&base));
         // ...and the condition too.
-        let out2 = cn.forward(&x, &t, &c, &Tensor::rand_like(&cond), 1.0, None).unwrap();
+        let out2 = cn.forward(&x, &t, &c, &Tensor::rand_like(&cond), 1.0, None, None).unwrap();
         assert!(!out2.mid_block_res_sample.equal(&out.mid_block_res_sample));
         // Scale 0 restores the uncontrolled output exactly.
-        let out = cn.forward(&x, &t, &c, &cond, 0.0, None).unwrap();
+        let out = cn.forward(&x, &t, &c, &cond, 0.0, None, None).unwrap();
         let y = unet.forward(&x, &t, &c, Some(&out.down_block_res_samples), Some(&out.mid_block_res_sample)).unwrap();
         assert!(y.equal(&base));
     });
@@ -222,7 +222,7 @@ fn side_network_encoder_equals_the_unet_encoder_at_init() {
     tch::no_grad(|| {
         let enc = unet.down_mid(&x, &t, &c).unwrap();
         for l in cn.hookable_layers(8, 8) {
-            let h = cn.forward(&x, &t, &c, &cond, 1.0, Some(l.hook)).unwrap().hooked.unwrap();
+            let h = cn.forward(&x, &t, &c, &cond, 1.0, Some(l.hook), None).unwrap().hooked.unwrap();
             let want = match l.hook {
                 Hook::Mid => &enc.mid,
                 Hook::Down(i) => &enc.down_block_res_samples[i],
@@ -273,7 +273,7 @@ fn hooked_feature_has_the_reported_shape_and_trains_the_side_network_only_up_to_
     let zs = zero_conv_names(&vars);
     for l in &layers {
         zero_grads(&cvs);
-        let out = cn.forward(&x, &t, &c, &cond, 1.0, Some(l.hook)).unwrap();
+        let out = cn.forward(&x, &t, &c, &cond, 1.0, Some(l.hook), None).unwrap();
         let h = out.hooked.expect("hooked feature");
         assert_eq!(h.size(), vec![2, l.channels, l.height, l.width], "{}", l.hook);
         assert!(h.requires_grad());
@@ -295,11 +295,11 @@ fn hooked_feature_has_the_reported_shape_and_trains_the_side_network_only_up_to_
         let _ = w.shallow_clone().copy_(&(Tensor::randn_like(w) * 0.1));
     });
     zero_grads(&cvs);
-    let out = cn.forward(&x, &t, &c, &cond, 1.0, Some(Hook::Mid)).unwrap();
+    let out = cn.forward(&x, &t, &c, &cond, 1.0, Some(Hook::Mid), None).unwrap();
     out.hooked.unwrap().square().mean(Kind::Float).backward();
     assert!(!grad_is_zero(&cn.controlnet_cond_embedding.conv_in.weight));
     // Unknown hooks are errors.
-    let e = cn.forward(&x, &t, &c, &cond, 1.0, Some(Hook::Down(cn.num_skips()))).unwrap_err();
+    let e = cn.forward(&x, &t, &c, &cond, 1.0, Some(Hook::Down(cn.num_skips())), None).unwrap_err();
     assert!(e.to_string().contains("does not exist"), "{e}");
 }
 
@@ -424,7 +424,81 @@ fn default_side_network_and_decoder_parameter_counts() {
     assert!(n < side / 4, "decoder {n} vs side network {side}");
     let (x, t, c) = (Tensor::randn([1, 1, 32, 32], CPU), Tensor::from_slice(&[3.0f32]), Tensor::randn([1, 1, 64], CPU));
     let out =
-        tch::no_grad(|| cn.forward(&x, &t, &c, &Tensor::rand([1, 1, 32, 32], CPU), 1.0, Some(Hook::Mid))).unwrap();
+        tch::no_grad(|| cn.forward(&x, &t, &c, &Tensor::rand([1, 1, 32, 32], CPU), 1.0, Some(Hook::Mid), None)).unwrap();
     let y = tch::no_grad(|| dec.forward(out.hooked.as_ref().unwrap(), &t)).unwrap();
     assert_eq!(y.size(), vec![1, 1, 32, 32]);
+}
+
+fn cross_norm_cn(scale: f64) -> ControlNetConfig {
+    ControlNetConfig { cross_norm_scale: Some(scale), ..tiny_cn() }
+}
+
+#[test]
+fn cross_normalization_matches_its_formula_on_a_hand_computed_example() {
+    // Side feature [1, 2, 3, 4] and main feature [0, 0, 2, 2] (one example, 4 channels): mean_c 2.5,
+    // std_c = sqrt(5/3), mean_m 1, std_m = sqrt(4/3) (unbiased, as torch.std).
+    let h_c = Tensor::from_slice(&[1.0f64, 2.0, 3.0, 4.0]).reshape([1, 4, 1, 1]);
+    let h_m = Tensor::from_slice(&[0.0f64, 0.0, 2.0, 2.0]).reshape([1, 4, 1, 1]);
+    let out: Vec<f64> = Vec::try_from(controlnet::cross_normalize(&h_c, &h_m).unwrap().flatten(0, -1)).unwrap();
+    let (std_c, std_m) = ((5.0f64 / 3.0).sqrt(), (4.0f64 / 3.0).sqrt());
+    for (o, c) in out.iter().zip([1.0, 2.0, 3.0, 4.0]) {
+        let want = (c - 2.5) * std_m / (std_c + controlnet::CROSS_NORM_EPS) + 1.0;
+        assert!((o - want).abs() < 1e-12, "{o} vs {want}");
+    }
+}
+
+#[test]
+fn cross_normalization_gives_each_example_the_main_features_statistics_whatever_the_side_features_scale() {
+    tch::manual_seed(3);
+    let f64s = (Kind::Double, Device::Cpu);
+    let per_example = |v: [f64; 3]| Tensor::from_slice(&v).reshape([3, 1, 1, 1]);
+    let h_c = Tensor::randn([3, 4, 5, 5], f64s);
+    let h_m = Tensor::randn([3, 4, 5, 5], f64s) * per_example([0.5, 2.0, 7.0]) + per_example([-1.0, 0.0, 3.0]);
+    let out = controlnet::cross_normalize(&h_c, &h_m).unwrap();
+    let dims: &[i64] = &[1, 2, 3];
+    let close = |a: &Tensor, b: &Tensor, tol: f64| (a - b).abs().max().double_value(&[]) < tol;
+    assert!(close(&out.mean_dim(dims, false, None), &h_m.mean_dim(dims, false, None), 1e-9), "per-example means");
+    assert!(close(&out.std_dim(dims, true, false), &h_m.std_dim(dims, true, false), 1e-5), "per-example stds");
+    // Shifting and rescaling the side feature (per example, by a positive factor) changes nothing but ε's share.
+    let moved = &h_c * per_example([3.0, 0.2, 10.0]) + 5.0;
+    assert!(close(&controlnet::cross_normalize(&moved, &h_m).unwrap(), &out, 1e-3));
+    let e = controlnet::cross_normalize(&h_c, &h_m.narrow(1, 0, 2)).unwrap_err().to_string();
+    assert!(e.contains("differ in shape"), "{e}");
+}
+
+#[test]
+fn a_cross_normalized_controlnet_has_no_zero_convs_and_starts_by_adding_scale_times_the_main_features() {
+    let cfg = cross_norm_cn(0.35);
+    let (_uvs, unet, cvs, cn) = pair(&cfg);
+    assert!(zero_conv_names(&cvs.variables()).is_empty(), "no zero convolutions");
+    let (x, t, c, cond) = inputs(2);
+    let main = unet.down_mid(&x, &t, &c).unwrap();
+    let out = cn.forward(&x, &t, &c, &cond, 0.5, None, Some(&main)).unwrap();
+    assert_eq!(out.down_block_res_samples.len(), main.down_block_res_samples.len());
+    // At initialisation the side encoder is the main one and the condition embedding is zero, so each side
+    // feature is the main feature: cross-normalized, it is that feature again (up to ε), times 0.35 · 0.5.
+    let sites = out.down_block_res_samples.iter().zip(&main.down_block_res_samples);
+    for (r, m) in sites.chain([(&out.mid_block_res_sample, &main.mid)]) {
+        let want = m * (0.35 * 0.5);
+        let err = (r - &want).abs().max().double_value(&[]);
+        assert!(err < 1e-4 * want.abs().max().double_value(&[]).max(1.0), "off 0.175 · main by {err}");
+    }
+    // Without the main features it cannot run, and says what it needs.
+    let e = cn.forward(&x, &t, &c, &cond, 1.0, None, None).unwrap_err().to_string();
+    assert!(e.contains("main network's encoder features"), "{e}");
+}
+
+#[test]
+fn a_cross_norm_scale_must_be_positive_and_such_a_network_does_not_export_to_diffusers() {
+    for bad in [0.0, -0.1, f64::NAN] {
+        let e = cross_norm_cn(bad).validate().unwrap_err().to_string();
+        assert!(e.contains("cross_norm_scale"), "{e}");
+    }
+    let e = diffusers::controlnet_config_to_json(&cross_norm_cn(0.35)).unwrap_err().to_string();
+    assert!(e.contains("cannot be exported to diffusers") && e.contains("zero_conv"), "{e}");
+    // The field is not written for a diffusers ControlNet: a zero-conv config serialises as before.
+    let json = serde_json::to_value(tiny_cn()).unwrap();
+    assert!(json.get("cross_norm_scale").is_none());
+    let back: ControlNetConfig = serde_json::from_value(serde_json::to_value(cross_norm_cn(0.35)).unwrap()).unwrap();
+    assert_eq!(back.cross_norm_scale, Some(0.35));
 }

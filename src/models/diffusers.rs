@@ -363,6 +363,7 @@ pub fn controlnet_config_from_json(
         conditioning_channels,
         conditioning_embedding_out_channels,
         conditioning_downscale: 1 << (stages - 1),
+        cross_norm_scale: None,
     };
     config.validate().map_err(|e| Error::format(path, format!("ControlNetModel: {e}")))?;
     Ok(config)
@@ -382,6 +383,14 @@ fn number(x: f64) -> Value {
 /// resolution at every stage transition, so `conditioning_downscale` must be `2^(stages − 1)`.
 pub fn controlnet_config_to_json(cfg: &ControlNetConfig) -> Result<Value> {
     cfg.validate()?;
+    if let Some(scale) = cfg.cross_norm_scale {
+        return Err(Error::Config(format!(
+            "this side network joins the main network by cross-normalization (cross_norm_scale = {scale}), which \
+             diffusers' ControlNetModel cannot express (it adds zero-convolution outputs, and its pipelines never \
+             hand the UNet's own features to the ControlNet); it cannot be exported to diffusers. Sample with it \
+             here (lisa sample), or train side networks meant for diffusers with side_connection = \"zero_conv\""
+        )));
+    }
     let stages = cfg.conditioning_embedding_out_channels.len();
     let needed = 1i64 << (stages - 1);
     if cfg.conditioning_downscale != needed {
