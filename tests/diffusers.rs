@@ -14,7 +14,8 @@
 //! by each test (`cargo test --test diffusers -- --nocapture`) gives the deviations per tensor, and a
 //! mismatch prints its first differing elements.
 mod common;
-use common::{lisa, unravel};
+use common::golden::{Report, Tolerance};
+use common::lisa;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,10 +30,8 @@ use lisa::train::step::{Batch, TrainTask};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-/// `max |ours − ref| ≤ TOL · (1 + max |ref|)`.
-const TOL: f64 = 1e-5;
-/// Mismatching elements printed per tensor.
-const SHOW: usize = 5;
+/// `max |ours − ref| ≤ 1e-5 · (1 + max |ref|)`.
+const TOL: Tolerance = Tolerance { abs: 1e-5, rel_below_one: None };
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("golden-diffusers")
@@ -46,66 +45,6 @@ fn golden(name: &str) -> HashMap<String, Tensor> {
         })
         .into_iter()
         .collect()
-}
-
-/// Collects per-tensor comparisons, prints them as a table and asserts at the end.
-#[derive(Default)]
-struct Report {
-    rows: Vec<String>,
-    failures: Vec<String>,
-}
-
-impl Report {
-    fn compare(&mut self, name: &str, ours: &Tensor, reference: &Tensor) {
-        let (o, r) = (ours.detach().to_device(Device::Cpu).to_kind(Kind::Double), reference.to_kind(Kind::Double));
-        if o.size() != r.size() {
-            self.rows.push(format!("{name:<48} SHAPE MISMATCH"));
-            self.failures.push(format!("{name}: shape ours {:?}, reference {:?}", o.size(), r.size()));
-            return;
-        }
-        let diff = (&o - &r).abs();
-        let max_abs = diff.max().double_value(&[]);
-        let scale = r.abs().max().double_value(&[]);
-        let bound = TOL * (1.0 + scale);
-        let rel = if scale > 0.0 { max_abs / scale } else { max_abs };
-        let ok = max_abs <= bound && max_abs.is_finite();
-        self.rows.push(format!(
-            "{name:<48} {:>16} max|ref| {scale:<10.4e} max|diff| {max_abs:<10.3e} rel {rel:<10.3e} {}",
-            format!("{:?}", o.size()),
-            if ok { "ok" } else { "MISMATCH" }
-        ));
-        if ok {
-            return;
-        }
-        let (flat_o, flat_r, flat_d) = (o.flatten(0, -1), r.flatten(0, -1), diff.flatten(0, -1));
-        let bad = flat_d.gt(bound).nonzero().flatten(0, -1);
-        let n_bad = bad.size()[0];
-        let mut msg = format!(
-            "{name} {:?}: max|diff| {max_abs:.3e} > bound {bound:.3e}; {n_bad} of {} elements exceed it:",
-            o.size(),
-            flat_o.size()[0]
-        );
-        for k in 0..(n_bad as usize).min(SHOW) {
-            let i = bad.int64_value(&[k as i64]);
-            let (a, b) = (flat_o.double_value(&[i]), flat_r.double_value(&[i]));
-            msg.push_str(&format!(
-                "\n    at {:?}: ours {a:+.9e}  ref {b:+.9e}  abs {:.3e}",
-                unravel(i, &o.size()),
-                (a - b).abs()
-            ));
-        }
-        self.failures.push(msg);
-    }
-
-    fn finish(self) {
-        println!("{}", self.rows.join("\n"));
-        assert!(
-            self.failures.is_empty(),
-            "{} tensor(s) differ from the reference:\n{}",
-            self.failures.len(),
-            self.failures.join("\n")
-        );
-    }
 }
 
 fn tokens() -> Value {
@@ -146,7 +85,7 @@ fn clip_text_encoder_matches_transformers() {
     let g = golden("text_encoder.safetensors");
     let (_vs, text) = ClipTextModel::load(&root().join("text_encoder"), Device::Cpu).unwrap();
     let out = tch::no_grad(|| text.forward(&g["input_ids"])).unwrap();
-    let mut rep = Report::default();
+    let mut rep = Report::new(TOL);
     rep.compare("last_hidden_state", &out.last_hidden_state, &g["last_hidden_state"]);
     rep.compare("pooler_output", &out.pooler_output, &g["pooler_output"]);
     // The whole text path: our tokenizer's ids into our encoder.
@@ -159,7 +98,7 @@ fn vae_matches_diffusers_autoencoder_kl() {
     let g = golden("vae.safetensors");
     let (_vs, vae) = AutoencoderKL::load(&root().join("vae"), Device::Cpu).unwrap();
     assert_eq!(vae.config.scaling_factor, 0.18215);
-    let mut rep = Report::default();
+    let mut rep = Report::new(TOL);
     tch::no_grad(|| {
         let dist = vae.encode(&g["image"]).unwrap();
         rep.compare("encode: mean", &dist.mean, &g["mean"]);
@@ -178,7 +117,7 @@ fn unet_config(folder: &str) -> UNetConfig {
 fn unet_matches_diffusers_with_text_encoder_states() {
     let g = golden("unet.safetensors");
     let (_vs, unet) = diffusers::load_unet(&root().join("unet"), Device::Cpu).unwrap();
-    let mut rep = Report::default();
+    let mut rep = Report::new(TOL);
     tch::no_grad(|| {
         let out = unet.forward(&g["sample"], &g["timesteps"], &g["encoder_hidden_states"], None, None).unwrap();
         rep.compare("unet (golden text states)", &out, &g["out"]);
@@ -196,7 +135,7 @@ fn sd21_style_unet_matches_diffusers() {
     let cfg = unet_config("unet-sd21");
     assert!(cfg.use_linear_projection);
     let (_vs, unet) = diffusers::load_unet(&root().join("unet-sd21"), Device::Cpu).unwrap();
-    let mut rep = Report::default();
+    let mut rep = Report::new(TOL);
     let out =
         tch::no_grad(|| unet.forward(&g["sample"], &g["timesteps"], &g["encoder_hidden_states"], None, None)).unwrap();
     rep.compare("unet-sd21", &out, &golden("unet-sd21.safetensors")["out"]);
@@ -220,7 +159,7 @@ fn controlnet_matches_diffusers() {
     let (_cvs, cn) = diffusers::load_controlnet(&root().join("controlnet"), Some(&unet_cfg), Device::Cpu).unwrap();
     assert_eq!(cn.config.conditioning_downscale, 8, "four diffusers stages downscale by 8");
     let scale = g["conditioning_scale"].double_value(&[]);
-    let mut rep = Report::default();
+    let mut rep = Report::new(TOL);
     tch::no_grad(|| {
         let out = cn
             .forward(&g["sample"], &g["timesteps"], &g["encoder_hidden_states"], &g["controlnet_cond"], scale, None, None)
@@ -332,7 +271,7 @@ fn controlnet_export_loads_in_diffusers_and_imports_back() {
         .into_controlnet()
         .unwrap()
     };
-    let mut rep = Report::default();
+    let mut rep = Report::new(TOL);
 
     // Import diffusers' ControlNet as a side network of the main network.
     let side = SideNetwork::import_diffusers(&root().join("controlnet"), &main, ConditionKind::Edges).unwrap();
@@ -472,7 +411,7 @@ fn sd_folder_as_main_network_trains_a_controlnet_with_lisa_in_latent_space() {
 
     // Label i is prompt i: the main network on labels 0, 1 is diffusers' UNet on the text encoder's states.
     let g = golden("unet.safetensors");
-    let mut rep = Report::default();
+    let mut rep = Report::new(TOL);
     let pred = tch::no_grad(|| main.predict(&g["sample"], &g["timesteps"], &Tensor::from_slice(&[0i64, 1]))).unwrap();
     rep.compare("main network (prompt table, labels 0, 1)", &pred, &g["out"]);
     rep.finish();

@@ -11,9 +11,9 @@
 //! training step itself (`lisa::train::step`: backward, clip, AdamW — what the training loop and
 //! `lisa bench` run) and compares every golden tensor. No Python is needed here.
 //!
-//! Tolerance: a tensor matches when `max |ours − ref| ≤ 1e-5 · (1 + max |ref|)` (TOL below), and,
+//! Tolerance: a tensor matches when `max |ours − ref| ≤ 1e-5 · (1 + max |ref|)` (`TOL` below), and,
 //! because that bound is loose for small-magnitude tensors (gradients), also
-//! `max |ours − ref| ≤ 1e-4 · max |ref|` (REL_TOL) for every tensor whose scale is below 1. The
+//! `max |ours − ref| ≤ 1e-4 · max |ref|` for every tensor whose scale is below 1. The
 //! table printed by the test (`cargo test --test parity -- --nocapture`) gives both deviations per
 //! tensor; a mismatch prints its first differing elements (index, ours, reference, abs/rel diff).
 //!
@@ -22,7 +22,7 @@
 //! `x_t_schedule_difference_is_float32_rounding` below); the network step runs on the golden `x_t`
 //! so that its comparison is not polluted by the schedule's rounding.
 mod common;
-use common::unravel;
+use common::golden::{Report, Tolerance};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -37,12 +37,8 @@ use lisa::train::step::{Noise, StepOutcome, StepSettings};
 use lisa::train::step::{Batch, TrainTask};
 use tch::{Device, Kind, Tensor};
 
-/// `max |ours − ref| ≤ TOL · (1 + max |ref|)`.
-const TOL: f64 = 1e-5;
-/// For tensors with `max |ref| < 1`: also `max |ours − ref| ≤ REL_TOL · max |ref|`.
-const REL_TOL: f64 = 1e-4;
-/// Mismatching elements printed per tensor.
-const SHOW: usize = 5;
+/// `max |ours − ref| ≤ 1e-5 · (1 + max |ref|)`, and for tensors with `max |ref| < 1` also `≤ 1e-4 · max |ref|`.
+const TOL: Tolerance = Tolerance { abs: 1e-5, rel_below_one: Some(1e-4) };
 
 fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("golden")
@@ -91,79 +87,6 @@ fn load(what: &str, params: &[(String, Tensor)], golden: &HashMap<String, Tensor
     });
 }
 
-/// Collects per-tensor comparisons and reports them as a table; failures are asserted at the end.
-#[derive(Default)]
-struct Report {
-    rows: Vec<String>,
-    failures: Vec<String>,
-    /// (group, max abs diff, max abs diff / max|ref|) per tensor.
-    stats: Vec<(String, f64, f64)>,
-}
-
-impl Report {
-    fn compare(&mut self, group: &str, name: &str, ours: &Tensor, reference: &Tensor) {
-        let (o, r) = (ours.detach().to_device(Device::Cpu).to_kind(Kind::Double), reference.to_kind(Kind::Double));
-        if o.size() != r.size() {
-            let msg = format!("{name}: shape ours {:?}, reference {:?}", o.size(), r.size());
-            self.rows.push(format!("{name:<72} SHAPE MISMATCH"));
-            self.failures.push(msg);
-            return;
-        }
-        let diff = (&o - &r).abs();
-        let max_abs = diff.max().double_value(&[]);
-        let scale = r.abs().max().double_value(&[]);
-        let bound = if scale < 1.0 { (TOL * (1.0 + scale)).min(REL_TOL * scale) } else { TOL * (1.0 + scale) };
-        let rel = if scale > 0.0 { max_abs / scale } else { max_abs };
-        let ok = max_abs <= bound && max_abs.is_finite();
-        self.stats.push((group.to_string(), max_abs, rel));
-        self.rows.push(format!(
-            "{name:<72} {:>14} max|ref| {scale:<10.4e} max|diff| {max_abs:<10.3e} rel {rel:<10.3e} bound {bound:<9.2e} {}",
-            format!("{:?}", o.size()),
-            if ok { "ok" } else { "MISMATCH" }
-        ));
-        if ok {
-            return;
-        }
-        let flat_o = o.flatten(0, -1);
-        let flat_r = r.flatten(0, -1);
-        let flat_d = diff.flatten(0, -1);
-        let shape = o.size();
-        let bad = flat_d.gt(bound).nonzero().flatten(0, -1);
-        let n_bad = bad.size()[0];
-        let mut msg = format!(
-            "{name} {shape:?}: max|diff| {max_abs:.3e} > bound {bound:.3e} (max|ref| {scale:.4e}); {n_bad} of {} elements exceed it:",
-            flat_o.size()[0]
-        );
-        for k in 0..(n_bad as usize).min(SHOW) {
-            let i = bad.int64_value(&[k as i64]);
-            let (a, b) = (flat_o.double_value(&[i]), flat_r.double_value(&[i]));
-            let d = (a - b).abs();
-            msg.push_str(&format!(
-                "\n    at {:?}: ours {a:+.9e}  ref {b:+.9e}  abs {d:.3e}  rel {:.3e}",
-                unravel(i, &shape),
-                d / b.abs().max(f64::MIN_POSITIVE)
-            ));
-        }
-        self.failures.push(msg);
-    }
-
-    fn finish(self) {
-        println!("{}", self.rows.join("\n"));
-        let mut groups: Vec<String> = self.stats.iter().map(|s| s.0.clone()).collect();
-        groups.dedup();
-        println!("\nmax deviation per group (abs, and abs / max|ref|):");
-        for g in &groups {
-            let (a, r) = self
-                .stats
-                .iter()
-                .filter(|s| &s.0 == g)
-                .fold((0f64, 0f64), |(a, r), s| (a.max(s.1), r.max(s.2)));
-            println!("  {g:<12} abs {a:.3e}   rel {r:.3e}");
-        }
-        assert!(self.failures.is_empty(), "{} tensor(s) differ from the reference:\n{}", self.failures.len(), self.failures.join("\n"));
-    }
-}
-
 struct Nets {
     main: MainNetwork,
     side: SideNetwork,
@@ -207,32 +130,32 @@ fn lisa_step_matches_the_pytorch_diffusers_reference() {
     let Nets { main, side, head } = &nets;
     let sample = golden_sample(&nets, &step);
     let (labels, condition) = (&step["labels"], &step["condition"]);
-    let mut rep = Report::default();
+    let mut rep = Report::new(TOL);
 
     // Inputs as the objective forms them (x_t: see x_t_schedule_difference_is_float32_rounding).
-    rep.compare("target", "target", &sample.target, &step["target"]);
+    rep.compare_in("target", "target", &sample.target, &step["target"]);
     assert!(sample.model_t.equal(&step["timesteps"].to_kind(Kind::Float)), "network timesteps differ");
 
     // Forward: the side network's hooked feature and mid residual, then the step's predictions.
     tch::no_grad(|| {
         let encoder_hidden_states = main.label_encoder.forward(labels).unwrap();
         let out = side.residuals(&sample.x_t, &sample.model_t, &encoder_hidden_states, condition, 1.0, Some(head.hook), None).unwrap();
-        rep.compare("forward", "hooked (mid-block output of the side network)", out.hooked.as_ref().unwrap(), &step["hooked"]);
+        rep.compare_in("forward", "hooked (mid-block output of the side network)", out.hooked.as_ref().unwrap(), &step["hooked"]);
         let lisa::pipeline::Residuals::UNet { mid, .. } = &out.residuals else { panic!("a UNet side network") };
-        rep.compare("forward", "mid_residual (controlnet_mid_block output)", mid, &step["mid_residual"]);
+        rep.compare_in("forward", "mid_residual (controlnet_mid_block output)", mid, &step["mid_residual"]);
     });
     let task = ControlTask::new(main, side, Some(head)).unwrap();
     let f = tch::no_grad(|| task.forward(&sample.x_t, &sample.model_t, labels, condition)).unwrap();
-    rep.compare("forward", "pred_full", &f.pred_full, &step["pred_full"]);
+    rep.compare_in("forward", "pred_full", &f.pred_full, &step["pred_full"]);
     let pred_main = f.pred_main.as_ref().unwrap();
-    rep.compare("forward", "pred_main (full second pass)", pred_main, &step["pred_main"]);
-    rep.compare("forward", "r = target - pred_main", &likelihood_residual(&sample.target, pred_main), &step["r"]);
-    rep.compare("forward", "decoded = D(h_mid, t)", f.decoded.as_ref().unwrap(), &step["decoded"]);
+    rep.compare_in("forward", "pred_main (full second pass)", pred_main, &step["pred_main"]);
+    rep.compare_in("forward", "r = target - pred_main", &likelihood_residual(&sample.target, pred_main), &step["r"]);
+    rep.compare_in("forward", "decoded = D(h_mid, t)", f.decoded.as_ref().unwrap(), &step["decoded"]);
     // Our default shared-encoder reference pass must give the same pred_main.
     let shared = build(&cfg, ReferencePass::SharedEncoder);
     let shared_task = ControlTask::new(&shared.main, &shared.side, Some(&shared.head)).unwrap();
     let fs = tch::no_grad(|| shared_task.forward(&sample.x_t, &sample.model_t, labels, condition)).unwrap();
-    rep.compare("forward", "pred_main (shared-encoder pass)", fs.pred_main.as_ref().unwrap(), &step["pred_main"]);
+    rep.compare_in("forward", "pred_main (shared-encoder pass)", fs.pred_main.as_ref().unwrap(), &step["pred_main"]);
 
     // Loss and backward through our training step.
     let batch = Batch {
@@ -243,9 +166,9 @@ fn lisa_step_matches_the_pytorch_diffusers_reference() {
     };
     let loss = task.loss(&batch, &sample).unwrap();
     let metric = |name: &str| loss.metrics.iter().find(|(n, _)| n == name).map(|(_, v)| v.shallow_clone()).unwrap();
-    rep.compare("loss", "l_main", &metric("l_main"), &step["l_main"]);
-    rep.compare("loss", "l_lisa", &metric("l_lisa"), &step["l_lisa"]);
-    rep.compare("loss", "loss = l_main + lambda * l_lisa", &loss.loss, &step["loss"]);
+    rep.compare_in("loss", "l_main", &metric("l_main"), &step["l_main"]);
+    rep.compare_in("loss", "l_lisa", &metric("l_lisa"), &step["l_lisa"]);
+    rep.compare_in("loss", "loss = l_main + lambda * l_lisa", &loss.loss, &step["loss"]);
     loss.loss.backward();
 
     let mut params = side.named_parameters();
@@ -254,7 +177,7 @@ fn lisa_step_matches_the_pytorch_diffusers_reference() {
     let named: Vec<String> = serde_json::from_value(cfg["named_parameters"].clone()).unwrap();
     for n in &named {
         let p = by_name.get(n).unwrap_or_else(|| panic!("no trainable parameter {n}"));
-        rep.compare("grad", &format!("grad {n}"), &p.grad(), &step[&format!("grad.{n}")]);
+        rep.compare_in("grad", &format!("grad {n}"), &p.grad(), &step[&format!("grad.{n}")]);
     }
     let untouched: Vec<&String> = params.iter().filter(|(_, p)| !p.grad().defined()).map(|(n, _)| n).collect();
     assert!(untouched.is_empty(), "parameters without a gradient (the reference has one for each): {untouched:?}");
@@ -272,14 +195,14 @@ fn lisa_step_matches_the_pytorch_diffusers_reference() {
     let given = [sample];
     let grads = lisa::train::step::backward(&task, &opt, &main.objective, std::slice::from_ref(&batch), Noise::Given(&given), settings, None)
         .unwrap();
-    rep.compare("grad", "global grad norm (before clipping)", &Tensor::from(grads.grad_norm() as f32), &step["grad_norm"]);
+    rep.compare_in("grad", "global grad norm (before clipping)", &Tensor::from(grads.grad_norm() as f32), &step["grad_norm"]);
     for n in &named {
-        rep.compare("grad", &format!("clipped grad {n}"), &by_name[n].grad(), &step[&format!("clipped_grad.{n}")]);
+        rep.compare_in("grad", &format!("clipped grad {n}"), &by_name[n].grad(), &step[&format!("clipped_grad.{n}")]);
     }
     let r = lisa::train::step::apply(grads, &mut opt, f64_of("lr"), None);
     assert_eq!(r.outcome, StepOutcome::Applied);
     for n in &named {
-        rep.compare("after_step", &format!("after AdamW {n}"), &by_name[n], &step[&format!("after_step.{n}")]);
+        rep.compare_in("after_step", &format!("after AdamW {n}"), &by_name[n], &step[&format!("after_step.{n}")]);
     }
     rep.finish();
 }
@@ -294,8 +217,8 @@ fn x_t_schedule_difference_is_float32_rounding() {
     let main = MainNetwork::new(&main_cfg, Device::Cpu).unwrap();
     let step = read("step_epsilon.safetensors");
     let ours = main.objective.training_sample(&step["x0"], &step["noise"], &step["timesteps"]).unwrap();
-    let mut rep = Report::default();
-    rep.compare("x_t", "x_t (ours: f64 schedule; ref: DDPMScheduler.add_noise, f32 schedule)", &ours.x_t, &step["x_t"]);
+    let mut rep = Report::new(TOL);
+    rep.compare_in("x_t", "x_t (ours: f64 schedule; ref: DDPMScheduler.add_noise, f32 schedule)", &ours.x_t, &step["x_t"]);
     rep.finish();
 }
 
@@ -308,4 +231,19 @@ fn golden_files_are_present_and_small() {
         total += std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).len();
     }
     assert!(total < 600_000, "golden tensors take {total} bytes; keep them small");
+}
+
+#[test]
+fn the_golden_comparator_fails_beyond_its_bound_and_names_the_first_differing_element() {
+    let reference = Tensor::from_slice(&[0.5f32, -0.25, 0.125, 0.0]).reshape([2, 2]);
+    let mut rep = Report::new(TOL);
+    rep.compare_in("forward", "within the bound", &(&reference + 1e-6), &reference);
+    rep.finish();
+    let mut rep = Report::new(TOL);
+    let mut ours = reference.copy();
+    let _ = ours.get(1).get(0).fill_(0.126);
+    rep.compare_in("forward", "one element off", &ours, &reference);
+    let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rep.finish())).unwrap_err();
+    let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("1 tensor(s) differ") && msg.contains("at [1, 0]"), "{msg}");
 }

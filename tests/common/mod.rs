@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+pub mod golden;
+
 /// Runs the built `lisa` binary with `args`: (exit status success, stdout, stderr).
 pub fn lisa(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_lisa")).args(args).output().expect("run lisa");
