@@ -263,7 +263,11 @@ class Setup:
     def step_forward(self, x0, noise, t, y, cond):
         """The authors' forward: returns a dict of every intermediate and the losses."""
         x_t = self.scheduler.add_noise(x0, noise, t)
-        target = noise
+        return self.step_forward_on(x_t, t, noise, y, cond)
+
+    def step_forward_on(self, x_t, t, target, y, cond):
+        """The forward from a noised input `x_t`, the network timesteps `t` and the training `target` (any
+        objective: the networks and LISA's residual do not depend on how x_t and the target were formed)."""
         with torch.no_grad():
             ehs = self.labels(y)
         down, mid = self.controlnet(x_t, t, encoder_hidden_states=ehs, controlnet_cond=cond, return_dict=False)
@@ -322,6 +326,9 @@ TINY = {
     "labels": [0, 3, 7, 10],  # 10 = the null label
     "seed": 20260628,
 }
+
+# Optimizer steps of the golden trajectory (trajectory_epsilon.safetensors), the single step included.
+TRAJECTORY_STEPS = 6
 
 # Parameters whose gradient and post-step value are dumped.
 NAMED = [
@@ -382,6 +389,23 @@ def perturb_(gen, setup):
                 p.copy_(p.half().float())
 
 
+# Our flow objective's network timesteps: s in [0, 1] times this (SD3's convention).
+FLOW_TIME_SCALE = 1000.0
+
+
+def objective_inputs_v(setup, x0, noise, t):
+    """v-prediction at the golden timesteps: diffusers' x_t and velocity (float32 ᾱ)."""
+    return setup.scheduler.add_noise(x0, noise, t), t, setup.scheduler.get_velocity(x0, noise, t), {}
+
+
+def objective_inputs_flow(gen, x0, noise):
+    """Rectified flow at times drawn from `gen` (after every other draw): x_t, network timesteps, target, and the
+    unit times `s` (stored as `unit_t`)."""
+    s = torch.rand((x0.shape[0],), generator=gen)
+    sb = s.view(-1, 1, 1, 1)
+    return (1 - sb) * x0 + sb * noise, s * FLOW_TIME_SCALE, noise - x0, {"unit_t": s}
+
+
 def dump_golden(out_dir, threads):
     torch.set_num_threads(threads)
     cfg = TINY
@@ -405,6 +429,8 @@ def dump_golden(out_dir, threads):
     save_file(clone(setup.side_state()), os.path.join(out_dir, "side.safetensors"))
     save_file(clone(setup.decoder_state()), os.path.join(out_dir, "decoder.safetensors"))
 
+    initial = {k: {n: v.detach().clone() for n, v in sd.items()}
+               for k, sd in (("main", setup.main_state()), ("side", setup.side_state()), ("decoder", setup.decoder_state()))}
     params, opt = make_optimizer(setup, cfg["optimizer"])
     out = setup.step_forward(x0, noise, t, y, cond)
     out["loss"].backward()
@@ -428,8 +454,58 @@ def dump_golden(out_dir, threads):
     step.update(after)
     save_file({k: v.detach().clone().contiguous() for k, v in step.items()}, os.path.join(out_dir, "step_epsilon.safetensors"))
 
+    # A short trajectory on from that step, as training runs it: TRAJECTORY_STEPS - 1 more steps, each on inputs
+    # of its own (drawn after everything above, so the single step's tensors are unchanged), with AdamW's moments
+    # and bias correction carried across steps. Per step its inputs, losses and gradient norm; at the end the
+    # named parameters.
+    traj = {}
+    classes = cfg["main"]["label_encoder"]["num_classes"]
+    steps_total = cfg["main"]["objective"]["num_train_timesteps"]
+    for k in range(1, TRAJECTORY_STEPS):
+        xk = torch.rand((b, u["in_channels"], res, res), generator=gen) * 2 - 1
+        nk = torch.randn((b, u["in_channels"], res, res), generator=gen)
+        ck = torch.rand((b, cfg["controlnet"]["conditioning_channels"], res, res), generator=gen)
+        tk = torch.randint(0, steps_total, (b,), generator=gen, dtype=torch.int64)
+        yk = torch.randint(0, classes + 1, (b,), generator=gen, dtype=torch.int64)  # classes = the null label
+        opt.zero_grad()
+        outk = setup.step_forward(xk, nk, tk, yk, ck)
+        outk["loss"].backward()
+        gk = torch.nn.utils.clip_grad_norm_(params, cfg["optimizer"]["max_grad_norm"])
+        opt.step()
+        traj.update({
+            f"{k}.x0": xk, f"{k}.noise": nk, f"{k}.condition": ck, f"{k}.timesteps": tk, f"{k}.labels": yk,
+            f"{k}.x_t": outk["x_t"], f"{k}.l_main": outk["l_main"], f"{k}.l_lisa": outk["l_lisa"],
+            f"{k}.loss": outk["loss"], f"{k}.grad_norm": gk,
+        })
+    traj.update({f"final.{n}": named[n].detach().clone() for n in NAMED})
+    save_file({k: v.detach().clone().contiguous() for k, v in traj.items()},
+              os.path.join(out_dir, "trajectory_epsilon.safetensors"))
+
+    # The same initial state under the other objectives (one forward and backward each, no optimizer step):
+    # v-prediction (x_t as above, target = α·ε − σ·x0 from the scheduler's float32 ᾱ) and rectified flow (x_t =
+    # (1 − s)·x0 + s·ε for s in [0, 1], target ε − x0, network timesteps s · FLOW_TIME_SCALE).
+    for name, make in (("v_prediction", lambda: objective_inputs_v(setup, x0, noise, t)),
+                       ("flow", lambda: objective_inputs_flow(gen, x0, noise))):
+        setup.load(initial["main"], initial["side"], initial["decoder"])
+        for p in params:
+            p.grad = None
+        x_t_o, t_o, target_o, extra = make()
+        out_o = setup.step_forward_on(x_t_o, t_o, target_o, y, cond)
+        out_o["loss"].backward()
+        tensors = {
+            "x0": x0, "noise": noise, "labels": y, "condition": cond, "x_t": out_o["x_t"], "timesteps": t_o,
+            "target": out_o["target"], "pred_main": out_o["pred_main"], "pred_full": out_o["pred_full"],
+            "r": out_o["r"], "decoded": out_o["decoded"], "l_main": out_o["l_main"], "l_lisa": out_o["l_lisa"],
+            "loss": out_o["loss"],
+        }
+        tensors.update(extra)
+        tensors.update({f"grad.{n}": named[n].grad.detach().clone() for n in NAMED})
+        save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()},
+                  os.path.join(out_dir, f"step_{name}.safetensors"))
+
     meta = {k: v for k, v in cfg.items() if k in ("main", "controlnet", "lisa", "optimizer", "timesteps", "labels", "seed", "batch")}
     meta["named_parameters"] = NAMED
+    meta["trajectory_steps"] = TRAJECTORY_STEPS
     meta["provenance"] = {
         "generator": "bench/reference.py --dump-golden",
         "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": threads, "dtype": "float32",

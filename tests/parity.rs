@@ -9,7 +9,9 @@
 //! through the crate's API (`MainNetwork`, `SideNetwork::from_main`, `LisaHead`), copies the golden
 //! weights in by name, runs OUR forward (`ControlTask::forward`, `ControlTask::loss`) and then the
 //! training step itself (`lisa::train::step`: backward, clip, AdamW — what the training loop and
-//! `lisa bench` run) and compares every golden tensor. No Python is needed here.
+//! `lisa bench` run) and compares every golden tensor. It also continues that step to a 6-step
+//! trajectory (`trajectory_epsilon.safetensors`) and runs the initial state under v-prediction and
+//! rectified flow (`step_v_prediction`, `step_flow`). No Python is needed here.
 //!
 //! Tolerance: a tensor matches when `max |ours − ref| ≤ 1e-5 · (1 + max |ref|)` (`TOL` below), and,
 //! because that bound is loose for small-magnitude tensors (gradients), also
@@ -207,6 +209,122 @@ fn lisa_step_matches_the_pytorch_diffusers_reference() {
     rep.finish();
 }
 
+/// The single step continued for the golden trajectory's length (`trajectory_epsilon.safetensors`): every step on
+/// its own golden inputs, through the training step (loss, backward, clip, AdamW) with the optimizer's moments and
+/// bias correction carried across steps; per step the losses and the gradient norm, at the end the parameters.
+#[test]
+fn a_multi_step_trajectory_matches_the_pytorch_diffusers_reference() {
+    let cfg = config();
+    let (first, traj) = (read("step_epsilon.safetensors"), read("trajectory_epsilon.safetensors"));
+    let steps = cfg["trajectory_steps"].as_u64().expect("config.json: trajectory_steps") as usize;
+    let nets = build(&cfg, ReferencePass::Full);
+    let Nets { main, side, head } = &nets;
+    let task = ControlTask::new(main, side, Some(head)).unwrap();
+    let mut params = side.named_parameters();
+    params.extend(head.named_parameters());
+    let by_name: HashMap<String, Tensor> = params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    let o = &cfg["optimizer"];
+    let f64_of = |k: &str| o[k].as_f64().unwrap();
+    let mut opt = AdamW::new(
+        params,
+        AdamWConfig { beta1: f64_of("beta1"), beta2: f64_of("beta2"), eps: f64_of("eps"), weight_decay: f64_of("weight_decay") },
+    );
+    let settings = StepSettings { max_grad_norm: f64_of("max_grad_norm"), mixed_precision: MixedPrecision::No };
+    let mut rep = Report::new(TOL);
+    for k in 0..steps {
+        let input = |name: &str| match k {
+            0 => first[name].shallow_clone(),
+            _ => traj[&format!("{k}.{name}")].shallow_clone(),
+        };
+        let golden = |name: &str| match k {
+            0 => first[name].shallow_clone(),
+            _ => traj[&format!("{k}.{name}")].shallow_clone(),
+        };
+        let batch = Batch { x0: input("x0"), labels: input("labels"), condition: Some(input("condition")), rows: None };
+        let ours = main.objective.training_sample(&batch.x0, &input("noise"), &input("timesteps")).unwrap();
+        // x_t as the reference formed it (see x_t_schedule_difference_is_float32_rounding).
+        let given = [TrainingSample { x_t: input("x_t"), ..ours }];
+        opt.zero_grad();
+        let grads = lisa::train::step::backward(
+            &task,
+            &opt,
+            &main.objective,
+            std::slice::from_ref(&batch),
+            Noise::Given(&given),
+            settings,
+            None,
+        )
+        .unwrap();
+        let r = lisa::train::step::apply(grads, &mut opt, f64_of("lr"), None);
+        assert_eq!(r.outcome, StepOutcome::Applied);
+        let metric = |n: &str| r.metrics.iter().find(|(m, _)| m == n).map(|(_, v)| *v).unwrap();
+        let group = format!("step {}", k + 1);
+        for (name, ours) in [("l_main", metric("l_main")), ("l_lisa", metric("l_lisa")), ("loss", r.loss), ("grad_norm", r.grad_norm)] {
+            rep.compare_in(&group, &format!("step {}: {name}", k + 1), &Tensor::from(ours), &golden(name));
+        }
+    }
+    let named: Vec<String> = serde_json::from_value(cfg["named_parameters"].clone()).unwrap();
+    for n in &named {
+        rep.compare_in("final", &format!("after {steps} steps: {n}"), &by_name[n], &traj[&format!("final.{n}")]);
+    }
+    rep.finish();
+}
+
+/// The same initial state and inputs under v-prediction and rectified flow (`step_v_prediction.safetensors`,
+/// `step_flow.safetensors`): the noised input and target as our objective forms them, the predictions, LISA's
+/// residual and decoder, the losses and the gradients.
+#[test]
+fn v_prediction_and_flow_steps_match_the_pytorch_diffusers_reference() {
+    for (file, kind, prediction) in
+        [("step_v_prediction.safetensors", "ddpm", "v_prediction"), ("step_flow.safetensors", "flow", "epsilon")]
+    {
+        let mut cfg = config();
+        cfg["main"]["objective"]["kind"] = kind.into();
+        cfg["main"]["objective"]["prediction"] = prediction.into();
+        let g = read(file);
+        let nets = build(&cfg, ReferencePass::Full);
+        let Nets { main, side, head } = &nets;
+        let flow = kind == "flow";
+        let label = if flow { "flow" } else { prediction };
+        // Raw times as our objective takes them: DDPM timesteps, or flow's unit times.
+        let t = if flow { g["unit_t"].shallow_clone() } else { g["timesteps"].shallow_clone() };
+        let ours = main.objective.training_sample(&g["x0"], &g["noise"], &t).unwrap();
+        let mut rep = Report::new(TOL);
+        rep.compare_in(label, &format!("{label}: x_t"), &ours.x_t, &g["x_t"]);
+        rep.compare_in(label, &format!("{label}: target"), &ours.target, &g["target"]);
+        rep.compare_in(label, &format!("{label}: network timesteps"), &ours.model_t, &g["timesteps"]);
+        // DDPM's x_t as the reference formed it (see x_t_schedule_difference_is_float32_rounding).
+        let sample = if flow { ours } else { TrainingSample { x_t: g["x_t"].shallow_clone(), ..ours } };
+        let (labels, condition) = (&g["labels"], &g["condition"]);
+        let task = ControlTask::new(main, side, Some(head)).unwrap();
+        let f = tch::no_grad(|| task.forward(&sample.x_t, &sample.model_t, labels, condition)).unwrap();
+        let pred_main = f.pred_main.as_ref().unwrap();
+        for (name, ours, reference) in [
+            ("pred_full", &f.pred_full, &g["pred_full"]),
+            ("pred_main", pred_main, &g["pred_main"]),
+            ("r = target - pred_main", &likelihood_residual(&sample.target, pred_main), &g["r"]),
+            ("decoded", f.decoded.as_ref().unwrap(), &g["decoded"]),
+        ] {
+            rep.compare_in(label, &format!("{label}: {name}"), ours, reference);
+        }
+        let batch = Batch { x0: g["x0"].shallow_clone(), labels: labels.shallow_clone(), condition: Some(condition.shallow_clone()), rows: None };
+        let loss = task.loss(&batch, &sample).unwrap();
+        let metric = |name: &str| loss.metrics.iter().find(|(n, _)| n == name).map(|(_, v)| v.shallow_clone()).unwrap();
+        rep.compare_in(label, &format!("{label}: l_main"), &metric("l_main"), &g["l_main"]);
+        rep.compare_in(label, &format!("{label}: l_lisa"), &metric("l_lisa"), &g["l_lisa"]);
+        rep.compare_in(label, &format!("{label}: loss"), &loss.loss, &g["loss"]);
+        loss.loss.backward();
+        let mut params = side.named_parameters();
+        params.extend(head.named_parameters());
+        let by_name: HashMap<String, Tensor> = params.into_iter().collect();
+        let named: Vec<String> = serde_json::from_value(cfg["named_parameters"].clone()).unwrap();
+        for n in &named {
+            rep.compare_in(label, &format!("{label}: grad {n}"), &by_name[n].grad(), &g[&format!("grad.{n}")]);
+        }
+        rep.finish();
+    }
+}
+
 /// diffusers' `DDPMScheduler` keeps ᾱ in float32 (`torch.cumprod` of float32 `1 − β`); ours is a
 /// float64 product rounded once. `x_t` therefore differs by float32 rounding of ᾱ_t accumulated
 /// over t steps, which this bounds (and prints) separately from the network's parity.
@@ -226,11 +344,14 @@ fn x_t_schedule_difference_is_float32_rounding() {
 fn golden_files_are_present_and_small() {
     let dir = golden_dir();
     let mut total = 0;
-    for f in ["config.json", "main.safetensors", "side.safetensors", "decoder.safetensors", "step_epsilon.safetensors"] {
+    let files =
+        ["config.json", "main.safetensors", "side.safetensors", "decoder.safetensors", "step_epsilon.safetensors"];
+    let more = ["trajectory_epsilon.safetensors", "step_v_prediction.safetensors", "step_flow.safetensors"];
+    for f in files.into_iter().chain(more) {
         let p: &Path = &dir.join(f);
         total += std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).len();
     }
-    assert!(total < 600_000, "golden tensors take {total} bytes; keep them small");
+    assert!(total < 800_000, "golden tensors take {total} bytes; keep them small");
 }
 
 #[test]
@@ -240,7 +361,7 @@ fn the_golden_comparator_fails_beyond_its_bound_and_names_the_first_differing_el
     rep.compare_in("forward", "within the bound", &(&reference + 1e-6), &reference);
     rep.finish();
     let mut rep = Report::new(TOL);
-    let mut ours = reference.copy();
+    let ours = reference.copy();
     let _ = ours.get(1).get(0).fill_(0.126);
     rep.compare_in("forward", "one element off", &ours, &reference);
     let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rep.finish())).unwrap_err();
