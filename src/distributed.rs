@@ -274,10 +274,21 @@ impl ProcessGroup {
     fn call(&self, what: &str, f: impl FnOnce(&ffi::Raw) -> std::result::Result<(), String>) -> Result<()> {
         let raw = self.raw.lock().unwrap_or_else(|e| e.into_inner());
         f(&raw).map_err(|e| {
-            let gone: Vec<String> = (0..self.world_size)
-                .filter(|&r| r != self.rank && peer_is_gone(&self.peers[r]))
-                .map(|r| format!("rank {r} (pid {})", self.peers[r].rsplit(' ').next().unwrap_or("?")))
-                .collect();
+            let gone = || -> Vec<String> {
+                (0..self.world_size)
+                    .filter(|&r| r != self.rank && peer_is_gone(&self.peers[r]))
+                    .map(|r| format!("rank {r} (pid {})", self.peers[r].rsplit(' ').next().unwrap_or("?")))
+                    .collect()
+            };
+            // A killed peer's connections close while it is still exiting, before it shows as gone: give it a
+            // moment (longer on a loaded machine) before saying that no peer exited.
+            let waited = std::time::Instant::now();
+            let mut gone_now = gone();
+            while gone_now.is_empty() && waited.elapsed() < PEER_EXIT_GRACE {
+                std::thread::sleep(Duration::from_millis(50));
+                gone_now = gone();
+            }
+            let gone = gone_now;
             let cause = if gone.is_empty() {
                 format!("a peer exited or did not answer within {} s", self.timeout.as_secs())
             } else {
@@ -299,6 +310,9 @@ impl Drop for ProcessGroup {
         ffi::destroy(raw);
     }
 }
+
+/// How long a failed collective waits for an exiting peer to show as gone before blaming no one in particular.
+const PEER_EXIT_GRACE: Duration = Duration::from_secs(3);
 
 /// Whether the process of a peer ("host pid") on this host is no longer running (unknown for other hosts).
 fn peer_is_gone(peer: &str) -> bool {

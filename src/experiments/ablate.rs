@@ -5,7 +5,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::compare::{paired_difference, ArmAggregate};
-use super::control::{load_main, train_control, ArmSummary, LazyData};
+use super::arm::{train_control, ArmSummary};
+use super::protocol::{load_main, LazyData};
 use super::control_config::ControlConfig;
 use crate::eval::curves::first_reaching;
 use crate::{Error, Result};
@@ -180,7 +181,7 @@ pub fn ablate(cfg: &ControlConfig, variants: &[Variant], resume: bool, quiet: bo
             let mut c = arm_cfg.clone();
             c.train.seed = cfg.train.seed + i;
             c.output_dir = out.join(format!("seed-{}", c.train.seed)).join(name);
-            let finished = resume.then(|| super::control::finished_arm(&c)).flatten();
+            let finished = resume.then(|| super::arm::finished_arm(&c)).flatten();
             let summary = match finished {
                 Some(s) => s,
                 None => {

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::bench::{loss_scaler_for, ours_step, TimingStats};
-use super::control::{condition_channels, load_main};
+use super::protocol::{condition_channels, load_main};
 use super::control_config::{ControlConfig, SideConnection};
 use crate::control::{ControlTask, LisaHead, LisaTarget, SideNetwork};
 use crate::train::loss_scaler::LossScaler;

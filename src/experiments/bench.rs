@@ -1024,17 +1024,17 @@ pub fn bench_sampling(run_dir: &Path, images: i64, reps: usize, threads: i32) ->
     if threads > 0 {
         tch::set_num_threads(threads);
     }
-    let main = super::control::load_main(&cfg)?;
+    let main = super::protocol::load_main(&cfg)?;
     let seed_dir = run_dir.join(format!("seed-{}", cfg.train.seed));
     let load = |arm: &str| SideNetwork::load(&seed_dir.join(arm).join("side-network"), &main);
     let (baseline, lisa) = (load("baseline")?, load("lisa")?);
     let shapes = |s: &SideNetwork| -> Vec<(String, Vec<i64>)> {
         s.named_parameters().into_iter().map(|(n, t)| (n, t.size())).collect()
     };
-    let (_, labels, conditions) = super::control::held_out_subset(&cfg)?;
+    let (_, labels, conditions) = super::protocol::held_out_subset(&cfg)?;
     let n = images.min(labels.size()[0]);
     let (y, c) = (labels.narrow(0, 0, n), conditions.narrow(0, 0, n));
-    let sampler = super::control::fidelity_sampler(&cfg, &main);
+    let sampler = super::protocol::fidelity_sampler(&cfg, &main);
     let run = |side: &SideNetwork| -> Result<f64> {
         let t0 = Instant::now();
         let _ = side.sample(&main, &y, &c, &sampler, 1.0, cfg.fidelity.seed)?;

@@ -7,9 +7,8 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::control_config::ControlConfig;
-use super::control::{
-    finished_arm, frechet_skipped_note, load_main, save_triptych, train_control, ArmSummary, LazyData, FINAL_SAMPLES,
-};
+use super::arm::{finished_arm, train_control, ArmSummary, FINAL_SAMPLES};
+use super::protocol::{frechet_skipped_note, load_main, save_triptych, LazyData};
 use crate::control::NUM_TIME_BUCKETS;
 use crate::eval::curves::{read_curve, speedups, EventTiming, SeedCurves, SpeedUp, FINAL_MEASURES};
 use crate::eval::plot::{line_plot, PlotSpec, Series};

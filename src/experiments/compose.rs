@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::control::{held_out_subset, load_main};
+use super::protocol::{held_out_subset, load_main};
 use super::control_config::ControlConfig;
 use crate::control::sampling::{sample_controlled_chunked, Control, ControlOptions};
 use crate::control::side::SideNetwork;
@@ -160,7 +160,7 @@ pub fn compose(cfg: &ComposeConfig, out: &Path, log: &mut dyn FnMut(&str)) -> Re
     }
     let (shared_x, y) = shared.ok_or_else(|| Error::Config("no runs".into()))?;
     let names: Vec<String> = ctls.iter().map(|c| c.condition.clone()).collect();
-    let sampler = &super::control::fidelity_sampler(&ctls[0], &main);
+    let sampler = &super::protocol::fidelity_sampler(&ctls[0], &main);
     let seed = ctls[0].fidelity.seed;
     let chunk = ctls[0].final_eval.chunk;
 
@@ -271,7 +271,7 @@ fn stacked_rows(
         Tensor::cat(&maps, 1)
     };
     let (sampler, seed, chunk) =
-        (&super::control::fidelity_sampler(&ctl, main), ctl.fidelity.seed, ctl.final_eval.chunk);
+        (&super::protocol::fidelity_sampler(&ctl, main), ctl.fidelity.seed, ctl.final_eval.chunk);
     let mut subsets: Vec<Vec<usize>> = vec![channel_of.iter().map(|(i, _)| *i).collect()];
     subsets.extend(channel_of.iter().map(|(i, _)| vec![*i]));
     let mut rows = Vec::new();

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::arm_cost::{ArmCostReport, ArmKind};
 use super::compare::{arm_speedups, SPEEDUP_LEGEND};
-use super::control::ArmSummary;
+use super::arm::ArmSummary;
 use crate::eval::curves::{own_measure, shared_measure, SpeedUp};
 use crate::{Error, Result};
 

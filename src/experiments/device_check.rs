@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
-use super::control::{load_main, prepare_data, train_control};
+use super::arm::train_control;
+use super::protocol::{load_main, prepare_data};
 use super::control_config::ControlConfig;
 use crate::eval::curves::read_curve;
 use super::pretrain::device_from;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::control::{held_out_subset, load_main};
+use super::protocol::{held_out_subset, load_main};
 use super::control_config::ControlConfig;
 use crate::control::side::{SideNetwork, SideNetworkConfig};
 use crate::diffusion::Objective;

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::control::{check_classifier_fits, frechet_skipped_note, held_out_subset, load_main, FrechetFeatures};
+use super::protocol::{check_classifier_fits, frechet_skipped_note, held_out_subset, load_main, FrechetFeatures};
 use super::control_config::ControlConfig;
 use crate::control::sampling::{sample_controlled_chunked, Control, ControlOptions};
 use crate::control::side::SideNetwork;
@@ -177,7 +177,7 @@ pub fn guidance_sweep(run_dir: &Path, cfg: &GuidanceConfig, log: &mut dyn FnMut(
                     &main,
                     &[control],
                     &y,
-                    &super::control::fidelity_sampler(&ctl, &main),
+                    &super::protocol::fidelity_sampler(&ctl, &main),
                     g,
                     ctl.fidelity.seed,
                     ctl.final_eval.chunk,

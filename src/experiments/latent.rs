@@ -303,7 +303,7 @@ pub fn train_latent(
         run_description: run_description(cfg),
         description_defaults: run_description(&LatentControlConfig::default()),
         quiet,
-        files: super::control::side_run_files(cfg, &side)?,
+        files: super::arm::side_run_files(cfg, &side)?,
     };
     trainer::preflight(&train_data, &train_cfg, &run)?;
     let _lock = crate::train::lock::RunLock::acquire(out)?;

@@ -1,12 +1,12 @@
 //! Experiments: orchestration only (load data, build networks, call the trainer, sample, evaluate).
 //! No model or loss code lives here except the one-line task that says what is regressed onto what.
 pub mod ablate;
+pub mod arm;
 pub mod arm_cost;
 pub mod bench;
 pub mod compare;
 pub mod compose;
 pub mod contrast;
-pub mod control;
 pub mod control_config;
 pub mod device_check;
 pub mod disentangle;
@@ -15,4 +15,5 @@ pub mod guidance;
 pub mod latent;
 pub mod lr_sweep;
 pub mod pretrain;
+pub mod protocol;
 pub mod speedups;

@@ -135,7 +135,7 @@ fn read_point(run: &Path) -> Result<OperatingPoint> {
     let cfg: ControlConfig = crate::config::load(Some(&config), &[])?;
     let label = serde_json::to_value(cfg.label).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
     let (b, l) = (&report.baseline.runs, &report.lisa.runs);
-    let fewest = |curve: &dyn Fn(&super::control::ArmSummary) -> &[(u64, f64)], hib: bool| {
+    let fewest = |curve: &dyn Fn(&super::arm::ArmSummary) -> &[(u64, f64)], hib: bool| {
         b.iter().map(|r| EventTiming::of(curve(r), hib).map(|t| t.points_in_event)).min().flatten()
     };
     let gain_measured = b.iter().all(|r| !r.loss_gain_curve.is_empty());
