@@ -288,6 +288,16 @@ fn meta(dir: &Path, lines: &[&str]) {
     fs::write(dir.join("metadata.jsonl"), lines.join("\n") + "\n").unwrap();
 }
 
+/// A dataset folder with two 8×8 images, `a.png` (label 0) and `b.png` (label `b_label`).
+fn two_images(b_label: u32) -> impl FnOnce(&Path) {
+    move |d| {
+        png(&d.join("a.png"), 8, 8);
+        png(&d.join("b.png"), 8, 8);
+        let b = format!(r#"{{"image": "b.png", "label": {b_label}}}"#);
+        meta(d, &[r#"{"image": "a.png", "label": 0}"#, &b]);
+    }
+}
+
 /// A dataset folder with `a.png` and the given metadata lines.
 fn with_a(lines: &'static [&'static str]) -> impl FnOnce(&Path) {
     move |d: &Path| {
@@ -489,11 +499,7 @@ fn build(root: &Path) -> Vec<Case> {
     // message says so.
     c.folder(
         "if-held-out-leaves-less-than-a-batch",
-        |d| {
-            png(&d.join("a.png"), 8, 8);
-            png(&d.join("b.png"), 8, 8);
-            meta(d, &[r#"{"image": "a.png", "label": 0}"#, r#"{"image": "b.png", "label": 1}"#]);
-        },
+        two_images(1),
         &["--set", "train.batch_size=2"],
         &["has 1 example(s) once data.eval_fraction = 0.1", "held out", "data.eval_dataset"],
     );
@@ -790,11 +796,7 @@ fn build(root: &Path) -> Vec<Case> {
     );
     c.train_on_folder(
         "ctl-no-held-out-images",
-        |d| {
-            png(&d.join("a.png"), 8, 8);
-            png(&d.join("b.png"), 8, 8);
-            meta(d, &[r#"{"image": "a.png", "label": 0}"#, r#"{"image": "b.png", "label": 0}"#]);
-        },
+        two_images(0),
         &["--set", "data.eval_fraction=0"],
         &["no held-out images", "give data.eval_dataset"],
     );
