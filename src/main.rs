@@ -4,15 +4,16 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use tch::{Device, Tensor};
+use tch::Device;
 
-use lisa::control::{sample_controlled, Control, ControlOptions, SideNetwork};
+use lisa::control::SideNetwork;
 use lisa::diffusion::{SamplerConfig, SamplerKind};
 use lisa::experiments::compare::compare;
 use lisa::experiments::arm::train_control;
 use lisa::experiments::protocol::{frechet_skipped_note, load_main, prepare_data};
 use lisa::experiments::control_config::ControlConfig;
 use lisa::experiments::evaluate::evaluate;
+use lisa::experiments::sample::{sample_to_files, SampleRequest};
 use lisa::data::DataConfig;
 use lisa::experiments::pretrain::{pretrain, PretrainConfig};
 use lisa::pipeline::MainNetwork;
@@ -732,135 +733,33 @@ fn load_model(dir: &std::path::Path) -> Result<MainNetwork> {
 fn run_sample(a: SampleArgs) -> Result<()> {
     a.sampler.set_threads();
     let net = load_model(&a.model.clone().unwrap_or_else(shipped_model))?;
-    let k = net.config.label_encoder.num_classes;
-    let labels: Vec<i64> = if a.labels.is_empty() { (0..k).collect() } else { a.labels.clone() };
-    if let Some(bad) = labels.iter().find(|&&l| l < 0 || l > k) {
-        anyhow::bail!("label {bad} is out of range: the model knows labels 0..{} ({k} = unconditional)", k - 1);
+    let request = SampleRequest {
+        sampler: a.sampler.config(&net),
+        seed: a.sampler.seed,
+        labels: a.labels,
+        per_label: a.per_label,
+        out: a.out,
+        out_dir: a.out_dir,
+        controlnets: a.controlnet,
+        conditions: a.condition,
+        condition_from: a.condition_from,
+        conditioning_scale: a.conditioning_scale,
+        control_start: a.control_start,
+        control_end: a.control_end,
+        guidance_scale: a.guidance_scale,
+    };
+    let done = sample_to_files(&net, &request)?;
+    if let Some(dir) = &request.out_dir {
+        println!("wrote {} samples and their metadata.jsonl into {}", done.samples, dir.display());
     }
-    if a.per_label < 1 {
-        anyhow::bail!("--per-label must be ≥ 1");
-    }
-    if let Some(dir) = &a.out_dir {
-        lisa::eval::grid::check_sample_folder(dir)?;
-    }
-    // Column-major grid: one column per label.
-    let ys: Vec<i64> = (0..a.per_label).flat_map(|_| labels.iter().copied()).collect();
-    let y = Tensor::from_slice(&ys);
-    let size = net.config.sample_size();
-    let n = ys.len() as i64;
-    if a.controlnet.is_empty() && (!a.condition.is_empty() || a.condition_from.is_some()) {
-        anyhow::bail!("--condition and --condition-from need --controlnet (a side network folder)");
-    }
-    let sides: Vec<SideNetwork> = a
-        .controlnet
-        .iter()
-        .map(|dir| {
-            SideNetwork::load(dir, &net).with_context(|| format!("loading the side network in {}", dir.display()))
-        })
-        .collect::<Result<_>>()?;
-    if a.condition_from.is_none() && a.condition.len() != sides.len() {
-        anyhow::bail!(
-            "{} side network(s) but {} --condition image(s): give one --condition per --controlnet, or --condition-from IMG",
-            sides.len(),
-            a.condition.len()
-        );
-    }
-    let scales = &a.conditioning_scale;
-    if scales.len() != 1 && scales.len() != sides.len() {
-        anyhow::bail!("give one --conditioning-scale for all side networks or one per --controlnet ({})", sides.len());
-    }
-    let mut controls = Vec::new();
-    let mut cond_rows = Vec::new();
-    for (k, side) in sides.iter().enumerate() {
-        let condition = match &a.condition_from {
-            None if side.condition.len() > 1 => anyhow::bail!(
-                "the side network in {} takes stacked conditions ({}); give --condition-from IMG to extract them",
-                a.controlnet[k].display(),
-                side.condition
-            ),
-            // A condition image as the side network takes it: grey, or colour for one trained on colour
-            // condition maps (colour lowres, colour given images).
-            None => {
-                let p = &a.condition[k];
-                let channels = if side.config.conditioning_channels() == 3 { 3 } else { 1 };
-                lisa::data::imagefolder::load_image(p, size as u32, channels)
-                    .with_context(|| format!("reading {}", p.display()))?
-            }
-            // Conditions are extracted as in training: from a colour image for a colour main network.
-            Some(p) => {
-                let colour = net.config.out_channels() == 3 && net.config.num_frames() == 1;
-                let img = lisa::data::imagefolder::load_image(p, size as u32, if colour { 3 } else { 1 })
-                    .with_context(|| format!("reading {}", p.display()))?
-                    * 2.0
-                    - 1.0;
-                if colour {
-                    side.condition.extract_colour_batch(&img)?
-                } else {
-                    side.condition.extract_batch(&img)?
-                }
-            }
-        };
-        let channels = condition.size()[1];
-        let condition = condition.expand([n, channels, size, size], false).contiguous();
-        // Stacked conditions are shown overlaid (their maximum), a colour condition in colour.
-        let row = condition.narrow(0, 0, labels.len() as i64);
-        let row = if side.condition.len() == 1 && channels == 3 { row } else { row.amax([1], true) };
-        cond_rows.push(row * 2.0 - 1.0);
-        let options = ControlOptions {
-            conditioning_scale: scales[if scales.len() == 1 { 0 } else { k }],
-            start: a.control_start,
-            end: a.control_end,
-        };
-        controls.push(Control { side, condition, options });
-    }
-    let images = sample_controlled(&net, &controls, &y, &a.sampler.config(&net), a.guidance_scale, a.sampler.seed)?;
-    // First rows: the conditions (grey, also above colour samples); then the samples, one column per label.
-    let image_channels = images.size()[1];
-    cond_rows = cond_rows
-        .iter()
-        .map(|r| match (r.size()[1], image_channels) {
-            (1, 3) => r.expand([-1, 3, -1, -1], false),
-            (3, 1) => r.mean_dim(1, true, tch::Kind::Float),
-            _ => r.shallow_clone(),
-        })
-        .collect();
-    if let Some(dir) = &a.out_dir {
-        let paths = |v: &[PathBuf]| v.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
-        let fields: Vec<serde_json::Map<String, serde_json::Value>> = ys
-            .iter()
-            .enumerate()
-            .map(|(i, &label)| {
-                let mut m = serde_json::Map::new();
-                m.insert("label".into(), label.into());
-                m.insert("unconditional".into(), (label == k).into());
-                m.insert("seed".into(), a.sampler.seed.into());
-                m.insert("index".into(), i.into());
-                m.insert("guidance_scale".into(), a.guidance_scale.into());
-                if !sides.is_empty() {
-                    m.insert("controlnet".into(), paths(&a.controlnet).into());
-                    m.insert("conditioning_scale".into(), scales.clone().into());
-                    match &a.condition_from {
-                        Some(p) => m.insert("condition_from".into(), p.display().to_string().into()),
-                        None => m.insert("condition".into(), paths(&a.condition).into()),
-                    };
-                }
-                m
-            })
-            .collect();
-        lisa::eval::grid::save_sample_folder(&images, &fields, dir)?;
-        println!("wrote {} samples and their metadata.jsonl into {}", ys.len(), dir.display());
-    }
-    cond_rows.push(images);
-    lisa::eval::grid::save_grid_scaled(&Tensor::cat(&cond_rows, 0), labels.len(), 2, 2, &a.out)?;
-    let kinds: Vec<String> = sides.iter().map(|s| s.condition.to_string()).collect();
-    if kinds.is_empty() {
-        println!("wrote {} ({} samples)", a.out.display(), ys.len());
+    if done.condition_kinds.is_empty() {
+        println!("wrote {} ({} samples)", request.out.display(), done.samples);
     } else {
         println!(
             "wrote {} (top row(s): the {} condition(s); {} samples below)",
-            a.out.display(),
-            kinds.join(" + "),
-            ys.len()
+            request.out.display(),
+            done.condition_kinds.join(" + "),
+            done.samples
         );
     }
     Ok(())
@@ -1237,7 +1136,7 @@ fn run_device_check(a: DeviceCheckArgs) -> Result<()> {
 fn run_bench(a: BenchArgs) -> Result<()> {
     use lisa::experiments::bench::{repo_root, BenchConfig, ReferenceCommand};
     if let Some(config) = &a.config {
-        use lisa::experiments::arm_cost::{bench_arms, ArmKind};
+        use lisa::experiments::bench::arm_cost::{bench_arms, ArmKind};
         let cfg: lisa::experiments::control_config::ControlConfig =
             lisa::config::load_with_defaults(Some(config), &[], &a.set)?;
         let arms: Vec<ArmKind> = if a.arms.is_empty() {

@@ -282,6 +282,17 @@ pub fn own_measure(fraction: f64) -> String {
 pub const FINAL_MEASURES: [&str; 2] =
     ["the reference's final value (its last step)", "the reference's final value (first crossings)"];
 
+/// What the speed-up rows of a summary mean, printed above them.
+pub const SPEEDUP_LEGEND: &str = "Speed-up of LISA (the candidate) over the baseline (the reference): the steps the \
+    reference needs over the steps the candidate needs to reach a level, interpolated between evaluations, per seed \
+    (> 1: LISA sooner). Levels are fractions of a gain from step 0 to the plateau, the mean of the evaluations in the \
+    last fifth of the step range: of the reference's gain (one level for both arms), or of each arm's own gain (so \
+    that a curve that only ends higher is not counted as faster). Over seeds: the geometric mean with its 95% \
+    Student-t interval on the log ratios (n − 1 degrees of freedom). k of n: seeds at which both arms reached the \
+    level; an arm that never reached it is timed at its last step and counted as censored (≤: an upper bound of \
+    the seed's ratio), never dropped. Sign test: seeds faster (+), slower (−), tied (=) and the exact two-sided \
+    binomial p-value. The percentile bootstrap interval is secondary: over 3–5 seeds it covers far less than 95%.";
+
 /// Speed-ups of a candidate arm over a reference arm from paired per-seed curves `(seed, reference,
 /// candidate)`, in this order:
 /// - for each of [`GAIN_FRACTIONS`], both arms timed to that fraction of the reference's gain (one shared

@@ -14,6 +14,7 @@ pub mod frechet;
 pub mod grid;
 pub mod loss_gain;
 pub mod plot;
+pub mod seeds;
 pub mod video;
 
 pub use classifier::{

@@ -4,11 +4,11 @@
 //! capacity, hook position, weight or distance.
 use serde::{Deserialize, Serialize};
 
-use super::compare::{paired_difference, ArmAggregate};
-use super::arm::{train_control, ArmSummary};
-use super::protocol::{load_main, LazyData};
+use super::arm::ArmSummary;
 use super::control_config::ControlConfig;
+use super::study::{ArmAggregate, Study};
 use crate::eval::curves::first_reaching;
+use crate::eval::seeds::paired_difference;
 use crate::{Error, Result};
 
 /// One ablation arm: a name and the config overrides that make it (applied on top of LISA enabled).
@@ -147,23 +147,11 @@ fn frechet_cell(arm: &ArmAggregate) -> String {
 /// `cfg.output_dir/seed-S/<arm>/`, then writes `ablation.md` and `ablation.json`. Arms finished by an earlier
 /// `ablate` or `compare` in the same folder (`baseline`, `lisa`) are reused when resuming.
 pub fn ablate(cfg: &ControlConfig, variants: &[Variant], resume: bool, quiet: bool) -> Result<AblationReport> {
-    cfg.validate()?;
     if variants.is_empty() {
         return Err(Error::Config("no ablation variants given".into()));
     }
-    if cfg.threads > 0 {
-        tch::set_num_threads(cfg.threads);
-    }
+    let mut study = Study::open(cfg, "ablation-config.toml", cfg, resume, quiet)?;
     let out = &cfg.output_dir;
-    let _lock = crate::train::lock::RunLock::acquire(out)?;
-    // In a multi-process run rank 0 alone writes the folder's files (the trainer does the same per arm).
-    let main_process = crate::distributed::is_main_process();
-    if main_process {
-        std::fs::write(out.join("ablation-config.toml"), crate::config::to_toml(cfg)?)
-            .map_err(|e| Error::io(out.join("ablation-config.toml"), e))?;
-    }
-    let main = load_main(cfg)?;
-    let mut data = LazyData::new(cfg);
     let mut arms: Vec<(String, Vec<String>, ControlConfig)> = vec![(
         "baseline".into(),
         vec![],
@@ -181,15 +169,7 @@ pub fn ablate(cfg: &ControlConfig, variants: &[Variant], resume: bool, quiet: bo
             let mut c = arm_cfg.clone();
             c.train.seed = cfg.train.seed + i;
             c.output_dir = out.join(format!("seed-{}", c.train.seed)).join(name);
-            let finished = resume.then(|| super::arm::finished_arm(&c)).flatten();
-            let summary = match finished {
-                Some(s) => s,
-                None => {
-                    let has_ckpt = !crate::train::checkpoint::list(&c.output_dir).unwrap_or_default().is_empty();
-                    eprintln!("== {name} (seed {})", c.train.seed);
-                    train_control(&c, &main, data.get()?, (resume && has_ckpt).then_some("latest"), quiet)?
-                }
-            };
+            let summary = study.run_arm(name, &c)?;
             results[k].push(summary);
         }
     }
@@ -216,7 +196,7 @@ pub fn ablate(cfg: &ControlConfig, variants: &[Variant], resume: bool, quiet: bo
     }
     let report =
         AblationReport { condition: cfg.condition.clone(), metric: baseline.runs[0].metric.clone(), baseline, rows };
-    if !main_process {
+    if !study.main_process {
         return Ok(report);
     }
     std::fs::write(out.join("ablation.md"), report.table()).map_err(|e| Error::io(out.join("ablation.md"), e))?;
@@ -239,7 +219,7 @@ mod tests {
                     frechet_floor: floor,
                     frechet_ceiling: floor.map(|x| x * 10.0),
                     frechet_classifier: floor.map(|_| "my-classifier".into()),
-                    ..super::super::compare::example_summary(seed, 0.5)
+                    ..crate::experiments::arm::example_summary(seed, 0.5)
                 })
                 .collect();
             ArmAggregate::new(name, runs).unwrap()

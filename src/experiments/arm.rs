@@ -83,6 +83,34 @@ pub struct ArmSummary {
     pub loss_gain_curve: Vec<(u64, f64)>,
 }
 
+/// A finished edges run of 100 steps, for tests of the reports.
+#[cfg(test)]
+pub(crate) fn example_summary(seed: u64, final_fidelity: f64) -> ArmSummary {
+    ArmSummary {
+        arm: "x".into(),
+        seed,
+        condition: "edges".into(),
+        steps: 100,
+        step_seconds: 1.0,
+        metric: "edge_f1".into(),
+        higher_is_better: true,
+        curve: vec![(0, 0.5), (50, 0.7), (100, 0.8)],
+        mean_aucc: 0.0,
+        final_fidelity,
+        final_fidelity_shuffled: 0.4,
+        frechet: Some(10.0),
+        frechet_floor: None,
+        frechet_ceiling: None,
+        frechet_classifier: None,
+        final_eval_images: 10,
+        temporal_flicker: None,
+        held_out: None,
+        side_parameters: 1,
+        decoder_parameters: 0,
+        loss_gain_curve: vec![],
+    }
+}
+
 /// Trains one arm as configured into `cfg.output_dir`: checkpoints, `metrics.csv`, `fidelity.csv`,
 /// `samples/step-N.png` (condition | sample | ground truth), the final `side-network/` and `summary.json`.
 pub fn train_control(

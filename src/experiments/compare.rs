@@ -6,95 +6,15 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use super::arm::{ArmSummary, FINAL_SAMPLES};
 use super::control_config::ControlConfig;
-use super::arm::{finished_arm, train_control, ArmSummary, FINAL_SAMPLES};
-use super::protocol::{frechet_skipped_note, load_main, save_triptych, LazyData};
+use super::protocol::save_triptych;
+use super::study::{paired_step_overhead_percent, ArmAggregate, Study};
 use crate::control::NUM_TIME_BUCKETS;
-use crate::eval::curves::{read_curve, speedups, EventTiming, SeedCurves, SpeedUp, FINAL_MEASURES};
+use crate::eval::curves::{read_curve, EventTiming, SpeedUp, FINAL_MEASURES, SPEEDUP_LEGEND};
+use crate::eval::seeds::{arm_speedups, paired_difference};
 use crate::eval::plot::{line_plot, PlotSpec, Series};
 use crate::{Error, Result};
-
-/// One arm over all seeds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ArmAggregate {
-    /// `baseline` or `lisa`.
-    pub arm: String,
-    /// Per-seed summaries.
-    pub runs: Vec<ArmSummary>,
-    /// Steps of the fidelity curve.
-    pub steps: Vec<u64>,
-    /// Mean, minimum and maximum fidelity over seeds at each step.
-    pub mean: Vec<f64>,
-    /// Minimum over seeds.
-    pub min: Vec<f64>,
-    /// Maximum over seeds.
-    pub max: Vec<f64>,
-    /// The held-out diffusion-loss gain over seeds, when every run measured it at the same steps.
-    #[serde(default)]
-    pub loss_gain: Option<CurveBand>,
-}
-
-/// Mean, minimum and maximum over seeds of curves measured at the same steps.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CurveBand {
-    /// The steps.
-    pub steps: Vec<u64>,
-    /// Mean over seeds at each step.
-    pub mean: Vec<f64>,
-    /// Minimum over seeds.
-    pub min: Vec<f64>,
-    /// Maximum over seeds.
-    pub max: Vec<f64>,
-}
-
-impl CurveBand {
-    /// The band of `curves`; `None` when they are empty or were measured at different steps.
-    pub fn new(curves: &[&[(u64, f64)]]) -> Option<Self> {
-        let steps: Vec<u64> = curves.first()?.iter().map(|p| p.0).collect();
-        if steps.is_empty() || curves.iter().any(|c| c.iter().map(|p| p.0).ne(steps.iter().copied())) {
-            return None;
-        }
-        let at = |i: usize| curves.iter().map(move |c| c[i].1);
-        let n = curves.len() as f64;
-        Some(Self {
-            mean: (0..steps.len()).map(|i| at(i).sum::<f64>() / n).collect(),
-            min: (0..steps.len()).map(|i| at(i).fold(f64::INFINITY, f64::min)).collect(),
-            max: (0..steps.len()).map(|i| at(i).fold(f64::NEG_INFINITY, f64::max)).collect(),
-            steps,
-        })
-    }
-}
-
-impl ArmAggregate {
-    /// Aggregates `runs` (one per seed, evaluated at the same steps) of arm `arm`.
-    pub fn new(arm: &str, runs: Vec<ArmSummary>) -> Result<Self> {
-        let steps: Vec<u64> = runs[0].curve.iter().map(|p| p.0).collect();
-        if runs.iter().any(|r| r.curve.iter().map(|p| p.0).ne(steps.iter().copied())) {
-            return Err(Error::Training(format!("the {arm} runs were evaluated at different steps; rerun them")));
-        }
-        let curves: Vec<&[(u64, f64)]> = runs.iter().map(|r| r.curve.as_slice()).collect();
-        let band = CurveBand::new(&curves)
-            .ok_or_else(|| Error::Training(format!("the {arm} runs have no fidelity curve; rerun them")))?;
-        let gains: Vec<&[(u64, f64)]> = runs.iter().map(|r| r.loss_gain_curve.as_slice()).collect();
-        Ok(Self {
-            arm: arm.into(),
-            steps: band.steps,
-            mean: band.mean,
-            min: band.min,
-            max: band.max,
-            loss_gain: CurveBand::new(&gains),
-            runs,
-        })
-    }
-
-    /// Mean and sample standard deviation over seeds of `f(run)`.
-    pub fn mean_sd(&self, f: impl Fn(&ArmSummary) -> f64) -> (f64, f64) {
-        let v: Vec<f64> = self.runs.iter().map(f).collect();
-        let m = v.iter().sum::<f64>() / v.len() as f64;
-        let var = if v.len() > 1 { v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64 } else { 0.0 };
-        (m, var.sqrt())
-    }
-}
 
 /// The comparison's result (`summary.json`; `summary.md` holds the table).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -254,58 +174,12 @@ impl CompareReport {
     }
 }
 
-/// Mean and sample standard deviation over seeds of `f(lisa) − f(baseline)`, pairing runs by seed (both
-/// arms of a seed share initialisation, data order and evaluation noise, so the pairing removes their variance).
-pub fn paired_difference(baseline: &[ArmSummary], lisa: &[ArmSummary], f: impl Fn(&ArmSummary) -> f64) -> (f64, f64) {
-    paired_by_seed(baseline, lisa, |b, l| f(l) - f(b))
-}
-
-/// Mean and sample standard deviation over seeds of LISA's step time over the baseline's, minus one, in
-/// percent, paired by seed: both arms of a seed ran side by side on one machine, while seeds may not have.
-pub fn paired_step_overhead_percent(baseline: &[ArmSummary], lisa: &[ArmSummary]) -> (f64, f64) {
-    paired_by_seed(baseline, lisa, |b, l| 100.0 * (l.step_seconds / b.step_seconds - 1.0))
-}
-
-/// Mean and sample standard deviation over seeds of `g(baseline run, lisa run)` for the seeds both arms ran.
-fn paired_by_seed(
-    baseline: &[ArmSummary],
-    lisa: &[ArmSummary],
-    g: impl Fn(&ArmSummary, &ArmSummary) -> f64,
-) -> (f64, f64) {
-    let d: Vec<f64> = baseline.iter().filter_map(|b| lisa.iter().find(|l| l.seed == b.seed).map(|l| g(b, l))).collect();
-    if d.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    let m = d.iter().sum::<f64>() / d.len() as f64;
-    let var = if d.len() > 1 { d.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (d.len() - 1) as f64 } else { 0.0 };
-    (m, var.sqrt())
-}
-
 /// Runs (or, with `resume`, completes) the comparison in `cfg.output_dir`: `seed-S/{baseline,lisa}/`
 /// run folders, `fidelity.png`, `samples.png`, `summary.md` and `summary.json`.
 pub fn compare(cfg: &ControlConfig, resume: bool, quiet: bool) -> Result<CompareReport> {
-    cfg.validate()?;
-    if cfg.compare.seeds == 0 {
-        return Err(Error::Config("compare.seeds must be ≥ 1".into()));
-    }
-    if cfg.threads > 0 {
-        tch::set_num_threads(cfg.threads);
-    }
+    let recorded = ControlConfig { data: cfg.data.as_applied(), ..cfg.clone() };
+    let mut study = Study::open(cfg, "config.toml", &recorded, resume, quiet)?;
     let out = &cfg.output_dir;
-    let _lock = crate::train::lock::RunLock::acquire(out)?;
-    // In a multi-process run rank 0 alone writes the folder's files (the trainer does the same per arm).
-    let main_process = crate::distributed::is_main_process();
-    if main_process {
-        let recorded = ControlConfig { data: cfg.data.as_applied(), ..cfg.clone() };
-        std::fs::write(out.join("config.toml"), crate::config::to_toml(&recorded)?)
-            .map_err(|e| Error::io(out.join("config.toml"), e))?;
-    }
-    let main = load_main(cfg)?;
-    if let Some(note) = frechet_skipped_note(cfg).filter(|_| main_process) {
-        eprintln!("{note}");
-    }
-    let mut data = LazyData::new(cfg);
-
     let (mut baseline, mut lisa) = (Vec::new(), Vec::new());
     for i in 0..cfg.compare.seeds {
         for enabled in [false, true] {
@@ -313,19 +187,7 @@ pub fn compare(cfg: &ControlConfig, resume: bool, quiet: bool) -> Result<Compare
             arm.lisa.enabled = enabled;
             arm.train.seed = cfg.train.seed + i;
             arm.output_dir = out.join(format!("seed-{}", arm.train.seed)).join(arm.arm());
-            let finished = resume.then(|| finished_arm(&arm)).flatten();
-            let summary = match finished {
-                Some(s) => {
-                    eprintln!("{}: finished earlier", arm.output_dir.display());
-                    s
-                }
-                None => {
-                    let has_ckpt = !crate::train::checkpoint::list(&arm.output_dir).unwrap_or_default().is_empty();
-                    let from = (resume && has_ckpt).then_some("latest");
-                    eprintln!("== {} (seed {})", arm.arm(), arm.train.seed);
-                    train_control(&arm, &main, data.get()?, from, quiet)?
-                }
-            };
+            let summary = study.run_arm(arm.arm(), &arm)?;
             if enabled {
                 lisa.push(summary)
             } else {
@@ -334,7 +196,7 @@ pub fn compare(cfg: &ControlConfig, resume: bool, quiet: bool) -> Result<Compare
         }
     }
     let mut report = aggregate(cfg, baseline, lisa)?;
-    if !main_process {
+    if !study.main_process {
         return Ok(report);
     }
     let per_seed: Vec<Vec<f64>> = report
@@ -363,7 +225,7 @@ pub fn compare(cfg: &ControlConfig, resume: bool, quiet: bool) -> Result<Compare
         },
         &[Series { label: "LISA".into(), color: [220, 90, 40], x, mean: report.lisa_ratio_by_bucket.clone(), band }],
     )?;
-    let (eval_images, _, eval_conditions) = data.held_out()?;
+    let (eval_images, _, eval_conditions) = study.data.held_out()?;
     write_outputs(cfg, &report, &eval_conditions, &eval_images)?;
     Ok(report)
 }
@@ -395,39 +257,6 @@ pub(crate) fn aggregate(cfg: &ControlConfig, baseline: Vec<ArmSummary>, lisa: Ve
         lisa: l,
     })
 }
-
-/// Speed-ups of LISA over the baseline on the sampled fidelity and on the held-out loss gain (where both
-/// arms of a seed measured it), pairing runs by seed.
-pub fn arm_speedups(baseline: &[ArmSummary], lisa: &[ArmSummary], higher_is_better: bool) -> Vec<SpeedUp> {
-    let paired: Vec<(&ArmSummary, &ArmSummary)> =
-        baseline.iter().filter_map(|b| lisa.iter().find(|l| l.seed == b.seed).map(|l| (b, l))).collect();
-    let Some((first, _)) = paired.first() else {
-        return vec![];
-    };
-    let fid: Vec<SeedCurves> =
-        paired.iter().map(|(b, l)| (b.seed, b.curve.as_slice(), l.curve.as_slice())).collect();
-    let mut out = speedups(&first.metric, &fid, higher_is_better);
-    let gain: Vec<SeedCurves> = paired
-        .iter()
-        .filter(|(b, l)| !b.loss_gain_curve.is_empty() && !l.loss_gain_curve.is_empty())
-        .map(|(b, l)| (b.seed, b.loss_gain_curve.as_slice(), l.loss_gain_curve.as_slice()))
-        .collect();
-    if !gain.is_empty() {
-        out.extend(speedups("loss_gain", &gain, true));
-    }
-    out
-}
-
-/// What the speed-up rows of a summary mean, printed above them.
-pub const SPEEDUP_LEGEND: &str = "Speed-up of LISA (the candidate) over the baseline (the reference): the steps the \
-    reference needs over the steps the candidate needs to reach a level, interpolated between evaluations, per seed \
-    (> 1: LISA sooner). Levels are fractions of a gain from step 0 to the plateau, the mean of the evaluations in the \
-    last fifth of the step range: of the reference's gain (one level for both arms), or of each arm's own gain (so \
-    that a curve that only ends higher is not counted as faster). Over seeds: the geometric mean with its 95% \
-    Student-t interval on the log ratios (n − 1 degrees of freedom). k of n: seeds at which both arms reached the \
-    level; an arm that never reached it is timed at its last step and counted as censored (≤: an upper bound of \
-    the seed's ratio), never dropped. Sign test: seeds faster (+), slower (−), tied (=) and the exact two-sided \
-    binomial p-value. The percentile bootstrap interval is secondary: over 3–5 seeds it covers far less than 95%.";
 
 /// Plot colours of the two arms.
 const BASELINE_COLOR: [u8; 3] = [60, 110, 200];
@@ -512,39 +341,12 @@ fn write_outputs(cfg: &ControlConfig, report: &CompareReport, conditions: &Tenso
 /// the conditions on these samples, and the summary says so.
 const BLIND_TOLERANCE: f64 = 0.01;
 
-/// A finished edges run of 100 steps, for tests of the reports.
-#[cfg(test)]
-pub(crate) fn example_summary(seed: u64, final_fidelity: f64) -> ArmSummary {
-    ArmSummary {
-        arm: "x".into(),
-        seed,
-        condition: "edges".into(),
-        steps: 100,
-        step_seconds: 1.0,
-        metric: "edge_f1".into(),
-        higher_is_better: true,
-        curve: vec![(0, 0.5), (50, 0.7), (100, 0.8)],
-        mean_aucc: 0.0,
-        final_fidelity,
-        final_fidelity_shuffled: 0.4,
-        frechet: Some(10.0),
-        frechet_floor: None,
-        frechet_ceiling: None,
-        frechet_classifier: None,
-        final_eval_images: 10,
-        temporal_flicker: None,
-        held_out: None,
-        side_parameters: 1,
-        decoder_parameters: 0,
-        loss_gain_curve: vec![],
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::example_summary as run;
     use super::*;
     use crate::eval::curves::{first_reaching, mean_aucc};
+    use crate::eval::seeds::paired_difference;
+    use crate::experiments::arm::example_summary as run;
 
     #[test]
     fn a_metric_blind_to_the_conditions_is_flagged() {
@@ -583,11 +385,6 @@ mod tests {
         let table = report.table();
         assert!(table.contains("| training step, LISA over baseline | | | +35.0% ± 21.2% |"), "{table}");
         assert!(table.contains("LISA's step costs +35.0% vs the baseline's"), "{table}");
-        let agg = ArmAggregate::new("baseline", vec![run(0, 0.5), run(1, 0.6)]).unwrap();
-        assert_eq!(agg.mean, vec![0.5, 0.7, 0.8]);
-        let mut odd = run(2, 0.1);
-        odd.curve.pop();
-        assert!(ArmAggregate::new("baseline", vec![run(0, 0.5), odd]).is_err(), "curves at different steps");
     }
 
     #[test]

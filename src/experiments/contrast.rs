@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::arm_cost::{ArmCostReport, ArmKind};
-use super::compare::{arm_speedups, SPEEDUP_LEGEND};
+use super::bench::arm_cost::{ArmCostReport, ArmKind};
+use crate::eval::curves::SPEEDUP_LEGEND;
+use crate::eval::seeds::arm_speedups;
 use super::arm::ArmSummary;
 use crate::eval::curves::{own_measure, shared_measure, SpeedUp};
 use crate::{Error, Result};
@@ -233,9 +234,9 @@ pub fn contrast(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::experiments::arm_cost::ArmCost;
+    use crate::experiments::bench::arm_cost::ArmCost;
     use crate::experiments::bench::TimingStats;
-    use crate::experiments::compare::example_summary;
+    use crate::experiments::arm::example_summary;
 
     /// An arm whose event (a logistic rise) is centred at `centre` steps.
     fn arm(seed: u64, centre: f64) -> ArmSummary {

@@ -2,7 +2,6 @@
 //! No model or loss code lives here except the one-line task that says what is regressed onto what.
 pub mod ablate;
 pub mod arm;
-pub mod arm_cost;
 pub mod bench;
 pub mod compare;
 pub mod compose;
@@ -16,4 +15,6 @@ pub mod latent;
 pub mod lr_sweep;
 pub mod pretrain;
 pub mod protocol;
+pub mod sample;
 pub mod speedups;
+pub mod study;

@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::compare::{arm_speedups, paired_difference, CompareReport, SPEEDUP_LEGEND};
+use super::compare::CompareReport;
+use crate::eval::curves::SPEEDUP_LEGEND;
+use crate::eval::seeds::{arm_speedups, paired_difference};
 use super::control_config::ControlConfig;
-use super::arm_cost::{ArmCostReport, ArmKind};
+use super::bench::arm_cost::{ArmCostReport, ArmKind};
 use crate::eval::curves::{shared_measure, EventTiming, SpeedUp};
 use crate::eval::plot::{line_plot, PlotSpec, Series};
 use crate::{Error, Result};
@@ -295,7 +297,8 @@ fn plot_level(path: &Path, points: &[OperatingPoint], short: &str, measure: &str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::experiments::compare::{aggregate, example_summary};
+    use crate::experiments::arm::example_summary;
+use crate::experiments::compare::aggregate;
 
     /// A finished comparison folder: `config.toml` at `lr` and hook `down_3`, and a summary in which LISA's
     /// curve is the baseline's reached in `1/factor` of the steps.
@@ -354,7 +357,7 @@ mod tests {
             reps: 1,
             arms: [(ArmKind::Baseline, 1.0), (ArmKind::Lisa, 1.4)]
                 .into_iter()
-                .map(|(arm, t)| crate::experiments::arm_cost::ArmCost {
+                .map(|(arm, t)| crate::experiments::bench::arm_cost::ArmCost {
                     arm,
                     stats: crate::experiments::bench::TimingStats::from_times(vec![t]),
                     relative: t,

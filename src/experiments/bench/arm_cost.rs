@@ -6,9 +6,10 @@
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::bench::{loss_scaler_for, ours_step, TimingStats};
-use super::protocol::{condition_channels, load_main};
-use super::control_config::{ControlConfig, SideConnection};
+use super::report::TimingStats;
+use super::step::{loss_scaler_for, ours_step};
+use crate::experiments::protocol::{condition_channels, load_main};
+use crate::experiments::control_config::{ControlConfig, SideConnection};
 use crate::control::{ControlTask, LisaHead, LisaTarget, SideNetwork};
 use crate::train::loss_scaler::LossScaler;
 use crate::train::optim::AdamW;
