@@ -17,9 +17,11 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/dist.cpp");
     println!("cargo:rerun-if-changed=csrc/dist_nccl.cpp");
+    println!("cargo:rerun-if-changed=csrc/checkpoint.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=GLOO_INCLUDE_DIR");
     println!("cargo::rustc-check-cfg=cfg(lisa_c10d)");
+    println!("cargo::rustc-check-cfg=cfg(lisa_checkpoint)");
     let Ok(libtorch) = std::env::var("LIBTORCH") else { return };
     let root = PathBuf::from(&libtorch);
     let root = root.canonicalize().unwrap_or(root);
@@ -29,7 +31,33 @@ fn main() {
     if cudnn.exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch,--as-needed");
     }
+    build_checkpoint(&root);
     build_shim(&root);
+}
+
+/// The activation-recomputation shim (`csrc/checkpoint.cpp`): a custom autograd function, which tch does not
+/// bind; it needs only libtorch's autograd headers.
+fn build_checkpoint(root: &Path) {
+    let include = root.join("include");
+    if !include.join("torch/csrc/autograd/custom_function.h").exists() {
+        println!("cargo:warning=libtorch at {} has no autograd headers: activation recomputation is unavailable", root.display());
+        return;
+    }
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi().as_str())
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .warnings(false)
+        .file("csrc/checkpoint.cpp")
+        .compile("lisa_checkpoint");
+    println!("cargo:rustc-link-search=native={}", root.join("lib").display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-cfg=lisa_checkpoint");
 }
 
 /// The C++ ABI flag libtorch was built with: the wheel since torch 2.7 uses the new ABI; `LIBTORCH_CXX11_ABI`

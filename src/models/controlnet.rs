@@ -73,6 +73,19 @@ impl ControlNetConfig {
         Self { unet: unet.clone(), ..Self::default() }
     }
 
+    /// The side network diffusers' `ControlNetModel.from_unet(unet)` builds for a latent UNet: an RGB
+    /// condition at the image's resolution, embedded by stages `(16, 32, 96, 256)` that halve it at every
+    /// transition (×8, the VAE's factor), so the embedding meets the latents at their size.
+    pub fn diffusers_from_unet(unet: &UNetConfig) -> Self {
+        Self {
+            unet: unet.clone(),
+            conditioning_channels: 3,
+            conditioning_embedding_out_channels: vec![16, 32, 96, 256],
+            conditioning_downscale: 8,
+            cross_norm_scale: None,
+        }
+    }
+
     /// Checks the config; every error names the field and what to change.
     pub fn validate(&self) -> Result<()> {
         self.unet.validate()?;

@@ -4,6 +4,7 @@
 //! decoder; and, for Stable Diffusion folders on disk, the VAE, the CLIP text encoder and
 //! tokenizer, and the diffusers-layout readers and writers.
 pub mod blocks;
+pub mod checkpoint;
 pub mod clip_text;
 pub mod controlnet;
 pub mod controlnet_dit;

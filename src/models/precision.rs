@@ -57,13 +57,19 @@ thread_local! {
 /// Runs `f` with convolutions, matmuls and attention in `precision` (restored afterwards, also when
 /// `f` panics or returns an error). Regions nest; the innermost wins.
 pub fn autocast<T>(precision: MixedPrecision, f: impl FnOnce() -> T) -> T {
+    with_compute_kind(precision.kind(), f)
+}
+
+/// Runs `f` with the reduced dtype set to `kind` (as [`compute_kind`] returned it; `None` = full precision), so
+/// that work recomputed later runs under the region it first ran in.
+pub fn with_compute_kind<T>(kind: Option<Kind>, f: impl FnOnce() -> T) -> T {
     struct Restore(Option<Kind>);
     impl Drop for Restore {
         fn drop(&mut self) {
             COMPUTE_KIND.with(|k| k.set(self.0));
         }
     }
-    let _restore = Restore(COMPUTE_KIND.with(|k| k.replace(precision.kind())));
+    let _restore = Restore(COMPUTE_KIND.with(|k| k.replace(kind)));
     f()
 }
 
