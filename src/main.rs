@@ -581,9 +581,9 @@ struct BenchArgs {
     /// Main network folder (frozen); default: the shipped one in `assets/main-network`.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Examples per training step.
-    #[arg(long, default_value_t = 32)]
-    batch: i64,
+    /// Examples per training step (default 32; 1 with --real-size).
+    #[arg(long)]
+    batch: Option<i64>,
     /// libtorch CPU threads, ours and the reference's.
     #[arg(long, default_value_t = 2)]
     threads: i32,
@@ -631,6 +631,20 @@ struct BenchArgs {
     /// the first is the one the others are compared with.
     #[arg(long = "arm")]
     arms: Vec<String>,
+    /// Instead, one ControlNet training step at a real model's size (the UNet of --unet-config with random
+    /// weights; batch --batch, default 1 here), baseline and LISA, each with and without activation
+    /// recomputation, each in a process of its own: step time and peak RSS side by side.
+    #[arg(long)]
+    real_size: bool,
+    /// With --real-size: a diffusers UNet config.json (default: configs/real-size/stable-diffusion-v1-5-unet.json).
+    #[arg(long)]
+    unet_config: Option<PathBuf>,
+    /// With --real-size: the latents' side.
+    #[arg(long, default_value_t = 64)]
+    latent_size: i64,
+    /// Runs one real-size variant in this process and prints its result as JSON (what --real-size runs).
+    #[arg(long, hide = true)]
+    real_size_variant: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -1147,6 +1161,27 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         let report = bench_arms(&cfg, &arms, a.warmup, a.reps, &mut |m| eprintln!("{m}"))?;
         return print_and_save(&report.table(), &report, a.out.as_deref());
     }
+    if a.real_size || a.real_size_variant.is_some() {
+        use lisa::experiments::bench::real_size::{self, RealSizeConfig, RealSizeVariant};
+        let batch = a.batch.unwrap_or(1);
+        let cfg = RealSizeConfig {
+            unet_config: a.unet_config.clone().unwrap_or_else(|| repo_root().join(real_size::DEFAULT_UNET_CONFIG)),
+            latent_size: a.latent_size,
+            batch,
+            threads: a.threads,
+            warmup: a.warmup,
+            reps: a.reps,
+            seed: a.seed,
+        };
+        if let Some(name) = &a.real_size_variant {
+            let result = real_size::run_variant(&cfg, RealSizeVariant::parse(name)?, &mut |m| eprintln!("{m}"))?;
+            println!("{}", serde_json::to_string(&result)?);
+            return Ok(());
+        }
+        let exe = std::env::current_exe().context("finding this executable to run the variants")?;
+        let report = real_size::bench_real_size(&cfg, &exe, &mut |m| eprintln!("{m}"))?;
+        return print_and_save(&report.table(), &report, a.out.as_deref());
+    }
     if let Some(dir) = &a.sampling_run {
         let report = lisa::experiments::bench::bench_sampling(dir, a.sampling_images, a.reps, a.threads)?;
         return print_and_save(&report.table(), &report, a.out.as_deref());
@@ -1160,13 +1195,13 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     });
     let cfg = BenchConfig {
         main_network: a.model.clone().unwrap_or_else(shipped_model),
-        batch: a.batch,
+        batch: a.batch.unwrap_or(32),
         threads: a.threads,
         reps: a.reps,
         warmup: a.warmup,
         seed: a.seed,
         gemm_size: a.gemm_size,
-        lisa_sub_batch: a.lisa_sub_batch.unwrap_or((a.batch / 4).max(1)),
+        lisa_sub_batch: a.lisa_sub_batch.unwrap_or((a.batch.unwrap_or(32) / 4).max(1)),
         reference,
     };
     let report = lisa::experiments::bench::run_bench(&cfg, &mut |m| eprintln!("{m}"))?;

@@ -163,6 +163,32 @@ impl SideNetwork {
         }
     }
 
+    /// Turns activation recomputation of the side network on or off (`train.gradient_checkpointing`): its
+    /// down blocks and mid block keep only their inputs and run again in backward. A transformer side network
+    /// has no recomputation yet and refuses it.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) -> Result<()> {
+        match &mut self.model {
+            SideModel::ControlNet(cn) => {
+                if on && !crate::models::checkpoint::available() {
+                    return Err(Error::Config(
+                        "train.gradient_checkpointing needs the activation-recomputation shim, which this build \
+                         lacks (libtorch's autograd headers were not found when it was built); rebuild against a \
+                         full libtorch or set train.gradient_checkpointing = false"
+                            .into(),
+                    ));
+                }
+                cn.gradient_checkpointing = on;
+                Ok(())
+            }
+            SideModel::Transformer(_) if on => Err(Error::Config(
+                "train.gradient_checkpointing is built for UNet side networks (ControlNetModel) only; set it to \
+                 false for a transformer side network"
+                    .into(),
+            )),
+            SideModel::Transformer(_) => Ok(()),
+        }
+    }
+
     /// A new side network of the kind `main` takes: a ControlNet with `controlnet`'s settings for a UNet,
     /// a ControlNet-Transformer of `transformer_layers` blocks (0 = half the main network's) for a transformer.
     pub fn for_main(

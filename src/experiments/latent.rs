@@ -260,7 +260,7 @@ pub fn train_latent(
     tch::manual_seed(cfg.train.seed as i64);
     let latents = encode_all(&vae, &data.images, device)?;
     let conditions = data.conditioning.as_ref().ok_or_else(|| Error::Config("no conditioning images".into()))?;
-    let side = if cfg.init_controlnet.as_os_str().is_empty() {
+    let mut side = if cfg.init_controlnet.as_os_str().is_empty() {
         let stages = cfg.conditioning_embedding_out_channels.len();
         if 1i64 << (stages.max(1) - 1) != factor {
             return Err(Error::Config(format!(
@@ -279,6 +279,7 @@ pub fn train_latent(
     } else {
         SideNetwork::import_diffusers(&cfg.init_controlnet, &main, ConditionKind::Given)?
     };
+    side.set_gradient_checkpointing(cfg.train.gradient_checkpointing)?;
     let head = if cfg.lisa.enabled {
         Some(LisaHead::new(&main, &side, &cfg.lisa)?)
     } else {

@@ -8,11 +8,13 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Tensor};
 
 use super::blocks::{Conv2d, DownBlock2D, TimestepEmbedding, Timesteps, UNetMidBlock2DCrossAttn};
+use super::checkpoint::checkpoint;
 use super::unet::{UNetConfig, UNetDownMid};
 use crate::{Error, Result};
 
@@ -292,14 +294,17 @@ pub struct ControlNetModel {
     pub conv_in: Conv2d,
     /// `controlnet_cond_embedding`.
     pub controlnet_cond_embedding: ControlNetConditioningEmbedding,
-    /// `down_blocks.N`, built exactly as the UNet's.
-    pub down_blocks: Vec<DownBlock2D>,
+    /// `down_blocks.N`, built exactly as the UNet's (shared with the autograd graph when recomputed).
+    pub down_blocks: Vec<Arc<DownBlock2D>>,
     /// `controlnet_down_blocks.N`: zero 1×1 convs, one per skip sample (none with cross-normalization).
     pub controlnet_down_blocks: Vec<Conv2d>,
-    /// `mid_block`, built exactly as the UNet's.
-    pub mid_block: UNetMidBlock2DCrossAttn,
+    /// `mid_block`, built exactly as the UNet's (shared with the autograd graph when recomputed).
+    pub mid_block: Arc<UNetMidBlock2DCrossAttn>,
     /// `controlnet_mid_block`: zero 1×1 conv (none with cross-normalization).
     pub controlnet_mid_block: Option<Conv2d>,
+    /// Activation recomputation (diffusers' `gradient_checkpointing`): each down block and the mid block keep
+    /// only their inputs in the forward pass and run again in backward ([`crate::models::checkpoint`]).
+    pub gradient_checkpointing: bool,
 }
 
 impl ControlNetModel {
@@ -316,7 +321,7 @@ impl ControlNetModel {
         let controlnet_cond_embedding =
             ControlNetConditioningEmbedding::new(&p / "controlnet_cond_embedding", c0, cfg)?;
         let down_blocks = (0..n)
-            .map(|i| DownBlock2D::new(&p / "down_blocks" / i, &u.down_block_config(i)))
+            .map(|i| Ok(Arc::new(DownBlock2D::new(&p / "down_blocks" / i, &u.down_block_config(i))?)))
             .collect::<Result<Vec<_>>>()?;
         let zero_convs = cfg.cross_norm_scale.is_none();
         let controlnet_down_blocks = u
@@ -326,7 +331,7 @@ impl ControlNetModel {
             .filter(|_| zero_convs)
             .map(|(i, c)| zero_conv(&p / "controlnet_down_blocks" / i, c, c, 1, 0))
             .collect::<Result<Vec<_>>>()?;
-        let mid_block = UNetMidBlock2DCrossAttn::new(&p / "mid_block", &u.mid_block_config())?;
+        let mid_block = Arc::new(UNetMidBlock2DCrossAttn::new(&p / "mid_block", &u.mid_block_config())?);
         let cm = u.block_out_channels[n - 1];
         let controlnet_mid_block =
             zero_convs.then(|| zero_conv(&p / "controlnet_mid_block", cm, cm, 1, 0)).transpose()?;
@@ -340,6 +345,7 @@ impl ControlNetModel {
             controlnet_down_blocks,
             mid_block,
             controlnet_mid_block,
+            gradient_checkpointing: false,
         })
     }
 
@@ -471,9 +477,30 @@ impl ControlNetModel {
         let mut skips = Vec::with_capacity(self.num_skips());
         skips.push(h.shallow_clone());
         for b in &self.down_blocks {
-            h = b.forward(&h, &temb, Some(encoder_hidden_states), &mut skips)?;
+            h = if self.gradient_checkpointing {
+                let block = Arc::clone(b);
+                let outputs = checkpoint(&[&h, &temb, encoder_hidden_states], move |xs| {
+                    let mut block_skips = Vec::new();
+                    let out = block.forward(&xs[0], &xs[1], Some(&xs[2]), &mut block_skips)?;
+                    Ok(std::iter::once(out).chain(block_skips).collect())
+                })?;
+                let mut outputs = outputs.into_iter();
+                let out = outputs.next().ok_or_else(|| Error::Training("a recomputed down block returned nothing".into()))?;
+                skips.extend(outputs);
+                out
+            } else {
+                b.forward(&h, &temb, Some(encoder_hidden_states), &mut skips)?
+            };
         }
-        let mid = self.mid_block.forward(&h, &temb, encoder_hidden_states)?;
+        let mid = if self.gradient_checkpointing {
+            let block = Arc::clone(&self.mid_block);
+            let mut outputs = checkpoint(&[&h, &temb, encoder_hidden_states], move |xs| {
+                Ok(vec![block.forward(&xs[0], &xs[1], &xs[2])?])
+            })?;
+            outputs.pop().ok_or_else(|| Error::Training("the recomputed mid block returned nothing".into()))?
+        } else {
+            self.mid_block.forward(&h, &temb, encoder_hidden_states)?
+        };
         let hooked = match hook {
             None => None,
             Some(Hook::Mid) => Some(mid.shallow_clone()),

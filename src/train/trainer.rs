@@ -78,6 +78,11 @@ pub struct TrainConfig {
     /// scaling). Worth it on GPUs with bf16/f16 tensor cores; on CPUs without bf16 units it is slower.
     /// Default `no`.
     pub mixed_precision: MixedPrecision,
+    /// Activation recomputation of the trainable side network, block by block (diffusers'
+    /// `--gradient_checkpointing`): each down block and the mid block keep only their inputs in the forward
+    /// pass and run again in backward, trading about one more forward of the side network for its activation
+    /// memory. Gradients equal the plain backward's within rounding. UNet side networks only. Default false.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -102,6 +107,7 @@ impl Default for TrainConfig {
             report_to: Vec::new(),
             max_consecutive_nonfinite: 5,
             mixed_precision: MixedPrecision::No,
+            gradient_checkpointing: false,
         }
     }
 }

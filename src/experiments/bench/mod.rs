@@ -20,6 +20,7 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 pub mod arm_cost;
+pub mod real_size;
 pub mod reference;
 pub mod report;
 pub mod sampling;
