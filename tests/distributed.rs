@@ -39,7 +39,8 @@ fn train_as_a_rank() {
         conditioning_embedding_out_channels: vec![4, 8],
         ..ControlNetConfig::for_unet(&main.config.unet)
     };
-    let side = SideNetwork::from_main(&main, ConditionKind::Edges, cn).unwrap();
+    let mut side = SideNetwork::from_main(&main, ConditionKind::Edges, cn).unwrap();
+    side.set_gradient_checkpointing(std::env::var("LISA_TEST_RECOMPUTE").is_ok()).unwrap();
     let head = LisaHead::new(&main, &side, &LisaConfig { decoder_channel_floor: 8, ..LisaConfig::default() }).unwrap();
     let data = Dataset {
         images: Tensor::rand([48, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2.0 - 1.0,
@@ -78,6 +79,18 @@ fn free_port() -> u16 {
 
 /// One rank (`Some((rank, world, port))`) or a plain process (`None`) training into `out`.
 fn spawn(out: &Path, steps: u64, checkpoint_every: u64, resume: bool, rank: Option<(usize, usize, u16)>) -> Child {
+    spawn_with(out, steps, checkpoint_every, resume, rank, &[])
+}
+
+/// [`spawn`] with extra environment variables (e.g. `LISA_TEST_RECOMPUTE`).
+fn spawn_with(
+    out: &Path,
+    steps: u64,
+    checkpoint_every: u64,
+    resume: bool,
+    rank: Option<(usize, usize, u16)>,
+    extra: &[(&str, &str)],
+) -> Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([TEST, "--exact", "--nocapture", "--test-threads=1"])
         .env(ROLE, "train")
@@ -87,9 +100,10 @@ fn spawn(out: &Path, steps: u64, checkpoint_every: u64, resume: bool, rank: Opti
         .env("LISA_DIST_TIMEOUT_S", "20")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for k in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LISA_TEST_RESUME"] {
+    for k in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LISA_TEST_RESUME", "LISA_TEST_RECOMPUTE"] {
         cmd.env_remove(k);
     }
+    cmd.envs(extra.iter().copied());
     if resume {
         cmd.env("LISA_TEST_RESUME", "latest");
     }
@@ -227,6 +241,18 @@ fn data_parallel_lisa_training_matches_one_process_resumes_and_fails_cleanly() {
     train(&one, 0, 5, 3, false);
     train(&two, 2, 5, 3, false);
     assert_same_run(&two, &one, false);
+
+    // Two processes with the side network's activations recomputed: the one-process run, within rounding.
+    let recomputed = tmp.path().join("two-recomputed");
+    let port = free_port();
+    let ranks: Vec<Child> = (0..2)
+        .map(|r| spawn_with(&recomputed, 5, 3, false, Some((r, 2, port)), &[("LISA_TEST_RECOMPUTE", "1")]))
+        .collect();
+    for (r, child) in ranks.into_iter().enumerate() {
+        let (ok, text) = finish(child, Duration::from_secs(120));
+        assert!(ok, "rank {r} of 2 (recomputed) failed:\n{text}");
+    }
+    assert_same_run(&recomputed, &one, false);
 
     // Resumed from the step-3 checkpoint by 2 processes: the same run, bit for bit; by 1: within rounding.
     let (again, alone) = (tmp.path().join("resumed-by-two"), tmp.path().join("resumed-by-one"));
