@@ -302,6 +302,13 @@ struct SamplerArgs {
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Override a setting, KEY=VALUE (TOML value), after the flags, as every other command takes it; the keys are
+    /// the fields --print-config shows (e.g. `sampler.steps=20`, `guidance_scale=3`, `data.image_size=32`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print the resolved settings as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
 }
 
 impl SamplerArgs {
@@ -762,6 +769,11 @@ fn run_sample(a: SampleArgs) -> Result<()> {
         control_end: a.control_end,
         guidance_scale: a.guidance_scale,
     };
+    let request = lisa::config::with_overrides(&request, &a.sampler.set)?;
+    if a.sampler.print_config {
+        print!("{}", lisa::config::to_toml(&request)?);
+        return Ok(());
+    }
     let done = sample_to_files(&net, &request)?;
     if let Some(dir) = &request.out_dir {
         println!("wrote {} samples and their metadata.jsonl into {}", done.samples, dir.display());
@@ -777,6 +789,16 @@ fn run_sample(a: SampleArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What `lisa eval` runs with, as `--set` and `--print-config` see it.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvalSettings {
+    data: DataConfig,
+    num_images: i64,
+    sampler: SamplerConfig,
+    seed: u64,
 }
 
 fn run_eval(a: EvalArgs) -> Result<()> {
@@ -802,7 +824,13 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         return Ok(());
     }
     let net = load_model(&a.model.clone().unwrap_or_else(shipped_model))?;
-    let report = evaluate(&net, &data, a.classifier.as_deref(), a.num_images, &a.sampler.config(&net), a.sampler.seed)?;
+    let settings = EvalSettings { data, num_images: a.num_images, sampler: a.sampler.config(&net), seed: a.sampler.seed };
+    let EvalSettings { data, num_images, sampler, seed } = lisa::config::with_overrides(&settings, &a.sampler.set)?;
+    if a.sampler.print_config {
+        print!("{}", lisa::config::to_toml(&EvalSettings { data, num_images, sampler, seed })?);
+        return Ok(());
+    }
+    let report = evaluate(&net, &data, a.classifier.as_deref(), num_images, &sampler, seed)?;
     println!("{}", report.table());
     if let Some(out) = &a.out {
         std::fs::write(out, serde_json::to_string_pretty(&report)?)

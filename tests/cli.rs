@@ -64,3 +64,21 @@ fn unknown_config_keys_and_missing_models_are_clear_errors() {
     assert!(!ok);
     assert_one_line_error(&err, &["/nonexistent/model"]);
 }
+
+#[test]
+fn sample_and_eval_take_set_and_print_config_as_every_other_command() {
+    let (ok, out, err) = lisa(&["sample", "--print-config", "--per-label", "2", "--set", "sampler.steps=3", "--set", "guidance_scale=2"]);
+    assert!(ok, "{err}");
+    for want in ["per_label = 2", "guidance_scale = 2.0", "steps = 3"] {
+        assert!(out.contains(want), "{want} missing from\n{out}");
+    }
+    let (ok, _, err) = lisa(&["sample", "--set", "sampler.stepz=3"]);
+    assert!(!ok);
+    assert_one_line_error(&err, &["sampler.stepz", "--print-config"]);
+    let (ok, out, err) = lisa(&["eval", "--print-config", "--set", "num_images=7", "--set", "sampler.steps=4"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("num_images = 7") && out.contains("steps = 4") && out.contains("[data]"), "{out}");
+    let (ok, _, err) = lisa(&["eval", "--set", "num_imagez=7"]);
+    assert!(!ok);
+    assert_one_line_error(&err, &["num_imagez"]);
+}

@@ -3,6 +3,7 @@
 //! rows, and optionally every sample as its own file with its metadata.
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::control::{sample_controlled, Control, ControlOptions, SideNetwork};
@@ -12,8 +13,9 @@ use crate::eval::grid::{check_sample_folder, save_grid_scaled, save_sample_folde
 use crate::pipeline::MainNetwork;
 use crate::{Error, Result};
 
-/// What to sample and where to write it (the `lisa sample` options).
-#[derive(Debug, Clone, PartialEq)]
+/// What to sample and where to write it (the `lisa sample` options; `--set` overrides its fields by name).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SampleRequest {
     /// Class labels, one column each; empty = every class.
     pub labels: Vec<i64>,
