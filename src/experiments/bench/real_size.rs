@@ -231,7 +231,9 @@ pub fn bench_real_size(cfg: &RealSizeConfig, exe: &Path, log: &mut dyn FnMut(&st
         })?;
         results.push(result);
     }
-    Ok(RealSizeReport { config: cfg.clone(), results })
+    // Committed results name the config inside the project, not the machine they ran on.
+    let config = RealSizeConfig { unet_config: crate::pipeline::report_path(&cfg.unet_config).into(), ..cfg.clone() };
+    Ok(RealSizeReport { config, results })
 }
 
 #[cfg(test)]
