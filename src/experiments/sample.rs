@@ -74,6 +74,27 @@ pub struct SampleOutcome {
     pub condition_kinds: Vec<String>,
 }
 
+/// The counts of conditions and scales against the side networks (checked once the side networks loaded, so that
+/// a folder that is not one is named first).
+fn check_counts(req: &SampleRequest) -> Result<()> {
+    if req.condition_from.is_none() && req.conditions.len() != req.controlnets.len() {
+        return Err(Error::Config(format!(
+            "{} side network(s) but {} --condition image(s): give one --condition per --controlnet, or \
+             --condition-from IMG",
+            req.controlnets.len(),
+            req.conditions.len()
+        )));
+    }
+    let scales = req.conditioning_scale.len();
+    if scales != 1 && scales != req.controlnets.len() {
+        return Err(Error::Config(format!(
+            "give one --conditioning-scale for all side networks or one per --controlnet ({})",
+            req.controlnets.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Checks `req` against the main network's classes before anything is loaded or drawn.
 fn check_request(net: &MainNetwork, req: &SampleRequest) -> Result<Vec<i64>> {
     let k = net.config.label_encoder.num_classes;
@@ -89,21 +110,6 @@ fn check_request(net: &MainNetwork, req: &SampleRequest) -> Result<Vec<i64>> {
     }
     if req.controlnets.is_empty() && (!req.conditions.is_empty() || req.condition_from.is_some()) {
         return Err(Error::Config("--condition and --condition-from need --controlnet (a side network folder)".into()));
-    }
-    if req.condition_from.is_none() && req.conditions.len() != req.controlnets.len() {
-        return Err(Error::Config(format!(
-            "{} side network(s) but {} --condition image(s): give one --condition per --controlnet, or \
-             --condition-from IMG",
-            req.controlnets.len(),
-            req.conditions.len()
-        )));
-    }
-    let scales = req.conditioning_scale.len();
-    if scales != 1 && scales != req.controlnets.len() {
-        return Err(Error::Config(format!(
-            "give one --conditioning-scale for all side networks or one per --controlnet ({})",
-            req.controlnets.len()
-        )));
     }
     if let Some(dir) = &req.out_dir {
         check_sample_folder(dir)?;
@@ -159,6 +165,7 @@ pub fn sample_to_files(net: &MainNetwork, req: &SampleRequest) -> Result<SampleO
             SideNetwork::load(dir, net).map_err(|e| Error::Config(format!("loading the side network in {}: {e}", dir.display())))
         })
         .collect::<Result<_>>()?;
+    check_counts(req)?;
     let scales = &req.conditioning_scale;
     let mut controls = Vec::new();
     let mut condition_rows = Vec::new();
