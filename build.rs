@@ -43,17 +43,7 @@ fn build_checkpoint(root: &Path) {
         println!("cargo:warning=libtorch at {} has no autograd headers: activation recomputation is unavailable", root.display());
         return;
     }
-    cc::Build::new()
-        .cpp(true)
-        .std("c++17")
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
-        .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi().as_str())
-        .flag_if_supported("-Wno-unused-parameter")
-        .flag_if_supported("-Wno-deprecated-declarations")
-        .warnings(false)
-        .file("csrc/checkpoint.cpp")
-        .compile("lisa_checkpoint");
+    libtorch_cpp(&include).file("csrc/checkpoint.cpp").compile("lisa_checkpoint");
     println!("cargo:rustc-link-search=native={}", root.join("lib").display());
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
@@ -62,6 +52,20 @@ fn build_checkpoint(root: &Path) {
 
 /// The C++ ABI flag libtorch was built with: the wheel since torch 2.7 uses the new ABI; `LIBTORCH_CXX11_ABI`
 /// (torch-sys's variable) overrides it for other builds.
+/// A C++17 build against libtorch's headers in `include`, with its ABI.
+fn libtorch_cpp(include: &Path) -> cc::Build {
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .std("c++17")
+        .include(include)
+        .include(include.join("torch/csrc/api/include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi().as_str())
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .warnings(false);
+    b
+}
+
 fn cxx11_abi() -> String {
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into())
@@ -77,15 +81,7 @@ fn build_shim(root: &Path) {
     let gloo = std::env::var("GLOO_INCLUDE_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("/usr/include"));
     let has_gloo = gloo.join("gloo/algorithm.h").exists();
     let base = || {
-        let mut b = cc::Build::new();
-        b.cpp(true)
-            .std("c++17")
-            .include(&include)
-            .include(include.join("torch/csrc/api/include"))
-            .define("_GLIBCXX_USE_CXX11_ABI", cxx11_abi().as_str())
-            .flag_if_supported("-Wno-unused-parameter")
-            .flag_if_supported("-Wno-deprecated-declarations")
-            .warnings(false);
+        let mut b = libtorch_cpp(&include);
         if has_gloo {
             b.include(&gloo).define("USE_C10D_GLOO", None);
         }

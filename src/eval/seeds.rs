@@ -62,9 +62,13 @@ pub fn mean_sd(values: &[f64]) -> (f64, f64) {
 /// Mean and sample standard deviation over seeds of `g(reference run, candidate run)`, for the seeds both
 /// arms ran (in any order).
 pub fn paired_by_seed<R: SeedRun>(reference: &[R], candidate: &[R], g: impl Fn(&R, &R) -> f64) -> (f64, f64) {
-    let d: Vec<f64> =
-        reference.iter().filter_map(|r| candidate.iter().find(|c| c.seed() == r.seed()).map(|c| g(r, c))).collect();
+    let d: Vec<f64> = pairs(reference, candidate).into_iter().map(|(r, c)| g(r, c)).collect();
     mean_sd(&d)
+}
+
+/// The runs of both arms with the same seed, in the reference's order (seeds one arm lacks are left out).
+fn pairs<'a, R: SeedRun>(reference: &'a [R], candidate: &'a [R]) -> Vec<(&'a R, &'a R)> {
+    reference.iter().filter_map(|r| candidate.iter().find(|c| c.seed() == r.seed()).map(|c| (r, c))).collect()
 }
 
 /// Mean and sample standard deviation over seeds of `f(candidate) − f(reference)`, paired by seed.
@@ -75,8 +79,7 @@ pub fn paired_difference<R: SeedRun>(reference: &[R], candidate: &[R], f: impl F
 /// Speed-ups of `candidate` over `reference` on the sampled fidelity and on the held-out loss gain (where both
 /// runs of a seed measured it), pairing runs by seed (see [`speedups`]).
 pub fn arm_speedups<R: SeedRun>(reference: &[R], candidate: &[R], higher_is_better: bool) -> Vec<SpeedUp> {
-    let paired: Vec<(&R, &R)> =
-        reference.iter().filter_map(|r| candidate.iter().find(|c| c.seed() == r.seed()).map(|c| (r, c))).collect();
+    let paired = pairs(reference, candidate);
     let Some((first, _)) = paired.first() else {
         return vec![];
     };

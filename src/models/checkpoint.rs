@@ -61,7 +61,7 @@ mod ffi {
             inputs: *const *mut c_void,
             n: c_int,
             sink: *mut c_void,
-            push: unsafe extern "C" fn(sink: *mut c_void, t: *const c_void),
+            push: PushFn,
             err: *mut *mut c_char,
         ) -> c_int;
         pub fn lisa_checkpoint_free(s: *mut c_char);
