@@ -37,6 +37,9 @@ Modes:
                       one AdamW step). Read by tests/parity.rs.
   --bench             times the baseline step and the authors' LISA step at our default config
                       (assets/main-network/config.json), batch 32; prints JSON (with the process's peak RSS).
+  --real-size-variant NAME
+                      one ControlNet step at a published UNet config's size (see real_size_variant()), as
+                      `lisa bench --real-size` runs each variant of ours beside it.
   --bench --serve     the same arms, driven one step at a time over stdin/stdout (see serve()): how
                       `lisa bench` interleaves these steps with its own.
 
@@ -649,11 +652,101 @@ def serve(args):
     print(json.dumps({"done": True, "maxrss_kib": max_rss_kib()}), flush=True)
 
 
+# ----------------------------------------------------------------------------------------------
+# Real size
+
+
+def real_size_variant(args):
+    """--real-size-variant NAME: one ControlNet training step at a published UNet config's size, as diffusers'
+    train_controlnet.py takes it, timed; prints one JSON line shaped as `lisa bench --real-size-variant` prints.
+
+    NAME is `baseline` or `lisa`, then optionally `-recompute` (controlnet.enable_gradient_checkpointing(), the
+    script's --gradient_checkpointing) and `-bf16` (the frozen UNet in bfloat16, the script's weight_dtype, and the
+    step under autocast, as accelerate's --mixed_precision bf16 runs it). The UNet is UNet2DConditionModel.from_config
+    of --unet-config with random weights, frozen; the ControlNet is ControlNetModel.from_unet of it (SD's
+    conditioning embedding, 3-channel condition at 8x the latents). The text encoder's states are stood in for by a
+    frozen table of 77 tokens of the cross-attention width, as in ours. LISA is the authors' step: hook at the mid
+    block's zero conv, the decoder, and a full second no-grad UNet forward for the reference prediction."""
+    torch.set_num_threads(args.threads)
+    name = args.real_size_variant
+    parts = name.split("-")
+    if parts[0] not in ("baseline", "lisa") or any(p not in ("recompute", "bf16") for p in parts[1:]):
+        sys.exit(f"unknown real-size variant {name!r}: baseline or lisa, then -recompute and/or -bf16")
+    lisa, recompute, bf16 = parts[0] == "lisa", "recompute" in parts, "bf16" in parts
+    weight_dtype = torch.bfloat16 if bf16 else torch.float32
+    with open(args.unet_config) as f:
+        unet_cfg = json.load(f)
+    torch.manual_seed(args.seed)
+    log = lambda m: print(f"{name} (diffusers): {m}", file=sys.stderr, flush=True)  # noqa: E731
+    log("building the UNet and the ControlNet")
+    unet = UNet2DConditionModel.from_config(unet_cfg)
+    controlnet = ControlNetModel.from_unet(unet)
+    unet.requires_grad_(False)
+    unet.eval()
+    controlnet.train()
+    if recompute:
+        controlnet.enable_gradient_checkpointing()
+    unet.to(dtype=weight_dtype)
+    dim = unet.config.cross_attention_dim
+    table = nn.Embedding(1, 77 * dim).requires_grad_(False).to(dtype=weight_dtype)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    params = list(controlnet.parameters())
+    trainable = sum(p.numel() for p in params)
+    decoder, hook = None, None
+    if lisa:
+        s = args.latent_size
+        c, r = hook_shape(unet_cfg, "mid", s)
+        decoder = LightweightDecoder(c, r, s, unet_cfg["out_channels"], args.decoder_channel_floor)
+        hook = Hook(controlnet, "mid")
+        params += list(decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    n, s = args.batch, args.latent_size
+    gen = torch.Generator().manual_seed(args.seed)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    times = []
+    for step in range(args.warmup + args.reps):
+        latents = (torch.rand((n, unet_cfg["in_channels"], s, s), generator=gen) * 2 - 1).to(weight_dtype)
+        cond = torch.rand((n, 3, 8 * s, 8 * s), generator=gen)
+        t0 = time.perf_counter()
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (n,))
+        noisy = scheduler.add_noise(latents, noise, t)
+        ehs = table(torch.zeros(n, dtype=torch.long)).view(n, 77, dim)
+        with autocast:
+            down, mid = controlnet(noisy, t, encoder_hidden_states=ehs, controlnet_cond=cond, return_dict=False)
+            pred = unet(
+                noisy, t, encoder_hidden_states=ehs,
+                down_block_additional_residuals=[d.to(dtype=weight_dtype) for d in down],
+                mid_block_additional_residual=mid.to(dtype=weight_dtype),
+            ).sample
+            loss = F.mse_loss(pred.float(), noise.float())
+            if lisa:
+                with torch.no_grad():
+                    pred_main = unet(noisy, t, encoder_hidden_states=ehs).sample
+                decoded = decoder(hook.value, t)
+                loss = loss + 0.2 * F.mse_loss(decoded.float(), (noise - pred_main).float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        log(f"step {step + 1} {dt:.2f} s" + (" (warm-up)" if step < args.warmup else ""))
+        if step >= args.warmup:
+            times.append(dt)
+    stats = {"median_s": statistics.median(times), "mean_s": statistics.mean(times), "min_s": min(times), "max_s": max(times), "times_s": times}
+    print(json.dumps({
+        "variant": name, "unet_parameters": sum(p.numel() for p in unet.parameters()),
+        "controlnet_parameters": trainable, "stats": stats, "peak_rss_kib": max_rss_kib(),
+    }), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--dump-golden", metavar="DIR", help="write the golden tensors of the tiny config to DIR")
     mode.add_argument("--bench", action="store_true", help="time the baseline and LISA steps; print JSON")
+    mode.add_argument("--real-size-variant", metavar="NAME",
+                      help="one real-size ControlNet step (see real_size_variant()); print one JSON line")
     ap.add_argument("--serve", action="store_true",
                     help="with --bench: build the arms, then run one step per `step ARM` line of stdin (see serve())")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
@@ -665,10 +758,16 @@ def main():
     ap.add_argument("--hook", default="mid")
     ap.add_argument("--decoder-channel-floor", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--unet-config", help="--real-size-variant: a diffusers UNet config.json")
+    ap.add_argument("--latent-size", type=int, default=64, help="--real-size-variant: the latents' side")
     args = ap.parse_args()
     if args.serve and not args.bench:
         ap.error("--serve needs --bench")
-    if args.dump_golden:
+    if args.real_size_variant:
+        if not args.unet_config:
+            ap.error("--real-size-variant needs --unet-config")
+        real_size_variant(args)
+    elif args.dump_golden:
         dump_golden(args.dump_golden, args.threads)
     elif args.serve:
         serve(args)

@@ -640,7 +640,8 @@ struct BenchArgs {
     arms: Vec<String>,
     /// Instead, one ControlNet training step at a real model's size (the UNet of --unet-config with random
     /// weights; batch --batch, default 1 here), baseline and LISA, each with and without activation
-    /// recomputation, each in a process of its own: step time and peak RSS side by side.
+    /// recomputation (and with bf16 frozen weights, see --bf16), ours and diffusers' (unless --no-reference),
+    /// each in a process of its own: step time and peak RSS side by side.
     #[arg(long)]
     real_size: bool,
     /// With --real-size: a diffusers UNet config.json (default: configs/real-size/stable-diffusion-v1-5-unet.json).
@@ -649,6 +650,10 @@ struct BenchArgs {
     /// With --real-size: the latents' side.
     #[arg(long, default_value_t = 64)]
     latent_size: i64,
+    /// With --real-size: also the bf16 variants (frozen UNet held in bf16, bf16 autocast) on a CPU without bf16
+    /// units, where they are emulated (they run by default where the CPU has AVX-512 BF16 or AMX).
+    #[arg(long)]
+    bf16: bool,
     /// Runs one real-size variant in this process and prints its result as JSON (what --real-size runs).
     #[arg(long, hide = true)]
     real_size_variant: Option<String>,
@@ -1207,7 +1212,15 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             return Ok(());
         }
         let exe = std::env::current_exe().context("finding this executable to run the variants")?;
-        let report = real_size::bench_real_size(&cfg, &exe, &mut |m| eprintln!("{m}"))?;
+        let reference = (!a.no_reference).then(|| {
+            let mut cmd = ReferenceCommand::in_repo(&repo_root());
+            if let Some(p) = &a.python {
+                cmd.python = p.clone();
+            }
+            cmd
+        });
+        let variants = real_size::variants(a.bf16 || real_size::cpu_has_bf16());
+        let report = real_size::bench_real_size(&cfg, &variants, &exe, reference.as_ref(), &mut |m| eprintln!("{m}"))?;
         return print_and_save(&report.table(), &report, a.out.as_deref());
     }
     if let Some(dir) = &a.sampling_run {

@@ -217,6 +217,14 @@ impl MainNetwork {
         self.vs.freeze();
     }
 
+    /// Holds the frozen weights in `precision`'s reduced dtype (diffusers' `weight_dtype`; see
+    /// [`precision::hold_in`](crate::models::precision::hold_in)). Call it after [`MainNetwork::freeze`] and
+    /// after a side network copied its weights from this one, so that the copies start from the f32 values.
+    /// Forwards compute in f32 outside an autocast region and in the reduced dtype inside one.
+    pub fn hold_weights_in(&mut self, precision: crate::models::precision::MixedPrecision) -> Result<()> {
+        crate::models::precision::hold_in(&mut self.vs, precision)
+    }
+
     /// Saves `config.json` and `model.safetensors` into `dir` (created), each written atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
         save_model_dir(dir, &self.config.to_json()?, &self.named_parameters())

@@ -71,3 +71,40 @@ fn a_missing_reference_python_is_a_clear_skip() {
     assert!(line.contains("no Python at") && line.contains("no-venv") && line.contains("setup-reference.sh"), "{line}");
     assert!(out.contains("| ours, baseline |") && out.contains("| ours / reference, baseline step | — |"), "{out}");
 }
+
+/// `lisa bench --real-size` on a tiny UNet config: our variants each in a process, diffusers' beside them when the
+/// project venv has diffusers, otherwise a line that says why not. No speed is asserted.
+#[test]
+fn real_size_bench_puts_ours_and_diffusers_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    let tiny = serde_json::json!({
+        "_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 4, "out_channels": 4,
+        "block_out_channels": [32, 32], "layers_per_block": 1, "norm_num_groups": 8,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 16, "attention_head_dim": 2
+    });
+    std::fs::write(&config, tiny.to_string()).unwrap();
+    let json = dir.path().join("real-size.json");
+    let (ok, out, err) = lisa(&[
+        "bench", "--real-size", "--unet-config", config.to_str().unwrap(), "--latent-size", "8", "--threads", "1",
+        "--warmup", "0", "--reps", "1", "--out", json.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let names: Vec<&str> = report["results"].as_array().unwrap().iter().map(|r| r["variant"].as_str().unwrap()).collect();
+    assert_eq!(names[..4], ["baseline", "baseline-recompute", "lisa", "lisa-recompute"], "{out}");
+    let reference = report["reference"].as_array().unwrap();
+    assert_eq!(reference.len(), names.len());
+    for (row, name) in reference.iter().zip(&names) {
+        match row["result"].as_object() {
+            // diffusers ran: its row is the same variant, with the same UNet.
+            Some(r) => {
+                assert_eq!(r["variant"], *name);
+                assert_eq!(r["unet_parameters"], report["results"][0]["unet_parameters"], "{out}");
+                assert_eq!(r["controlnet_parameters"], report["results"][0]["controlnet_parameters"], "{out}");
+            }
+            None => assert!(out.contains("diffusers: ") && row["reason"].is_string(), "{out}"),
+        }
+    }
+}

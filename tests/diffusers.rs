@@ -108,6 +108,50 @@ fn vae_matches_diffusers_autoencoder_kl() {
     rep.finish();
 }
 
+/// The folder's weights are float16, so holding the frozen components in f16 (`train.mixed_precision =
+/// "fp16"`, diffusers' `weight_dtype`) loses nothing: outside an autocast region they compute in f32 from the
+/// widened weights, bit for bit as when held in f32. In bf16 they round (8 bits of mantissa against f16's 11).
+#[test]
+fn frozen_components_held_in_half_precision_compute_in_f32_as_diffusers_within_rounding() {
+    use lisa::models::precision::{hold_in, MixedPrecision};
+    let (gv, gt, gu) = (golden("vae.safetensors"), golden("text_encoder.safetensors"), golden("unet.safetensors"));
+    let outputs = |precision: MixedPrecision| -> Vec<(&'static str, Tensor)> {
+        let (mut vae_vs, vae) = AutoencoderKL::load(&root().join("vae"), Device::Cpu).unwrap();
+        let (mut text_vs, text) = ClipTextModel::load(&root().join("text_encoder"), Device::Cpu).unwrap();
+        let (mut unet_vs, unet) = diffusers::load_unet(&root().join("unet"), Device::Cpu).unwrap();
+        for vs in [&mut vae_vs, &mut text_vs, &mut unet_vs] {
+            vs.freeze();
+            hold_in(vs, precision).unwrap();
+            let kind = precision.kind().unwrap_or(Kind::Float);
+            assert!(vs.variables().values().all(|v| v.kind() == kind), "{precision:?}: held");
+        }
+        tch::no_grad(|| {
+            vec![
+                ("vae decode", vae.decode(&gv["latents"]).unwrap()),
+                ("vae encode: mean", vae.encode(&gv["image"]).unwrap().mean),
+                ("text encoder", text.forward(&gt["input_ids"]).unwrap().last_hidden_state),
+                ("unet", unet.forward(&gu["sample"], &gu["timesteps"], &gu["encoder_hidden_states"], None, None).unwrap()),
+            ]
+        })
+    };
+    let f32_held = outputs(MixedPrecision::No);
+    let references = [&gv["decoded"], &gv["mean"], &gt["last_hidden_state"], &gu["out"]];
+    for (((what, f16), (_, f32)), reference) in outputs(MixedPrecision::Fp16).iter().zip(&f32_held).zip(references) {
+        assert_eq!(f16.kind(), Kind::Float, "{what}: computed in f32");
+        assert!(f16.equal(f32), "{what}: f16-held weights are the file's values, so the output is the f32-held one");
+        let mut rep = Report::new(TOL);
+        rep.compare(what, f16, reference);
+        rep.finish();
+    }
+    // bf16 rounds the weights: close to diffusers' f32 output, not equal (seen when written: within 2.3e-2).
+    let mut rep = Report::new(Tolerance { abs: 2e-2, rel_below_one: None });
+    for ((what, bf16), reference) in outputs(MixedPrecision::Bf16).iter().zip(references) {
+        assert!(!bf16.equal(reference), "{what}: bf16 rounds");
+        rep.compare(what, bf16, reference);
+    }
+    rep.finish();
+}
+
 fn unet_config(folder: &str) -> UNetConfig {
     let dir = root().join(folder);
     diffusers::unet_config_from_json(&diffusers::read_config(&dir).unwrap(), &dir.join("config.json")).unwrap()
@@ -601,6 +645,26 @@ fn train_sd_trains_a_latent_controlnet_on_a_captioned_imagefolder_resumes_and_ex
     assert!(metrics.lines().next().unwrap().contains("l_lisa"), "{metrics}");
     let side_cfg = std::fs::read_to_string(out.join("side-network/config.json")).unwrap();
     assert!(side_cfg.contains("\"given\""), "{side_cfg}");
+
+    // With train.mixed_precision = bf16 the frozen UNet and VAE are held in bf16 (diffusers' weight_dtype): the
+    // run goes through encoding, training, validation sampling and export, and its first loss is the f32 run's
+    // within bf16's rounding (seen when written: 0.03 % apart, with the same first logging interval).
+    let first_loss = |run: &Path| -> f64 {
+        let text = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+        let mut lines = text.lines();
+        let col = lines.next().unwrap().split(',').position(|c| c == "l_main").unwrap();
+        lines.next().unwrap().split(',').nth(col).unwrap().parse().unwrap()
+    };
+    let held = dir.path().join("run-bf16");
+    let mut bf16 = args("2");
+    let at = bf16.iter().position(|a| a == out.to_str().unwrap()).unwrap();
+    bf16[at] = held.to_str().unwrap().into();
+    bf16.extend(["--set".into(), "train.mixed_precision=\"bf16\"".into()]);
+    let (ok, _, stderr) = run(bf16);
+    assert!(ok, "{stderr}");
+    assert!(held.join("controlnet/config.json").is_file() && held.join("samples/step-1.png").is_file());
+    let (f32_loss, bf16_loss) = (first_loss(&out), first_loss(&held));
+    assert!((f32_loss - bf16_loss).abs() < 3e-3 * f32_loss, "first loss {f32_loss} (f32) vs {bf16_loss} (bf16 held)");
 
     // Resuming continues from the last checkpoint; a new run into the folder is refused.
     let mut more = args("3");

@@ -228,7 +228,10 @@ pub fn train_latent(
     let device = device_from(&cfg.device)?;
     let out = &cfg.output_dir;
     check_captioned(&cfg.data)?;
-    let (_vae_vs, vae) = crate::sd::load_vae(&cfg.model, device)?;
+    let (mut vae_vs, vae) = crate::sd::load_vae(&cfg.model, device)?;
+    // Frozen, and held in the training's reduced dtype (diffusers' `weight_dtype`) when there is one.
+    vae_vs.freeze();
+    crate::models::precision::hold_in(&mut vae_vs, cfg.train.mixed_precision)?;
     let factor = vae.config.downscale();
     if cfg.resolution == 0 || i64::from(cfg.resolution) % factor != 0 {
         return Err(Error::Config(format!(
@@ -285,6 +288,9 @@ pub fn train_latent(
     } else {
         None
     };
+    // The side network copied its f32 weights; the frozen UNet (with its prompt table: the text encoder
+    // itself is not kept) is now held in the reduced dtype of the training, if any.
+    main.hold_weights_in(cfg.train.mixed_precision)?;
     let task = ControlTask::new(&main, &side, head.as_ref())?;
     let mut params = side.named_parameters();
     if let Some(h) = &head {

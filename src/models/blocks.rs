@@ -60,7 +60,10 @@ impl Conv2d {
                 Ok(conv(&precision::cast(x, k)?, &precision::cast(&self.weight, k)?, b.as_ref())?
                     .f_to_kind(Kind::Float)?)
             }
-            None => Ok(conv(x, &self.weight, self.bias.as_ref())?),
+            None => {
+                let b = self.bias.as_ref().map(|b| precision::matching(b, x)).transpose()?;
+                Ok(conv(x, &precision::matching(&self.weight, x)?, b.as_ref())?)
+            }
         }
     }
 }
@@ -105,7 +108,10 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
             let b = b.map(|b| precision::cast(b, k)).transpose()?;
             Ok(precision::cast(x, k)?.f_linear(&precision::cast(w, k)?, b.as_ref())?.f_to_kind(Kind::Float)?)
         }
-        None => Ok(x.f_linear(w, b)?),
+        None => {
+            let b = b.map(|b| precision::matching(b, x)).transpose()?;
+            Ok(x.f_linear(&precision::matching(w, x)?, b.as_ref())?)
+        }
     }
 }
 
@@ -136,7 +142,8 @@ impl GroupNorm {
 
     /// Normalises `x` [B, C, ...].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps, true)?)
+        let (w, b) = (precision::matching(&self.weight, x)?, precision::matching(&self.bias, x)?);
+        Ok(x.f_group_norm(self.groups, Some(&w), Some(&b), self.eps, true)?)
     }
 }
 
@@ -161,7 +168,8 @@ impl LayerNorm {
 
     /// Normalises the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)?)
+        let (w, b) = (precision::matching(&self.weight, x)?, precision::matching(&self.bias, x)?);
+        Ok(x.f_layer_norm([self.dim], Some(&w), Some(&b), self.eps, true)?)
     }
 }
 

@@ -224,7 +224,10 @@ impl ClipTextModel {
         }
         let ids = input_ids.f_to_device(self.token_embedding.device())?.f_to_kind(Kind::Int64)?;
         let tokens = Tensor::f_embedding(&self.token_embedding, &ids, -1, false, false)?;
-        let mut h = tokens.f_add(&self.position_embedding.f_narrow(0, 0, n)?.f_unsqueeze(0)?)?;
+        // Tables held in half precision give f32 states (see `precision::activation_kind`).
+        let kind = super::precision::activation_kind(tokens.kind());
+        let positions = self.position_embedding.f_narrow(0, 0, n)?.f_unsqueeze(0)?.f_to_kind(kind)?;
+        let mut h = tokens.f_to_kind(kind)?.f_add(&positions)?;
         for l in &self.layers {
             h = l.forward(&h)?;
         }

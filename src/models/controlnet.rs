@@ -456,7 +456,7 @@ impl ControlNetModel {
         }
         let t = expand_timesteps(timesteps, sample.size4()?.0)?;
         let emb = self.time_proj.forward(&t)?;
-        let kind = self.time_embedding.linear_1.weight.kind();
+        let kind = super::precision::activation_kind(self.time_embedding.linear_1.weight.kind());
         let emb = if emb.kind() == kind { emb } else { emb.f_to_kind(kind)? };
         let temb = self.time_embedding.forward(&emb)?;
 

@@ -140,7 +140,7 @@ impl LisaDecoder {
         }
         let t = expand_timesteps(timesteps, b)?;
         let emb = self.time_proj.forward(&t)?;
-        let kind = self.time_linear.weight.kind();
+        let kind = super::precision::activation_kind(self.time_linear.weight.kind());
         let emb = if emb.kind() == kind { emb } else { emb.f_to_kind(kind)? };
         let e = self.time_linear.forward(&emb)?.f_silu()?;
         let mut x = h.f_add(&e.f_unsqueeze(-1)?.f_unsqueeze(-1)?)?;

@@ -65,6 +65,8 @@ impl LabelEncoder {
     pub fn forward(&self, y: &Tensor) -> Result<Tensor> {
         let b = y.size1()?;
         let e = Tensor::f_embedding(&self.embedding, y, -1, false, false)?;
+        // A table held in half precision gives f32 states (see `precision::activation_kind`).
+        let e = e.f_to_kind(super::precision::activation_kind(e.kind()))?;
         Ok(e.f_view([b, self.num_tokens, self.dim])?)
     }
 }

@@ -11,9 +11,9 @@
 use std::cell::Cell;
 
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// The compute precision of the training forward and backward (accelerate's `--mixed_precision`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -82,6 +82,47 @@ pub fn compute_kind() -> Option<Kind> {
 /// outside a region or for inputs that are not f32 (f64 tests, integer indices).
 pub(crate) fn lowered(x: &Tensor) -> Option<Kind> {
     compute_kind().filter(|_| x.kind() == Kind::Float)
+}
+
+/// The dtype a network computes in beside weights of dtype `weight`: f32 for weights held in bf16 or f16
+/// (a frozen network stored in half precision, diffusers' `weight_dtype`, still computes in f32 outside an
+/// [`autocast`] region, so that nothing about a forward depends on how its weights are stored); f32 and f64
+/// (gradient-check tests) as they are.
+pub fn activation_kind(weight: Kind) -> Kind {
+    match weight {
+        Kind::Half | Kind::BFloat16 => Kind::Float,
+        k => k,
+    }
+}
+
+/// `w` in the dtype of the activations `x` it is applied to: a no-op unless `w` is held in a reduced
+/// dtype and `x` is not (then the widening cast is exact). A held weight's cast is not saved for backward
+/// separately: frozen weights need no gradient, and the cast is what a kernel on mixed dtypes would do.
+pub(crate) fn matching(w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    if w.kind() == x.kind() {
+        Ok(w.shallow_clone())
+    } else {
+        cast(w, x.kind())
+    }
+}
+
+/// Holds the floating-point variables of `vs` in `precision`'s reduced dtype (diffusers' `weight_dtype` for
+/// the frozen networks): half the memory of f32, and no cast at all for the kernels of an [`autocast`]
+/// region of the same precision. `MixedPrecision::No` leaves them as they are. Only frozen weights are held
+/// this way (trainable ones stay f32 master weights, the optimizer's precision): a variable that requires a
+/// gradient is an error and nothing is cast.
+pub fn hold_in(vs: &mut nn::VarStore, precision: MixedPrecision) -> Result<()> {
+    if let Some(name) = vs.variables().into_iter().find(|(_, v)| v.requires_grad()).map(|(k, _)| k) {
+        return Err(Error::Config(format!(
+            "only frozen networks are held in half precision, but `{name}` is trainable; freeze the network first"
+        )));
+    }
+    match precision {
+        MixedPrecision::No => {}
+        MixedPrecision::Bf16 => vs.bfloat16(),
+        MixedPrecision::Fp16 => vs.half(),
+    }
+    Ok(())
 }
 
 /// `t` in `kind` (a no-op cast when it already is).

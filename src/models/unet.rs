@@ -401,8 +401,9 @@ impl UNet2DConditionModel {
             }
         };
         let emb = self.time_proj.forward(&t)?;
-        let kind = self.time_embedding.linear_1.weight.kind();
-        // The projection is computed in f32; match the weights' precision like diffusers does.
+        let kind = super::precision::activation_kind(self.time_embedding.linear_1.weight.kind());
+        // The projection is computed in f32; f64 weights (gradient checks) get f64, weights held in half
+        // precision compute in f32.
         let emb = if emb.kind() == kind { emb } else { emb.f_to_kind(kind)? };
         self.time_embedding.forward(&emb)
     }

@@ -76,7 +76,8 @@ pub struct TrainConfig {
     /// `no`, `bf16` or `fp16`: the precision of convolutions, matmuls and attention in the training
     /// forward and backward; weights, gradients, optimizer and loss stay f32 (fp16 adds dynamic loss
     /// scaling). Worth it on GPUs with bf16/f16 tensor cores; on CPUs without bf16 units it is slower.
-    /// Default `no`.
+    /// `train-sd` also holds the frozen networks (UNet with its prompt table, VAE) in that dtype, as
+    /// diffusers' `weight_dtype` does; the toy main network of `train`/`compare` stays f32. Default `no`.
     pub mixed_precision: MixedPrecision,
     /// Activation recomputation of the trainable side network, block by block (diffusers'
     /// `--gradient_checkpointing`): each down block and the mid block keep only their inputs in the forward

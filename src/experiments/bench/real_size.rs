@@ -1,8 +1,12 @@
 //! `lisa bench --real-size`: one ControlNet training step at a real model's size — the UNet of a published
 //! config (`configs/real-size/`, SD1.5 by default) with random weights, frozen, and the ControlNet diffusers'
 //! `from_unet` makes of it — at 64×64 latents, batch 1: the baseline and LISA (shared encoder), each with and
-//! without activation recomputation. Each variant runs in a process of its own (this binary again), so that
-//! its peak resident set size is its own; the step is the trainer's own [`crate::train::step::train_step`].
+//! without activation recomputation, and with the frozen UNet held in bf16 under bf16 autocast (diffusers'
+//! `weight_dtype` with `--mixed_precision bf16`) where the CPU has bf16 units or `--bf16` asks. Each variant runs
+//! in a process of its own (this binary again), so that its peak resident set size is its own; the step is the
+//! trainer's own [`crate::train::step::train_step`]. Beside each, the same variant of diffusers' step
+//! (`bench/reference.py --real-size-variant`: `train_controlnet.py`'s step, the authors' LISA with its full second
+//! UNet forward) runs in its own process, one after the other, so that the two never share the cores.
 //!
 //! The text encoder's states are stood in for by the main network's label table (77 tokens of the UNet's
 //! cross-attention width, as CLIP gives): a lookup, so the step's cost is the UNet's and the ControlNet's.
@@ -12,12 +16,14 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use super::reference::ReferenceCommand;
 use super::report::{peak_rss_kib, TimingStats};
 use super::step::{loss_scaler_for, ours_step};
 use crate::control::{ControlTask, LisaConfig, LisaHead, SideNetwork};
 use crate::data::conditions::ConditionKind;
 use crate::diffusion::ObjectiveConfig;
 use crate::models::diffusers::{read_json, unet_config_from_json};
+use crate::models::precision::MixedPrecision;
 use crate::models::{ControlNetConfig, LabelEncoderConfig};
 use crate::pipeline::{MainNetwork, MainNetworkConfig};
 use crate::train::optim::{AdamW, AdamWConfig};
@@ -53,34 +59,64 @@ pub struct RealSizeVariant {
     pub lisa: bool,
     /// With activation recomputation of the side network (`train.gradient_checkpointing`).
     pub recompute: bool,
+    /// The frozen UNet held in bf16 and the step under bf16 autocast (`train.mixed_precision = "bf16"`).
+    pub bf16: bool,
 }
 
 impl RealSizeVariant {
-    /// Every variant, in table order.
-    pub const ALL: [RealSizeVariant; 4] = [
-        RealSizeVariant { lisa: false, recompute: false },
-        RealSizeVariant { lisa: false, recompute: true },
-        RealSizeVariant { lisa: true, recompute: false },
-        RealSizeVariant { lisa: true, recompute: true },
+    /// Every variant, in table order: f32 first, then bf16.
+    pub const ALL: [RealSizeVariant; 8] = [
+        Self::new(false, false, false),
+        Self::new(false, true, false),
+        Self::new(true, false, false),
+        Self::new(true, true, false),
+        Self::new(false, false, true),
+        Self::new(false, true, true),
+        Self::new(true, false, true),
+        Self::new(true, true, true),
     ];
 
-    /// Its name on the command line and in the table.
-    pub fn name(self) -> &'static str {
-        match (self.lisa, self.recompute) {
-            (false, false) => "baseline",
-            (false, true) => "baseline-recompute",
-            (true, false) => "lisa",
-            (true, true) => "lisa-recompute",
+    const fn new(lisa: bool, recompute: bool, bf16: bool) -> Self {
+        Self { lisa, recompute, bf16 }
+    }
+
+    /// Its name on the command line and in the table: `baseline` or `lisa`, then `-recompute`, then `-bf16`
+    /// (the reference script takes the same names).
+    pub fn name(self) -> String {
+        let mut s = String::from(if self.lisa { "lisa" } else { "baseline" });
+        if self.recompute {
+            s += "-recompute";
         }
+        if self.bf16 {
+            s += "-bf16";
+        }
+        s
     }
 
     /// The variant named `name`.
     pub fn parse(name: &str) -> Result<Self> {
         Self::ALL.into_iter().find(|v| v.name() == name).ok_or_else(|| {
-            let names: Vec<&str> = Self::ALL.iter().map(|v| v.name()).collect();
+            let names: Vec<String> = Self::ALL.iter().map(|v| v.name()).collect();
             Error::Config(format!("unknown real-size variant {name:?}; use one of {}", names.join(", ")))
         })
     }
+
+    /// The mixed precision its step runs under.
+    pub fn precision(self) -> MixedPrecision {
+        if self.bf16 {
+            MixedPrecision::Bf16
+        } else {
+            MixedPrecision::No
+        }
+    }
+}
+
+/// Whether this CPU has bf16 arithmetic (AVX-512 BF16 or AMX): without it bf16 kernels are emulated and the
+/// bf16 variants' times say nothing about a machine one would train on (their peak RSS still does).
+pub fn cpu_has_bf16() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| s.lines().filter(|l| l.starts_with("flags")).any(|l| l.contains(" avx512_bf16") || l.contains(" amx_bf16")))
+        .unwrap_or(false)
 }
 
 /// What one variant measured.
@@ -98,23 +134,36 @@ pub struct RealSizeResult {
     pub peak_rss_kib: Option<u64>,
 }
 
+/// The reference's run of one variant, or why there is none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReferenceRun {
+    /// What it measured.
+    pub result: Option<RealSizeResult>,
+    /// Why it did not run (no Python, `--no-reference`) or did not finish.
+    pub reason: Option<String>,
+}
+
 /// The real-size benchmark's result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RealSizeReport {
     /// The settings.
     pub config: RealSizeConfig,
-    /// One row per variant.
+    /// Ours, one row per variant.
     pub results: Vec<RealSizeResult>,
+    /// diffusers', one per row of `results`.
+    pub reference: Vec<ReferenceRun>,
 }
 
 impl RealSizeReport {
-    /// The table (Markdown), with each variant's time and peak RSS over the baseline's.
+    /// The table (Markdown): per variant ours and diffusers' median step and peak RSS, ours over theirs, and
+    /// each of ours over our baseline.
     pub fn table(&self) -> String {
         let c = &self.config;
         let mut s = format!(
             "Real-size ControlNet step: UNet from {} (random weights, frozen), {}×{} latents, batch {}, {} threads, \
-             {} timed steps after {} warm-up\n\n| variant | median step | min – max | peak RSS | time / baseline | \
-             peak RSS / baseline |\n|---|---|---|---|---|---|\n",
+             {} timed steps after {} warm-up; each variant of ours and of diffusers in a process of its own, one \
+             after the other\n\n| variant | ours: median step (min – max) | diffusers | ours / diffusers | ours: peak \
+             RSS | diffusers | ours / diffusers | ours / our baseline: time, RSS |\n|---|---|---|---|---|---|---|---|\n",
             c.unet_config.display(),
             c.latent_size,
             c.latent_size,
@@ -125,23 +174,34 @@ impl RealSizeReport {
         );
         let base = self.results.iter().find(|r| r.variant == "baseline");
         let gib = |k: Option<u64>| k.map_or("—".into(), |k| format!("{:.2} GiB", k as f64 / (1u64 << 20) as f64));
-        for r in &self.results {
-            let time = base.map_or("—".into(), |b| format!("{:.2}", r.stats.median_s / b.stats.median_s));
-            let rss = match (base.and_then(|b| b.peak_rss_kib), r.peak_rss_kib) {
-                (Some(b), Some(x)) => format!("{:.2}", x as f64 / b as f64),
-                _ => "—".into(),
-            };
+        let time = |r: &RealSizeResult| format!("{:.2} s ({:.2} – {:.2})", r.stats.median_s, r.stats.min_s, r.stats.max_s);
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+            _ => "—".into(),
+        };
+        let rss = |r: Option<&RealSizeResult>| r.and_then(|r| r.peak_rss_kib).map(|k| k as f64);
+        for (i, r) in self.results.iter().enumerate() {
+            let reference = self.reference.get(i).and_then(|x| x.result.as_ref());
             s += &format!(
-                "| {} | {:.2} s | {:.2} – {:.2} s | {} | {time} | {rss} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {}, {} |\n",
                 r.variant,
-                r.stats.median_s,
-                r.stats.min_s,
-                r.stats.max_s,
-                gib(r.peak_rss_kib)
+                time(r),
+                reference.map_or("—".into(), time),
+                ratio(Some(r.stats.median_s), reference.map(|x| x.stats.median_s)),
+                gib(r.peak_rss_kib),
+                gib(reference.and_then(|x| x.peak_rss_kib)),
+                ratio(rss(Some(r)), rss(reference)),
+                ratio(Some(r.stats.median_s), base.map(|b| b.stats.median_s)),
+                ratio(rss(Some(r)), rss(base)),
             );
         }
         if let Some(r) = self.results.first() {
             s += &format!("\nUNet {} parameters, ControlNet {}.\n", r.unet_parameters, r.controlnet_parameters);
+        }
+        let mut reasons: Vec<&str> = self.reference.iter().filter_map(|x| x.reason.as_deref()).collect();
+        reasons.dedup();
+        for reason in reasons {
+            s += &format!("\ndiffusers: {reason}\n");
         }
         s
     }
@@ -170,6 +230,7 @@ pub fn run_variant(cfg: &RealSizeConfig, variant: RealSizeVariant, log: &mut dyn
     let mut side = SideNetwork::from_main(&main, ConditionKind::Given, ControlNetConfig::diffusers_from_unet(&unet))?;
     side.set_gradient_checkpointing(variant.recompute)?;
     let head = if variant.lisa { Some(LisaHead::new(&main, &side, &LisaConfig::default())?) } else { None };
+    main.hold_weights_in(variant.precision())?;
     let task = ControlTask::new(&main, &side, head.as_ref())?;
     let mut params = side.named_parameters();
     let controlnet_parameters: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
@@ -180,7 +241,7 @@ pub fn run_variant(cfg: &RealSizeConfig, variant: RealSizeVariant, log: &mut dyn
     let unet_parameters: i64 =
         main.named_parameters().iter().filter(|(k, _)| !k.starts_with("label_encoder")).map(|(_, p)| p.numel() as i64).sum();
     let mut opt = AdamW::new(params, AdamWConfig::default());
-    let settings = StepSettings { max_grad_norm: 1.0, mixed_precision: Default::default() };
+    let settings = StepSettings { max_grad_norm: 1.0, mixed_precision: variant.precision() };
     let mut scaler = loss_scaler_for(settings);
     let (n, s) = (cfg.batch, cfg.latent_size);
     let mut times = Vec::new();
@@ -206,34 +267,93 @@ pub fn run_variant(cfg: &RealSizeConfig, variant: RealSizeVariant, log: &mut dyn
     })
 }
 
-/// Runs every variant, each in a child process `exe bench --real-size-variant NAME` with the same settings,
-/// one after another, and collects their results.
-pub fn bench_real_size(cfg: &RealSizeConfig, exe: &Path, log: &mut dyn FnMut(&str)) -> Result<RealSizeReport> {
-    let mut results = Vec::new();
-    for variant in RealSizeVariant::ALL {
-        log(&format!("== {}", variant.name()));
-        let out = Command::new(exe)
-            .args(["bench", "--real-size-variant", variant.name(), "--unet-config"])
-            .arg(&cfg.unet_config)
-            .args(["--latent-size", &cfg.latent_size.to_string(), "--batch", &cfg.batch.to_string()])
-            .args(["--threads", &cfg.threads.to_string(), "--warmup", &cfg.warmup.to_string()])
-            .args(["--reps", &cfg.reps.to_string(), "--seed", &cfg.seed.to_string()])
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .map_err(|e| Error::io(exe, e))?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            return Err(Error::Training(format!("the {} variant failed ({}): {text}", variant.name(), out.status)));
-        }
-        let line = text.lines().rev().find(|l| l.starts_with('{')).unwrap_or_default();
-        let result: RealSizeResult = serde_json::from_str(line).map_err(|e| {
-            Error::Training(format!("the {} variant printed no result ({e}): {text}", variant.name()))
-        })?;
-        results.push(result);
+/// The variants a run steps: the f32 ones, and the bf16 ones with `bf16`.
+pub fn variants(bf16: bool) -> Vec<RealSizeVariant> {
+    RealSizeVariant::ALL.into_iter().filter(|v| bf16 || !v.bf16).collect()
+}
+
+/// The arguments that give a child the run's settings (ours and the reference's take the same).
+fn shared_args(cfg: &RealSizeConfig) -> Vec<String> {
+    let mut a = vec!["--unet-config".to_string(), cfg.unet_config.display().to_string()];
+    for (k, v) in [
+        ("--latent-size", cfg.latent_size.to_string()),
+        ("--batch", cfg.batch.to_string()),
+        ("--threads", cfg.threads.to_string()),
+        ("--warmup", cfg.warmup.to_string()),
+        ("--reps", cfg.reps.to_string()),
+        ("--seed", cfg.seed.to_string()),
+    ] {
+        a.extend([k.to_string(), v]);
+    }
+    a
+}
+
+/// Runs `cmd` to its end and reads the result from the last JSON line of its stdout. Its stderr is shown as it
+/// goes, or with `quiet_stderr` kept and its last lines put in the error.
+fn run_child(mut cmd: Command, what: &str, quiet_stderr: bool) -> std::result::Result<RealSizeResult, String> {
+    let stderr = if quiet_stderr { std::process::Stdio::piped() } else { std::process::Stdio::inherit() };
+    let out = cmd
+        .env("GLIBC_TUNABLES", crate::allocator::glibc_tunables_for_children())
+        .stderr(stderr)
+        .output()
+        .map_err(|e| format!("{what} could not start: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect();
+        return Err(format!("{what} failed ({}): {} {}", out.status, text.trim(), tail.join(" / ")));
+    }
+    let line = text.lines().rev().find(|l| l.starts_with('{')).unwrap_or_default();
+    serde_json::from_str(line).map_err(|e| format!("{what} printed no result ({e}): {}", text.trim()))
+}
+
+/// Runs each of `variants` in a child process `exe bench --real-size-variant NAME` with the same settings and,
+/// with a `reference`, the same variant of diffusers' step after it; one process at a time.
+pub fn bench_real_size(
+    cfg: &RealSizeConfig,
+    variants: &[RealSizeVariant],
+    exe: &Path,
+    reference: Option<&ReferenceCommand>,
+    log: &mut dyn FnMut(&str),
+) -> Result<RealSizeReport> {
+    const SETUP: &str = "create the project venv with scripts/setup-reference.sh, or pass --python";
+    let mut unavailable = match reference {
+        None => Some("not run (--no-reference)".to_string()),
+        Some(r) if !r.python.is_file() => Some(format!("no Python at {} ({SETUP})", r.python.display())),
+        Some(r) if !r.script.is_file() => Some(format!("no reference script at {}", r.script.display())),
+        Some(_) => None,
+    };
+    let (mut results, mut references) = (Vec::new(), Vec::new());
+    for &variant in variants {
+        let name = variant.name();
+        log(&format!("== {name}"));
+        let mut ours = Command::new(exe);
+        ours.args(["bench", "--real-size-variant", &name]).args(shared_args(cfg));
+        results.push(run_child(ours, &format!("the {name} variant"), false).map_err(Error::Training)?);
+        let run = match (&unavailable, reference) {
+            (None, Some(r)) => {
+                log(&format!("== {name} (diffusers)"));
+                let mut theirs = Command::new(&r.python);
+                theirs.arg(&r.script).args(["--real-size-variant", &name]).args(shared_args(cfg));
+                match run_child(theirs, &format!("diffusers' {name} step"), true) {
+                    Ok(result) => ReferenceRun { result: Some(result), reason: None },
+                    Err(e) => {
+                        log(&e);
+                        // A reference that cannot start or import its packages will not for the next variant either.
+                        if e.contains("could not start") || e.contains("No module named") {
+                            unavailable = Some(format!("{e} ({SETUP})"));
+                        }
+                        ReferenceRun { result: None, reason: Some(e) }
+                    }
+                }
+            }
+            _ => ReferenceRun { result: None, reason: unavailable.clone() },
+        };
+        references.push(run);
     }
     // Committed results name the config inside the project, not the machine they ran on.
     let config = RealSizeConfig { unet_config: crate::pipeline::report_path(&cfg.unet_config).into(), ..cfg.clone() };
-    Ok(RealSizeReport { config, results })
+    Ok(RealSizeReport { config, results, reference: references })
 }
 
 #[cfg(test)]
@@ -243,9 +363,9 @@ mod tests {
     #[test]
     fn variants_parse_and_the_table_compares_with_the_baseline() {
         for v in RealSizeVariant::ALL {
-            assert_eq!(RealSizeVariant::parse(v.name()).unwrap(), v);
+            assert_eq!(RealSizeVariant::parse(&v.name()).unwrap(), v);
         }
-        assert!(RealSizeVariant::parse("fast").unwrap_err().to_string().contains("lisa-recompute"));
+        assert!(RealSizeVariant::parse("fast").unwrap_err().to_string().contains("lisa-recompute-bf16"));
         let row = |variant: &str, t: f64, rss: u64| RealSizeResult {
             variant: variant.into(),
             unet_parameters: 10,
@@ -264,10 +384,20 @@ mod tests {
                 seed: 0,
             },
             results: vec![row("baseline", 10.0, 8), row("baseline-recompute", 12.5, 6)],
+            reference: vec![
+                ReferenceRun { result: Some(row("baseline", 20.0, 10)), reason: None },
+                ReferenceRun { result: None, reason: Some("diffusers' baseline-recompute step failed".into()) },
+            ],
         };
         let t = report.table();
-        assert!(t.contains("| baseline-recompute | 12.50 s | 12.50 – 12.50 s | 6.00 GiB | 1.25 | 0.75 |"), "{t}");
-        assert!(t.contains("| baseline | 10.00 s | 10.00 – 10.00 s | 8.00 GiB | 1.00 | 1.00 |"), "{t}");
+        assert!(
+            t.contains("| baseline | 10.00 s (10.00 – 10.00) | 20.00 s (20.00 – 20.00) | 0.50 | 8.00 GiB | 10.00 GiB | 0.80 | 1.00, 1.00 |"),
+            "{t}"
+        );
+        assert!(t.contains("| baseline-recompute | 12.50 s (12.50 – 12.50) | — | — | 6.00 GiB | — | — | 1.25, 0.75 |"), "{t}");
+        assert!(t.contains("diffusers: diffusers' baseline-recompute step failed"), "{t}");
+        assert_eq!(variants(false).len(), 4);
+        assert!(variants(true).iter().any(|v| v.name() == "lisa-recompute-bf16"));
     }
 
     /// The whole variant on a tiny config: it builds, steps, and measures.
@@ -283,7 +413,10 @@ mod tests {
         });
         std::fs::write(&path, tiny.to_string()).unwrap();
         let cfg = RealSizeConfig { unet_config: path, latent_size: 8, batch: 1, threads: 1, warmup: 0, reps: 1, seed: 0 };
-        for v in [RealSizeVariant { lisa: true, recompute: cfg!(lisa_checkpoint) }] {
+        for v in [
+            RealSizeVariant { lisa: true, recompute: cfg!(lisa_checkpoint), bf16: false },
+            RealSizeVariant { lisa: true, recompute: false, bf16: true },
+        ] {
             let r = run_variant(&cfg, v, &mut |_| {}).unwrap();
             assert_eq!(r.stats.times_s.len(), 1);
             assert!(r.controlnet_parameters > 0 && r.unet_parameters > r.controlnet_parameters / 2, "{r:?}");
