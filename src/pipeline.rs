@@ -217,6 +217,19 @@ impl MainNetwork {
         self.vs.freeze();
     }
 
+    /// Turns activation recomputation of the UNet's up path on or off (`train.gradient_checkpointing`, beside the
+    /// side network's own; see [`UNet2DConditionModel::set_gradient_checkpointing`]). A transformer main network
+    /// has none and refuses it.
+    pub fn set_gradient_checkpointing(&self, on: bool) -> Result<()> {
+        match &self.backbone {
+            Backbone::UNet(u) => u.set_gradient_checkpointing(on),
+            Backbone::Transformer(_) if on => Err(Error::Config(
+                "train.gradient_checkpointing is built for UNet networks only; set it to false for a transformer".into(),
+            )),
+            Backbone::Transformer(_) => Ok(()),
+        }
+    }
+
     /// Holds the frozen weights in `precision`'s reduced dtype (diffusers' `weight_dtype`; see
     /// [`precision::hold_in`](crate::models::precision::hold_in)). Call it after [`MainNetwork::freeze`] and
     /// after a side network copied its weights from this one, so that the copies start from the f32 values.

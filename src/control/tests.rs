@@ -743,6 +743,7 @@ fn step_gradients(
     recompute: bool,
 ) -> Vec<(String, Tensor)> {
     side.set_gradient_checkpointing(recompute).unwrap();
+    main.set_gradient_checkpointing(recompute).unwrap();
     let params: Vec<(String, Tensor)> = side.named_parameters().into_iter().chain(head.named_parameters()).collect();
     for (_, p) in &params {
         p.shallow_clone().zero_grad();

@@ -151,6 +151,7 @@ pub fn train_control(
     let controlnet = cfg.controlnet_config(&main.config.unet, condition_channels(cfg, &data.eval_conditions)?);
     let mut side = SideNetwork::for_main(main, set.clone(), controlnet, cfg.side_transformer_layers)?;
     side.set_gradient_checkpointing(cfg.train.gradient_checkpointing)?;
+    main.set_gradient_checkpointing(cfg.train.gradient_checkpointing)?;
     let head = if cfg.lisa.enabled { Some(LisaHead::new(main, &side, &cfg.lisa)?) } else { None };
     let task = ControlTask::new(main, &side, head.as_ref())?.with_condition_dropout(cfg.condition_dropout)?;
     let mut params = side.named_parameters();

@@ -283,6 +283,7 @@ pub fn train_latent(
         SideNetwork::import_diffusers(&cfg.init_controlnet, &main, ConditionKind::Given)?
     };
     side.set_gradient_checkpointing(cfg.train.gradient_checkpointing)?;
+    main.set_gradient_checkpointing(cfg.train.gradient_checkpointing)?;
     let head = if cfg.lisa.enabled {
         Some(LisaHead::new(&main, &side, &cfg.lisa)?)
     } else {

@@ -2,6 +2,9 @@
 //! forward pass split into an encoder (down path + mid block) and a decoder (up path) so that a
 //! frozen UNet's encoder can be computed once and its decoder run with several sets of ControlNet
 //! residuals.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
@@ -9,6 +12,7 @@ use super::blocks::{
     Conv2d, CrossAttnConfig, DownBlock2D, DownBlockConfig, GroupNorm, MidBlockConfig, TimestepEmbedding, Timesteps,
     UNetMidBlock2DCrossAttn, UpBlock2D, UpBlockConfig,
 };
+use super::checkpoint::checkpoint;
 use crate::{Error, Result};
 
 /// A config value given either once for all blocks or once per down block, as diffusers allows
@@ -343,12 +347,16 @@ pub struct UNet2DConditionModel {
     pub down_blocks: Vec<DownBlock2D>,
     /// `mid_block`.
     pub mid_block: UNetMidBlock2DCrossAttn,
-    /// `up_blocks.N`, lowest resolution first.
-    pub up_blocks: Vec<UpBlock2D>,
+    /// `up_blocks.N`, lowest resolution first (shared with their recomputation, see
+    /// [`UNet2DConditionModel::set_gradient_checkpointing`]).
+    pub up_blocks: Vec<Arc<UpBlock2D>>,
     /// `conv_norm_out`.
     pub conv_norm_out: GroupNorm,
     /// `conv_out`.
     pub conv_out: Conv2d,
+    /// Whether the up blocks are recomputed in backward. A flag behind `&self` because a frozen main network is
+    /// shared by reference across the arms of a study, each of which sets it to its own configuration.
+    gradient_checkpointing: AtomicBool,
 }
 
 impl UNet2DConditionModel {
@@ -365,7 +373,7 @@ impl UNet2DConditionModel {
             .collect::<Result<Vec<_>>>()?;
         let mid_block = UNetMidBlock2DCrossAttn::new(&p / "mid_block", &cfg.mid_block_config())?;
         let up_blocks = (0..n)
-            .map(|i| UpBlock2D::new(&p / "up_blocks" / i, &cfg.up_block_config(i)))
+            .map(|i| Ok(Arc::new(UpBlock2D::new(&p / "up_blocks" / i, &cfg.up_block_config(i))?)))
             .collect::<Result<Vec<_>>>()?;
         let conv_norm_out = GroupNorm::new(&p / "conv_norm_out", cfg.norm_num_groups, c0, cfg.norm_eps)?;
         let conv_out = Conv2d::new(&p / "conv_out", c0, cfg.out_channels, 3, 1, 1)?;
@@ -379,7 +387,30 @@ impl UNet2DConditionModel {
             up_blocks,
             conv_norm_out,
             conv_out,
+            gradient_checkpointing: AtomicBool::new(false),
         })
+    }
+
+    /// Activation recomputation of the up path: each up block keeps only its inputs in the forward pass and runs
+    /// again in backward ([`crate::models::checkpoint`]). For a frozen UNet under a ControlNet this is where the
+    /// activations are: the gradient reaches the side network's residuals through the up path, so its
+    /// activations are kept for backward although no weight of it learns. The down path and the mid block keep
+    /// nothing then (their inputs need no gradient). Errors if this build has no recomputation.
+    pub fn set_gradient_checkpointing(&self, on: bool) -> Result<()> {
+        if on && !super::checkpoint::available() {
+            return Err(Error::Config(
+                "train.gradient_checkpointing: this build has no activation recomputation (libtorch's autograd \
+                 headers were not found when it was built)"
+                    .into(),
+            ));
+        }
+        self.gradient_checkpointing.store(on, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether the up blocks are recomputed in backward.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing.load(Ordering::Relaxed)
     }
 
     /// Number of skip samples of the down path (= ControlNet down residuals expected).
@@ -463,7 +494,17 @@ impl UNet2DConditionModel {
                 let z = s.size();
                 [z[2], z[3]]
             });
-            h = b.forward(&h, mine, temb, Some(encoder_hidden_states), size)?;
+            h = if self.gradient_checkpointing() {
+                let block = Arc::clone(b);
+                let k = mine.len();
+                let inputs: Vec<&Tensor> = [&h].into_iter().chain(mine).chain([temb, encoder_hidden_states]).collect();
+                let mut outputs = checkpoint(&inputs, move |xs| {
+                    Ok(vec![block.forward(&xs[0], &xs[1..=k], &xs[k + 1], Some(&xs[k + 2]), size)?])
+                })?;
+                outputs.pop().ok_or_else(|| Error::Training("a recomputed up block returned nothing".into()))?
+            } else {
+                b.forward(&h, mine, temb, Some(encoder_hidden_states), size)?
+            };
         }
         let h = self.conv_norm_out.forward(&h)?.f_silu()?;
         self.conv_out.forward(&h)

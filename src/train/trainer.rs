@@ -79,10 +79,11 @@ pub struct TrainConfig {
     /// `train-sd` also holds the frozen networks (UNet with its prompt table, VAE) in that dtype, as
     /// diffusers' `weight_dtype` does; the toy main network of `train`/`compare` stays f32. Default `no`.
     pub mixed_precision: MixedPrecision,
-    /// Activation recomputation of the trainable side network, block by block (diffusers'
-    /// `--gradient_checkpointing`): each down block and the mid block keep only their inputs in the forward
-    /// pass and run again in backward, trading about one more forward of the side network for its activation
-    /// memory. Gradients equal the plain backward's within rounding. UNet side networks only. Default false.
+    /// Activation recomputation, block by block (diffusers' `--gradient_checkpointing`): the side network's down
+    /// blocks and mid block, and the frozen UNet's up blocks (through which the gradient reaches the side
+    /// network), keep only their inputs in the forward pass and run again in backward — about one more forward
+    /// of each for their activation memory. Gradients equal the plain backward's within rounding. UNet networks
+    /// only. Default false.
     pub gradient_checkpointing: bool,
 }
 

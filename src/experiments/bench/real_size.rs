@@ -229,6 +229,7 @@ pub fn run_variant(cfg: &RealSizeConfig, variant: RealSizeVariant, log: &mut dyn
     main.freeze();
     let mut side = SideNetwork::from_main(&main, ConditionKind::Given, ControlNetConfig::diffusers_from_unet(&unet))?;
     side.set_gradient_checkpointing(variant.recompute)?;
+    main.set_gradient_checkpointing(variant.recompute)?;
     let head = if variant.lisa { Some(LisaHead::new(&main, &side, &LisaConfig::default())?) } else { None };
     main.hold_weights_in(variant.precision())?;
     let task = ControlTask::new(&main, &side, head.as_ref())?;
