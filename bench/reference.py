@@ -126,7 +126,7 @@ def build_controlnet(unet, cn_cfg):
 def sinusoidal(t, dim=TIME_PROJ_DIM, max_period=10000.0):
     """The decoder's timestep projection: [cos, sin] of t * 10000^(-i/half), i < half = dim/2."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None, :]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -668,6 +668,7 @@ def real_size_variant(args):
     frozen table of 77 tokens of the cross-attention width, as in ours. LISA is the authors' step: hook at the mid
     block's zero conv, the decoder, and a full second no-grad UNet forward for the reference prediction."""
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     name = args.real_size_variant
     parts = name.split("-")
     if parts[0] not in ("baseline", "lisa") or any(p not in ("recompute", "bf16") for p in parts[1:]):
@@ -686,9 +687,10 @@ def real_size_variant(args):
     controlnet.train()
     if recompute:
         controlnet.enable_gradient_checkpointing()
-    unet.to(dtype=weight_dtype)
+    unet.to(device, dtype=weight_dtype)
+    controlnet.to(device)
     dim = unet.config.cross_attention_dim
-    table = nn.Embedding(1, 77 * dim).requires_grad_(False).to(dtype=weight_dtype)
+    table = nn.Embedding(1, 77 * dim).requires_grad_(False).to(device, dtype=weight_dtype)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     params = list(controlnet.parameters())
     trainable = sum(p.numel() for p in params)
@@ -696,22 +698,24 @@ def real_size_variant(args):
     if lisa:
         s = args.latent_size
         c, r = hook_shape(unet_cfg, "mid", s)
-        decoder = LightweightDecoder(c, r, s, unet_cfg["out_channels"], args.decoder_channel_floor)
+        decoder = LightweightDecoder(c, r, s, unet_cfg["out_channels"], args.decoder_channel_floor).to(device)
         hook = Hook(controlnet, "mid")
         params += list(decoder.parameters())
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
     n, s = args.batch, args.latent_size
     gen = torch.Generator().manual_seed(args.seed)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for step in range(args.warmup + args.reps):
-        latents = (torch.rand((n, unet_cfg["in_channels"], s, s), generator=gen) * 2 - 1).to(weight_dtype)
-        cond = torch.rand((n, 3, 8 * s, 8 * s), generator=gen)
+        latents = (torch.rand((n, unet_cfg["in_channels"], s, s), generator=gen) * 2 - 1).to(device, weight_dtype)
+        cond = torch.rand((n, 3, 8 * s, 8 * s), generator=gen).to(device)
+        sync()
         t0 = time.perf_counter()
         noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (n,))
+        t = torch.randint(0, 1000, (n,), device=device)
         noisy = scheduler.add_noise(latents, noise, t)
-        ehs = table(torch.zeros(n, dtype=torch.long)).view(n, 77, dim)
+        ehs = table(torch.zeros(n, dtype=torch.long, device=device)).view(n, 77, dim)
         with autocast:
             down, mid = controlnet(noisy, t, encoder_hidden_states=ehs, controlnet_cond=cond, return_dict=False)
             pred = unet(
@@ -729,6 +733,7 @@ def real_size_variant(args):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         dt = time.perf_counter() - t0
         log(f"step {step + 1} {dt:.2f} s" + (" (warm-up)" if step < args.warmup else ""))
         if step >= args.warmup:
@@ -760,6 +765,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--unet-config", help="--real-size-variant: a diffusers UNet config.json")
     ap.add_argument("--latent-size", type=int, default=64, help="--real-size-variant: the latents' side")
+    ap.add_argument("--device", default="cpu", help="--real-size-variant: cpu, cuda or cuda:N")
     args = ap.parse_args()
     if args.serve and not args.bench:
         ap.error("--serve needs --bench")

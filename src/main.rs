@@ -650,6 +650,9 @@ struct BenchArgs {
     /// With --real-size: the latents' side.
     #[arg(long, default_value_t = 64)]
     latent_size: i64,
+    /// With --real-size: `cpu`, `cuda` or `cuda:N` (the other benchmarks run on the CPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// With --real-size: also the bf16 variants (frozen UNet held in bf16, bf16 autocast) on a CPU without bf16
     /// units, where they are emulated (they run by default where the CPU has AVX-512 BF16 or AMX).
     #[arg(long)]
@@ -1205,6 +1208,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             warmup: a.warmup,
             reps: a.reps,
             seed: a.seed,
+            device: a.device.clone(),
         };
         if let Some(name) = &a.real_size_variant {
             let result = real_size::run_variant(&cfg, RealSizeVariant::parse(name)?, &mut |m| eprintln!("{m}"))?;

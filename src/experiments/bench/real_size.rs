@@ -50,6 +50,14 @@ pub struct RealSizeConfig {
     pub reps: usize,
     /// Seed of initialisation and inputs.
     pub seed: u64,
+    /// `cpu` (the default), `cuda` or `cuda:N`. On a GPU each step ends with a device synchronisation, and the
+    /// peak RSS is the host's only (`scripts/gpu-check.sh` samples the GPU's memory beside it).
+    #[serde(default = "cpu")]
+    pub device: String,
+}
+
+fn cpu() -> String {
+    "cpu".into()
 }
 
 /// One variant of the real-size step.
@@ -161,7 +169,7 @@ impl RealSizeReport {
         let c = &self.config;
         let mut s = format!(
             "Real-size ControlNet step: UNet from {} (random weights, frozen), {}×{} latents, batch {}, {} threads, \
-             {} timed steps after {} warm-up; each variant of ours and of diffusers in a process of its own, one \
+             {} timed steps after {} warm-up, on {}; each variant of ours and of diffusers in a process of its own, one \
              after the other\n\n| variant | ours: median step (min – max) | diffusers | ours / diffusers | ours: peak \
              RSS | diffusers | ours / diffusers | ours / our baseline: time, RSS |\n|---|---|---|---|---|---|---|---|\n",
             c.unet_config.display(),
@@ -170,7 +178,8 @@ impl RealSizeReport {
             c.batch,
             c.threads,
             c.reps,
-            c.warmup
+            c.warmup,
+            c.device
         );
         let base = self.results.iter().find(|r| r.variant == "baseline");
         let gib = |k: Option<u64>| k.map_or("—".into(), |k| format!("{:.2} GiB", k as f64 / (1u64 << 20) as f64));
@@ -225,7 +234,8 @@ pub fn run_variant(cfg: &RealSizeConfig, variant: RealSizeVariant, log: &mut dyn
         objective: ObjectiveConfig::default(),
         ..Default::default()
     };
-    let mut main = MainNetwork::new(&main_cfg, Device::Cpu)?;
+    let device = super::super::pretrain::device_from(&cfg.device)?;
+    let mut main = MainNetwork::new(&main_cfg, device)?;
     main.freeze();
     let mut side = SideNetwork::from_main(&main, ConditionKind::Given, ControlNetConfig::diffusers_from_unet(&unet))?;
     side.set_gradient_checkpointing(variant.recompute)?;
@@ -248,12 +258,18 @@ pub fn run_variant(cfg: &RealSizeConfig, variant: RealSizeVariant, log: &mut dyn
     let mut times = Vec::new();
     for step in 0..cfg.warmup + cfg.reps {
         let batch = Batch {
-            x0: Tensor::rand([n, unet.in_channels, s, s], (Kind::Float, Device::Cpu)) * 2.0 - 1.0,
-            labels: Tensor::zeros([n], (Kind::Int64, Device::Cpu)),
-            condition: Some(Tensor::rand([n, 3, 8 * s, 8 * s], (Kind::Float, Device::Cpu))),
+            x0: Tensor::rand([n, unet.in_channels, s, s], (Kind::Float, device)) * 2.0 - 1.0,
+            labels: Tensor::zeros([n], (Kind::Int64, device)),
+            condition: Some(Tensor::rand([n, 3, 8 * s, 8 * s], (Kind::Float, device))),
             rows: None,
         };
-        let dt = ours_step(&task, &mut opt, &main.objective, &batch, cfg.seed, step as u64, 1e-5, settings, scaler.as_mut())?;
+        let t0 = std::time::Instant::now();
+        ours_step(&task, &mut opt, &main.objective, &batch, cfg.seed, step as u64, 1e-5, settings, scaler.as_mut())?;
+        // The optimizer's kernels may still be queued on a GPU: the step ends when they have run.
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        let dt = t0.elapsed().as_secs_f64();
         log(&format!("{}: step {} {:.2} s{}", variant.name(), step + 1, dt, if step < cfg.warmup { " (warm-up)" } else { "" }));
         if step >= cfg.warmup {
             times.push(dt);
@@ -283,6 +299,7 @@ fn shared_args(cfg: &RealSizeConfig) -> Vec<String> {
         ("--warmup", cfg.warmup.to_string()),
         ("--reps", cfg.reps.to_string()),
         ("--seed", cfg.seed.to_string()),
+        ("--device", cfg.device.clone()),
     ] {
         a.extend([k.to_string(), v]);
     }
@@ -383,6 +400,7 @@ mod tests {
                 warmup: 1,
                 reps: 2,
                 seed: 0,
+                device: "cpu".into(),
             },
             results: vec![row("baseline", 10.0, 8), row("baseline-recompute", 12.5, 6)],
             reference: vec![
@@ -413,7 +431,16 @@ mod tests {
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 16, "attention_head_dim": 2
         });
         std::fs::write(&path, tiny.to_string()).unwrap();
-        let cfg = RealSizeConfig { unet_config: path, latent_size: 8, batch: 1, threads: 1, warmup: 0, reps: 1, seed: 0 };
+        let cfg = RealSizeConfig {
+            unet_config: path,
+            latent_size: 8,
+            batch: 1,
+            threads: 1,
+            warmup: 0,
+            reps: 1,
+            seed: 0,
+            device: "cpu".into(),
+        };
         for v in [
             RealSizeVariant { lisa: true, recompute: cfg!(lisa_checkpoint), bf16: false },
             RealSizeVariant { lisa: true, recompute: false, bf16: true },
