@@ -1258,7 +1258,8 @@ fn print_and_save(table: &str, report: &impl serde::Serialize, out: Option<&std:
     println!("{table}");
     if let Some(out) = out {
         std::fs::write(out, serde_json::to_string_pretty(report)?).with_context(|| format!("writing {}", out.display()))?;
-        println!("results: {}", out.display());
+        // On stderr, so that the table on stdout can be saved as it is.
+        eprintln!("results: {}", out.display());
     }
     Ok(())
 }

@@ -91,6 +91,8 @@ fn real_size_bench_puts_ours_and_diffusers_side_by_side() {
         "--warmup", "0", "--reps", "1", "--out", json.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
+    // stdout is the table alone (it is saved as it is printed); where the JSON went is said on stderr.
+    assert!(!out.contains("results:") && err.contains("results:"), "{out}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let names: Vec<&str> = report["results"].as_array().unwrap().iter().map(|r| r["variant"].as_str().unwrap()).collect();
     assert_eq!(names[..4], ["baseline", "baseline-recompute", "lisa", "lisa-recompute"], "{out}");
