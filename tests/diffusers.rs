@@ -711,3 +711,94 @@ fn train_sd_trains_a_latent_controlnet_on_a_captioned_imagefolder_resumes_and_ex
     let (ok, _, stderr) = run(fresh);
     assert!(!ok && stderr.contains("needs captions") && stderr.lines().count() == 1, "{stderr}");
 }
+
+/// train-sd's encoded-data cache: a second run reuses every row; a changed image re-encodes that example alone;
+/// a changed VAE weight file re-encodes everything; rows read back as the in-memory loader gives the conditions,
+/// and a deleted cache encodes to the same latents again.
+#[test]
+fn the_latent_cache_reencodes_exactly_what_changed() {
+    use lisa::data::imagefolder::{open_index, Columns, LoadOptions};
+    use lisa::data::TrainingExamples;
+    use lisa::experiments::latent_cache::{encode_or_reuse, CacheRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut lines = Vec::new();
+    for i in 0..5u8 {
+        image::RgbImage::from_fn(16, 16, |x, y| image::Rgb([i * 40, (x * 16) as u8, (y * 16) as u8]))
+            .save(data.join(format!("{i}.png")))
+            .unwrap();
+        image::GrayImage::from_fn(16, 16, |x, _| image::Luma([if x == u32::from(i) { 255 } else { 0 }]))
+            .save(data.join(format!("{i}_c.png")))
+            .unwrap();
+        lines.push(format!(r#"{{"image": "{i}.png", "conditioning_image": "{i}_c.png", "text": "p{}"}}"#, i % 2));
+    }
+    std::fs::write(data.join("metadata.jsonl"), lines.join("\n")).unwrap();
+    let vae_dir = dir.path().join("vae");
+    std::fs::create_dir_all(&vae_dir).unwrap();
+    for f in std::fs::read_dir(root().join("vae")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, vae_dir.join(f.file_name().unwrap())).unwrap();
+    }
+    let opts = LoadOptions {
+        size: 16,
+        channels: 3,
+        columns: Columns { label: String::new(), ..Columns::default() },
+        ..LoadOptions::default()
+    };
+    let cache = dir.path().join("cache");
+    let encode = || {
+        let (_vs, vae) = AutoencoderKL::load(&vae_dir, Device::Cpu).unwrap();
+        let index = open_index(&data, &opts).unwrap();
+        let req = CacheRequest {
+            vae_dir: &vae_dir,
+            root: &cache,
+            resolution: 16,
+            seed: 3,
+            vae_precision: Default::default(),
+            device: Device::Cpu,
+        };
+        encode_or_reuse(&index, &vae, &req, &mut |_| {}).unwrap()
+    };
+    let all: Vec<i64> = (0..5).collect();
+    let first = encode();
+    assert_eq!((first.encoded, first.reused), (5, 0));
+    let (latents, labels, conditions) = first.batch(&all).unwrap();
+    assert_eq!(latents.size(), [5, 4, 8, 8]);
+    assert_eq!(labels, Tensor::from_slice(&[0i64, 1, 0, 1, 0]));
+    let in_memory = lisa::data::imagefolder::load_with(&data, &opts).unwrap();
+    assert!(conditions.unwrap().equal(in_memory.conditioning.as_ref().unwrap()), "conditions as the loader reads them");
+
+    let again = encode();
+    assert_eq!((again.encoded, again.reused), (0, 5));
+    assert!(again.batch(&all).unwrap().0.equal(&latents));
+
+    // One image changes: that example alone is encoded again.
+    image::RgbImage::from_pixel(16, 16, image::Rgb([9, 9, 9])).save(data.join("2.png")).unwrap();
+    let changed = encode();
+    assert_eq!((changed.encoded, changed.reused), (1, 4));
+    let now = changed.batch(&all).unwrap().0;
+    for i in 0..5 {
+        assert_eq!(now.get(i).equal(&latents.get(i)), i != 2, "row {i}");
+    }
+
+    // The same rows encode to the same latents from an empty cache (each draw is seeded by its example).
+    std::fs::remove_dir_all(&cache).unwrap();
+    let fresh = encode();
+    assert_eq!(fresh.encoded, 5);
+    assert!(fresh.batch(&all).unwrap().0.equal(&now));
+
+    // A changed weight file: a new cache, everything encoded again, every latent different.
+    let weights = vae_dir.join("diffusion_pytorch_model.safetensors");
+    let mut tensors = Tensor::read_safetensors(&weights).unwrap();
+    let (_, w) = tensors.iter_mut().find(|(n, _)| n == "encoder.conv_in.weight").unwrap();
+    *w = &*w + 0.01;
+    Tensor::write_safetensors(&tensors, &weights).unwrap();
+    let retrained = encode();
+    assert_eq!((retrained.encoded, retrained.reused), (5, 0));
+    assert_ne!(retrained.dir, fresh.dir);
+    let moved = retrained.batch(&all).unwrap().0;
+    for i in 0..5 {
+        assert!(!moved.get(i).equal(&now.get(i)), "row {i}");
+    }
+}

@@ -485,9 +485,67 @@ pub fn load(dir: impl AsRef<Path>, size: u32, channels: i64) -> Result<Dataset> 
     load_with(dir.as_ref(), &LoadOptions { size, channels, ..LoadOptions::default() })
 }
 
-/// [`load`] with every option: column names, symbolic links, a fixed class numbering, and which part of
-/// the held-out split. Colour images loaded as grey are converted with a note on stderr, never silently.
-pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Dataset> {
+/// An imagefolder opened but not read: its selected records, their labels and the class names, every file
+/// checked; each example is decoded on demand ([`FolderIndex::example`]) with [`load_with`]'s preprocessing.
+/// What a loader that must not hold the whole folder in memory reads from (`train-sd`'s encoder).
+#[derive(Debug)]
+pub struct FolderIndex {
+    meta: PathBuf,
+    /// The selected lines (the part of [`LoadOptions::part`]), in file order.
+    pub records: Vec<Record>,
+    /// Their class ids.
+    pub labels: Vec<i64>,
+    /// The class names, `labels` indexing them.
+    pub class_names: Vec<String>,
+    size: u32,
+    channels: i64,
+    cond_channels: i64,
+}
+
+/// One decoded example of a [`FolderIndex`].
+#[derive(Debug)]
+pub struct Example {
+    /// The image, `f32 [channels, size, size]` in `[-1, 1]`.
+    pub image: Tensor,
+    /// The condition image, `f32 [conditioning channels, size, size]` in `[0, 1]`, if the line has one.
+    pub condition: Option<Tensor>,
+    /// The image had colour that was read as grey (`channels = 1`).
+    pub image_greyed: bool,
+    /// The condition had colour that was read as grey (`conditioning_channels = 1`).
+    pub condition_greyed: bool,
+}
+
+impl FolderIndex {
+    /// Number of selected examples.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether no example is selected.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Decodes example `i` (of the selected ones).
+    pub fn example(&self, i: usize) -> Result<Example> {
+        let r = self.records.get(i).ok_or_else(|| Error::Config(format!("example {i} out of range 0..{}", self.len())))?;
+        let img = open(&self.meta, r.line, "image", &r.image)?;
+        let image_greyed = self.channels == 1 && has_colour(&img);
+        let image = image_to_unit_tensor(&to_square(&img, self.size), self.channels) * 2.0 - 1.0;
+        let (mut condition, mut condition_greyed) = (None, false);
+        if let Some(c) = &r.conditioning_image {
+            let cimg = open(&self.meta, r.line, "conditioning_image", c)?;
+            condition_greyed = self.cond_channels == 1 && has_colour(&cimg);
+            condition = Some(image_to_unit_tensor(&to_square(&cimg, self.size), self.cond_channels));
+        }
+        Ok(Example { image, condition, image_greyed, condition_greyed })
+    }
+}
+
+/// Opens the imagefolder `dir` as [`load_with`] would read it, without decoding an image: options checked,
+/// metadata read, classes numbered, the part selected, and every line's files checked (also those of the other
+/// part, so that a broken folder is reported before training rather than when the held-out set is first read).
+pub fn open_index(dir: &Path, opts: &LoadOptions) -> Result<FolderIndex> {
     let (size, channels) = (opts.size, opts.channels);
     if channels != 1 && channels != 3 {
         return Err(Error::Config(format!("data.channels must be 1 (grey) or 3 (RGB), got {channels}")));
@@ -525,8 +583,6 @@ pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Dataset> {
             }
         }
     };
-    // Every line's files are checked, also those of the other part, so that a broken folder is reported
-    // before training rather than when the held-out set is first read.
     let root = if opts.follow_symlinks { None } else { std::fs::canonicalize(dir).ok() };
     for r in &records {
         let files = [
@@ -541,22 +597,22 @@ pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Dataset> {
             check_file(&meta, r.line, what, path)?;
         }
     }
-    let (mut images, mut conds, mut kept_labels) = (Vec::new(), Vec::new(), Vec::new());
+    let (records, labels) = records.into_iter().zip(labels).zip(keep).filter(|(_, k)| *k).map(|(rl, _)| rl).unzip();
+    Ok(FolderIndex { meta, records, labels, class_names, size, channels, cond_channels })
+}
+
+/// [`load`] with every option: column names, symbolic links, a fixed class numbering, and which part of
+/// the held-out split. Colour images loaded as grey are converted with a note on stderr, never silently.
+pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Dataset> {
+    let index = open_index(dir, opts)?;
+    let (mut images, mut conds) = (Vec::new(), Vec::new());
     let (mut coloured, mut coloured_conds) = (0usize, 0usize);
-    for ((r, &label), _) in records.iter().zip(&labels).zip(&keep).filter(|(_, k)| **k) {
-        let img = open(&meta, r.line, "image", &r.image)?;
-        if channels == 1 && has_colour(&img) {
-            coloured += 1;
-        }
-        images.push(image_to_unit_tensor(&to_square(&img, size), channels) * 2.0 - 1.0);
-        kept_labels.push(label);
-        if let Some(c) = &r.conditioning_image {
-            let cimg = open(&meta, r.line, "conditioning_image", c)?;
-            if cond_channels == 1 && has_colour(&cimg) {
-                coloured_conds += 1;
-            }
-            conds.push(image_to_unit_tensor(&to_square(&cimg, size), cond_channels));
-        }
+    for i in 0..index.len() {
+        let e = index.example(i)?;
+        coloured += usize::from(e.image_greyed);
+        coloured_conds += usize::from(e.condition_greyed);
+        images.push(e.image);
+        conds.extend(e.condition);
     }
     if coloured > 0 {
         eprintln!(
@@ -576,9 +632,9 @@ pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Dataset> {
     }
     Ok(Dataset {
         images: Tensor::stack(&images, 0),
-        labels: Tensor::from_slice(&kept_labels),
-        num_classes: class_names.len() as i64,
-        class_names,
+        labels: Tensor::from_slice(&index.labels),
+        num_classes: index.class_names.len() as i64,
+        class_names: index.class_names,
         conditioning: if conds.is_empty() { None } else { Some(Tensor::stack(&conds, 0)) },
     })
 }

@@ -10,6 +10,7 @@ pub mod fashion_mnist;
 pub mod idx;
 pub mod imagefolder;
 pub mod loader;
+pub mod row_file;
 pub mod tinted;
 pub mod video;
 
@@ -103,6 +104,52 @@ impl Dataset {
             None => None,
         };
         Ok((images, labels, conditioning))
+    }
+}
+
+/// What the training loop reads: a fixed number of examples, gathered a batch at a time by index. A
+/// [`Dataset`] holds them in memory; a reader of examples kept on disk reads only the batch's.
+pub trait TrainingExamples {
+    /// Number of examples.
+    fn len(&self) -> usize;
+
+    /// Whether there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The examples at `indices`: `(images, labels, conditioning)` on the training device; an index out of
+    /// range is an error.
+    fn batch(&self, indices: &[i64]) -> Result<(Tensor, Tensor, Option<Tensor>)>;
+
+    /// The first example (0-based) whose image or condition holds a NaN or an infinite value: `(what, index,
+    /// how many such examples)`, `what` being `image` or `condition image`; `None` when all are finite.
+    fn first_non_finite(&self) -> Result<Option<(&'static str, i64, i64)>>;
+}
+
+/// The first row of `t` [N, ...] holding a non-finite value, and the number of such rows.
+pub(crate) fn first_non_finite_row(t: &Tensor) -> Result<Option<(i64, i64)>> {
+    let bad = t.f_isfinite()?.f_logical_not()?.f_flatten(1, -1)?.f_any_dim(1, false)?.f_nonzero()?;
+    let n = bad.size()[0];
+    Ok((n > 0).then(|| (bad.int64_value(&[0, 0]), n)))
+}
+
+impl TrainingExamples for Dataset {
+    fn len(&self) -> usize {
+        Dataset::len(self)
+    }
+
+    fn batch(&self, indices: &[i64]) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        Dataset::batch(self, indices)
+    }
+
+    fn first_non_finite(&self) -> Result<Option<(&'static str, i64, i64)>> {
+        for (what, t) in [("image", Some(&self.images)), ("condition image", self.conditioning.as_ref())] {
+            if let Some((i, n)) = t.map(first_non_finite_row).transpose()?.flatten() {
+                return Ok(Some((what, i, n)));
+            }
+        }
+        Ok(None)
     }
 }
 

@@ -4,9 +4,10 @@
 //!
 //! One run: the folder's UNet becomes the frozen main network, conditioned on the dataset's captions
 //! (each distinct `text` is one row of the prompt table, see [`crate::sd`]); the VAE encodes every
-//! training image once into latents (one draw of its Gaussian under `train.seed`), which replace the
-//! images; the `conditioning_image`s stay at full resolution and the side network's conditioning
-//! embedding downscales them by the VAE's factor, as SD ControlNets do. Training is the same step as
+//! training image once into latents (one draw of its Gaussian per image, seeded by `train.seed` and the
+//! image), kept on disk with the condition images and reused by later runs ([`super::latent_cache`]); the
+//! `conditioning_image`s stay at full resolution and the side network's conditioning embedding downscales
+//! them by the VAE's factor, as SD ControlNets do. Training is the same step as
 //! on Fashion-MNIST (side network + optional LISA decoder, one AdamW, the cheap reference pass).
 //! Every `validation.every_steps` the first examples are sampled under classifier-free guidance,
 //! decoded by the VAE and written as `samples/step-N.png` (condition | sample | training image). At
@@ -14,8 +15,9 @@
 //! diffusers `ControlNetModel` folder (`controlnet/`) that `ControlNetModel.from_pretrained` loads.
 //!
 //! There is no control-fidelity metric here: a user's conditions are of no kind we can recompute
-//! from a sample. Memory: the condition images are kept as `f32` (3 × resolution² × 4 B each, 3 MB
-//! at 512²), the latents at 1/64 of that.
+//! from a sample. Memory: the training data is read from disk a batch at a time, so the dataset's size
+//! does not change the run's memory; the cache takes 0.8 MB per example at 512² (condition bytes and
+//! latents).
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -25,10 +27,10 @@ use super::pretrain::device_from;
 use crate::control::sampling::{sample_controlled, Control, ControlOptions};
 use crate::control::{ControlTask, LisaConfig, LisaHead, SideNetwork};
 use crate::data::conditions::ConditionKind;
+use super::latent_cache::{encode_or_reuse, CacheRequest, CACHE_DIR};
 use crate::data::imagefolder::{self, Target};
-use crate::data::Dataset;
 use crate::diffusion::SamplerConfig;
-use crate::models::{AutoencoderKL, ControlNetConfig};
+use crate::models::ControlNetConfig;
 use crate::train::trainer::{self, RunDir, TrainConfig};
 use crate::{Error, Result};
 
@@ -88,6 +90,9 @@ pub struct LatentControlConfig {
     pub validation: LatentValidationConfig,
     /// Also write the finished side network as a diffusers folder `controlnet/`. Default true.
     pub export_diffusers: bool,
+    /// Where the encoded training data is kept between runs (see [`super::latent_cache`]); empty = the
+    /// dataset's own `.lisa-cache/` folder (set this when the dataset folder is read-only). Default empty.
+    pub latent_cache_dir: PathBuf,
 }
 
 impl Default for LatentControlConfig {
@@ -114,6 +119,7 @@ impl Default for LatentControlConfig {
             },
             validation: LatentValidationConfig::default(),
             export_diffusers: true,
+            latent_cache_dir: PathBuf::new(),
         }
     }
 }
@@ -179,18 +185,6 @@ fn check_captioned(data: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Encodes images [N, 3, H, W] in [-1, 1] into model latents, in chunks, without gradients.
-fn encode_all(vae: &AutoencoderKL, images: &Tensor, device: Device) -> Result<Tensor> {
-    let n = images.size()[0];
-    let mut out = Vec::new();
-    let chunk = 8;
-    for start in (0..n).step_by(chunk as usize) {
-        let x = images.narrow(0, start, chunk.min(n - start)).to_device(device);
-        out.push(tch::no_grad(|| vae.encode_latents(&x))?);
-    }
-    Ok(Tensor::cat(&out, 0))
-}
-
 /// What a finished `train-sd` run reports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LatentRunSummary {
@@ -245,24 +239,31 @@ pub fn train_latent(
         columns: sd_columns(),
         ..imagefolder::LoadOptions::default()
     };
-    let mut data = imagefolder::load_with(&cfg.data, &opts)?;
-    if cfg.max_examples > 0 && data.len() > cfg.max_examples {
-        data = data.subset(&(0..cfg.max_examples as i64).collect::<Vec<_>>())?;
+    let mut index = imagefolder::open_index(&cfg.data, &opts)?;
+    if cfg.max_examples > 0 && index.len() > cfg.max_examples {
+        index.records.truncate(cfg.max_examples);
+        index.labels.truncate(cfg.max_examples);
     }
-    let prompts: Vec<&str> = data.class_names.iter().map(String::as_str).collect();
+    let prompts: Vec<&str> = index.class_names.iter().map(String::as_str).collect();
     let mut main = crate::sd::load_main_network(&cfg.model, &prompts, device)?;
     main.freeze();
-    log(&format!(
-        "{}: {} examples, {} prompts; encoding them with the VAE (downscale {factor})",
-        cfg.data.display(),
-        data.len(),
-        prompts.len()
-    ));
+    log(&format!("{}: {} examples, {} prompts", cfg.data.display(), index.len(), prompts.len()));
 
-    // The same seed gives the same latent draws and side-network start for both arms.
+    // Latents and condition images on disk, read a batch at a time (see latent_cache): memory does not grow
+    // with the dataset.
+    let cache_root =
+        if cfg.latent_cache_dir.as_os_str().is_empty() { cfg.data.join(CACHE_DIR) } else { cfg.latent_cache_dir.clone() };
+    let request = CacheRequest {
+        vae_dir: &cfg.model.join("vae"),
+        root: &cache_root,
+        resolution: cfg.resolution,
+        seed: cfg.train.seed,
+        vae_precision: cfg.train.mixed_precision,
+        device,
+    };
+    let train_data = encode_or_reuse(&index, &vae, &request, log)?;
+    // The same seed gives the same side-network start for both arms, whatever the cache held.
     tch::manual_seed(cfg.train.seed as i64);
-    let latents = encode_all(&vae, &data.images, device)?;
-    let conditions = data.conditioning.as_ref().ok_or_else(|| Error::Config("no conditioning images".into()))?;
     let mut side = if cfg.init_controlnet.as_os_str().is_empty() {
         let stages = cfg.conditioning_embedding_out_channels.len();
         if 1i64 << (stages.max(1) - 1) != factor {
@@ -297,13 +298,6 @@ pub fn train_latent(
     if let Some(h) = &head {
         params.extend(h.named_parameters());
     }
-    let train_data = Dataset {
-        images: latents.shallow_clone(),
-        labels: data.labels.to_device(device),
-        num_classes: data.num_classes,
-        class_names: data.class_names.clone(),
-        conditioning: Some(conditions.to_device(device)),
-    };
     let train_cfg = TrainConfig { validation_steps: cfg.validation.every_steps, ..cfg.train.clone() };
     let run = RunDir {
         output_dir: out,
@@ -316,8 +310,18 @@ pub fn train_latent(
     trainer::preflight(&train_data, &train_cfg, &run)?;
     let _lock = crate::train::lock::RunLock::acquire(out)?;
 
-    let k = cfg.validation.num_images.min(data.len() as i64);
-    let (val_y, val_c, val_x) = (data.labels.narrow(0, 0, k), conditions.narrow(0, 0, k), data.images.narrow(0, 0, k));
+    // The validation examples, decoded from the folder (the training data holds latents).
+    let k = cfg.validation.num_images.min(index.len() as i64);
+    let examples = (0..k as usize).map(|i| index.example(i)).collect::<Result<Vec<_>>>()?;
+    let val_y = Tensor::from_slice(&index.labels[..k as usize]).to_device(device);
+    let val_x = Tensor::stack(&examples.iter().map(|e| e.image.shallow_clone()).collect::<Vec<_>>(), 0);
+    let val_c = Tensor::stack(
+        &examples.iter().map(|e| e.condition.as_ref().map(Tensor::shallow_clone)).collect::<Option<Vec<_>>>().ok_or_else(
+            || Error::Config("train-sd needs a conditioning_image on every line".into()),
+        )?,
+        0,
+    )
+    .to_device(device);
     let samples_dir = out.join("samples");
     let validate = |step: u64| -> Result<()> {
         let control = Control { side: &side, condition: val_c.shallow_clone(), options: ControlOptions::default() };
@@ -353,9 +357,9 @@ pub fn train_latent(
     Ok(LatentRunSummary {
         arm: cfg.arm().into(),
         steps: cfg.train.steps,
-        examples: data.len(),
+        examples: index.len(),
         prompts: prompts.len(),
-        latent_shape: latents.size()[1..].to_vec(),
+        latent_shape: train_data.latent_shape.clone(),
         final_loss: summary.final_loss,
         side_parameters: crate::models::parameter_count(&side.vs),
         side_network: side_dir,

@@ -12,6 +12,7 @@ pub mod disentangle;
 pub mod evaluate;
 pub mod guidance;
 pub mod latent;
+pub mod latent_cache;
 pub mod lr_sweep;
 pub mod pretrain;
 pub mod protocol;

@@ -457,7 +457,11 @@ impl AutoencoderKL {
     /// The latents a latent-diffusion model trains on: `scaling_factor · (z − shift_factor)` for a
     /// sample `z` of the encoder's Gaussian of `x`.
     pub fn encode_latents(&self, x: &Tensor) -> Result<Tensor> {
-        let z = self.encode(x)?.sample()?;
+        self.model_latents(&self.encode(x)?.sample()?)
+    }
+
+    /// Model latents `scaling_factor · (z − shift_factor)` of a draw `z` from the encoder's Gaussian.
+    pub fn model_latents(&self, z: &Tensor) -> Result<Tensor> {
         Ok(z.f_sub_scalar(self.config.shift_factor.unwrap_or(0.0))?.f_mul_scalar(self.config.scaling_factor)?)
     }
 

@@ -23,7 +23,7 @@ use super::loss_scaler::LossScaler;
 use super::optim::{AdamW, AdamWConfig};
 use super::step::{train_step, Batch, Noise, StepOutcome, StepSettings, TrainTask};
 use crate::data::loader::{DataOrder, DataOrderState};
-use crate::data::Dataset;
+use crate::data::TrainingExamples;
 use crate::diffusion::Objective;
 use crate::models::precision::MixedPrecision;
 use crate::rng::Rows;
@@ -226,7 +226,7 @@ impl<'a> RunDir<'a> {
 /// examples, finite values) and, when resuming, that the checkpoint is complete and was written by this
 /// run. Callers that write files of their own into the run folder call it first, so that a refused run
 /// leaves the folder as it was.
-pub fn preflight(data: &Dataset, cfg: &TrainConfig, run: &RunDir) -> Result<()> {
+pub fn preflight(data: &dyn TrainingExamples, cfg: &TrainConfig, run: &RunDir) -> Result<()> {
     cfg.validate()?;
     let world = crate::distributed::Launch::from_env()?.map_or(1, |l| l.world_size);
     if cfg.batch_size % world != 0 {
@@ -243,17 +243,11 @@ pub fn preflight(data: &Dataset, cfg: &TrainConfig, run: &RunDir) -> Result<()> 
             cfg.batch_size
         )));
     }
-    for (what, t) in [("image", Some(&data.images)), ("condition image", data.conditioning.as_ref())] {
-        let Some(t) = t else { continue };
-        let bad = t.isfinite().logical_not().flatten(1, -1).any_dim(1, false).nonzero();
-        if bad.size()[0] > 0 {
-            return Err(Error::Config(format!(
-                "the {what} of training example {} (0-based; {} such examples) has NaN or infinite pixel values; \
-                 fix or remove it",
-                bad.int64_value(&[0, 0]),
-                bad.size()[0]
-            )));
-        }
+    if let Some((what, first, count)) = data.first_non_finite()? {
+        return Err(Error::Config(format!(
+            "the {what} of training example {first} (0-based; {count} such examples) has NaN or infinite pixel \
+             values; fix or remove it"
+        )));
     }
     if run.resume.is_some() {
         resume_state(run)?;
@@ -285,7 +279,7 @@ static ONE_RUN_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 pub fn train(
     task: &dyn TrainTask,
     params: Vec<(String, Tensor)>,
-    data: &Dataset,
+    data: &dyn TrainingExamples,
     objective: &Objective,
     cfg: &TrainConfig,
     run: &RunDir,
@@ -620,8 +614,8 @@ mod tests {
         }
     }
 
-    fn toy_data() -> Dataset {
-        Dataset {
+    fn toy_data() -> crate::data::Dataset {
+        crate::data::Dataset {
             images: Tensor::rand([16, 1, 4, 4], (Kind::Float, Device::Cpu)) * 2.0 - 1.0,
             labels: Tensor::zeros([16], (Kind::Int64, Device::Cpu)),
             num_classes: 1,
