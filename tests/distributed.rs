@@ -361,3 +361,60 @@ fn lisa_launch_names_the_signal_that_killed_a_rank() {
     assert!(!ok);
     assert!(text.contains("rank 1 of 2 failed first (killed by signal 9 (SIGKILL"), "{text}");
 }
+
+/// `train-sd` under `lisa launch --nproc 2`: the two processes split the encoding of the data cache and write the
+/// same rows one process writes, and train as one process does.
+#[test]
+fn train_sd_in_two_processes_splits_the_encoding_and_trains_as_one() {
+    if !Backend::Gloo.is_available() {
+        eprintln!("skipped: this build has no Gloo backend");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut lines = Vec::new();
+    for i in 0..6u8 {
+        image::RgbImage::from_fn(16, 16, |x, y| image::Rgb([i * 40, (x * 16) as u8, (y * 16) as u8]))
+            .save(data.join(format!("{i}.png")))
+            .unwrap();
+        image::GrayImage::from_fn(16, 16, |x, _| image::Luma([if x == u32::from(i) { 255 } else { 0 }]))
+            .save(data.join(format!("{i}_c.png")))
+            .unwrap();
+        lines.push(format!(r#"{{"image": "{i}.png", "conditioning_image": "{i}_c.png", "text": "p{}"}}"#, i % 2));
+    }
+    std::fs::write(data.join("metadata.jsonl"), lines.join("\n")).unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden-diffusers");
+    let run = |name: &str| -> Vec<String> {
+        let (out, cache) = (tmp.path().join(name), tmp.path().join(format!("cache-{name}")));
+        [
+            "train-sd", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output-dir",
+            out.to_str().unwrap(), "--steps", "2", "--quiet", "--device", "cpu", "--set", "resolution=16", "--set",
+            "conditioning_embedding_out_channels=[8, 16]", "--set", "train.batch_size=2", "--set",
+            "train.log_every=1", "--set", "validation.every_steps=100", "--set", "validation.num_images=1", "--set",
+            "validation.sampler.steps=2", "--set", "threads=1", "--set",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([format!("latent_cache_dir=\"{}\"", cache.display())])
+        .collect()
+    };
+    let one = run("one");
+    let (ok, text) = lisa(&one.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{text}");
+    let mut launch: Vec<String> = ["launch", "--nproc", "2", "--", "lisa"].iter().map(|s| s.to_string()).collect();
+    launch.extend(run("two"));
+    let (ok, text) = lisa(&launch.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{text}");
+    let latents = |name: &str| {
+        let cache = tmp.path().join(format!("cache-{name}"));
+        let dir = std::fs::read_dir(&cache).unwrap().next().unwrap().unwrap().path();
+        std::fs::read(dir.join("latents.f32")).unwrap()
+    };
+    assert_eq!(latents("one"), latents("two"), "the rows two processes encoded are the rows one encoded");
+    let (m1, m2) = (metrics(&tmp.path().join("one")), metrics(&tmp.path().join("two")));
+    assert_eq!((m1.len(), m2.len()), (2, 2));
+    for (a, b) in m1.iter().zip(&m2) {
+        assert!(close(a["loss"], b["loss"]), "loss {} alone, {} in 2 processes", a["loss"], b["loss"]);
+    }
+}
